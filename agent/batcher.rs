@@ -1,0 +1,270 @@
+//! Batching: which spooled blocks travel together in one frame, and which frames together in
+//! one destination call.
+//!
+//! Pure bookkeeping over block metadata: no data, no I/O, no clock of its own (callers pass
+//! `now_ms`), so every limit is unit-tested. A frame holds whole blocks of one (route,
+//! partition key); it closes when the next block would pass the raw-size target or when its
+//! oldest record has waited `linger`. A call takes ready entries up to the destination's
+//! entry-count and byte limits.
+
+use crate::spool::BlockMeta;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Blocks planned into one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FramePlan {
+    pub route: String,
+    pub key: String,
+    pub blocks: Vec<BlockMeta>,
+    pub raw_bytes: u64,
+    pub records: u64,
+    /// Creation time of the oldest record in the frame (unix ms).
+    pub oldest_ms: u64,
+}
+
+impl FramePlan {
+    fn new(block: BlockMeta) -> FramePlan {
+        FramePlan {
+            route: block.route.clone(),
+            key: block.key.clone(),
+            raw_bytes: u64::from(block.raw_bytes),
+            records: u64::from(block.records),
+            oldest_ms: block.created_ms,
+            blocks: vec![block],
+        }
+    }
+
+    /// Splits a plan of two or more blocks into two halves by block count.
+    pub fn split(mut self) -> (FramePlan, FramePlan) {
+        assert!(
+            self.blocks.len() >= 2,
+            "a single-block frame cannot be split"
+        );
+        let tail = self.blocks.split_off(self.blocks.len() / 2);
+        let rebuild = |blocks: Vec<BlockMeta>| {
+            let mut it = blocks.into_iter();
+            let mut plan = FramePlan::new(it.next().expect("non-empty half"));
+            for b in it {
+                plan.add(b);
+            }
+            plan
+        };
+        (rebuild(self.blocks), rebuild(tail))
+    }
+
+    fn add(&mut self, block: BlockMeta) {
+        self.raw_bytes += u64::from(block.raw_bytes);
+        self.records += u64::from(block.records);
+        self.oldest_ms = self.oldest_ms.min(block.created_ms);
+        self.blocks.push(block);
+    }
+
+    pub fn block_ids(&self) -> Vec<i64> {
+        self.blocks.iter().map(|b| b.id).collect()
+    }
+}
+
+pub struct Batcher {
+    target_raw_bytes: u64,
+    linger_ms: u64,
+    /// Frames still filling; one per (route, key) seen recently. Few: routes x keys in flight.
+    open: Vec<FramePlan>,
+    ready: VecDeque<FramePlan>,
+}
+
+impl Batcher {
+    pub fn new(target_raw_bytes: u64, linger: Duration) -> Batcher {
+        Batcher {
+            target_raw_bytes,
+            linger_ms: linger.as_millis() as u64,
+            open: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Adds a block to its (route, key) frame, closing that frame first if the block would
+    /// push it past the target.
+    pub fn push(&mut self, block: BlockMeta) {
+        match self
+            .open
+            .iter()
+            .position(|f| f.route == block.route && f.key == block.key)
+        {
+            Some(i)
+                if self.open[i].raw_bytes + u64::from(block.raw_bytes) > self.target_raw_bytes =>
+            {
+                let full = self.open.swap_remove(i);
+                self.ready.push_back(full);
+                self.open.push(FramePlan::new(block));
+            }
+            Some(i) => self.open[i].add(block),
+            None => self.open.push(FramePlan::new(block)),
+        }
+        if let Some(i) = self
+            .open
+            .iter()
+            .position(|f| f.raw_bytes >= self.target_raw_bytes)
+        {
+            let full = self.open.swap_remove(i);
+            self.ready.push_back(full);
+        }
+    }
+
+    /// Closes frames whose oldest record has waited `linger` (all of them when `flush`).
+    pub fn close_due(&mut self, now_ms: u64, flush: bool) {
+        let mut i = 0;
+        while i < self.open.len() {
+            if flush || now_ms.saturating_sub(self.open[i].oldest_ms) >= self.linger_ms {
+                let f = self.open.swap_remove(i);
+                self.ready.push_back(f);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// When the next open frame becomes due (unix ms), if any.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.open.iter().map(|f| f.oldest_ms + self.linger_ms).min()
+    }
+
+    pub fn take_ready(&mut self) -> Option<FramePlan> {
+        self.ready.pop_front()
+    }
+
+    /// Raw bytes planned but not yet taken.
+    pub fn planned_raw_bytes(&self) -> u64 {
+        self.open
+            .iter()
+            .chain(self.ready.iter())
+            .map(|f| f.raw_bytes)
+            .sum()
+    }
+
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Every block id still held, for giving leases back.
+    pub fn drain_block_ids(&mut self) -> Vec<i64> {
+        let ids = self
+            .open
+            .iter()
+            .chain(self.ready.iter())
+            .flat_map(|f| f.blocks.iter().map(|b| b.id))
+            .collect();
+        self.open.clear();
+        self.ready.clear();
+        ids
+    }
+}
+
+/// Limits of one destination call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    pub max_entries: usize,
+    /// Sum of data and partition-key bytes per call.
+    pub max_bytes: usize,
+}
+
+/// Kinesis PutRecords: at most 500 entries and 5 MiB including partition keys.
+pub const KINESIS_CALL: CallLimits = CallLimits {
+    max_entries: 500,
+    max_bytes: 5 << 20,
+};
+
+/// Size an entry counts against a call's byte limit.
+pub fn entry_cost(data_len: usize, key_len: usize) -> usize {
+    data_len + key_len
+}
+
+/// How many entries from the front of `costs` fit in one call (at least one, so an entry that
+/// alone meets the limit still goes; the frame builder keeps every entry under it).
+pub fn call_size(costs: impl IntoIterator<Item = usize>, limits: CallLimits) -> usize {
+    let mut n = 0;
+    let mut bytes = 0;
+    for cost in costs {
+        if n == limits.max_entries || (n > 0 && bytes + cost > limits.max_bytes) {
+            break;
+        }
+        n += 1;
+        bytes += cost;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(id: i64, key: &str, raw: u32, created: u64) -> BlockMeta {
+        BlockMeta {
+            id,
+            route: "r".into(),
+            key: key.into(),
+            records: raw / 100,
+            raw_bytes: raw,
+            stored_bytes: raw / 10,
+            created_ms: created,
+        }
+    }
+
+    #[test]
+    fn frames_close_at_the_size_target_per_key() {
+        let mut b = Batcher::new(1000, Duration::from_secs(1));
+        b.push(block(1, "a", 400, 0));
+        b.push(block(2, "b", 400, 0));
+        b.push(block(3, "a", 400, 0));
+        assert!(!b.has_ready());
+        b.push(block(4, "a", 400, 0)); // would make 1200 > 1000: frame [1,3] closes
+        let f = b.take_ready().unwrap();
+        assert_eq!(f.block_ids(), vec![1, 3]);
+        assert_eq!(f.raw_bytes, 800);
+        assert!(b.take_ready().is_none());
+        b.push(block(5, "c", 1000, 0)); // exactly the target: ready at once
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![5]);
+    }
+
+    #[test]
+    fn frames_close_after_linger() {
+        let mut b = Batcher::new(1_000_000, Duration::from_millis(500));
+        b.push(block(1, "a", 100, 1_000));
+        b.push(block(2, "b", 100, 1_200));
+        assert_eq!(b.next_due_ms(), Some(1_500));
+        b.close_due(1_499, false);
+        assert!(!b.has_ready());
+        b.close_due(1_500, false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![1]);
+        assert!(b.take_ready().is_none());
+        b.close_due(1_500, true);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
+        assert_eq!(b.planned_raw_bytes(), 0);
+    }
+
+    #[test]
+    fn split_keeps_every_block_once() {
+        let mut plan = FramePlan::new(block(1, "a", 100, 5));
+        for id in 2..=5 {
+            plan.add(block(id, "a", 100, 5 - id as u64));
+        }
+        let (l, r) = plan.split();
+        assert_eq!(l.block_ids(), vec![1, 2]);
+        assert_eq!(r.block_ids(), vec![3, 4, 5]);
+        assert_eq!(l.records + r.records, 5);
+        assert_eq!(r.oldest_ms, 0);
+    }
+
+    #[test]
+    fn calls_respect_entry_and_byte_limits() {
+        assert_eq!(call_size(vec![1; 600], KINESIS_CALL), 500);
+        let mib = 1 << 20;
+        assert_eq!(call_size(vec![mib; 10], KINESIS_CALL), 5);
+        assert_eq!(
+            call_size(vec![mib, mib, mib, mib, mib + 1], KINESIS_CALL),
+            4
+        );
+        assert_eq!(call_size(vec![6 * mib], KINESIS_CALL), 1);
+        assert_eq!(call_size(Vec::<usize>::new(), KINESIS_CALL), 0);
+    }
+}

@@ -1,0 +1,584 @@
+//! Configuration: load a TOML file, check it, and hand out a typed [`Config`].
+//!
+//! Two stages, so that every mistake is reported once, precisely: [`raw`] mirrors the file
+//! (unknown fields are errors, units parsed by [`units`]), then [`validate`] checks meaning
+//! (names that must exist, ranges, templates) and fills in defaults. Every error names the file,
+//! the line and the field. This module never opens sockets or the spool, and never logs a
+//! secret: [`BrokerConfig`]'s `Debug` hides the password.
+
+pub mod raw;
+pub mod units;
+
+use crate::route::{KeyTemplate, TopicFilter};
+pub use raw::{FullPolicy, MqttProtocol, SyncLevel};
+use raw::{RawConfig, RawDestination};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use units::ByteSize;
+
+/// The commented default config, also shipped as `/etc/edgeship/edgeship.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/edgeship.toml");
+
+/// Kinesis limits (AWS documented quotas) that bound what the batcher builds.
+pub const KINESIS_MAX_RECORD_BYTES: u64 = 1 << 20;
+pub const KINESIS_MAX_RECORD_BYTES_RAISED: u64 = 10 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Stable identity of this gateway; part of every record id.
+    pub gateway_id: String,
+    /// How long a SIGTERM may take: stop reading, commit, finish in-flight calls.
+    pub shutdown_timeout: Duration,
+    pub spool: SpoolConfig,
+    pub batch: BatchConfig,
+    pub brokers: Vec<BrokerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+    /// Cap on spooled (compressed) record bytes; past it `full_policy` applies.
+    pub max_bytes: u64,
+    pub full_policy: FullPolicy,
+    pub sync: SyncLevel,
+    /// Dead letters kept for inspection; the oldest are evicted past this count.
+    pub max_dead_letters: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// How long a partly filled frame may wait for more records before it is sent.
+    pub linger: Duration,
+    /// Target uncompressed bytes per frame.
+    pub frame_bytes: u64,
+    pub zstd_level: i32,
+    /// Larger messages go to the dead-letter table (reason `oversize`).
+    pub max_message_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct BrokerConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub protocol: MqttProtocol,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Messages received but not yet committed; reading pauses past this.
+    pub max_unacked: u32,
+    /// Largest MQTT packet accepted from the broker.
+    pub max_packet_bytes: u64,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("protocol", &self.protocol)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub filters: Vec<TopicFilter>,
+    pub destination: String,
+    pub partition_key: KeyTemplate,
+    pub qos: u8,
+}
+
+#[derive(Debug, Clone)]
+pub enum DestinationConfig {
+    Kinesis(KinesisConfig),
+    Directory { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct KinesisConfig {
+    pub stream: String,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub max_record_bytes: u64,
+}
+
+impl DestinationConfig {
+    /// Largest single record (frame + partition key) this destination takes.
+    pub fn max_record_bytes(&self) -> u64 {
+        match self {
+            DestinationConfig::Kinesis(k) => k.max_record_bytes,
+            DestinationConfig::Directory { .. } => KINESIS_MAX_RECORD_BYTES,
+        }
+    }
+}
+
+/// A config that could not be loaded: which file, where in it, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{location}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// ":LINE:COLUMN" (1-based) when the mistake has a place in the file, else empty.
+    pub location: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            location: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let source = Source { text, file };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+        validate(raw, &source)
+    }
+
+    pub fn route(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+struct Source<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Source<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+
+    fn error_at(&self, span: Option<Range<usize>>, field: &str, message: String) -> ConfigError {
+        let location = span
+            .map(|s| {
+                let (line, col) = self.line_col(s.start);
+                format!(":{line}:{col}")
+            })
+            .unwrap_or_default();
+        let message = if field.is_empty() {
+            message
+        } else {
+            format!("field `{field}`: {message}")
+        };
+        ConfigError {
+            file: self.file.to_string(),
+            location,
+            message,
+        }
+    }
+
+    /// Turns a TOML/serde error into one line naming the field found at its position.
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let span = e.span();
+        let field = span
+            .as_ref()
+            .and_then(|s| {
+                let line_start = self.text[..s.start.min(self.text.len())]
+                    .rfind('\n')
+                    .map_or(0, |i| i + 1);
+                let line = self.text[line_start..].lines().next().unwrap_or("");
+                let line = line.trim();
+                if line.starts_with('[') {
+                    Some(
+                        line.trim_matches(|c| c == '[' || c == ']')
+                            .trim()
+                            .to_string(),
+                    )
+                } else {
+                    line.split_once('=').map(|(k, _)| k.trim().to_string())
+                }
+            })
+            .unwrap_or_default();
+        let message = e.message().trim().replace('\n', " ");
+        self.error_at(span, &field, message)
+    }
+}
+
+fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
+    let gateway_id = match raw.gateway_id {
+        Some(id) => {
+            let span = id.span();
+            let id = id.into_inner();
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(src.error_at(
+                    Some(span),
+                    "gateway_id",
+                    format!("`{id}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'"),
+                ));
+            }
+            id
+        }
+        None => default_gateway_id(),
+    };
+
+    let spool = SpoolConfig {
+        path: PathBuf::from(
+            raw.spool
+                .path
+                .unwrap_or_else(|| "/var/lib/edgeship/spool.db".into()),
+        ),
+        max_bytes: raw.spool.max_bytes.unwrap_or(ByteSize(512 << 20)).bytes(),
+        full_policy: raw.spool.full_policy.unwrap_or(FullPolicy::Block),
+        sync: raw.spool.sync.unwrap_or(SyncLevel::Normal),
+        max_dead_letters: raw.spool.max_dead_letters.unwrap_or(10_000),
+    };
+    if spool.max_bytes < (1 << 20) {
+        return Err(src.error_at(None, "spool.max_bytes", "must be at least 1MiB".into()));
+    }
+
+    let zstd_level = match raw.batch.zstd_level {
+        Some(level) => {
+            let span = level.span();
+            let level = level.into_inner();
+            if !(1..=19).contains(&level) {
+                return Err(src.error_at(
+                    Some(span),
+                    "batch.zstd_level",
+                    format!("{level} is outside 1..=19"),
+                ));
+            }
+            level
+        }
+        None => 3,
+    };
+    let batch = BatchConfig {
+        linger: raw.batch.linger.map_or(Duration::from_secs(1), |d| d.0),
+        frame_bytes: raw.batch.frame_bytes.unwrap_or(ByteSize(2 << 20)).bytes(),
+        zstd_level,
+        max_message_bytes: raw
+            .batch
+            .max_message_bytes
+            .unwrap_or(ByteSize(256 << 10))
+            .bytes(),
+    };
+    if batch.frame_bytes < (64 << 10) || batch.frame_bytes > (64 << 20) {
+        return Err(src.error_at(
+            None,
+            "batch.frame_bytes",
+            "must be between 64KiB and 64MiB".into(),
+        ));
+    }
+    if batch.max_message_bytes == 0 || batch.max_message_bytes > (768 << 10) {
+        return Err(src.error_at(
+            None,
+            "batch.max_message_bytes",
+            "must be between 1B and 768KiB (a message must fit in one 1MiB Kinesis record)".into(),
+        ));
+    }
+
+    let mut destinations = BTreeMap::new();
+    for (name, dest) in raw.destination {
+        let span = dest.span();
+        let dest = match dest.into_inner() {
+            RawDestination::Kinesis {
+                stream,
+                region,
+                endpoint,
+                max_record_bytes,
+            } => {
+                let max_record_bytes =
+                    max_record_bytes.map_or(KINESIS_MAX_RECORD_BYTES, |b| b.bytes());
+                if !(64 << 10..=KINESIS_MAX_RECORD_BYTES_RAISED).contains(&max_record_bytes) {
+                    return Err(src.error_at(
+                        Some(span),
+                        &format!("destination.{name}.max_record_bytes"),
+                        "must be between 64KiB and 10MiB (the Kinesis maximum)".into(),
+                    ));
+                }
+                if stream.is_empty() || stream.len() > 128 {
+                    return Err(src.error_at(
+                        Some(span),
+                        &format!("destination.{name}.stream"),
+                        "a Kinesis stream name has 1 to 128 characters".into(),
+                    ));
+                }
+                if let Some(ep) = &endpoint {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        return Err(src.error_at(
+                            Some(span),
+                            &format!("destination.{name}.endpoint"),
+                            format!("`{ep}` must start with http:// or https://"),
+                        ));
+                    }
+                }
+                DestinationConfig::Kinesis(KinesisConfig {
+                    stream,
+                    region,
+                    endpoint,
+                    max_record_bytes,
+                })
+            }
+            RawDestination::Directory { path } => DestinationConfig::Directory {
+                path: PathBuf::from(path),
+            },
+        };
+        destinations.insert(name, dest);
+    }
+
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for route in raw.route {
+        let name_span = route.name.span();
+        let name = route.name.into_inner();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(src.error_at(
+                Some(name_span),
+                "route.name",
+                format!("`{name}` must be letters, digits, '-' or '_'"),
+            ));
+        }
+        if routes.iter().any(|r| r.name == name) {
+            return Err(src.error_at(
+                Some(name_span),
+                "route.name",
+                format!("route `{name}` is defined twice"),
+            ));
+        }
+        let dest_span = route.destination.span();
+        let destination = route.destination.into_inner();
+        let Some(dest) = destinations.get(&destination) else {
+            let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
+            return Err(src.error_at(
+                Some(dest_span),
+                "route.destination",
+                format!("route `{name}` names destination `{destination}`, which is not defined (defined: {known:?})"),
+            ));
+        };
+        let topics_span = route.topics.span();
+        let topics = route.topics.into_inner();
+        if topics.is_empty() {
+            return Err(src.error_at(
+                Some(topics_span),
+                "route.topics",
+                format!("route `{name}` has no topic filter"),
+            ));
+        }
+        let mut filters = Vec::new();
+        for t in topics {
+            filters.push(
+                TopicFilter::parse(&t)
+                    .map_err(|e| src.error_at(Some(topics_span.clone()), "route.topics", e))?,
+            );
+        }
+        let partition_key = match route.partition_key {
+            Some(t) => {
+                let span = t.span();
+                KeyTemplate::parse(&t.into_inner())
+                    .map_err(|e| src.error_at(Some(span), "route.partition_key", e))?
+            }
+            None => KeyTemplate::parse("{gateway}").expect("default template parses"),
+        };
+        let qos = match route.qos {
+            Some(q) => {
+                let span = q.span();
+                let q = q.into_inner();
+                if q > 2 {
+                    return Err(src.error_at(
+                        Some(span),
+                        "route.qos",
+                        format!("{q} is not an MQTT QoS (0, 1 or 2)"),
+                    ));
+                }
+                q
+            }
+            None => 1,
+        };
+        if batch.max_message_bytes + 1024 > dest.max_record_bytes() {
+            return Err(src.error_at(
+                Some(dest_span),
+                "batch.max_message_bytes",
+                format!(
+                    "must leave 1KiB of room under destination `{destination}`'s max_record_bytes"
+                ),
+            ));
+        }
+        routes.push(RouteConfig {
+            name,
+            filters,
+            destination,
+            partition_key,
+            qos,
+        });
+    }
+    if routes.is_empty() {
+        return Err(src.error_at(None, "route", "at least one [[route]] is needed".into()));
+    }
+
+    let mut brokers = Vec::new();
+    for (i, b) in raw.broker.into_iter().enumerate() {
+        let name = b.name.unwrap_or_else(|| format!("broker{i}"));
+        let host_span = b.host.span();
+        let host = b.host.into_inner();
+        if host.is_empty() {
+            return Err(src.error_at(Some(host_span), "broker.host", "must not be empty".into()));
+        }
+        let client_id = b
+            .client_id
+            .map(|c| c.into_inner())
+            .unwrap_or_else(|| "edgeship-{gateway}".to_string())
+            .replace("{gateway}", &gateway_id);
+        let max_unacked = match b.max_unacked {
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(src.error_at(
+                    Some(m.span()),
+                    "broker.max_unacked",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(m) => m.into_inner(),
+            None => 1000,
+        };
+        let max_packet_bytes = b.max_packet_bytes.map_or(16 << 20, |s| s.bytes());
+        if max_packet_bytes < batch.max_message_bytes {
+            return Err(src.error_at(
+                None,
+                "broker.max_packet_bytes",
+                "must be at least batch.max_message_bytes, so oversize messages can be dead-lettered".into(),
+            ));
+        }
+        brokers.push(BrokerConfig {
+            name,
+            host,
+            port: b.port.unwrap_or(1883),
+            protocol: b.protocol.unwrap_or(MqttProtocol::V311),
+            client_id,
+            keep_alive: b.keep_alive.map_or(Duration::from_secs(30), |d| d.0),
+            username: b.username,
+            password: b.password,
+            max_unacked,
+            max_packet_bytes,
+        });
+    }
+    if brokers.is_empty() {
+        return Err(src.error_at(None, "broker", "at least one [[broker]] is needed".into()));
+    }
+
+    Ok(Config {
+        gateway_id,
+        shutdown_timeout: raw
+            .shutdown_timeout
+            .map_or(Duration::from_secs(10), |d| d.0),
+        spool,
+        batch,
+        brokers,
+        routes,
+        destinations,
+    })
+}
+
+fn default_gateway_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "gateway".into()
+    } else {
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+gateway_id = "gw-1"
+[[broker]]
+host = "127.0.0.1"
+[[route]]
+name = "telemetry"
+topics = ["devices/+/telemetry"]
+destination = "main"
+partition_key = "{topic[1]}"
+[destination.main]
+type = "kinesis"
+stream = "s"
+"#;
+
+    #[test]
+    fn embedded_default_config_is_valid() {
+        Config::parse(DEFAULT_CONFIG, "default").expect("default config validates");
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "m.toml").unwrap();
+        assert_eq!(c.gateway_id, "gw-1");
+        assert_eq!(c.brokers[0].port, 1883);
+        assert_eq!(c.brokers[0].client_id, "edgeship-gw-1");
+        assert_eq!(c.routes[0].qos, 1);
+        assert_eq!(c.spool.full_policy, FullPolicy::Block);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = MINIMAL.replace("[[broker]]\n", "[[broker]]\nhots = \"x\"\n");
+        let e = Config::parse(&text, "m.toml").unwrap_err().to_string();
+        assert!(e.starts_with("m.toml:4:"), "{e}");
+        assert!(e.contains("hots"), "{e}");
+    }
+
+    #[test]
+    fn bad_unit_names_line_and_field() {
+        let text = format!("{MINIMAL}[spool]\nmax_bytes = \"12 parsecs\"\n");
+        let e = Config::parse(&text, "m.toml").unwrap_err().to_string();
+        assert!(e.contains("m.toml:15:"), "{e}");
+        assert!(e.contains("field `max_bytes`"), "{e}");
+        assert!(e.contains("unknown size unit"), "{e}");
+    }
+
+    #[test]
+    fn unknown_destination_is_refused_with_its_line() {
+        let text = MINIMAL.replace("destination = \"main\"", "destination = \"nope\"");
+        let e = Config::parse(&text, "m.toml").unwrap_err().to_string();
+        assert!(e.contains("m.toml:8:"), "{e}");
+        assert!(e.contains("`nope`"), "{e}");
+    }
+
+    #[test]
+    fn password_is_not_in_debug_output() {
+        let text = MINIMAL.replace(
+            "host = \"127.0.0.1\"",
+            "host = \"h\"\npassword = \"hunter2\"",
+        );
+        let c = Config::parse(&text, "m.toml").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

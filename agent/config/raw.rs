@@ -1,0 +1,114 @@
+//! The config file exactly as written: serde structs that mirror the TOML, with unknown fields
+//! rejected and spans kept where a later check needs to point at a line.
+//!
+//! Nothing here decides whether a config makes sense; `config::validate` does that and turns
+//! these structs into the typed [`super::Config`]. Keep defaults out of this module too.
+
+use super::units::{ByteSize, HumanDuration};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub gateway_id: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub spool: RawSpool,
+    #[serde(default)]
+    pub batch: RawBatch,
+    #[serde(default)]
+    pub broker: Vec<RawBroker>,
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+    #[serde(default)]
+    pub destination: BTreeMap<String, Spanned<RawDestination>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub path: Option<String>,
+    pub max_bytes: Option<ByteSize>,
+    pub full_policy: Option<FullPolicy>,
+    pub sync: Option<SyncLevel>,
+    pub max_dead_letters: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Stop reading and stop acking; the broker's persistent session keeps the rest.
+    Block,
+    /// Evict the oldest spooled records (counted as dropped, reason `spool_full`).
+    DropOldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncLevel {
+    /// No fsync: survives a process crash only if the OS keeps running. Fastest, least wear.
+    Off,
+    /// WAL fsynced at checkpoints: survives a process crash (kill -9), may lose the last
+    /// commits on power loss.
+    Normal,
+    /// Every commit is fsynced: survives power loss.
+    Full,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub linger: Option<HumanDuration>,
+    pub frame_bytes: Option<ByteSize>,
+    pub zstd_level: Option<Spanned<i32>>,
+    pub max_message_bytes: Option<ByteSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBroker {
+    pub name: Option<String>,
+    pub host: Spanned<String>,
+    pub port: Option<u16>,
+    pub protocol: Option<MqttProtocol>,
+    pub client_id: Option<Spanned<String>>,
+    pub keep_alive: Option<HumanDuration>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub max_unacked: Option<Spanned<u32>>,
+    pub max_packet_bytes: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<String>,
+    pub topics: Spanned<Vec<String>>,
+    pub destination: Spanned<String>,
+    pub partition_key: Option<Spanned<String>>,
+    pub qos: Option<Spanned<u8>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawDestination {
+    Kinesis {
+        stream: String,
+        region: Option<String>,
+        endpoint: Option<String>,
+        max_record_bytes: Option<ByteSize>,
+    },
+    Directory {
+        path: String,
+    },
+}

@@ -1,0 +1,20 @@
+//! edgeship: a durable MQTT-to-AWS ingestion agent for edge gateways.
+//!
+//! Data path: [`source`] (MQTT, manual acks) -> [`spool`] (SQLite, group commit; ack after
+//! commit) -> [`shipper`] ([`batcher`] plans, [`frame`] encodes) -> [`sink`] (Kinesis, a local
+//! folder). [`pipeline`] wires them and shuts them down in order; [`config`] loads and checks
+//! the TOML; [`route`] matches topics and renders partition keys.
+
+pub mod batcher;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod frame;
+pub mod logging;
+pub mod pipeline;
+pub mod route;
+pub mod shipper;
+pub mod sink;
+pub mod source;
+pub mod spool;
+pub mod status;

@@ -1,0 +1,196 @@
+//! The `edgeship` command: parses arguments, dispatches, and turns errors into exit codes.
+//! Everything it does lives in the library; anyhow stops here.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgeship::config::Config;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "edgeship",
+    version,
+    about = "Durable MQTT-to-AWS ingestion agent for edge gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short, default_value = "/etc/edgeship/edgeship.toml")]
+        config: PathBuf,
+    },
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Decode edgeship frames (Kinesis record data, raw or base64; a file or stdin) into JSON lines.
+    Decode {
+        /// Files to read; none or "-" reads stdin. Base64 input may hold one record per line.
+        files: Vec<PathBuf>,
+    },
+    /// Show the accounting of a spool (the agent may be running or stopped).
+    Status {
+        #[arg(long, short, default_value = "/etc/edgeship/edgeship.toml")]
+        config: PathBuf,
+        /// Read this spool file instead of the one the config names.
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a self-contained demo: embedded broker, simulated devices, the real pipeline into a
+    /// local folder. Needs no cloud account and no installed broker.
+    Demo(edgeship::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; exit 0 if it is valid.
+    Validate { file: PathBuf },
+    /// Print the commented default config.
+    Default,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("edgeship: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            edgeship::logging::init("info");
+            let config = Config::load(&config)?;
+            runtime()?.block_on(async {
+                edgeship::pipeline::run(config, shutdown_signal(), |_| {}).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Config {
+            command: ConfigCommand::Validate { file },
+        } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} broker(s), {} route(s), {} destination(s))",
+                    file.display(),
+                    c.brokers.len(),
+                    c.routes.len(),
+                    c.destinations.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{}", edgeship::config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decode { files } => decode(files),
+        Command::Status {
+            config,
+            spool,
+            json,
+        } => {
+            let path = match spool {
+                Some(p) => p,
+                None => Config::load(&config)?.spool.path,
+            };
+            let acc = edgeship::spool::store::read_accounting_at(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&acc)?);
+            } else {
+                print!("{}", edgeship::status::render(&path, &acc));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            edgeship::logging::init("warn,edgeship=info,rumqttd=off");
+            runtime()?.block_on(edgeship::demo::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn decode(files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let inputs: Vec<(String, Vec<u8>)> =
+        if files.is_empty() || files.iter().all(|f| f.as_os_str() == "-") {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+            vec![("stdin".into(), buf)]
+        } else {
+            files
+                .iter()
+                .map(|f| {
+                    Ok((
+                        f.display().to_string(),
+                        std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+                    ))
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut failures = 0;
+    for (name, data) in inputs {
+        for (i, record) in edgeship::decode::split_input(&data).into_iter().enumerate() {
+            match record
+                .and_then(|bytes| edgeship::frame::decode_frame(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(frame) => {
+                    for line in edgeship::decode::json_lines(&frame) {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    eprintln!("edgeship decode: {name}: record {}: {e}", i + 1);
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -1,0 +1,414 @@
+//! The shipper: one task per destination that turns spooled blocks into frames, sends them,
+//! and tells the spool what was accepted.
+//!
+//! Loop: lease block metadata -> plan frames ([`Batcher`]) -> read bodies and encode frames
+//! (zstd, on a blocking thread) -> pack calls within the destination's limits -> send ->
+//! accepted entries' blocks are reported delivered; failed entries (and whole failed calls) go
+//! back to the front of the queue and are resent after an exponential backoff with jitter.
+//! What it holds in memory is bounded: a few frames' worth of plans and at most two calls'
+//! worth of encoded frames, however large the backlog.
+//!
+//! It must never report a block delivered that its destination did not accept, and never
+//! resend an entry that was accepted.
+
+use crate::batcher::{call_size, entry_cost, Batcher, CallLimits, FramePlan};
+use crate::config::BatchConfig;
+use crate::frame;
+use crate::logging::Repeated;
+use crate::sink::{Entry, Sink};
+use crate::spool::SpoolHandle;
+use rand::Rng;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Live figures of one destination.
+#[derive(Debug, Default)]
+pub struct ShipperStats {
+    pub calls: AtomicU64,
+    pub call_failures: AtomicU64,
+    pub entries_accepted: AtomicU64,
+    pub entries_failed: AtomicU64,
+    pub records_accepted: AtomicU64,
+    /// Frame bytes the destination accepted (what the uplink carried, once).
+    pub bytes_accepted: AtomicU64,
+    /// Uncompressed record bytes inside accepted frames.
+    pub raw_bytes_accepted: AtomicU64,
+}
+
+/// An encoded frame waiting to be sent or resent.
+struct Pending {
+    entry: Entry,
+    block_ids: Vec<i64>,
+    records: u64,
+    raw_bytes: u64,
+    attempts: u32,
+}
+
+pub struct Shipper {
+    pub name: String,
+    pub sink: Sink,
+    pub spool: SpoolHandle,
+    /// Routes whose records this destination receives.
+    pub routes: Arc<[String]>,
+    pub gateway: Arc<str>,
+    pub batch: BatchConfig,
+    pub max_record_bytes: u64,
+    pub stats: Arc<ShipperStats>,
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to `max`.
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self
+            .base
+            .saturating_mul(1 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt += 1;
+        let half = d / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shipper {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let limits = self.sink.call_limits();
+        let mut batcher = Batcher::new(self.batch.frame_bytes, self.batch.linger);
+        let mut queue: VecDeque<Pending> = VecDeque::new();
+        let mut cursor = 0i64;
+        let mut commits = self.spool.commits();
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut failing = Repeated::new(Duration::from_secs(60));
+        let mut exhausted = false;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let queued_bytes: usize = queue.iter().map(|p| p.entry.data.len()).sum();
+            // Lease while little is planned; `exhausted` means the last lease found nothing new.
+            if !exhausted
+                && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
+                && queued_bytes < limits.max_bytes
+            {
+                match self.spool.lease(self.routes.clone(), cursor, 1024).await {
+                    Ok(blocks) => {
+                        exhausted = blocks.is_empty();
+                        for b in blocks {
+                            cursor = cursor.max(b.id);
+                            batcher.push(b);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(destination = %self.name, error = %e, "shipper stops: spool unavailable");
+                        break;
+                    }
+                }
+            }
+            batcher.close_due(now_ms(), false);
+            let mut queued_bytes = queued_bytes;
+            while queued_bytes < 2 * limits.max_bytes {
+                let Some(plan) = batcher.take_ready() else {
+                    break;
+                };
+                match self.encode(plan).await {
+                    Ok(frames) => {
+                        queued_bytes += frames.iter().map(|p| p.entry.data.len()).sum::<usize>();
+                        queue.extend(frames);
+                    }
+                    Err(e) => {
+                        tracing::error!(destination = %self.name, error = %e, "shipper stops: cannot build frames");
+                        return self.give_back(&mut batcher, queue);
+                    }
+                }
+            }
+            if !queue.is_empty() && retry_at.is_none_or(|t| t <= Instant::now()) {
+                retry_at = None;
+                let ok = self.send_one_call(&mut queue, limits, &mut failing).await;
+                if ok {
+                    backoff.reset();
+                } else {
+                    retry_at = Some(Instant::now() + backoff.next_delay());
+                }
+                continue;
+            }
+            if !exhausted && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes {
+                continue;
+            }
+            // Nothing to do now: wait for new records, a frame's linger, a retry, or stop.
+            let due = batcher
+                .next_due_ms()
+                .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms())));
+            let wake = [due, retry_at].into_iter().flatten().min();
+            tokio::select! {
+                // Each branch is cancel-safe: a watch change or a timer; nothing is consumed.
+                changed = commits.changed() => {
+                    if changed.is_err() { break; }
+                    exhausted = false;
+                }
+                _ = async { match wake { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
+                _ = stop.changed() => {}
+            }
+        }
+        self.give_back(&mut batcher, queue);
+    }
+
+    fn give_back(&self, batcher: &mut Batcher, queue: VecDeque<Pending>) {
+        let mut ids = batcher.drain_block_ids();
+        ids.extend(queue.into_iter().flat_map(|p| p.block_ids));
+        let _ = self.spool.release(ids);
+    }
+
+    /// Sends the front of the queue as one call. True if every entry was accepted.
+    async fn send_one_call(
+        &self,
+        queue: &mut VecDeque<Pending>,
+        limits: CallLimits,
+        failing: &mut Repeated,
+    ) -> bool {
+        let n = call_size(
+            queue
+                .iter()
+                .map(|p| entry_cost(p.entry.data.len(), p.entry.key.len())),
+            limits,
+        );
+        let call: Vec<Pending> = queue.drain(..n).collect();
+        let entries: Vec<&Entry> = call.iter().map(|p| &p.entry).collect();
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        match self.sink.put(&entries).await {
+            Ok(outcomes) => {
+                let mut delivered = Vec::new();
+                let mut failed = Vec::new();
+                let mut first_failure = None;
+                for (pending, outcome) in call.into_iter().zip(outcomes) {
+                    match outcome {
+                        Ok(()) => {
+                            self.stats.entries_accepted.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .records_accepted
+                                .fetch_add(pending.records, Ordering::Relaxed);
+                            self.stats
+                                .bytes_accepted
+                                .fetch_add(pending.entry.data.len() as u64, Ordering::Relaxed);
+                            self.stats
+                                .raw_bytes_accepted
+                                .fetch_add(pending.raw_bytes, Ordering::Relaxed);
+                            delivered.extend(pending.block_ids);
+                        }
+                        Err(f) => {
+                            self.stats.entries_failed.fetch_add(1, Ordering::Relaxed);
+                            first_failure.get_or_insert(f);
+                            failed.push(Pending {
+                                attempts: pending.attempts + 1,
+                                ..pending
+                            });
+                        }
+                    }
+                }
+                if !delivered.is_empty() && self.spool.delivered(delivered).is_err() {
+                    tracing::error!(destination = %self.name, "spool stopped before deliveries were recorded; they will be resent");
+                }
+                let all_ok = failed.is_empty();
+                if let Some(f) = first_failure {
+                    if let Some(repeats) = failing.should_log() {
+                        tracing::warn!(destination = %self.name, failed = failed.len(), code = %f.code, message = %f.message, repeats, "entries not accepted; resending only those");
+                    }
+                } else {
+                    failing.recovered(|n| tracing::info!(destination = %self.name, after_failures = n, "destination accepts again"));
+                }
+                for p in failed.into_iter().rev() {
+                    queue.push_front(p);
+                }
+                all_ok
+            }
+            Err(e) => {
+                self.stats.call_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(repeats) = failing.should_log() {
+                    if e.retryable {
+                        tracing::warn!(error = %e, repeats, "call failed; records stay spooled and will be resent");
+                    } else {
+                        tracing::error!(error = %e, repeats, "call refused; check the destination's configuration; records stay spooled");
+                    }
+                }
+                for p in call.into_iter().rev() {
+                    queue.push_front(Pending {
+                        attempts: p.attempts + 1,
+                        ..p
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    /// Reads a plan's blocks and encodes them as one frame, or as several if the compressed
+    /// frame does not fit the destination's record limit.
+    async fn encode(&self, plan: FramePlan) -> Result<Vec<Pending>, String> {
+        let bodies = self.spool.read(plan.block_ids()).await?;
+        let gateway = self.gateway.clone();
+        let level = self.batch.zstd_level;
+        let limit = self.max_record_bytes as usize;
+        let key = plan.key.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut compressor = frame::frame_compressor(level).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            encode_fitting(&gateway, &key, &bodies, limit, &mut compressor, &mut out)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Encodes `bodies` (block metadata and uncompressed bodies) into frames of at most `limit`
+/// bytes including the key, halving the block list until each fits.
+fn encode_fitting(
+    gateway: &str,
+    key: &str,
+    bodies: &[(crate::spool::BlockMeta, Vec<u8>)],
+    limit: usize,
+    compressor: &mut zstd::bulk::Compressor<'static>,
+    out: &mut Vec<Pending>,
+) -> Result<(), String> {
+    if bodies.is_empty() {
+        return Ok(());
+    }
+    let records: u64 = bodies.iter().map(|(m, _)| u64::from(m.records)).sum();
+    let raw: Vec<u8> = bodies.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    let data = frame::encode_frame(gateway, records as u32, &raw, Some(compressor))
+        .map_err(|e| e.to_string())?;
+    if data.len() + key.len() <= limit || bodies.len() == 1 {
+        if data.len() + key.len() > limit {
+            // Cannot happen with the configured limits (a block is far below any record
+            // limit); refuse loudly rather than send a record the destination must reject.
+            return Err(format!(
+                "a single spool block encodes to {} bytes, over the {limit}-byte record limit",
+                data.len()
+            ));
+        }
+        out.push(Pending {
+            entry: Entry {
+                data,
+                key: key.to_string(),
+                first_seq: bodies[0].0.id,
+            },
+            block_ids: bodies.iter().map(|(m, _)| m.id).collect(),
+            records,
+            raw_bytes: raw.len() as u64,
+            attempts: 0,
+        });
+        return Ok(());
+    }
+    let (left, right) = bodies.split_at(bodies.len() / 2);
+    encode_fitting(gateway, key, left, limit, compressor, out)?;
+    encode_fitting(gateway, key, right, limit, compressor, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::BlockMeta;
+
+    fn body(seq: u64, n: usize, payload_len: usize, noisy: bool) -> (BlockMeta, Vec<u8>) {
+        let mut b = Vec::new();
+        let mut x = seq.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        for i in 0..n {
+            let payload: Vec<u8> = (0..payload_len)
+                .map(|j| {
+                    if noisy {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    } else {
+                        b"{\"temp\":21.5}"[j % 13]
+                    }
+                })
+                .collect();
+            frame::encode_record(&mut b, seq + i as u64, 1, "t", &payload);
+        }
+        let meta = BlockMeta {
+            id: seq as i64,
+            route: "r".into(),
+            key: "k".into(),
+            records: n as u32,
+            raw_bytes: b.len() as u32,
+            stored_bytes: 0,
+            created_ms: 1,
+        };
+        (meta, b)
+    }
+
+    #[test]
+    fn frames_are_split_until_each_fits_the_record_limit() {
+        let bodies: Vec<_> = (0..8).map(|i| body(i * 100, 100, 1000, true)).collect();
+        let mut c = frame::frame_compressor(3).unwrap();
+        let mut out = Vec::new();
+        encode_fitting("gw", "k", &bodies, 256 << 10, &mut c, &mut out).unwrap();
+        assert!(
+            out.len() >= 4,
+            "800 KB of noise needs at least 4 frames of 256 KiB"
+        );
+        assert!(out.iter().all(|p| p.entry.data.len() + 1 <= 256 << 10));
+        let mut seqs: Vec<u64> = out
+            .iter()
+            .flat_map(|p| {
+                frame::decode_frame(&p.entry.data)
+                    .unwrap()
+                    .records
+                    .into_iter()
+                    .map(|r| r.seq)
+            })
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, (0..800).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn compressible_blocks_share_one_frame() {
+        let bodies: Vec<_> = (0..8).map(|i| body(i * 100, 100, 200, false)).collect();
+        let mut c = frame::frame_compressor(3).unwrap();
+        let mut out = Vec::new();
+        encode_fitting("gw", "k", &bodies, 1 << 20, &mut c, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].records, 800);
+        assert_eq!(out[0].block_ids.len(), 8);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d1 = b.next_delay();
+        assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+        for _ in 0..10 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        assert!(b.next_delay() >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,46 @@
+//! A local folder as a destination: each frame becomes one file, written whole then renamed
+//! into place, so a reader never sees half a frame. Used by `edgeship demo`, and by operators
+//! who want frames on disk (e.g. for a later bulk upload). `edgeship decode FILE` reads them.
+
+use super::{Entry, EntryFailure, SinkError};
+use std::path::{Path, PathBuf};
+
+pub struct DirectorySink {
+    name: String,
+    dir: PathBuf,
+}
+
+impl DirectorySink {
+    pub fn open(name: &str, dir: &Path) -> Result<DirectorySink, SinkError> {
+        std::fs::create_dir_all(dir).map_err(|e| SinkError {
+            destination: name.to_string(),
+            message: format!("cannot create {}: {e}", dir.display()),
+            retryable: false,
+        })?;
+        Ok(DirectorySink {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub async fn put(
+        &self,
+        entries: &[&Entry],
+    ) -> Result<Vec<Result<(), EntryFailure>>, SinkError> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let file = self.dir.join(format!("{:020}.eshp", e.first_seq));
+            let tmp = self.dir.join(format!(".{:020}.eshp.tmp", e.first_seq));
+            let written = async {
+                tokio::fs::write(&tmp, &e.data).await?;
+                tokio::fs::rename(&tmp, &file).await
+            }
+            .await;
+            out.push(written.map_err(|err| EntryFailure {
+                code: "IoError".into(),
+                message: format!("{}: {}: {err}", self.name, file.display()),
+            }));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,319 @@
+//! The MQTT source: one persistent session per configured broker, MQTT 3.1.1 or 5, with
+//! manual acks.
+//!
+//! One task drives the rumqttc event loop and hands each PUBLISH to the spool with an
+//! [`AfterCommit`]; a second task sends the PUBACK/PUBREC once the spool has committed, in
+//! commit order (which is arrival order). A semaphore of `max_unacked` permits bounds what is
+//! received but not yet committed: when the spool is full under policy `block`, permits are not
+//! returned, the loop stops reading, and the broker keeps the rest in the session.
+//!
+//! It must never ack a message the spool has not committed, and never block the event loop on
+//! the ack path (the acker is a separate task, so a full request channel cannot deadlock).
+
+use super::Router;
+use crate::config::{BrokerConfig, MqttProtocol};
+use crate::logging::Repeated;
+use crate::spool::{AckToken, AfterCommit, Incoming, SpoolHandle};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// Live figures of one broker connection.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub connection_errors: AtomicU64,
+    pub messages: AtomicU64,
+    pub payload_bytes: AtomicU64,
+}
+
+/// A message or a session change, the same for both protocol versions.
+enum SessionEvent {
+    Connected {
+        session_present: bool,
+    },
+    Message {
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        pkid: u16,
+    },
+    Other,
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+fn qos_v4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn connect(config: &BrokerConfig) -> (Client, EventLoop) {
+    // The request channel carries acks and subscriptions; it holds one window of acks.
+    let capacity = (config.max_unacked as usize).clamp(64, 65_535);
+    match config.protocol {
+        MqttProtocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
+            o.set_keep_alive(config.keep_alive)
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_request_channel_capacity(capacity)
+                .set_max_packet_size(
+                    config.max_packet_bytes as usize,
+                    config.max_packet_bytes as usize,
+                );
+            if let Some(user) = &config.username {
+                o.set_credentials(user, config.password.clone().unwrap_or_default());
+            }
+            let (c, e) = rumqttc::AsyncClient::new(o, capacity);
+            (Client::V4(c), EventLoop::V4(Box::new(e)))
+        }
+        MqttProtocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
+            o.set_keep_alive(config.keep_alive)
+                .set_clean_start(false)
+                // Keep the session (and the broker's queue for it) across disconnects.
+                .set_session_expiry_interval(Some(u32::MAX))
+                .set_receive_maximum(Some(config.max_unacked.clamp(1, 65_535) as u16))
+                .set_manual_acks(true)
+                .set_request_channel_capacity(capacity)
+                .set_max_packet_size(Some(config.max_packet_bytes.min(u64::from(u32::MAX)) as u32));
+            if let Some(user) = &config.username {
+                o.set_credentials(user, config.password.clone().unwrap_or_default());
+            }
+            let (c, e) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(c), EventLoop::V5(Box::new(e)))
+        }
+    }
+}
+
+impl EventLoop {
+    /// Polls the connection once. Cancel-safe enough for shutdown: a dropped poll can lose
+    /// at most a message that was never acked, which the broker redelivers.
+    async fn next(&mut self) -> Result<SessionEvent, String> {
+        match self {
+            EventLoop::V4(e) => {
+                use rumqttc::{Event, Packet};
+                match e.poll().await.map_err(|err| err.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
+                        session_present: a.session_present,
+                    }),
+                    Event::Incoming(Packet::Publish(p)) => Ok(SessionEvent::Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                    }),
+                    _ => Ok(SessionEvent::Other),
+                }
+            }
+            EventLoop::V5(e) => {
+                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::Event;
+                match e.poll().await.map_err(|err| err.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
+                        session_present: a.session_present,
+                    }),
+                    Event::Incoming(Packet::Publish(p)) => Ok(SessionEvent::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                    }),
+                    _ => Ok(SessionEvent::Other),
+                }
+            }
+        }
+    }
+}
+
+impl Client {
+    fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(*q))),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters.iter().map(|(f, q)| {
+                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos_v5(*q))
+                    }),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn ack(&self, token: AckToken) -> Result<(), String> {
+        match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    qos_v5(token.qos),
+                    Bytes::new(),
+                    None,
+                );
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs one broker session until `stop` turns true.
+pub async fn run(
+    config: BrokerConfig,
+    filters: Vec<(String, u8)>,
+    router: Arc<Router>,
+    spool: SpoolHandle,
+    stats: Arc<SourceStats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (client, mut events) = connect(&config);
+    let client = Arc::new(client);
+    let permits = Arc::new(Semaphore::new(config.max_unacked as usize));
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckToken>();
+    let acker = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(token) = ack_rx.recv().await {
+                if client.ack(token).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let broker = format!("{}:{}", config.host, config.port);
+    let mut errors = Repeated::new(Duration::from_secs(60));
+    let mut retry =
+        crate::shipper::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        let event = tokio::select! {
+            // Cancel-safe: see `EventLoop::next`.
+            e = events.next() => e,
+            _ = stop.changed() => break,
+        };
+        match event {
+            Ok(SessionEvent::Connected { session_present }) => {
+                stats.connected.store(true, Ordering::Relaxed);
+                stats.connects.fetch_add(1, Ordering::Relaxed);
+                retry.reset();
+                errors.recovered(|n| tracing::info!(broker = %config.name, address = %broker, after_errors = n, "reconnected"));
+                tracing::info!(broker = %config.name, address = %broker, session_present, "connected");
+                if let Err(e) = client.subscribe(&filters) {
+                    tracing::error!(broker = %config.name, error = %e, "cannot queue subscriptions");
+                }
+            }
+            Ok(SessionEvent::Message {
+                topic,
+                payload,
+                qos,
+                pkid,
+            }) => {
+                let permit = tokio::select! {
+                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                    _ = stop.changed() => break,
+                };
+                stats.messages.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .payload_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                let disposition = router.classify(&topic, payload.len());
+                let ack = (qos > 0).then(|| (ack_tx.clone(), AckToken { qos, pkid }));
+                let incoming = Incoming {
+                    topic,
+                    payload,
+                    ts_ms: now_ms(),
+                    disposition,
+                    after_commit: AfterCommit {
+                        ack,
+                        permit: Some(permit),
+                    },
+                };
+                if spool.append(incoming).is_err() {
+                    tracing::error!(broker = %config.name, "spool stopped; source stops without acking");
+                    break;
+                }
+            }
+            Ok(SessionEvent::Other) => {}
+            Err(e) => {
+                stats.connected.store(false, Ordering::Relaxed);
+                stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(repeats) = errors.should_log() {
+                    tracing::warn!(broker = %config.name, address = %broker, error = %e, repeats, "MQTT connection failed; retrying");
+                }
+                let delay = retry.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+    }
+    // Let committed messages' acks reach the broker before disconnecting; anything newer is
+    // left unacked and the session redelivers it.
+    let all = config.max_unacked;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    drop(ack_tx);
+    while tokio::time::Instant::now() < deadline {
+        let settled = permits.available_permits() == all as usize && acker.is_finished();
+        tokio::select! {
+            r = events.next() => if r.is_err() { break },
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        if settled {
+            break;
+        }
+    }
+    client.disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while events.next().await.is_ok() {}
+    })
+    .await;
+    stats.connected.store(false, Ordering::Relaxed);
+    acker.abort();
+}

@@ -1,0 +1,735 @@
+//! The spool: every received message becomes a committed record here before it is acked, and
+//! leaves only when its destination accepted it.
+//!
+//! # Design
+//! One OS thread owns the SQLite connection ([`store::Store`]) and serves [`Command`]s from a
+//! channel. Each turn it takes everything queued (up to a bound), applies all writes in one
+//! transaction, commits once at the configured sync level, and only then releases the
+//! [`AfterCommit`]s: the MQTT acks and the source's flow-control permits. Under load many
+//! messages share one commit (group commit); idle, a message commits alone.
+//!
+//! Records of one (route, partition key) in one commit are stored as one compressed block.
+//! The shipper leases blocks (metadata only), reads their bodies when it builds a frame, and
+//! reports blocks as delivered when the destination accepted the frame.
+//!
+//! When the spool holds `max_bytes`, the full policy applies: `block` parks new appends until
+//! space frees (their permits stay taken, so the source stops reading and nothing is acked);
+//! `drop_oldest` evicts the oldest blocks that are not being shipped and counts them.
+//!
+//! This module must never ack a message before its commit, never delete a block that its
+//! destination has not accepted (except by the counted `drop_oldest` policy), and never hold
+//! more than one group of messages in memory.
+
+pub mod store;
+
+use crate::config::{FullPolicy, SpoolConfig};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+pub use store::{Accounting, BlockMeta, SpoolError};
+use store::{NewRecord, Store};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+
+/// Most commands applied in one transaction.
+const MAX_GROUP: usize = 8192;
+/// Largest uncompressed block; far below any destination's record limit, so one block always
+/// fits in one frame.
+pub const BLOCK_RAW_MAX: usize = 256 << 10;
+
+/// What the source needs back to ack one MQTT message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pub qos: u8,
+    pub pkid: u16,
+}
+
+/// Released only after the message's outcome is committed.
+#[derive(Default)]
+pub struct AfterCommit {
+    pub ack: Option<(mpsc::UnboundedSender<AckToken>, AckToken)>,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AfterCommit {
+    fn release(self) {
+        if let Some((tx, token)) = self.ack {
+            // The source may have shut down; its broker session redelivers what was not acked.
+            let _ = tx.send(token);
+        }
+    }
+}
+
+/// What becomes of a received message.
+#[derive(Debug, Clone)]
+pub enum Disposition {
+    /// Spool it as a record of `route`, partitioned by `key`.
+    Record { route: Arc<str>, key: String },
+    /// Keep it in the dead-letter table and count it as dropped for `reason`.
+    DeadLetter {
+        route: Arc<str>,
+        reason: &'static str,
+    },
+    /// Count it as dropped for `reason`; nothing is stored.
+    Dropped {
+        route: Arc<str>,
+        reason: &'static str,
+    },
+}
+
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Bytes,
+    pub ts_ms: u64,
+    pub disposition: Disposition,
+    pub after_commit: AfterCommit,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+enum Command {
+    Append(Incoming),
+    Lease {
+        routes: Arc<[String]>,
+        after: i64,
+        limit: usize,
+        reply: Reply<Vec<BlockMeta>>,
+    },
+    Read {
+        ids: Vec<i64>,
+        reply: Reply<Vec<(BlockMeta, Vec<u8>)>>,
+    },
+    Delivered {
+        ids: Vec<i64>,
+    },
+    Release {
+        ids: Vec<i64>,
+    },
+    Accounting {
+        reply: Reply<Accounting>,
+    },
+    /// Commit what is queued and stop; parked appends stay unacked (the broker redelivers).
+    Close,
+}
+
+/// Live figures, updated after every commit; cheap to read from any thread.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub pending_records: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    /// Uncompressed bytes of records appended, and what they took in the spool.
+    pub appended_raw_bytes: AtomicU64,
+    pub appended_stored_bytes: AtomicU64,
+    pub commits: AtomicU64,
+    /// True while appends are parked because the spool is full (policy `block`).
+    pub full: AtomicBool,
+}
+
+/// A cheap, clonable handle to the spool thread.
+#[derive(Clone)]
+pub struct SpoolHandle {
+    tx: Sender<Command>,
+    stats: Arc<SpoolStats>,
+    committed: watch::Receiver<u64>,
+}
+
+fn closed() -> String {
+    "the spool thread has stopped".to_string()
+}
+
+impl SpoolHandle {
+    /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
+    pub fn append(&self, incoming: Incoming) -> Result<(), String> {
+        self.tx
+            .send(Command::Append(incoming))
+            .map_err(|_| closed())
+    }
+
+    /// Up to `limit` blocks of `routes` with ids above `after`, oldest first, marked as in
+    /// flight so `drop_oldest` leaves them alone.
+    pub async fn lease(
+        &self,
+        routes: Arc<[String]>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<BlockMeta>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Lease {
+                routes,
+                after,
+                limit,
+                reply,
+            })
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// The uncompressed bodies of these blocks, in the order asked; a block that is gone
+    /// (evicted, or quarantined as corrupt) is left out.
+    pub async fn read(&self, ids: Vec<i64>) -> Result<Vec<(BlockMeta, Vec<u8>)>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Read { ids, reply })
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// The destination accepted these blocks: delete them and count them delivered.
+    pub fn delivered(&self, ids: Vec<i64>) -> Result<(), String> {
+        self.tx
+            .send(Command::Delivered { ids })
+            .map_err(|_| closed())
+    }
+
+    /// These leased blocks will not be shipped by this lessee after all.
+    pub fn release(&self, ids: Vec<i64>) -> Result<(), String> {
+        self.tx.send(Command::Release { ids }).map_err(|_| closed())
+    }
+
+    pub async fn accounting(&self) -> Result<Accounting, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Accounting { reply })
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Asks the spool thread to commit what is queued and stop. Handles still held elsewhere
+    /// get "spool stopped" errors from then on.
+    pub fn close(&self) {
+        let _ = self.tx.send(Command::Close);
+    }
+
+    pub fn stats(&self) -> &Arc<SpoolStats> {
+        &self.stats
+    }
+
+    /// Changes after every commit that added blocks.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Opens the spool and starts its thread. The thread ends after [`SpoolHandle::close`] or when
+/// every handle is dropped, after a final commit, returning the accounting as committed.
+pub fn start(
+    config: &SpoolConfig,
+) -> Result<
+    (
+        SpoolHandle,
+        std::thread::JoinHandle<Result<Accounting, SpoolError>>,
+    ),
+    SpoolError,
+> {
+    let (store, report) = Store::open(&config.path, config.sync)?;
+    if let Some(aside) = &report.quarantined_file {
+        tracing::error!(
+            spool = %config.path.display(),
+            moved_to = %aside.display(),
+            "spool file was corrupt; moved it aside and started an empty spool (its records are not counted as delivered)"
+        );
+    }
+    let acc = store.accounting()?;
+    if !acc.balances() {
+        tracing::warn!(?acc, "spool accounting does not balance at open");
+    }
+    let stats = Arc::new(SpoolStats::default());
+    stats.received.store(acc.received, Ordering::Relaxed);
+    stats.delivered.store(acc.delivered, Ordering::Relaxed);
+    stats.dropped.store(acc.dropped, Ordering::Relaxed);
+    stats.pending_records.store(acc.pending, Ordering::Relaxed);
+    stats
+        .pending_bytes
+        .store(acc.pending_bytes, Ordering::Relaxed);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (commit_tx, committed) = watch::channel(0u64);
+    let worker = Worker {
+        store,
+        rx,
+        stats: stats.clone(),
+        commit_tx,
+        max_bytes: config.max_bytes,
+        policy: config.full_policy,
+        max_dead_letters: config.max_dead_letters,
+        leased: HashSet::new(),
+        parked: VecDeque::new(),
+        retry_deliveries: Vec::new(),
+        body: Vec::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("spool".into())
+        .spawn(move || worker.run())
+        .expect("spawning the spool thread");
+    Ok((
+        SpoolHandle {
+            tx,
+            stats,
+            committed,
+        },
+        thread,
+    ))
+}
+
+struct Worker {
+    store: Store,
+    rx: Receiver<Command>,
+    stats: Arc<SpoolStats>,
+    commit_tx: watch::Sender<u64>,
+    max_bytes: u64,
+    policy: FullPolicy,
+    max_dead_letters: u64,
+    /// Blocks handed to a shipper and not yet delivered or released.
+    leased: HashSet<i64>,
+    /// Appends waiting for space (policy `block`) or for a failed commit to be retried, in
+    /// arrival order. Bounded by the sources' permits.
+    parked: VecDeque<Incoming>,
+    /// Deliveries whose commit failed, retried with the next transaction.
+    retry_deliveries: Vec<i64>,
+    /// Reused encoding buffer.
+    body: Vec<u8>,
+}
+
+/// What one transaction did, applied to the live stats only after it commits.
+#[derive(Default)]
+struct TxEffects {
+    received: u64,
+    delivered: u64,
+    dropped: u64,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    blocks_added: bool,
+}
+
+impl Worker {
+    fn run(mut self) -> Result<Accounting, SpoolError> {
+        let mut backoff = Duration::from_millis(50);
+        let mut closing = false;
+        while !closing {
+            let mut appends: Vec<Incoming> = Vec::new();
+            let mut deliveries = std::mem::take(&mut self.retry_deliveries);
+            // Wait for work; with parked appends, wake periodically to retry them.
+            let first = if closing {
+                None
+            } else if self.parked.is_empty() && deliveries.is_empty() {
+                match self.rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        closing = true;
+                        None
+                    }
+                }
+            } else {
+                match self.rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        None
+                    }
+                }
+            };
+            let mut next = first;
+            let mut taken = 0;
+            while let Some(cmd) = next.take() {
+                taken += 1;
+                match cmd {
+                    Command::Append(i) => appends.push(i),
+                    Command::Delivered { ids } => deliveries.extend(ids),
+                    Command::Release { ids } => {
+                        for id in ids {
+                            self.leased.remove(&id);
+                        }
+                    }
+                    Command::Lease {
+                        routes,
+                        after,
+                        limit,
+                        reply,
+                    } => {
+                        let r = self
+                            .store
+                            .list_blocks(after, &routes, limit)
+                            .map_err(|e| e.to_string());
+                        if let Ok(blocks) = &r {
+                            self.leased.extend(blocks.iter().map(|b| b.id));
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Command::Read { ids, reply } => {
+                        let _ = reply.send(self.read_blocks(&ids));
+                    }
+                    Command::Accounting { reply } => {
+                        let _ = reply.send(self.store.accounting().map_err(|e| e.to_string()));
+                    }
+                    Command::Close => closing = true,
+                }
+                if taken < MAX_GROUP && !closing {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if appends.is_empty() && deliveries.is_empty() && self.parked.is_empty() {
+                continue;
+            }
+            // Parked appends go first: arrival order is ack order.
+            let mut queue = std::mem::take(&mut self.parked);
+            queue.extend(appends);
+            match self.apply(queue, &deliveries) {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    let hint = if e.is_disk_full() { " (disk full)" } else { "" };
+                    tracing::error!(error = %e, "spool commit failed{hint}; nothing was acked, retrying in {backoff:?}");
+                    self.retry_deliveries = deliveries;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if !self.parked.is_empty() {
+            tracing::info!(parked = self.parked.len(), "spool closed with appends waiting for space; they were not acked and the broker will redeliver them");
+        }
+        self.store.accounting()
+    }
+
+    /// One transaction: deliveries, then appends while there is room, then commit, then acks.
+    /// On error everything is rolled back and the appends are parked again.
+    fn apply(&mut self, queue: VecDeque<Incoming>, deliveries: &[i64]) -> Result<(), SpoolError> {
+        let mut fx = TxEffects::default();
+        let mut accepted: Vec<Incoming> = Vec::with_capacity(queue.len());
+        let mut queue = queue;
+        let result = (|| {
+            self.store.begin()?;
+            for id in deliveries {
+                self.leased.remove(id);
+                if let Some((_, records)) = self.store.deliver_block(*id)? {
+                    fx.delivered += u64::from(records);
+                }
+            }
+            while let Some(incoming) = queue.pop_front() {
+                if matches!(incoming.disposition, Disposition::Record { .. })
+                    && !self.make_room(&mut fx)?
+                {
+                    queue.push_front(incoming);
+                    break;
+                }
+                accepted.push(incoming);
+            }
+            self.write_appends(&accepted, &mut fx)?;
+            self.store.commit()
+        })();
+        match result {
+            Ok(()) => {
+                self.stats.full.store(!queue.is_empty(), Ordering::Relaxed);
+                self.parked = queue;
+                for incoming in accepted {
+                    incoming.after_commit.release();
+                }
+                self.stats
+                    .received
+                    .fetch_add(fx.received, Ordering::Relaxed);
+                self.stats
+                    .delivered
+                    .fetch_add(fx.delivered, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(fx.dropped, Ordering::Relaxed);
+                self.stats
+                    .appended_raw_bytes
+                    .fetch_add(fx.raw_bytes, Ordering::Relaxed);
+                self.stats
+                    .appended_stored_bytes
+                    .fetch_add(fx.stored_bytes, Ordering::Relaxed);
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.publish_totals();
+                if fx.blocks_added {
+                    self.commit_tx.send_modify(|n| *n += 1);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.store.rollback();
+                accepted.extend(queue);
+                self.parked = accepted.into();
+                Err(e)
+            }
+        }
+    }
+
+    fn read_blocks(&mut self, ids: &[i64]) -> Result<Vec<(BlockMeta, Vec<u8>)>, String> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match self.store.read_block(id) {
+                Ok(Some(found)) => out.push(found),
+                Ok(None) => {}
+                Err(e @ SpoolError::CorruptBlock { .. }) => {
+                    tracing::error!(error = %e, "quarantined a corrupt spool block; its records are counted as dropped (corrupt)");
+                    self.leased.remove(&id);
+                    self.stats.dropped.store(
+                        self.store.accounting().map_or(0, |a| a.dropped),
+                        Ordering::Relaxed,
+                    );
+                    self.publish_totals();
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(out)
+    }
+
+    fn publish_totals(&self) {
+        self.stats
+            .pending_records
+            .store(self.store.pending_records(), Ordering::Relaxed);
+        self.stats
+            .pending_bytes
+            .store(self.store.pending_bytes(), Ordering::Relaxed);
+    }
+
+    /// True if a record may be added: below the cap, or made so by `drop_oldest`.
+    fn make_room(&mut self, fx: &mut TxEffects) -> Result<bool, SpoolError> {
+        while self.store.pending_bytes() >= self.max_bytes {
+            if self.policy == FullPolicy::Block {
+                return Ok(false);
+            }
+            match self.store.evict_oldest(&self.leased)? {
+                Some((route, records)) => {
+                    fx.dropped += u64::from(records);
+                    tracing::warn!(
+                        route,
+                        records,
+                        "spool full: dropped the oldest block (policy drop_oldest)"
+                    );
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    fn write_appends(
+        &mut self,
+        accepted: &[Incoming],
+        fx: &mut TxEffects,
+    ) -> Result<(), SpoolError> {
+        // Group records by (route, key) in order of first appearance.
+        let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, incoming) in accepted.iter().enumerate() {
+            fx.received += 1;
+            match &incoming.disposition {
+                Disposition::Record { route, key } => {
+                    let g = *index.entry((route, key)).or_insert_with(|| {
+                        groups.push((route, key, Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[g].2.push(i);
+                }
+                Disposition::DeadLetter { route, reason } => {
+                    fx.dropped += 1;
+                    self.store.dead_letter(
+                        route,
+                        incoming.ts_ms,
+                        &incoming.topic,
+                        reason,
+                        &incoming.payload,
+                        self.max_dead_letters,
+                    )?;
+                }
+                Disposition::Dropped { route, reason } => {
+                    fx.dropped += 1;
+                    self.store.drop_message(route, reason);
+                }
+            }
+        }
+        for (route, key, members) in groups {
+            let mut chunk: Vec<NewRecord<'_>> = Vec::new();
+            let mut chunk_bytes = 0;
+            for i in members {
+                let m = &accepted[i];
+                let size = crate::frame::encoded_record_len(
+                    u64::MAX,
+                    m.ts_ms,
+                    m.topic.len(),
+                    m.payload.len(),
+                );
+                if !chunk.is_empty() && chunk_bytes + size > BLOCK_RAW_MAX {
+                    self.flush_block(route, key, &chunk, fx)?;
+                    chunk.clear();
+                    chunk_bytes = 0;
+                }
+                chunk.push(NewRecord {
+                    ts_ms: m.ts_ms,
+                    topic: &m.topic,
+                    payload: &m.payload,
+                });
+                chunk_bytes += size;
+            }
+            if !chunk.is_empty() {
+                self.flush_block(route, key, &chunk, fx)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_block(
+        &mut self,
+        route: &str,
+        key: &str,
+        records: &[NewRecord<'_>],
+        fx: &mut TxEffects,
+    ) -> Result<(), SpoolError> {
+        let meta = self
+            .store
+            .append_block(route, key, records, &mut self.body)?;
+        fx.raw_bytes += u64::from(meta.raw_bytes);
+        fx.stored_bytes += u64::from(meta.stored_bytes);
+        fx.blocks_added = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SyncLevel;
+
+    fn config(dir: &std::path::Path, max_bytes: u64, policy: FullPolicy) -> SpoolConfig {
+        SpoolConfig {
+            path: dir.join("spool.db"),
+            max_bytes,
+            full_policy: policy,
+            sync: SyncLevel::Off,
+            max_dead_letters: 10,
+        }
+    }
+
+    fn record(
+        route: &str,
+        payload: &[u8],
+        ack: &mpsc::UnboundedSender<AckToken>,
+        pkid: u16,
+    ) -> Incoming {
+        Incoming {
+            topic: "t/1".into(),
+            payload: Bytes::copy_from_slice(payload),
+            ts_ms: 1,
+            disposition: Disposition::Record {
+                route: route.into(),
+                key: "k".into(),
+            },
+            after_commit: AfterCommit {
+                ack: Some((ack.clone(), AckToken { qos: 1, pkid })),
+                permit: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_follow_commit_in_arrival_order_and_delivery_balances() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread) = start(&config(dir.path(), 1 << 30, FullPolicy::Block)).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        for pkid in 1..=100u16 {
+            spool
+                .append(record("r", format!("m{pkid}").as_bytes(), &ack_tx, pkid))
+                .unwrap();
+        }
+        for pkid in 1..=100u16 {
+            assert_eq!(ack_rx.recv().await.unwrap().pkid, pkid);
+        }
+        let routes: Arc<[String]> = vec!["r".to_string()].into();
+        let blocks = spool.lease(routes.clone(), 0, 1000).await.unwrap();
+        let total: u32 = blocks.iter().map(|b| b.records).sum();
+        assert_eq!(total, 100);
+        let (_, body) = spool.read(vec![blocks[0].id]).await.unwrap().remove(0);
+        let first = crate::frame::decode_records(&body, blocks[0].records).unwrap();
+        assert_eq!(first[0].payload, b"m1");
+        spool
+            .delivered(blocks.iter().map(|b| b.id).collect())
+            .unwrap();
+        let acc = spool.accounting().await.unwrap();
+        assert_eq!((acc.received, acc.delivered, acc.pending), (100, 100, 0));
+        drop(spool);
+        assert!(thread.join().unwrap().unwrap().balances());
+    }
+
+    #[tokio::test]
+    async fn block_policy_parks_appends_until_space_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::Block)).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        // Incompressible payloads fill the 1 MiB cap after a few appends.
+        let mut rng_state = 0x9e3779b97f4a7c15u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    rng_state ^= rng_state << 13;
+                    rng_state ^= rng_state >> 7;
+                    rng_state ^= rng_state << 17;
+                    rng_state as u8
+                })
+                .collect()
+        };
+        for pkid in 1..=6u16 {
+            spool
+                .append(record("r", &noise(250_000), &ack_tx, pkid))
+                .unwrap();
+            if pkid <= 5 {
+                // Each append commits alone until the cap is reached.
+                let got = tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got.pkid, pkid);
+            }
+        }
+        // The sixth is parked: no ack while full.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), ack_rx.recv())
+                .await
+                .is_err()
+        );
+        assert!(spool.stats().full.load(Ordering::Relaxed));
+        let routes: Arc<[String]> = vec!["r".to_string()].into();
+        let blocks = spool.lease(routes, 0, 2).await.unwrap();
+        spool
+            .delivered(blocks.iter().map(|b| b.id).collect())
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.pkid, 6);
+        let acc = spool.accounting().await.unwrap();
+        assert_eq!(acc.dropped, 0);
+        assert!(acc.balances());
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_unleased_blocks_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::DropOldest)).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let payload: Vec<u8> = (0..250_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for pkid in 1..=10u16 {
+            spool.append(record("r", &payload, &ack_tx, pkid)).unwrap();
+            ack_rx.recv().await.unwrap();
+        }
+        let acc = spool.accounting().await.unwrap();
+        assert!(
+            acc.dropped_by_reason
+                .get("spool_full")
+                .copied()
+                .unwrap_or(0)
+                > 0,
+            "{acc:?}"
+        );
+        assert_eq!(acc.received, 10);
+        assert!(acc.balances(), "{acc:?}");
+    }
+}

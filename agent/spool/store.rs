@@ -1,0 +1,775 @@
+//! The spool's SQLite file: schema, statements, and the bookkeeping that must change in the
+//! same transaction as the records it describes.
+//!
+//! # Layout
+//! - `blocks`: one row per group of records of one (route, partition key) committed together.
+//!   `id` is the first record's sequence number, so ids only grow. `data` is the records in the
+//!   frame body encoding (see FORMAT.md), zstd-compressed: spooled bytes are a fraction of the
+//!   payload bytes, which is what keeps SD-card writes within budget.
+//! - `counters`: the accounting terms per route (`received`, `delivered`, `dropped_<reason>`),
+//!   updated in the transaction that changes `blocks`, so after any crash
+//!   `received = delivered + dropped + pending` still holds with `pending = SUM(blocks.records)`.
+//! - `dead_letters`: messages that could not be spooled as records (oversize), kept for
+//!   inspection, oldest evicted past a cap; each is also counted as dropped.
+//! - `quarantine`: blocks that failed to decode, moved aside and counted as dropped `corrupt`.
+//! - `meta`: schema version and the next sequence number (never reused, even when the spool
+//!   empties).
+//!
+//! This module is synchronous and single-threaded; the spool thread in `spool/mod.rs` owns the
+//! only writing connection. It never acks or ships anything.
+
+use crate::config::SyncLevel;
+use crate::frame;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("spool {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION})")]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("spool {path}: cannot create its folder: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool block {id} is corrupt: {reason}")]
+    CorruptBlock { id: i64, reason: String },
+}
+
+impl SpoolError {
+    /// True when the disk is full: the caller applies the full-spool policy and retries.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::Sqlite { source, .. } if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
+    }
+}
+
+/// What the shipper needs to plan a frame, without the data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMeta {
+    pub id: i64,
+    pub route: String,
+    pub key: String,
+    pub records: u32,
+    pub raw_bytes: u32,
+    pub stored_bytes: u32,
+    pub created_ms: u64,
+}
+
+/// A record on its way into a block.
+pub struct NewRecord<'a> {
+    pub ts_ms: u64,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// Accounting terms read from a spool file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Accounting {
+    pub received: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub dropped_by_reason: std::collections::BTreeMap<String, u64>,
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub dead_letters: u64,
+    pub quarantined_blocks: u64,
+}
+
+impl Accounting {
+    /// The contract's equation: received = delivered + dropped + pending.
+    pub fn balances(&self) -> bool {
+        self.received == self.delivered + self.dropped + self.pending
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    next_seq: u64,
+    pending_records: u64,
+    pending_bytes: u64,
+    dead_letters: u64,
+    compressor: zstd::bulk::Compressor<'static>,
+    /// Counter changes of the open transaction, written just before commit.
+    counter_deltas: HashMap<(String, String), i64>,
+}
+
+/// What opening found: a corrupt file moved aside is reported, never silently replaced.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub quarantined_file: Option<PathBuf>,
+}
+
+impl Store {
+    /// Opens (or creates) the spool. A file SQLite reports as corrupt or not a database is
+    /// renamed to `<path>.corrupt-<unix seconds>` and a fresh spool is created in its place.
+    pub fn open(path: &Path, sync: SyncLevel) -> Result<(Store, OpenReport), SpoolError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut report = OpenReport::default();
+        match Store::open_inner(path, sync) {
+            Ok(store) => Ok((store, report)),
+            Err(SpoolError::Sqlite { source, .. })
+                if matches!(
+                    source.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+                ) =>
+            {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+                let _ = std::fs::rename(path, &aside);
+                for suffix in ["-wal", "-shm"] {
+                    let side = PathBuf::from(format!("{}{suffix}", path.display()));
+                    let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+                }
+                report.quarantined_file = Some(aside);
+                Ok((Store::open_inner(path, sync)?, report))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_inner(path: &Path, sync: SyncLevel) -> Result<Store, SpoolError> {
+        let err = |source| SpoolError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        let sync_pragma = match sync {
+            SyncLevel::Off => "OFF",
+            SyncLevel::Normal => "NORMAL",
+            SyncLevel::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {sync_pragma};
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS blocks (
+                 id INTEGER PRIMARY KEY,
+                 route TEXT NOT NULL,
+                 key TEXT NOT NULL,
+                 records INTEGER NOT NULL,
+                 raw_bytes INTEGER NOT NULL,
+                 created_ms INTEGER NOT NULL,
+                 data BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS counters (
+                 route TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+                 PRIMARY KEY (route, name)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS dead_letters (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 ts_ms INTEGER NOT NULL, route TEXT NOT NULL, topic TEXT NOT NULL,
+                 reason TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS quarantine (
+                 id INTEGER PRIMARY KEY, route TEXT NOT NULL, records INTEGER NOT NULL,
+                 reason TEXT NOT NULL, data BLOB NOT NULL
+             );"
+        ))
+        .map_err(err)?;
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        match version {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(err)?;
+            }
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(SpoolError::NewerSchema {
+                    path: path.to_path_buf(),
+                    found: v,
+                });
+            }
+            Some(_) => {}
+        }
+        let stored_next: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?
+            .unwrap_or(1);
+        let (max_end, pending_records, pending_bytes): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT COALESCE(MAX(id + records), 1), COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(err)?;
+        let dead_letters: i64 = conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+            .map_err(err)?;
+        let compressor = zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid");
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            next_seq: stored_next.max(max_end) as u64,
+            pending_records: pending_records as u64,
+            pending_bytes: pending_bytes as u64,
+            dead_letters: dead_letters as u64,
+            compressor,
+            counter_deltas: HashMap::new(),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> SpoolError {
+        SpoolError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn pending_records(&self) -> u64 {
+        self.pending_records
+    }
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn begin(&mut self) -> Result<(), SpoolError> {
+        self.counter_deltas.clear();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes the counter changes and `next_seq`, then commits.
+    pub fn commit(&mut self) -> Result<(), SpoolError> {
+        let result = (|| {
+            let mut stmt = self.conn.prepare_cached(
+                "INSERT INTO counters (route, name, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (route, name) DO UPDATE SET value = value + excluded.value",
+            )?;
+            for ((route, name), delta) in &self.counter_deltas {
+                if *delta != 0 {
+                    stmt.execute(params![route, name, delta])?;
+                }
+            }
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [self.next_seq as i64],
+            )?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        self.counter_deltas.clear();
+        result.map_err(|e| self.err(e))
+    }
+
+    /// Undoes the open transaction; the caller must also forget what it did in memory, which
+    /// is why [`Store::reload_totals`] exists.
+    pub fn rollback(&mut self) {
+        self.counter_deltas.clear();
+        let _ = self.conn.execute_batch("ROLLBACK");
+        let _ = self.reload_totals();
+    }
+
+    fn reload_totals(&mut self) -> Result<(), SpoolError> {
+        let (next, records, bytes): (i64, i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key='next_seq'), 1), COALESCE(MAX(id + records), 1)),
+                        COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        self.next_seq = next as u64;
+        self.pending_records = records as u64;
+        self.pending_bytes = bytes as u64;
+        self.dead_letters = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| self.err(e))? as u64;
+        Ok(())
+    }
+
+    /// Adds `delta` to a counter within the open transaction.
+    pub fn count(&mut self, route: &str, name: &str, delta: u64) {
+        *self
+            .counter_deltas
+            .entry((route.to_string(), name.to_string()))
+            .or_insert(0) += delta as i64;
+    }
+
+    /// Stores records as one block, giving them consecutive sequence numbers; counts them as
+    /// received. Returns the block's metadata.
+    pub fn append_block(
+        &mut self,
+        route: &str,
+        key: &str,
+        records: &[NewRecord<'_>],
+        body: &mut Vec<u8>,
+    ) -> Result<BlockMeta, SpoolError> {
+        body.clear();
+        let first = self.next_seq;
+        for (i, r) in records.iter().enumerate() {
+            frame::encode_record(body, first + i as u64, r.ts_ms, r.topic, r.payload);
+        }
+        let data = self
+            .compressor
+            .compress(body)
+            .map_err(|e| SpoolError::CorruptBlock {
+                id: first as i64,
+                reason: format!("compress: {e}"),
+            })?;
+        let created_ms = records.first().map_or(0, |r| r.ts_ms);
+        let meta = BlockMeta {
+            id: first as i64,
+            route: route.to_string(),
+            key: key.to_string(),
+            records: records.len() as u32,
+            raw_bytes: body.len() as u32,
+            stored_bytes: data.len() as u32,
+            created_ms,
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data])
+            })
+            .map_err(|e| self.err(e))?;
+        self.next_seq += records.len() as u64;
+        self.pending_records += records.len() as u64;
+        self.pending_bytes += data.len() as u64;
+        self.count(route, "received", records.len() as u64);
+        Ok(meta)
+    }
+
+    /// Keeps a message that cannot become a record; counted as received and dropped.
+    pub fn dead_letter(
+        &mut self,
+        route: &str,
+        ts_ms: u64,
+        topic: &str,
+        reason: &str,
+        payload: &[u8],
+        cap: u64,
+    ) -> Result<(), SpoolError> {
+        const KEEP: usize = 1 << 20;
+        let kept = &payload[..payload.len().min(KEEP)];
+        self.conn
+            .prepare_cached("INSERT INTO dead_letters (ts_ms, route, topic, reason, size, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .and_then(|mut s| s.execute(params![ts_ms as i64, route, topic, reason, payload.len() as i64, kept]))
+            .map_err(|e| self.err(e))?;
+        self.dead_letters += 1;
+        if self.dead_letters > cap {
+            let excess = self.dead_letters - cap;
+            self.conn
+                .execute(
+                    "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
+                    [excess as i64],
+                )
+                .map_err(|e| self.err(e))?;
+            self.dead_letters = cap;
+        }
+        self.count(route, "received", 1);
+        self.count(route, &format!("dropped_{reason}"), 1);
+        Ok(())
+    }
+
+    /// Counts a message dropped before it became a record (e.g. no route matched).
+    pub fn drop_message(&mut self, route: &str, reason: &str) {
+        self.count(route, "received", 1);
+        self.count(route, &format!("dropped_{reason}"), 1);
+    }
+
+    /// Blocks after `after` (by id) of the given routes, oldest first.
+    pub fn list_blocks(
+        &self,
+        after: i64,
+        routes: &[String],
+        limit: usize,
+    ) -> Result<Vec<BlockMeta>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms FROM blocks
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        let mut cursor = after;
+        // Filter routes in Rust: a handful of routes, and it keeps one cached statement.
+        'scan: loop {
+            let rows = stmt
+                .query_map(params![cursor, (limit * 4).max(64) as i64], row_to_meta)
+                .map_err(|e| self.err(e))?;
+            let mut seen = 0;
+            for row in rows {
+                let meta = row.map_err(|e| self.err(e))?;
+                seen += 1;
+                cursor = meta.id;
+                if routes.iter().any(|r| *r == meta.route) {
+                    out.push(meta);
+                    if out.len() >= limit {
+                        break 'scan;
+                    }
+                }
+            }
+            if seen == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The uncompressed record body of a block. A block that fails to decode is moved to
+    /// `quarantine`, counted as dropped `corrupt`, and reported as [`SpoolError::CorruptBlock`].
+    pub fn read_block(&mut self, id: i64) -> Result<Option<(BlockMeta, Vec<u8>)>, SpoolError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, data FROM blocks WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id], |r| Ok((row_to_meta(r)?, r.get::<_, Vec<u8>>(7)?))).optional()
+            })
+            .map_err(|e| self.err(e))?;
+        let Some((meta, data)) = row else {
+            return Ok(None);
+        };
+        let decoded = frame::decompress_exact(&data, meta.raw_bytes as usize)
+            .and_then(|body| frame::decode_records(&body, meta.records).map(|_| body));
+        match decoded {
+            Ok(body) => Ok(Some((meta, body))),
+            Err(e) => {
+                let reason = e.to_string();
+                self.quarantine(&meta, &reason, &data)?;
+                Err(SpoolError::CorruptBlock { id, reason })
+            }
+        }
+    }
+
+    fn quarantine(
+        &mut self,
+        meta: &BlockMeta,
+        reason: &str,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
+        self.begin()?;
+        let r = (|| {
+            self.conn.execute(
+                "INSERT OR REPLACE INTO quarantine (id, route, records, reason, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![meta.id, meta.route, meta.records, reason, data],
+            )?;
+            self.conn
+                .execute("DELETE FROM blocks WHERE id = ?1", [meta.id])
+        })();
+        if let Err(e) = r {
+            self.rollback();
+            return Err(self.err(e));
+        }
+        self.pending_records -= u64::from(meta.records);
+        self.pending_bytes -= u64::from(meta.stored_bytes);
+        self.count(&meta.route, "dropped_corrupt", u64::from(meta.records));
+        self.commit()
+    }
+
+    /// Removes a block whose records the destination accepted; counts them as delivered.
+    pub fn deliver_block(&mut self, id: i64) -> Result<Option<(String, u32)>, SpoolError> {
+        self.remove_block(id, "delivered")
+    }
+
+    /// Removes the oldest block not in `skip`, counting its records as dropped `spool_full`.
+    pub fn evict_oldest(
+        &mut self,
+        skip: &std::collections::HashSet<i64>,
+    ) -> Result<Option<(String, u32)>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM blocks WHERE id > ?1 ORDER BY id LIMIT 64")
+            .map_err(|e| self.err(e))?;
+        let mut cursor = i64::MIN;
+        let victim = loop {
+            let ids: Vec<i64> = stmt
+                .query_map([cursor], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| self.err(e))?;
+            if ids.is_empty() {
+                break None;
+            }
+            cursor = *ids.last().expect("non-empty");
+            if let Some(id) = ids.into_iter().find(|id| !skip.contains(id)) {
+                break Some(id);
+            }
+        };
+        drop(stmt);
+        match victim {
+            Some(id) => self.remove_block(id, "dropped_spool_full"),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_block(
+        &mut self,
+        id: i64,
+        counter: &str,
+    ) -> Result<Option<(String, u32)>, SpoolError> {
+        let row: Option<(String, u32, i64)> = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM blocks WHERE id = ?1 RETURNING route, records, LENGTH(data)",
+            )
+            .and_then(|mut s| {
+                s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(row.map(|(route, records, bytes)| {
+            self.pending_records -= u64::from(records);
+            self.pending_bytes -= bytes as u64;
+            self.count(&route, counter, u64::from(records));
+            (route, records)
+        }))
+    }
+
+    /// The accounting terms as committed.
+    pub fn accounting(&self) -> Result<Accounting, SpoolError> {
+        read_accounting(&self.conn).map_err(|e| self.err(e))
+    }
+}
+
+fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
+    Ok(BlockMeta {
+        id: r.get(0)?,
+        route: r.get(1)?,
+        key: r.get(2)?,
+        records: r.get(3)?,
+        raw_bytes: r.get(4)?,
+        stored_bytes: r.get::<_, i64>(5)? as u32,
+        created_ms: r.get::<_, i64>(6)? as u64,
+    })
+}
+
+fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
+    let mut acc = Accounting::default();
+    let mut stmt = conn.prepare("SELECT name, SUM(value) FROM counters GROUP BY name")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (name, value) = row?;
+        let value = value.max(0) as u64;
+        match name.as_str() {
+            "received" => acc.received = value,
+            "delivered" => acc.delivered = value,
+            other => {
+                if let Some(reason) = other.strip_prefix("dropped_") {
+                    acc.dropped += value;
+                    acc.dropped_by_reason.insert(reason.to_string(), value);
+                }
+            }
+        }
+    }
+    let (pending, bytes): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    acc.pending = pending as u64;
+    acc.pending_bytes = bytes as u64;
+    acc.dead_letters = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64;
+    acc.quarantined_blocks = conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64;
+    Ok(acc)
+}
+
+/// Reads the accounting of a spool file without taking part in its writes: works while the
+/// agent runs (WAL readers do not block the writer) and after it stopped.
+pub fn read_accounting_at(path: &Path) -> Result<Accounting, SpoolError> {
+    let err = |source| SpoolError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.exists() {
+        return Err(err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some("no spool file at this path".into()),
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .or_else(|_| Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY))
+    .map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    read_accounting(&conn).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec<'a>(topic: &'a str, payload: &'a [u8]) -> NewRecord<'a> {
+        NewRecord {
+            ts_ms: 7,
+            topic,
+            payload,
+        }
+    }
+
+    #[test]
+    fn blocks_round_trip_and_accounting_balances() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let a = s
+            .append_block(
+                "r",
+                "k",
+                &[rec("t/1", b"one"), rec("t/2", b"two")],
+                &mut body,
+            )
+            .unwrap();
+        let b = s
+            .append_block("r", "k", &[rec("t/3", b"three")], &mut body)
+            .unwrap();
+        s.drop_message("", "no_route");
+        s.commit().unwrap();
+        assert_eq!((a.id, b.id), (1, 3));
+        let (meta, raw) = s.read_block(a.id).unwrap().unwrap();
+        let records = frame::decode_records(&raw, meta.records).unwrap();
+        assert_eq!(records[1].payload, b"two");
+        assert_eq!(records[1].seq, 2);
+
+        s.begin().unwrap();
+        s.deliver_block(a.id).unwrap();
+        s.commit().unwrap();
+        let acc = s.accounting().unwrap();
+        assert_eq!(
+            (acc.received, acc.delivered, acc.dropped, acc.pending),
+            (4, 2, 1, 1)
+        );
+        assert!(acc.balances());
+
+        // Sequence numbers are never reused, even after the spool empties and reopens.
+        s.begin().unwrap();
+        s.deliver_block(b.id).unwrap();
+        s.commit().unwrap();
+        drop(s);
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        s.begin().unwrap();
+        let c = s
+            .append_block("r", "k", &[rec("t", b"x")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        assert_eq!(c.id, 4);
+        assert!(read_accounting_at(&path).unwrap().balances());
+    }
+
+    #[test]
+    fn rollback_forgets_uncommitted_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("s.db"), SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        s.append_block("r", "k", &[rec("t", b"x")], &mut body)
+            .unwrap();
+        s.rollback();
+        assert_eq!(s.pending_records(), 0);
+        let acc = s.accounting().unwrap();
+        assert_eq!(acc.received, 0);
+    }
+
+    #[test]
+    fn eviction_skips_leased_blocks_and_counts_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("s.db"), SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let a = s
+            .append_block("r", "k", &[rec("t", b"a")], &mut body)
+            .unwrap();
+        let b = s
+            .append_block("r", "k", &[rec("t", b"b"), rec("t", b"c")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        let leased = std::collections::HashSet::from([a.id]);
+        s.begin().unwrap();
+        assert_eq!(s.evict_oldest(&leased).unwrap(), Some(("r".into(), 2)));
+        assert_eq!(s.evict_oldest(&leased).unwrap(), None);
+        s.commit().unwrap();
+        let acc = s.accounting().unwrap();
+        assert_eq!(acc.dropped_by_reason["spool_full"], 2);
+        assert!(acc.balances());
+        assert!(s
+            .list_blocks(0, &["r".into()], 10)
+            .unwrap()
+            .iter()
+            .all(|m| m.id != b.id));
+    }
+
+    #[test]
+    fn corrupt_block_is_quarantined_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let a = s
+            .append_block("r", "k", &[rec("t", b"payload")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        s.conn
+            .execute("UPDATE blocks SET data = X'00112233' WHERE id = ?1", [a.id])
+            .unwrap();
+        assert!(matches!(
+            s.read_block(a.id),
+            Err(SpoolError::CorruptBlock { .. })
+        ));
+        let acc = s.accounting().unwrap();
+        assert_eq!(acc.dropped_by_reason["corrupt"], 1);
+        assert_eq!(acc.quarantined_blocks, 1);
+        assert!(acc.balances());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(&path, vec![0x42; 8192]).unwrap();
+        let (s, report) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let aside = report.quarantined_file.expect("moved aside");
+        assert!(aside.exists());
+        assert_eq!(s.pending_records(), 0);
+    }
+}

@@ -1,0 +1,19 @@
+// Preloaded (`node -r`) into the Kinesis emulator by the test harness. The emulator has no
+// host setting and listens on every interface; this rewrites each listen() to loopback so a
+// test never exposes a port beyond 127.0.0.1.
+'use strict';
+const net = require('net');
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  const first = args[0];
+  if (first !== null && typeof first === 'object' && !Array.isArray(first)) {
+    args[0] = Object.assign({}, first, { host: '127.0.0.1' });
+  } else if (typeof first === 'number' || (typeof first === 'string' && /^\d+$/.test(first))) {
+    if (typeof args[1] === 'string') {
+      args[1] = '127.0.0.1';
+    } else {
+      args.splice(1, 0, '127.0.0.1');
+    }
+  }
+  return listen.apply(this, args);
+};
