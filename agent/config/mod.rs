@@ -559,7 +559,7 @@ stream = "s"
     fn bad_unit_names_line_and_field() {
         let text = format!("{MINIMAL}[spool]\nmax_bytes = \"12 parsecs\"\n");
         let e = Config::parse(&text, "m.toml").unwrap_err().to_string();
-        assert!(e.contains("m.toml:15:"), "{e}");
+        assert!(e.contains("m.toml:14:13:"), "{e}");
         assert!(e.contains("field `max_bytes`"), "{e}");
         assert!(e.contains("unknown size unit"), "{e}");
     }

@@ -336,6 +336,7 @@ impl Worker {
             };
             let mut next = first;
             let mut taken = 0;
+            let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
             while let Some(cmd) = next.take() {
                 taken += 1;
                 match cmd {
@@ -364,30 +365,31 @@ impl Worker {
                     Command::Read { ids, reply } => {
                         let _ = reply.send(self.read_blocks(&ids));
                     }
-                    Command::Accounting { reply } => {
-                        let _ = reply.send(self.store.accounting().map_err(|e| e.to_string()));
-                    }
+                    // Answered after this turn's writes, so it sees the commands sent before it.
+                    Command::Accounting { reply } => accounting_replies.push(reply),
                     Command::Close => closing = true,
                 }
                 if taken < MAX_GROUP && !closing {
                     next = self.rx.try_recv().ok();
                 }
             }
-            if appends.is_empty() && deliveries.is_empty() && self.parked.is_empty() {
-                continue;
-            }
-            // Parked appends go first: arrival order is ack order.
-            let mut queue = std::mem::take(&mut self.parked);
-            queue.extend(appends);
-            match self.apply(queue, &deliveries) {
-                Ok(()) => backoff = Duration::from_millis(50),
-                Err(e) => {
-                    let hint = if e.is_disk_full() { " (disk full)" } else { "" };
-                    tracing::error!(error = %e, "spool commit failed{hint}; nothing was acked, retrying in {backoff:?}");
-                    self.retry_deliveries = deliveries;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+            if !(appends.is_empty() && deliveries.is_empty() && self.parked.is_empty()) {
+                // Parked appends go first: arrival order is ack order.
+                let mut queue = std::mem::take(&mut self.parked);
+                queue.extend(appends);
+                match self.apply(queue, &deliveries) {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(e) => {
+                        let hint = if e.is_disk_full() { " (disk full)" } else { "" };
+                        tracing::error!(error = %e, "spool commit failed{hint}; nothing was acked, retrying in {backoff:?}");
+                        self.retry_deliveries = deliveries;
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
+            }
+            for reply in accounting_replies {
+                let _ = reply.send(self.store.accounting().map_err(|e| e.to_string()));
             }
         }
         if !self.parked.is_empty() {
@@ -606,6 +608,19 @@ mod tests {
         }
     }
 
+    /// Incompressible bytes (xorshift), so spool sizes are predictable.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
     fn record(
         route: &str,
         payload: &[u8],
@@ -662,20 +677,9 @@ mod tests {
         let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::Block)).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         // Incompressible payloads fill the 1 MiB cap after a few appends.
-        let mut rng_state = 0x9e3779b97f4a7c15u64;
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    rng_state ^= rng_state << 13;
-                    rng_state ^= rng_state >> 7;
-                    rng_state ^= rng_state << 17;
-                    rng_state as u8
-                })
-                .collect()
-        };
         for pkid in 1..=6u16 {
             spool
-                .append(record("r", &noise(250_000), &ack_tx, pkid))
+                .append(record("r", &noise(u64::from(pkid), 250_000), &ack_tx, pkid))
                 .unwrap();
             if pkid <= 5 {
                 // Each append commits alone until the cap is reached.
@@ -713,11 +717,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::DropOldest)).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-        let payload: Vec<u8> = (0..250_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
         for pkid in 1..=10u16 {
-            spool.append(record("r", &payload, &ack_tx, pkid)).unwrap();
+            spool.append(record("r", &noise(u64::from(pkid), 250_000), &ack_tx, pkid)).unwrap();
             ack_rx.recv().await.unwrap();
         }
         let acc = spool.accounting().await.unwrap();
