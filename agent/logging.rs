@@ -16,7 +16,8 @@ pub fn init(default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let json = std::env::var("EDGESHIP_LOG_FORMAT").is_ok_and(|f| f == "json");
     let _ = if json {

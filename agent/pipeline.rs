@@ -80,15 +80,19 @@ pub async fn run(
 
     let (stop_src_tx, stop_src) = watch::channel(false);
     let router = Arc::new(Router::new(&config));
-    let filters = subscriptions(&config);
+    let route_filters = subscriptions(&config);
     let mut sources = Vec::new();
     let mut source_stats = Vec::new();
     for broker in &config.brokers {
         let stats = Arc::new(SourceStats::default());
         source_stats.push((broker.name.clone(), stats.clone()));
+        let filters = match &broker.subscribe {
+            Some(list) => list.iter().map(|f| (f.as_str().to_string(), 1)).collect(),
+            None => route_filters.clone(),
+        };
         sources.push(tokio::spawn(mqtt::run(
             broker.clone(),
-            filters.clone(),
+            filters,
             router.clone(),
             spool.clone(),
             stats,

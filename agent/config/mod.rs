@@ -75,6 +75,8 @@ pub struct BrokerConfig {
     pub max_unacked: u32,
     /// Largest MQTT packet accepted from the broker.
     pub max_packet_bytes: u64,
+    /// Explicit subscriptions (QoS 1); `None` subscribes to the routes' filters.
+    pub subscribe: Option<Vec<TopicFilter>>,
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -469,7 +471,22 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
                 "must be at least batch.max_message_bytes, so oversize messages can be dead-lettered".into(),
             ));
         }
+        let subscribe = match b.subscribe {
+            Some(list) => {
+                let span = list.span();
+                let mut filters = Vec::new();
+                for f in list.into_inner() {
+                    filters.push(TopicFilter::parse(&f).map_err(|e| src.error_at(Some(span.clone()), "broker.subscribe", e))?);
+                }
+                if filters.is_empty() {
+                    return Err(src.error_at(Some(span), "broker.subscribe", "must not be empty (leave it out to subscribe to the routes' filters)".into()));
+                }
+                Some(filters)
+            }
+            None => None,
+        };
         brokers.push(BrokerConfig {
+            subscribe,
             name,
             host,
             port: b.port.unwrap_or(1883),

@@ -79,6 +79,9 @@ pub struct RawBroker {
     pub password: Option<String>,
     pub max_unacked: Option<Spanned<u32>>,
     pub max_packet_bytes: Option<ByteSize>,
+    /// Topic filters to subscribe to instead of the routes' filters (e.g. "#" to see, and
+    /// count, what no route takes).
+    pub subscribe: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

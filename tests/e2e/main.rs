@@ -1,1 +1,6 @@
+//! End-to-end tests: the agent binary between a real Mosquitto and the real Kinesis emulator,
+//! all on 127.0.0.1. See `support.rs` for the harness.
 
+mod support;
+
+mod pipeline;

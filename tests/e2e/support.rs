@@ -1,0 +1,546 @@
+//! Test harness: real Mosquitto and the real Kinesis emulator on free loopback ports, each
+//! with its own temp folder; the agent as a separate process; simulated devices; and a reader
+//! that pulls every record back out of the stream and decodes it.
+//!
+//! Everything is stopped when its guard drops. Waits poll a condition with a deadline; none
+//! guesses with a fixed sleep.
+
+#![allow(dead_code)]
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use edgeship::frame;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` and the last state after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_port(port: u16, timeout: Duration, what: &str) {
+    wait_for(what, timeout, || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Mosquitto
+
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let mut m = Mosquitto { port: free_port(), dir: dir.join("mosquitto"), child: None };
+        std::fs::create_dir_all(m.dir.join("data")).unwrap();
+        std::fs::write(
+            m.dir.join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                 autosave_interval 1\nmax_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                port = m.port,
+                data = m.dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        // Run as root, mosquitto drops to user `mosquitto`: its persistence folder must be theirs.
+        if is_root() {
+            let _ = Command::new("chown").args(["-R", "mosquitto:", m.dir.join("data").to_str().unwrap()]).status();
+        }
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("mosquitto.log")).unwrap();
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed (apt-get install mosquitto)");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting mosquitto");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(10), "mosquitto to listen");
+    }
+
+    /// Graceful stop (SIGTERM: mosquitto saves its persistence file) and start on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+// ---------------------------------------------------------------------------------------
+// Kinesis emulator (kinesis-mock), one per test binary, each test with its own stream.
+
+pub struct KinesisMock {
+    pub port: u16,
+    _child: Mutex<Child>,
+}
+
+pub fn kinesis() -> &'static KinesisMock {
+    static MOCK: OnceLock<KinesisMock> = OnceLock::new();
+    MOCK.get_or_init(|| {
+        let main_js = std::env::var("EDGESHIP_KINESIS_MOCK")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join("tests/support/node_modules/kinesis-local/main.js"));
+        assert!(main_js.exists(), "{} missing: run `npm install --prefix tests/support`", main_js.display());
+        let package = main_js.parent().unwrap();
+        let port = free_port();
+        let log_dir = std::env::temp_dir().join(format!("edgeship-kinesis-mock-{}", std::process::id()));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = std::fs::File::create(log_dir.join("kinesis-mock.log")).unwrap();
+        let child = Command::new("node")
+            .arg("-r")
+            .arg(repo_root().join("tests/support/kinesis-loopback.js"))
+            .arg(&main_js)
+            .current_dir(&log_dir)
+            .env("KINESIS_MOCK_PLAIN_PORT", port.to_string())
+            .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
+            .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
+            .env("CREATE_STREAM_DURATION", "0ms")
+            .env("LOG_LEVEL", "WARN")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the Kinesis emulator (node)");
+        wait_port(port, Duration::from_secs(60), "the Kinesis emulator to listen");
+        KinesisMock { port, _child: Mutex::new(child) }
+    })
+}
+
+impl KinesisMock {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn test_credentials() {
+    // Safe: set before any thread reads them, and identical in every test.
+    static SET: OnceLock<()> = OnceLock::new();
+    SET.get_or_init(|| unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIAEDGESHIPTEST");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "edgeship-test-secret");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    });
+}
+
+pub async fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
+    test_credentials();
+    let sdk = edgeship::sink::kinesis::aws_config(Some("us-east-1"), Some(endpoint)).await;
+    aws_sdk_kinesis::Client::new(&sdk)
+}
+
+pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) {
+    client.create_stream().stream_name(name).shard_count(shards).send().await.expect("CreateStream");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = client.describe_stream_summary().stream_name(name).send().await.expect("DescribeStreamSummary");
+        let status = d.stream_description_summary().map(|s| s.stream_status().as_str().to_string());
+        if status.as_deref() == Some("ACTIVE") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "stream {name} not ACTIVE");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every record in the stream so far, decoded: payloads in stream order, plus raw counts.
+#[derive(Default, Debug)]
+pub struct StreamContents {
+    pub kinesis_records: usize,
+    pub kinesis_bytes: usize,
+    pub messages: Vec<frame::Record>,
+    pub partition_keys: Vec<String>,
+}
+
+pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> StreamContents {
+    let mut out = StreamContents::default();
+    let shards = client.list_shards().stream_name(name).send().await.expect("ListShards");
+    for shard in shards.shards() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(name)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("GetShardIterator")
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(it) = iterator {
+            let page = client.get_records().shard_iterator(it).limit(1000).send().await.expect("GetRecords");
+            for r in page.records() {
+                let data = r.data().as_ref();
+                out.kinesis_records += 1;
+                let key = r.partition_key().unwrap_or_default();
+                out.kinesis_bytes += data.len() + key.len();
+                out.partition_keys.push(key.to_string());
+                let f = frame::decode_frame(data).expect("every record in the stream is a valid frame");
+                out.messages.extend(f.records);
+            }
+            if page.records().is_empty() || page.millis_behind_latest() == Some(0) && page.records().len() < 1000 {
+                break;
+            }
+            iterator = page.next_shard_iterator().map(str::to_string);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// A TCP forwarder in front of the emulator that can be cut, to play an uplink outage.
+
+pub struct Uplink {
+    pub port: u16,
+    down: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Uplink {
+    pub fn start(target: u16) -> Uplink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (d, g) = (down.clone(), generation.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let born = g.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (g, d) = (g.clone(), d.clone());
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                        let mut buf = [0u8; 64 * 1024];
+                        loop {
+                            if d.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Uplink { port, down, generation }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every open connection and refuses new ones until [`Uplink::restore`].
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent, as a separate process.
+
+pub struct Agent {
+    pub config_path: PathBuf,
+    pub spool_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// Config text for one agent: one broker, one route `devices/+/telemetry` to one stream.
+pub fn agent_config(dir: &Path, broker_port: u16, endpoint: &str, stream: &str, extra_spool: &str, extra_broker: &str) -> String {
+    format!(
+        r#"gateway_id = "gw-test"
+shutdown_timeout = "5s"
+[spool]
+path = "{spool}"
+{extra_spool}
+[batch]
+linger = "200ms"
+[[broker]]
+name = "test"
+host = "127.0.0.1"
+port = {broker_port}
+keep_alive = "5s"
+{extra_broker}
+[[route]]
+name = "telemetry"
+topics = ["devices/+/telemetry"]
+destination = "stream"
+partition_key = "{{topic[1]}}"
+[destination.stream]
+type = "kinesis"
+stream = "{stream}"
+region = "us-east-1"
+endpoint = "{endpoint}"
+"#,
+        spool = dir.join("spool.db").display()
+    )
+}
+
+impl Agent {
+    pub fn start(dir: &Path, config: &str) -> Agent {
+        let config_path = dir.join("edgeship.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let spool_path = edgeship::config::Config::parse(config, "test").expect("test config is valid").spool.path;
+        let mut a = Agent { config_path, spool_path, log_path: dir.join("agent.log"), child: None };
+        a.spawn();
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        test_credentials();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("EDGESHIP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the agent");
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        signal(c.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("agent did not exit within 20 s of SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn accounting(&self) -> Option<edgeship::spool::Accounting> {
+        edgeship::spool::store::read_accounting_at(&self.spool_path).ok()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the agent's MQTT session is up (it logs "connected").
+    pub fn wait_connected(&self, times: usize) {
+        wait_for("the agent to connect to the broker", Duration::from_secs(30), || {
+            (self.log().matches(" connected").count() >= times).then_some(())
+        });
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulated devices.
+
+/// The payload device `device` sends as its `seq`-th message: telemetry JSON of ~200 bytes,
+/// unique per (device, seq).
+pub fn payload(device: u32, seq: u32) -> Vec<u8> {
+    format!(
+        r#"{{"device":"dev-{device:03}","seq":{seq},"temp_c":{:.2},"humidity_pct":{:.1},"pressure_kpa":{:.2},"vibration_mm_s":{:.3},"battery_v":3.61,"status":"ok","fw":"2.4.1","site":"plant-7"}}"#,
+        20.0 + (seq % 100) as f64 * 0.05,
+        40.0 + (device % 30) as f64,
+        101.0 + (seq % 7) as f64 * 0.1,
+        (seq % 13) as f64 * 0.011
+    )
+    .into_bytes()
+}
+
+/// Publishes `per_device` messages from each of `devices` clients at QoS 1 to
+/// `devices/dev-NNN/telemetry`, as fast as the broker takes them. Returns once every publish
+/// is acked by the broker. `acked` counts broker acks as they arrive.
+pub async fn publish(port: u16, devices: u32, per_device: u32, acked: Arc<AtomicU64>) {
+    publish_with(port, devices, per_device, acked, |d, s| payload(d, s), "").await
+}
+
+pub async fn publish_with(
+    port: u16,
+    devices: u32,
+    per_device: u32,
+    acked: Arc<AtomicU64>,
+    make: impl Fn(u32, u32) -> Vec<u8> + Send + Sync + Clone + 'static,
+    client_prefix: &str,
+) {
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let acked = acked.clone();
+        let make = make.clone();
+        let client_id = format!("{client_prefix}dev-{d:03}-{}", std::process::id());
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30)).set_inflight(100).set_max_packet_size(4 << 20, 4 << 20);
+            let (client, mut events) = rumqttc::AsyncClient::new(opts, 200);
+            let topic = format!("devices/dev-{d:03}/telemetry");
+            let sender = tokio::spawn(async move {
+                for s in 0..per_device {
+                    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, make(d, s)).await.unwrap();
+                }
+                client
+            });
+            let mut mine = 0;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while mine < per_device {
+                assert!(Instant::now() < deadline, "device {d}: only {mine} of {per_device} acked");
+                match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                        mine += 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    // The broker may restart under a test: rumqttc reconnects and resends.
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            let client = sender.await.unwrap();
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Counts each (topic, payload) among decoded messages.
+pub fn tally(messages: &[frame::Record]) -> HashMap<(String, Vec<u8>), u32> {
+    let mut m = HashMap::new();
+    for r in messages {
+        *m.entry((r.topic.clone(), r.payload.clone())).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Asserts that the stream holds exactly the messages devices 0..devices sent (seq
+/// 0..per_device), each at least once; returns the number of duplicates.
+pub fn assert_all_delivered(messages: &[frame::Record], devices: u32, per_device: u32) -> u64 {
+    let t = tally(messages);
+    let mut missing = Vec::new();
+    let mut duplicates = 0u64;
+    for d in 0..devices {
+        for s in 0..per_device {
+            let key = (format!("devices/dev-{d:03}/telemetry"), payload(d, s));
+            match t.get(&key) {
+                None => missing.push((d, s)),
+                Some(n) => duplicates += u64::from(n - 1),
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} messages missing from the stream (first: {:?})",
+        missing.len(),
+        devices * per_device,
+        &missing[..missing.len().min(5)]
+    );
+    let expected = u64::from(devices * per_device);
+    assert_eq!(t.len() as u64, expected, "the stream holds messages nobody published");
+    duplicates
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("edgeship-e2e-").tempdir().unwrap()
+}
