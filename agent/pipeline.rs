@@ -73,6 +73,7 @@ pub async fn run(
             gateway: gateway.clone(),
             batch: config.batch.clone(),
             max_record_bytes: dest.max_record_bytes(),
+            max_queued_bytes: (config.spool.max_bytes / 4) as usize,
             stats,
         };
         shippers.push(tokio::spawn(shipper.run(stop_ship.clone())));

@@ -56,6 +56,9 @@ pub struct Shipper {
     pub gateway: Arc<str>,
     pub batch: BatchConfig,
     pub max_record_bytes: u64,
+    /// Encoded frames held in memory (waiting or being resent) stop growing past this; such
+    /// frames' blocks are safe from `drop_oldest`, so it stays well under the spool's cap.
+    pub max_queued_bytes: usize,
     pub stats: Arc<ShipperStats>,
 }
 
@@ -110,10 +113,11 @@ impl Shipper {
                 break;
             }
             let queued_bytes: usize = queue.iter().map(|p| p.entry.data.len()).sum();
+            let queue_cap = self.max_queued_bytes.min(2 * limits.max_bytes);
             // Lease while little is planned; `exhausted` means the last lease found nothing new.
             if !exhausted
                 && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
-                && queued_bytes < limits.max_bytes
+                && queued_bytes < queue_cap
             {
                 match self.spool.lease(self.routes.clone(), cursor, 1024).await {
                     Ok(blocks) => {
@@ -131,7 +135,7 @@ impl Shipper {
             }
             batcher.close_due(now_ms(), false);
             let mut queued_bytes = queued_bytes;
-            while queued_bytes < 2 * limits.max_bytes {
+            while queued_bytes < queue_cap {
                 let Some(plan) = batcher.take_ready() else {
                     break;
                 };

@@ -476,10 +476,18 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
                 let span = list.span();
                 let mut filters = Vec::new();
                 for f in list.into_inner() {
-                    filters.push(TopicFilter::parse(&f).map_err(|e| src.error_at(Some(span.clone()), "broker.subscribe", e))?);
+                    filters
+                        .push(TopicFilter::parse(&f).map_err(|e| {
+                            src.error_at(Some(span.clone()), "broker.subscribe", e)
+                        })?);
                 }
                 if filters.is_empty() {
-                    return Err(src.error_at(Some(span), "broker.subscribe", "must not be empty (leave it out to subscribe to the routes' filters)".into()));
+                    return Err(src.error_at(
+                        Some(span),
+                        "broker.subscribe",
+                        "must not be empty (leave it out to subscribe to the routes' filters)"
+                            .into(),
+                    ));
                 }
                 Some(filters)
             }

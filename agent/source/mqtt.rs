@@ -13,7 +13,7 @@
 use super::Router;
 use crate::config::{BrokerConfig, MqttProtocol};
 use crate::logging::Repeated;
-use crate::spool::{AckToken, AfterCommit, Incoming, SpoolHandle};
+use crate::spool::{AckToken, AfterCommit, Disposition, Incoming, SpoolHandle};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -229,6 +229,8 @@ pub async fn run(
     };
     let broker = format!("{}:{}", config.host, config.port);
     let mut errors = Repeated::new(Duration::from_secs(60));
+    let mut unrouted = Repeated::new(Duration::from_secs(60));
+    let mut oversize = Repeated::new(Duration::from_secs(60));
     let mut retry =
         crate::shipper::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
@@ -263,6 +265,19 @@ pub async fn run(
                     .payload_bytes
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
                 let disposition = router.classify(&topic, payload.len());
+                match &disposition {
+                    Disposition::Dropped { reason, .. } => {
+                        if let Some(repeats) = unrouted.should_log() {
+                            tracing::warn!(broker = %config.name, %topic, reason, repeats, "message dropped: no route matches its topic (counted)");
+                        }
+                    }
+                    Disposition::DeadLetter { route, reason } => {
+                        if let Some(repeats) = oversize.should_log() {
+                            tracing::warn!(broker = %config.name, %topic, %route, bytes = payload.len(), reason, repeats, "message dead-lettered (counted; kept in the spool's dead_letters table)");
+                        }
+                    }
+                    Disposition::Record { .. } => {}
+                }
                 let ack = (qos > 0).then(|| (ack_tx.clone(), AckToken { qos, pkid }));
                 let incoming = Incoming {
                     topic,

@@ -9,12 +9,13 @@
 //! messages share one commit (group commit); idle, a message commits alone.
 //!
 //! Records of one (route, partition key) in one commit are stored as one compressed block.
-//! The shipper leases blocks (metadata only), reads their bodies when it builds a frame, and
-//! reports blocks as delivered when the destination accepted the frame.
+//! The shipper leases blocks (metadata only), reads their bodies when it builds a frame (from
+//! then on they are in flight), and reports blocks as delivered when the destination accepted
+//! the frame.
 //!
 //! When the spool holds `max_bytes`, the full policy applies: `block` parks new appends until
 //! space frees (their permits stay taken, so the source stops reading and nothing is acked);
-//! `drop_oldest` evicts the oldest blocks that are not being shipped and counts them.
+//! `drop_oldest` evicts the oldest blocks that are not in flight and counts them.
 //!
 //! This module must never ack a message before its commit, never delete a block that its
 //! destination has not accepted (except by the counted `drop_oldest` policy), and never hold
@@ -150,8 +151,7 @@ impl SpoolHandle {
             .map_err(|_| closed())
     }
 
-    /// Up to `limit` blocks of `routes` with ids above `after`, oldest first, marked as in
-    /// flight so `drop_oldest` leaves them alone.
+    /// Up to `limit` blocks of `routes` with ids above `after`, oldest first (metadata only).
     pub async fn lease(
         &self,
         routes: Arc<[String]>,
@@ -170,8 +170,9 @@ impl SpoolHandle {
         rx.await.map_err(|_| closed())?
     }
 
-    /// The uncompressed bodies of these blocks, in the order asked; a block that is gone
-    /// (evicted, or quarantined as corrupt) is left out.
+    /// The uncompressed bodies of these blocks, in the order asked, now in flight (safe from
+    /// `drop_oldest`) until delivered or released; a block that is gone (evicted, or
+    /// quarantined as corrupt) is left out.
     pub async fn read(&self, ids: Vec<i64>) -> Result<Vec<(BlockMeta, Vec<u8>)>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -187,7 +188,7 @@ impl SpoolHandle {
             .map_err(|_| closed())
     }
 
-    /// These leased blocks will not be shipped by this lessee after all.
+    /// These blocks will not be shipped by this shipper after all (it is stopping).
     pub fn release(&self, ids: Vec<i64>) -> Result<(), String> {
         self.tx.send(Command::Release { ids }).map_err(|_| closed())
     }
@@ -257,7 +258,7 @@ pub fn start(
         max_bytes: config.max_bytes,
         policy: config.full_policy,
         max_dead_letters: config.max_dead_letters,
-        leased: HashSet::new(),
+        in_flight: HashSet::new(),
         parked: VecDeque::new(),
         retry_deliveries: Vec::new(),
         body: Vec::new(),
@@ -284,8 +285,10 @@ struct Worker {
     max_bytes: u64,
     policy: FullPolicy,
     max_dead_letters: u64,
-    /// Blocks handed to a shipper and not yet delivered or released.
-    leased: HashSet<i64>,
+    /// Blocks whose bodies a shipper has read (they are in frames being sent) and that are
+    /// not yet delivered or released: `drop_oldest` never evicts these. Blocks only planned
+    /// (leased metadata) may be evicted; the shipper skips them when it reads.
+    in_flight: HashSet<i64>,
     /// Appends waiting for space (policy `block`) or for a failed commit to be retried, in
     /// arrival order. Bounded by the sources' permits.
     parked: VecDeque<Incoming>,
@@ -344,7 +347,7 @@ impl Worker {
                     Command::Delivered { ids } => deliveries.extend(ids),
                     Command::Release { ids } => {
                         for id in ids {
-                            self.leased.remove(&id);
+                            self.in_flight.remove(&id);
                         }
                     }
                     Command::Lease {
@@ -357,9 +360,6 @@ impl Worker {
                             .store
                             .list_blocks(after, &routes, limit)
                             .map_err(|e| e.to_string());
-                        if let Ok(blocks) = &r {
-                            self.leased.extend(blocks.iter().map(|b| b.id));
-                        }
                         let _ = reply.send(r);
                     }
                     Command::Read { ids, reply } => {
@@ -407,7 +407,7 @@ impl Worker {
         let result = (|| {
             self.store.begin()?;
             for id in deliveries {
-                self.leased.remove(id);
+                self.in_flight.remove(id);
                 if let Some((_, records)) = self.store.deliver_block(*id)? {
                     fx.delivered += u64::from(records);
                 }
@@ -464,11 +464,13 @@ impl Worker {
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
             match self.store.read_block(id) {
-                Ok(Some(found)) => out.push(found),
+                Ok(Some(found)) => {
+                    self.in_flight.insert(id);
+                    out.push(found);
+                }
                 Ok(None) => {}
                 Err(e @ SpoolError::CorruptBlock { .. }) => {
                     tracing::error!(error = %e, "quarantined a corrupt spool block; its records are counted as dropped (corrupt)");
-                    self.leased.remove(&id);
                     self.stats.dropped.store(
                         self.store.accounting().map_or(0, |a| a.dropped),
                         Ordering::Relaxed,
@@ -496,7 +498,7 @@ impl Worker {
             if self.policy == FullPolicy::Block {
                 return Ok(false);
             }
-            match self.store.evict_oldest(&self.leased)? {
+            match self.store.evict_oldest(&self.in_flight)? {
                 Some((route, records)) => {
                     fx.dropped += u64::from(records);
                     tracing::warn!(
@@ -713,12 +715,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn drop_oldest_evicts_unleased_blocks_and_counts_them() {
+    async fn drop_oldest_evicts_blocks_not_in_flight_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::DropOldest)).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         for pkid in 1..=10u16 {
-            spool.append(record("r", &noise(u64::from(pkid), 250_000), &ack_tx, pkid)).unwrap();
+            spool
+                .append(record("r", &noise(u64::from(pkid), 250_000), &ack_tx, pkid))
+                .unwrap();
             ack_rx.recv().await.unwrap();
         }
         let acc = spool.accounting().await.unwrap();

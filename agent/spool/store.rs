@@ -711,7 +711,7 @@ mod tests {
     }
 
     #[test]
-    fn eviction_skips_leased_blocks_and_counts_drops() {
+    fn eviction_skips_in_flight_blocks_and_counts_drops() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Store::open(&dir.path().join("s.db"), SyncLevel::Off).unwrap();
         let mut body = Vec::new();
@@ -723,10 +723,10 @@ mod tests {
             .append_block("r", "k", &[rec("t", b"b"), rec("t", b"c")], &mut body)
             .unwrap();
         s.commit().unwrap();
-        let leased = std::collections::HashSet::from([a.id]);
+        let in_flight = std::collections::HashSet::from([a.id]);
         s.begin().unwrap();
-        assert_eq!(s.evict_oldest(&leased).unwrap(), Some(("r".into(), 2)));
-        assert_eq!(s.evict_oldest(&leased).unwrap(), None);
+        assert_eq!(s.evict_oldest(&in_flight).unwrap(), Some(("r".into(), 2)));
+        assert_eq!(s.evict_oldest(&in_flight).unwrap(), None);
         s.commit().unwrap();
         let acc = s.accounting().unwrap();
         assert_eq!(acc.dropped_by_reason["spool_full"], 2);

@@ -15,7 +15,17 @@ fn hundred_thousand_messages_arrive_payload_for_payload() {
     let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
     rt.block_on(create_stream(&client, "e2e-volume", 2));
     let mosquitto = Mosquitto::start(dir.path());
-    let mut agent = Agent::start(dir.path(), &agent_config(dir.path(), mosquitto.port, &kinesis.endpoint(), "e2e-volume", "", ""));
+    let mut agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            mosquitto.port,
+            &kinesis.endpoint(),
+            "e2e-volume",
+            "",
+            "",
+        ),
+    );
     agent.wait_connected(1);
 
     let (devices, per_device) = (50, 2_000);
@@ -24,9 +34,15 @@ fn hundred_thousand_messages_arrive_payload_for_payload() {
     let started = Instant::now();
     rt.block_on(publish(mosquitto.port, devices, per_device, acked.clone()));
     let published_in = started.elapsed();
-    let acc = wait_for("every message delivered to Kinesis", Duration::from_secs(240), || {
-        agent.accounting().filter(|a| a.delivered >= total && a.pending == 0)
-    });
+    let acc = wait_for(
+        "every message delivered to Kinesis",
+        Duration::from_secs(240),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.delivered >= total && a.pending == 0)
+        },
+    );
     let end_to_end = started.elapsed();
     assert!(acc.balances(), "{acc:?}");
     assert_eq!(acc.dropped, 0, "{acc:?}");
@@ -37,7 +53,11 @@ fn hundred_thousand_messages_arrive_payload_for_payload() {
     let mut seqs: Vec<u64> = contents.messages.iter().map(|m| m.seq).collect();
     seqs.sort_unstable();
     seqs.dedup();
-    assert_eq!(seqs.len(), contents.messages.len(), "a sequence number appears twice");
+    assert_eq!(
+        seqs.len(),
+        contents.messages.len(),
+        "a sequence number appears twice"
+    );
     let payload_bytes: usize = contents.messages.iter().map(|m| m.payload.len()).sum();
     eprintln!(
         "test 1: {total} messages published in {:.2}s, all in Kinesis after {:.2}s ({:.0} msg/s end to end); \
@@ -52,4 +72,365 @@ fn hundred_thousand_messages_arrive_payload_for_payload() {
     );
     assert_eq!(agent.stop().code(), Some(0));
     assert!(agent.log().contains("balanced=true"), "{}", agent.log());
+}
+
+/// Test 2: kill -9 three times during a 100,000-message run; every message ends up in the
+/// stream and the accounting balances.
+#[test]
+fn kill_nine_three_times_loses_nothing() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-kill", 1));
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        "e2e-kill",
+        "",
+        "",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+
+    let (devices, per_device) = (50, 2_000);
+    let total = u64::from(devices * per_device);
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = rt.spawn(publish(mosquitto.port, devices, per_device, acked.clone()));
+    for (kill, threshold) in [20_000u64, 45_000, 70_000].into_iter().enumerate() {
+        wait_for(
+            "the agent to receive more messages",
+            Duration::from_secs(120),
+            || {
+                agent
+                    .accounting()
+                    .filter(|a| a.received >= threshold)
+                    .map(|_| ())
+            },
+        );
+        agent.kill();
+        agent.spawn();
+        agent.wait_connected(kill + 2);
+    }
+    rt.block_on(publisher).unwrap();
+    assert_eq!(acked.load(Ordering::Relaxed), total);
+    let contents = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-kill",
+        devices,
+        per_device,
+        Duration::from_secs(240),
+    );
+    let duplicates = assert_all_delivered(&contents.messages, devices, per_device);
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0, "{acc:?}");
+    assert!(acc.received >= total, "{acc:?}");
+    eprintln!("test 2: 3 x kill -9, {total} published, {} received (redelivered after kills), {duplicates} duplicates in the stream", acc.received);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Test 3: the Kinesis endpoint goes away; the backlog grows in the spool, then drains fully.
+#[test]
+fn uplink_outage_grows_the_backlog_then_drains() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-outage", 1));
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start(dir.path());
+    let mut agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            mosquitto.port,
+            &uplink.endpoint(),
+            "e2e-outage",
+            "",
+            "",
+        ),
+    );
+    agent.wait_connected(1);
+
+    // Some traffic while the uplink works.
+    rt.block_on(publish(
+        mosquitto.port,
+        10,
+        100,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    wait_for("the first 1,000 delivered", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.delivered >= 1_000)
+    });
+
+    uplink.cut();
+    let acked = Arc::new(AtomicU64::new(0));
+    rt.block_on(publish_with(
+        mosquitto.port,
+        10,
+        1_000,
+        acked,
+        |d, s| payload(d, s + 100),
+        "b-",
+    ));
+    let first = wait_for("11,000 spooled", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.received >= 11_000)
+    });
+    assert!(
+        first.pending >= 9_000,
+        "the backlog should hold what arrived during the outage: {first:?}"
+    );
+    rt.block_on(publish_with(
+        mosquitto.port,
+        10,
+        1_000,
+        Arc::new(AtomicU64::new(0)),
+        |d, s| payload(d, s + 1_100),
+        "c-",
+    ));
+    let grown = wait_for("21,000 spooled", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.received >= 21_000)
+    });
+    assert!(
+        grown.pending > first.pending,
+        "backlog did not grow: {first:?} -> {grown:?}"
+    );
+    assert!(
+        grown.delivered < 11_000,
+        "nothing can be delivered during the outage: {grown:?}"
+    );
+    wait_for(
+        "the agent to log the failing calls",
+        Duration::from_secs(30),
+        || agent.log().contains("records stay spooled").then_some(()),
+    );
+
+    uplink.restore();
+    let contents = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-outage",
+        10,
+        2_100,
+        Duration::from_secs(180),
+    );
+    assert_all_delivered(&contents.messages, 10, 2_100);
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Test 4: Mosquitto restarts mid-run; the agent reconnects to its persistent session and
+/// nothing is lost.
+#[test]
+fn broker_restart_mid_run_loses_nothing() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-broker-restart", 1));
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let mut agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            mosquitto.port,
+            &kinesis.endpoint(),
+            "e2e-broker-restart",
+            "",
+            "",
+        ),
+    );
+    agent.wait_connected(1);
+
+    rt.block_on(publish(
+        mosquitto.port,
+        20,
+        500,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    mosquitto.restart();
+    agent.wait_connected(2);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        20,
+        500,
+        Arc::new(AtomicU64::new(0)),
+        |d, s| payload(d, s + 500),
+        "after-",
+    ));
+    let contents = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-broker-restart",
+        20,
+        1_000,
+        Duration::from_secs(180),
+    );
+    assert_all_delivered(&contents.messages, 20, 1_000);
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+fn noisy_payload(d: u32, s: u32) -> Vec<u8> {
+    noise(d, s, 1_000)
+}
+
+/// Test 5a: a full spool with policy `block` stops acking; once the sink returns, every
+/// message arrives and nothing was dropped.
+#[test]
+fn full_spool_with_block_policy_loses_nothing() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-full-block", 1));
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &uplink.endpoint(),
+        "e2e-full-block",
+        "max_bytes = \"1MiB\"\nfull_policy = \"block\"",
+        "max_unacked = 100",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    uplink.cut();
+
+    // 3,000 incompressible 1 KB messages: three times the spool's cap.
+    rt.block_on(publish_with(
+        mosquitto.port,
+        3,
+        1_000,
+        Arc::new(AtomicU64::new(0)),
+        noisy_payload,
+        "n-",
+    ));
+    let full = wait_for(
+        "the spool to reach its cap",
+        Duration::from_secs(60),
+        || agent.accounting().filter(|a| a.pending_bytes >= 1 << 20),
+    );
+    // Blocked: for as long as the uplink is down, the agent takes no more than the cap allows.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let a = agent.accounting().unwrap();
+        assert!(
+            a.received < 1_300,
+            "the agent kept reading past a full spool: {a:?}"
+        );
+        assert_eq!(a.dropped, 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    uplink.restore();
+    let acc = wait_for("all 3,000 delivered", Duration::from_secs(180), || {
+        agent
+            .accounting()
+            .filter(|a| a.delivered >= 3_000 && a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0, "{acc:?}");
+    let contents = rt.block_on(read_stream(&client, "e2e-full-block"));
+    let t = tally(&contents.messages);
+    for d in 0..3 {
+        for s in 0..1_000 {
+            assert!(
+                t.contains_key(&(format!("devices/dev-{d:03}/telemetry"), noisy_payload(d, s))),
+                "missing {d}/{s}"
+            );
+        }
+    }
+    eprintln!(
+        "test 5a: spool capped at {} bytes; {} received in total; all 3000 delivered",
+        full.pending_bytes, acc.received
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Test 5b: a full spool with policy `drop_oldest` evicts and counts; the equation holds and
+/// the stream holds exactly what was not dropped.
+#[test]
+fn full_spool_with_drop_oldest_counts_every_drop() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-full-drop", 1));
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &uplink.endpoint(),
+        "e2e-full-drop",
+        "max_bytes = \"1MiB\"\nfull_policy = \"drop_oldest\"",
+        "",
+    )
+    // Small frames, so what is in flight is a small part of the tiny spool.
+    .replace("[batch]\n", "[batch]\nframe_bytes = \"64KiB\"\n");
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    uplink.cut();
+    rt.block_on(publish_with(
+        mosquitto.port,
+        3,
+        1_000,
+        Arc::new(AtomicU64::new(0)),
+        noisy_payload,
+        "n-",
+    ));
+    let during = wait_for("all 3,000 received", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.received >= 3_000)
+    });
+    let dropped = during
+        .dropped_by_reason
+        .get("spool_full")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        dropped >= 1_000,
+        "a 1 MiB spool cannot hold 3 MB: {during:?}"
+    );
+    assert!(during.balances(), "{during:?}");
+
+    uplink.restore();
+    let acc = wait_for("the spool to drain", Duration::from_secs(180), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.received, 3_000, "{acc:?}");
+    let contents = rt.block_on(read_stream(&client, "e2e-full-drop"));
+    let t = tally(&contents.messages);
+    assert_eq!(
+        t.len() as u64,
+        acc.delivered,
+        "the stream holds exactly the delivered messages"
+    );
+    assert_eq!(acc.delivered + acc.dropped, 3_000);
+    for (topic, payload) in t.keys() {
+        let d: u32 = topic[12..15].parse().unwrap();
+        assert!(
+            (0..1_000).any(|s| noisy_payload(d, s) == *payload),
+            "unknown message in the stream"
+        );
+    }
+    eprintln!(
+        "test 5b: 3000 received, {} delivered, {} dropped (spool_full)",
+        acc.delivered, acc.dropped
+    );
+    assert_eq!(agent.stop().code(), Some(0));
 }

@@ -19,7 +19,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` and the last state after `timeout`.
@@ -37,7 +41,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 fn wait_port(port: u16, timeout: Duration, what: &str) {
-    wait_for(what, timeout, || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+    wait_for(what, timeout, || {
+        TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    });
 }
 
 fn repo_root() -> PathBuf {
@@ -55,7 +61,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
-        let mut m = Mosquitto { port: free_port(), dir: dir.join("mosquitto"), child: None };
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir: dir.join("mosquitto"),
+            child: None,
+        };
         std::fs::create_dir_all(m.dir.join("data")).unwrap();
         std::fs::write(
             m.dir.join("mosquitto.conf"),
@@ -70,14 +80,20 @@ impl Mosquitto {
         .unwrap();
         // Run as root, mosquitto drops to user `mosquitto`: its persistence folder must be theirs.
         if is_root() {
-            let _ = Command::new("chown").args(["-R", "mosquitto:", m.dir.join("data").to_str().unwrap()]).status();
+            let _ = Command::new("chown")
+                .args(["-R", "mosquitto:", m.dir.join("data").to_str().unwrap()])
+                .status();
         }
         m.spawn();
         m
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("mosquitto.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .unwrap();
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -117,11 +133,18 @@ impl Drop for Mosquitto {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -137,11 +160,18 @@ pub fn kinesis() -> &'static KinesisMock {
     MOCK.get_or_init(|| {
         let main_js = std::env::var("EDGESHIP_KINESIS_MOCK")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| repo_root().join("tests/support/node_modules/kinesis-local/main.js"));
-        assert!(main_js.exists(), "{} missing: run `npm install --prefix tests/support`", main_js.display());
+            .unwrap_or_else(|_| {
+                repo_root().join("tests/support/node_modules/kinesis-local/main.js")
+            });
+        assert!(
+            main_js.exists(),
+            "{} missing: run `npm install --prefix tests/support`",
+            main_js.display()
+        );
         let package = main_js.parent().unwrap();
         let port = free_port();
-        let log_dir = std::env::temp_dir().join(format!("edgeship-kinesis-mock-{}", std::process::id()));
+        let log_dir =
+            std::env::temp_dir().join(format!("edgeship-kinesis-mock-{}", std::process::id()));
         std::fs::create_dir_all(&log_dir).unwrap();
         let log = std::fs::File::create(log_dir.join("kinesis-mock.log")).unwrap();
         let child = Command::new("node")
@@ -158,8 +188,15 @@ pub fn kinesis() -> &'static KinesisMock {
             .stderr(log)
             .spawn()
             .expect("starting the Kinesis emulator (node)");
-        wait_port(port, Duration::from_secs(60), "the Kinesis emulator to listen");
-        KinesisMock { port, _child: Mutex::new(child) }
+        wait_port(
+            port,
+            Duration::from_secs(60),
+            "the Kinesis emulator to listen",
+        );
+        KinesisMock {
+            port,
+            _child: Mutex::new(child),
+        }
     })
 }
 
@@ -170,7 +207,11 @@ impl KinesisMock {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn test_credentials() {
@@ -190,11 +231,24 @@ pub async fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
 }
 
 pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) {
-    client.create_stream().stream_name(name).shard_count(shards).send().await.expect("CreateStream");
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("CreateStream");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let d = client.describe_stream_summary().stream_name(name).send().await.expect("DescribeStreamSummary");
-        let status = d.stream_description_summary().map(|s| s.stream_status().as_str().to_string());
+        let d = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("DescribeStreamSummary");
+        let status = d
+            .stream_description_summary()
+            .map(|s| s.stream_status().as_str().to_string());
         if status.as_deref() == Some("ACTIVE") {
             return;
         }
@@ -214,7 +268,12 @@ pub struct StreamContents {
 
 pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> StreamContents {
     let mut out = StreamContents::default();
-    let shards = client.list_shards().stream_name(name).send().await.expect("ListShards");
+    let shards = client
+        .list_shards()
+        .stream_name(name)
+        .send()
+        .await
+        .expect("ListShards");
     for shard in shards.shards() {
         let mut iterator = client
             .get_shard_iterator()
@@ -227,17 +286,26 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
             .shard_iterator()
             .map(str::to_string);
         while let Some(it) = iterator {
-            let page = client.get_records().shard_iterator(it).limit(1000).send().await.expect("GetRecords");
+            let page = client
+                .get_records()
+                .shard_iterator(it)
+                .limit(1000)
+                .send()
+                .await
+                .expect("GetRecords");
             for r in page.records() {
                 let data = r.data().as_ref();
                 out.kinesis_records += 1;
                 let key = r.partition_key().unwrap_or_default();
                 out.kinesis_bytes += data.len() + key.len();
                 out.partition_keys.push(key.to_string());
-                let f = frame::decode_frame(data).expect("every record in the stream is a valid frame");
+                let f =
+                    frame::decode_frame(data).expect("every record in the stream is a valid frame");
                 out.messages.extend(f.records);
             }
-            if page.records().is_empty() || page.millis_behind_latest() == Some(0) && page.records().len() < 1000 {
+            if page.records().is_empty()
+                || page.millis_behind_latest() == Some(0) && page.records().len() < 1000
+            {
                 break;
             }
             iterator = page.next_shard_iterator().map(str::to_string);
@@ -269,7 +337,9 @@ impl Uplink {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
                 let born = g.load(Ordering::SeqCst);
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
@@ -277,7 +347,8 @@ impl Uplink {
                 ] {
                     let (g, d) = (g.clone(), d.clone());
                     std::thread::spawn(move || {
-                        from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                        from.set_read_timeout(Some(Duration::from_millis(100)))
+                            .unwrap();
                         let mut buf = [0u8; 64 * 1024];
                         loop {
                             if d.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
@@ -290,7 +361,12 @@ impl Uplink {
                                         break;
                                     }
                                 }
-                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
                                 Err(_) => break,
                             }
                         }
@@ -300,7 +376,11 @@ impl Uplink {
                 }
             }
         });
-        Uplink { port, down, generation }
+        Uplink {
+            port,
+            down,
+            generation,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -329,7 +409,14 @@ pub struct Agent {
 }
 
 /// Config text for one agent: one broker, one route `devices/+/telemetry` to one stream.
-pub fn agent_config(dir: &Path, broker_port: u16, endpoint: &str, stream: &str, extra_spool: &str, extra_broker: &str) -> String {
+pub fn agent_config(
+    dir: &Path,
+    broker_port: u16,
+    endpoint: &str,
+    stream: &str,
+    extra_spool: &str,
+    extra_broker: &str,
+) -> String {
     format!(
         r#"gateway_id = "gw-test"
 shutdown_timeout = "5s"
@@ -363,15 +450,27 @@ impl Agent {
     pub fn start(dir: &Path, config: &str) -> Agent {
         let config_path = dir.join("edgeship.toml");
         std::fs::write(&config_path, config).unwrap();
-        let spool_path = edgeship::config::Config::parse(config, "test").expect("test config is valid").spool.path;
-        let mut a = Agent { config_path, spool_path, log_path: dir.join("agent.log"), child: None };
+        let spool_path = edgeship::config::Config::parse(config, "test")
+            .expect("test config is valid")
+            .spool
+            .path;
+        let mut a = Agent {
+            config_path,
+            spool_path,
+            log_path: dir.join("agent.log"),
+            child: None,
+        };
         a.spawn();
         a
     }
 
     pub fn spawn(&mut self) {
         test_credentials();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edgeship"))
             .arg("run")
             .arg("--config")
@@ -403,7 +502,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("agent did not exit within 20 s of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "agent did not exit within 20 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -419,9 +521,11 @@ impl Agent {
 
     /// Waits until the agent's MQTT session is up (it logs "connected").
     pub fn wait_connected(&self, times: usize) {
-        wait_for("the agent to connect to the broker", Duration::from_secs(30), || {
-            (self.log().matches(" connected").count() >= times).then_some(())
-        });
+        wait_for(
+            "the agent to connect to the broker",
+            Duration::from_secs(30),
+            || (self.log().matches(" connected").count() >= times).then_some(()),
+        );
     }
 }
 
@@ -472,19 +576,27 @@ pub async fn publish_with(
         let client_id = format!("{client_prefix}dev-{d:03}-{}", std::process::id());
         tasks.push(tokio::spawn(async move {
             let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-            opts.set_keep_alive(Duration::from_secs(30)).set_inflight(100).set_max_packet_size(4 << 20, 4 << 20);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_inflight(100)
+                .set_max_packet_size(4 << 20, 4 << 20);
             let (client, mut events) = rumqttc::AsyncClient::new(opts, 200);
             let topic = format!("devices/dev-{d:03}/telemetry");
             let sender = tokio::spawn(async move {
                 for s in 0..per_device {
-                    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, make(d, s)).await.unwrap();
+                    client
+                        .publish(&topic, rumqttc::QoS::AtLeastOnce, false, make(d, s))
+                        .await
+                        .unwrap();
                 }
                 client
             });
             let mut mine = 0;
             let deadline = Instant::now() + Duration::from_secs(300);
             while mine < per_device {
-                assert!(Instant::now() < deadline, "device {d}: only {mine} of {per_device} acked");
+                assert!(
+                    Instant::now() < deadline,
+                    "device {d}: only {mine} of {per_device} acked"
+                );
                 match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
                     Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
                         mine += 1;
@@ -497,7 +609,10 @@ pub async fn publish_with(
             }
             let client = sender.await.unwrap();
             let _ = client.disconnect().await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while events.poll().await.is_ok() {}
+            })
+            .await;
         }));
     }
     for t in tasks {
@@ -537,10 +652,58 @@ pub fn assert_all_delivered(messages: &[frame::Record], devices: u32, per_device
         &missing[..missing.len().min(5)]
     );
     let expected = u64::from(devices * per_device);
-    assert_eq!(t.len() as u64, expected, "the stream holds messages nobody published");
+    assert_eq!(
+        t.len() as u64,
+        expected,
+        "the stream holds messages nobody published"
+    );
     duplicates
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("edgeship-e2e-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("edgeship-e2e-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Polls the stream until it holds every message of devices 0..devices x 0..per_device.
+pub fn wait_stream_complete(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    devices: u32,
+    per_device: u32,
+    timeout: Duration,
+) -> StreamContents {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let contents = rt.block_on(read_stream(client, stream));
+        let t = tally(&contents.messages);
+        let complete = (0..devices).all(|d| {
+            (0..per_device)
+                .all(|s| t.contains_key(&(format!("devices/dev-{d:03}/telemetry"), payload(d, s))))
+        });
+        if complete {
+            return contents;
+        }
+        if Instant::now() > deadline {
+            let _ = assert_all_delivered(&contents.messages, devices, per_device);
+            panic!("stream incomplete after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Deterministic incompressible bytes for (device, seq).
+pub fn noise(device: u32, seq: u32, len: usize) -> Vec<u8> {
+    let mut x = (u64::from(device) << 32 | u64::from(seq)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }

@@ -1,0 +1,223 @@
+//! Test 6: bad input gets a clear answer. Malformed config files are refused with file, line
+//! and field; an oversize message is dead-lettered, a non-UTF-8 payload is delivered byte for
+//! byte, a topic no route takes is counted, and the agent keeps going.
+
+use crate::support::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn validate(dir: &std::path::Path, name: &str, text: &str) -> (i32, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["config", "validate"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = r#"gateway_id = "gw"
+[[broker]]
+host = "127.0.0.1"
+[[route]]
+name = "telemetry"
+topics = ["devices/+/telemetry"]
+destination = "stream"
+[destination.stream]
+type = "kinesis"
+stream = "s"
+"#;
+
+#[test]
+fn malformed_configs_are_refused_with_file_line_and_field() {
+    let dir = tempdir();
+    let (code, err) = validate(dir.path(), "good.toml", GOOD);
+    assert_eq!(code, 0, "{err}");
+
+    let cases = [
+        (
+            "unknown-field.toml",
+            GOOD.replace("host = ", "hots = \"x\"\nhost = "),
+            ":3:1:",
+            "hots",
+        ),
+        (
+            "bad-unit.toml",
+            format!("{GOOD}[spool]\nmax_bytes = \"ten\"\n"),
+            ":12:13:",
+            "max_bytes",
+        ),
+        (
+            "unknown-destination.toml",
+            GOOD.replace("destination = \"stream\"", "destination = \"nowhere\""),
+            ":7:15:",
+            "nowhere",
+        ),
+        (
+            "syntax.toml",
+            GOOD.replace("name = \"telemetry\"", "name = \"telemetry"),
+            ":5:",
+            "name",
+        ),
+        (
+            "bad-policy.toml",
+            format!("{GOOD}[spool]\nfull_policy = \"shrug\"\n"),
+            ":12:15:",
+            "full_policy",
+        ),
+        (
+            "no-routes.toml",
+            GOOD.split("[[route]]").next().unwrap().to_string(),
+            "",
+            "route",
+        ),
+    ];
+    for (name, text, location, field) in cases {
+        let (code, err) = validate(dir.path(), name, &text);
+        assert_eq!(code, 2, "{name} should be refused: {err}");
+        let file = dir.path().join(name).display().to_string();
+        assert!(
+            err.contains(&format!("{file}{location}")),
+            "{name}: no file:line:col in {err:?}"
+        );
+        assert!(
+            err.contains(field),
+            "{name}: field {field} not named in {err:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{name}: one clear line, got {err:?}"
+        );
+    }
+    let missing = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["config", "validate", "/nonexistent/edgeship.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("/nonexistent/edgeship.toml: cannot read config file"));
+}
+
+#[test]
+fn oversize_binary_and_unrouted_messages_get_counted_outcomes() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-bad-input", 1));
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        "e2e-bad-input",
+        "",
+        "subscribe = [\"devices/#\", \"other/#\"]",
+    )
+    .replace("[batch]\n", "[batch]\nmax_message_bytes = \"4KiB\"\n");
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+
+    let binary: Vec<u8> = vec![0xff, 0xfe, 0x00, 0x80, 0xc3, 0x28, b'\n', 0x00];
+    let oversize = vec![b'x'; 8 * 1024];
+    rt.block_on(async {
+        let mut opts =
+            rumqttc::MqttOptions::new("bad-input-publisher", "127.0.0.1", mosquitto.port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (c, mut events) = rumqttc::AsyncClient::new(opts, 16);
+        c.publish(
+            "devices/dev-000/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            oversize.clone(),
+        )
+        .await
+        .unwrap();
+        c.publish(
+            "devices/dev-001/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            binary.clone(),
+        )
+        .await
+        .unwrap();
+        c.publish(
+            "other/thing",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"unrouted".to_vec(),
+        )
+        .await
+        .unwrap();
+        c.publish(
+            "devices/dev-002/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"{\"ok\":true}".to_vec(),
+        )
+        .await
+        .unwrap();
+        let mut acks = 0;
+        while acks < 4 {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                events.poll().await.unwrap()
+            {
+                acks += 1;
+            }
+        }
+    });
+    let acc = wait_for(
+        "four messages accounted for",
+        Duration::from_secs(60),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.received == 4 && a.pending == 0 && a.delivered == 2)
+        },
+    );
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped_by_reason.get("oversize"), Some(&1), "{acc:?}");
+    assert_eq!(acc.dropped_by_reason.get("no_route"), Some(&1), "{acc:?}");
+    assert_eq!(acc.dead_letters, 1, "{acc:?}");
+
+    let contents = rt.block_on(read_stream(&client, "e2e-bad-input"));
+    let got: Vec<(String, Vec<u8>)> = contents
+        .messages
+        .iter()
+        .map(|m| (m.topic.clone(), m.payload.clone()))
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.contains(&("devices/dev-001/telemetry".into(), binary)),
+        "binary payload not delivered byte for byte"
+    );
+    assert!(got.contains(&(
+        "devices/dev-002/telemetry".into(),
+        b"{\"ok\":true}".to_vec()
+    )));
+
+    let log = agent.log();
+    assert!(
+        log.contains("dead-lettered") && log.contains("no route matches"),
+        "{log}"
+    );
+    assert!(!log.contains("xxxxxxxx"), "a payload reached the log");
+
+    let status = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["status", "--spool"])
+        .arg(&agent.spool_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("oversize") && text.contains("no_route") && text.contains("holds"),
+        "{text}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
