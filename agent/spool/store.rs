@@ -433,7 +433,7 @@ impl Store {
                 let meta = row.map_err(|e| self.err(e))?;
                 seen += 1;
                 cursor = meta.id;
-                if routes.iter().any(|r| *r == meta.route) {
+                if routes.contains(&meta.route) {
                     out.push(meta);
                     if out.len() >= limit {
                         break 'scan;
