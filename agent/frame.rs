@@ -381,3 +381,24 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod format_doc {
+    /// The worked example in FORMAT.md, byte for byte.
+    #[test]
+    fn the_documented_example_decodes() {
+        let bytes = [
+            0x45, 0x53, 0x48, 0x50, 0x01, 0x00, 0x02, 0x67, 0x77, 0x01, 0x00, 0x00, 0x00, 0x09,
+            0x00, 0x00, 0x00, 0x05, 0x09, 0x03, 0x61, 0x2f, 0x62, 0x02, 0x7b, 0x7d,
+        ];
+        let f = super::decode_frame(&bytes).unwrap();
+        assert_eq!(f.gateway, "gw");
+        assert_eq!(f.records.len(), 1);
+        assert_eq!((f.records[0].seq, f.records[0].ts_ms), (5, 9));
+        assert_eq!(f.records[0].topic, "a/b");
+        assert_eq!(f.records[0].payload, b"{}");
+        let mut body = Vec::new();
+        super::encode_record(&mut body, 5, 9, "a/b", b"{}");
+        assert_eq!(super::encode_frame("gw", 1, &body, None).unwrap(), bytes);
+    }
+}
