@@ -434,3 +434,61 @@ fn full_spool_with_drop_oldest_counts_every_drop() {
     );
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// One agent, two brokers: one speaking MQTT 3.1.1, one MQTT 5. Both sessions are persistent:
+/// what is published while the agent is down (killed) arrives after it restarts.
+#[test]
+fn two_brokers_mqtt_311_and_5_keep_their_sessions() {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, "e2e-two-brokers", 1));
+    let v311 = Mosquitto::start(&dir.path().join("a"));
+    let v5 = Mosquitto::start(&dir.path().join("b"));
+    let config = agent_config(dir.path(), v311.port, &kinesis.endpoint(), "e2e-two-brokers", "", "protocol = \"3.1.1\"").replace(
+        "[[route]]",
+        &format!("[[broker]]\nname = \"v5\"\nhost = \"127.0.0.1\"\nport = {}\nprotocol = \"5\"\nkeep_alive = \"5s\"\n\n[[route]]", v5.port),
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(2);
+
+    // Devices 0..10 on the 3.1.1 broker, 10..20 on the MQTT 5 broker.
+    let on = |port, first: u32, seq_offset: u32, prefix: &'static str| {
+        publish_with(
+            port,
+            10,
+            200,
+            Arc::new(AtomicU64::new(0)),
+            move |d, s| payload(d + first, s + seq_offset),
+            prefix,
+        )
+    };
+    rt.block_on(async { tokio::join!(on(v311.port, 0, 0, "a1-"), on(v5.port, 10, 0, "b1-")) });
+    agent.kill();
+    // Published while the agent is down: each broker keeps it in the agent's session.
+    rt.block_on(async { tokio::join!(on(v311.port, 0, 200, "a2-"), on(v5.port, 10, 200, "b2-")) });
+    agent.spawn();
+
+    let contents = wait_stream_complete_with(
+        &rt,
+        &client,
+        "e2e-two-brokers",
+        Duration::from_secs(120),
+        |t| {
+            (0..20u32)
+                .all(|d| (0..400u32).all(|s| t.contains_key(&(topic_of(d % 10), payload(d, s)))))
+        },
+    );
+    let t = tally(&contents.messages);
+    assert_eq!(
+        t.len(),
+        20 * 400,
+        "only the published messages are in the stream"
+    );
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(agent.stop().code(), Some(0));
+}

@@ -667,6 +667,11 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// The topic device `d` publishes on.
+pub fn topic_of(d: u32) -> String {
+    format!("devices/dev-{d:03}/telemetry")
+}
+
 /// Polls the stream until it holds every message of devices 0..devices x 0..per_device.
 pub fn wait_stream_complete(
     rt: &tokio::runtime::Runtime,
@@ -676,21 +681,32 @@ pub fn wait_stream_complete(
     per_device: u32,
     timeout: Duration,
 ) -> StreamContents {
+    let contents = wait_stream_complete_with(rt, client, stream, timeout, |t| {
+        (0..devices).all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), payload(d, s)))))
+    });
+    assert_all_delivered(&contents.messages, devices, per_device);
+    contents
+}
+
+/// Polls the stream until `complete` holds for the tally of its messages.
+pub fn wait_stream_complete_with(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    timeout: Duration,
+    complete: impl Fn(&HashMap<(String, Vec<u8>), u32>) -> bool,
+) -> StreamContents {
     let deadline = Instant::now() + timeout;
     loop {
         let contents = rt.block_on(read_stream(client, stream));
-        let t = tally(&contents.messages);
-        let complete = (0..devices).all(|d| {
-            (0..per_device)
-                .all(|s| t.contains_key(&(format!("devices/dev-{d:03}/telemetry"), payload(d, s))))
-        });
-        if complete {
+        if complete(&tally(&contents.messages)) {
             return contents;
         }
-        if Instant::now() > deadline {
-            let _ = assert_all_delivered(&contents.messages, devices, per_device);
-            panic!("stream incomplete after {timeout:?}");
-        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {stream} incomplete after {timeout:?}: {} messages in it",
+            contents.messages.len()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
