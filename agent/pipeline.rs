@@ -110,7 +110,7 @@ pub async fn run(
     );
     on_start(Live {
         spool: spool.clone(),
-        sources: source_stats,
+        sources: source_stats.clone(),
         shippers: shipper_stats,
     });
 
@@ -124,6 +124,18 @@ pub async fn run(
         if tokio::time::timeout(left, s).await.is_err() {
             tracing::warn!("a source did not stop in time");
         }
+    }
+    for (name, stats) in &source_stats {
+        let ack = stats.ack_latency.summary();
+        tracing::info!(
+            broker = %name,
+            messages = stats.messages.load(std::sync::atomic::Ordering::Relaxed),
+            acks = ack.count,
+            ack_p50_us = ack.p50_us,
+            ack_p99_us = ack.p99_us,
+            ack_max_us = ack.max_us,
+            "source stopped"
+        );
     }
     let _ = stop_ship_tx.send(true);
     for s in shippers {

@@ -27,3 +27,5 @@ cargo clippy --release --all-targets --locked -- -D warnings
 echo "==> cargo test (unit + end-to-end)"
 # Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
 cargo test --release --locked --all-targets -- --test-threads 2
+echo "==> load program, quick mode (a smoke test: it prints figures and asserts no timings)"
+cargo bench --locked --bench load -- --quick

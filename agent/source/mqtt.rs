@@ -28,6 +28,9 @@ pub struct SourceStats {
     pub connection_errors: AtomicU64,
     pub messages: AtomicU64,
     pub payload_bytes: AtomicU64,
+    /// From reading a QoS 1/2 message off the connection to handing its ack to the client:
+    /// the spool commit is most of it.
+    pub ack_latency: crate::metrics::Histogram,
 }
 
 /// A message or a session change, the same for both protocol versions.
@@ -219,11 +222,13 @@ pub async fn run(
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckToken>();
     let acker = {
         let client = client.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             while let Some(token) = ack_rx.recv().await {
                 if client.ack(token).await.is_err() {
                     break;
                 }
+                stats.ack_latency.record(token.received.elapsed());
             }
         })
     };
@@ -256,6 +261,7 @@ pub async fn run(
                 qos,
                 pkid,
             }) => {
+                let received = std::time::Instant::now();
                 let permit = tokio::select! {
                     p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
                     _ = stop.changed() => break,
@@ -278,7 +284,16 @@ pub async fn run(
                     }
                     Disposition::Record { .. } => {}
                 }
-                let ack = (qos > 0).then(|| (ack_tx.clone(), AckToken { qos, pkid }));
+                let ack = (qos > 0).then(|| {
+                    (
+                        ack_tx.clone(),
+                        AckToken {
+                            qos,
+                            pkid,
+                            received,
+                        },
+                    )
+                });
                 let incoming = Incoming {
                     topic,
                     payload,

@@ -45,6 +45,8 @@ pub const BLOCK_RAW_MAX: usize = 256 << 10;
 pub struct AckToken {
     pub qos: u8,
     pub pkid: u16,
+    /// When the message was read from the connection, for the ack-latency histogram.
+    pub received: std::time::Instant,
 }
 
 /// Released only after the message's outcome is committed.
@@ -638,7 +640,14 @@ mod tests {
                 key: "k".into(),
             },
             after_commit: AfterCommit {
-                ack: Some((ack.clone(), AckToken { qos: 1, pkid })),
+                ack: Some((
+                    ack.clone(),
+                    AckToken {
+                        qos: 1,
+                        pkid,
+                        received: std::time::Instant::now(),
+                    },
+                )),
                 permit: None,
             },
         }

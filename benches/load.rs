@@ -1,0 +1,631 @@
+//! The end-to-end load program: real Mosquitto, the real Kinesis emulator and the agent as a
+//! separate process, all on loopback; prints one table of the figures the performance budget
+//! (DESIGN.md section 3) names, and writes them as JSON for comparing runs.
+//!
+//! ```text
+//! cargo bench --bench load                   # full run: 1,000,000 messages, 500 MB backlog
+//! cargo bench --bench load -- --quick        # under a minute: a smoke test, figures are rough
+//! cargo bench --bench load -- --messages 200000 --devices 50 --backlog-mb 100 --json out.json
+//! ```
+//!
+//! Scenarios, each measured in the same run:
+//! 1. baseline: the broker delivering N QoS 1 messages to a do-nothing subscriber;
+//! 2. throughput: the same N messages through the agent until Kinesis accepted them all;
+//! 3. half load: the agent fed at half the rate it reached, for ack latency;
+//! 4. backlog: the Kinesis endpoint cut while a backlog builds, then restored and drained.
+//!
+//! It asserts nothing about speed; it fails only if messages go missing.
+
+#[path = "../tests/e2e/support.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+struct Args {
+    quick: bool,
+    messages: u64,
+    devices: u32,
+    backlog_mb: u64,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        quick: false,
+        messages: 1_000_000,
+        devices: 50,
+        backlog_mb: 500,
+        json: None,
+    };
+    let mut explicit = (false, false);
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--messages" => {
+                a.messages = value("--messages").parse().expect("--messages N");
+                explicit.0 = true;
+            }
+            "--devices" => a.devices = value("--devices").parse().expect("--devices N"),
+            "--backlog-mb" => {
+                a.backlog_mb = value("--backlog-mb").parse().expect("--backlog-mb N");
+                explicit.1 = true;
+            }
+            "--json" => a.json = Some(PathBuf::from(value("--json"))),
+            // cargo bench passes --bench; ignore harness flags.
+            _ => {}
+        }
+    }
+    if a.quick {
+        if !explicit.0 {
+            a.messages = 50_000;
+        }
+        if !explicit.1 {
+            a.backlog_mb = 10;
+        }
+    }
+    a
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// ~200 bytes of telemetry JSON carrying its publish time.
+fn timed_payload(device: u32, seq: u32) -> Vec<u8> {
+    let mut p = payload(device, seq);
+    let tail = format!(",\"pub_ms\":{}}}", now_ms());
+    p.pop();
+    p.extend_from_slice(tail.as_bytes());
+    p
+}
+
+fn pub_ms(payload: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let at = text.find("\"pub_ms\":")? + 9;
+    text[at..].trim_end_matches('}').parse().ok()
+}
+
+/// What /proc says about a process.
+#[derive(Default, Clone, Copy)]
+struct ProcStats {
+    rss_kib: u64,
+    hwm_kib: u64,
+    cpu_s: f64,
+    write_bytes: u64,
+}
+
+fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; after "pid (comm)" they are at 11 and 12.
+    let ticks: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let write_bytes = io
+        .lines()
+        .find(|l| l.starts_with("write_bytes:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ProcStats {
+        rss_kib: field("VmRSS:"),
+        hwm_kib: field("VmHWM:"),
+        cpu_s: ticks as f64 / 100.0,
+        write_bytes,
+    }
+}
+
+/// Peak RSS of `pid` while `until` is false, sampled every 50 ms on a thread.
+fn rss_sampler(pid: u32) -> (Arc<AtomicU64>, Arc<std::sync::atomic::AtomicBool>) {
+    let peak = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, s) = (peak.clone(), stop.clone());
+    std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            p.fetch_max(proc_stats(pid).rss_kib, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    (peak, stop)
+}
+
+fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
+    if v.is_empty() {
+        return (0, 0, 0);
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    (at(0.5), at(0.99), *v.last().unwrap())
+}
+
+/// Reads back the stream: (records, bytes incl. keys, PUT payload units, payload bytes,
+/// messages, publish-to-accepted latencies in ms).
+struct ReadBack {
+    records: u64,
+    bytes: u64,
+    put_units: u64,
+    payload_bytes: u64,
+    messages: Vec<edgeship::frame::Record>,
+    accept_latency_ms: Vec<u64>,
+}
+
+async fn read_back(client: &aws_sdk_kinesis::Client, stream: &str) -> ReadBack {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let mut out = ReadBack {
+        records: 0,
+        bytes: 0,
+        put_units: 0,
+        payload_bytes: 0,
+        messages: Vec::new(),
+        accept_latency_ms: Vec::new(),
+    };
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
+    for shard in shards.shards() {
+        let mut it = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(i) = it {
+            let page = client
+                .get_records()
+                .shard_iterator(i)
+                .limit(1000)
+                .send()
+                .await
+                .unwrap();
+            for r in page.records() {
+                let data = r.data().as_ref();
+                let size = (data.len() + r.partition_key().unwrap_or_default().len()) as u64;
+                out.records += 1;
+                out.bytes += size;
+                out.put_units += size.div_ceil(25 * 1024);
+                let arrived = r
+                    .approximate_arrival_timestamp()
+                    .and_then(|t| t.to_millis().ok())
+                    .unwrap_or(0) as u64;
+                let frame = edgeship::frame::decode_frame(data).expect("valid frame");
+                for m in frame.records {
+                    out.payload_bytes += m.payload.len() as u64;
+                    if let Some(p) = pub_ms(&m.payload) {
+                        out.accept_latency_ms.push(arrived.saturating_sub(p));
+                    }
+                    out.messages.push(m);
+                }
+            }
+            if page.records().is_empty() {
+                break;
+            }
+            it = page.next_shard_iterator().map(str::to_string);
+        }
+    }
+    out
+}
+
+/// Ack-latency figures the agent logs when its source stops.
+fn ack_latency_from_log(log: &str) -> (u64, u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("source stopped"))
+        .unwrap_or("");
+    let get = |k: &str| {
+        line.split_whitespace()
+            .find_map(|kv| {
+                kv.strip_prefix(&format!("{k}="))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    (get("ack_p50_us"), get("ack_p99_us"), get("ack_max_us"))
+}
+
+fn baseline(rt: &tokio::runtime::Runtime, port: u16, devices: u32, per_device: u32) -> f64 {
+    let total = u64::from(devices) * u64::from(per_device);
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let subscriber = rt.spawn(async move {
+        let mut opts = rumqttc::MqttOptions::new("load-baseline", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+        client
+            .subscribe("devices/+/telemetry", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let mut ready = Some(ready_tx);
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                    if r.fetch_add(1, Ordering::Relaxed) + 1 >= total {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("baseline subscriber: {e}"),
+            }
+        }
+        let _ = client.disconnect().await;
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("baseline subscriber subscribed");
+    let start = Instant::now();
+    rt.block_on(publish_with(
+        port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        timed_payload,
+        "base-",
+    ));
+    rt.block_on(subscriber).unwrap();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args = parse_args();
+    let per_device = (args.messages / u64::from(args.devices)) as u32;
+    let total = u64::from(per_device) * u64::from(args.devices);
+    let rt = runtime();
+    let dir = tempdir();
+    eprintln!(
+        "edgeship load: {total} messages from {} devices (QoS 1){}",
+        args.devices,
+        if args.quick { ", quick" } else { "" }
+    );
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    let mosquitto = Mosquitto::start(dir.path());
+
+    // 1. Baseline.
+    eprintln!("  baseline: do-nothing subscriber ...");
+    let baseline_rate = baseline(&rt, mosquitto.port, args.devices, per_device);
+
+    // 2. Throughput through the agent.
+    eprintln!("  throughput: through the agent to Kinesis ...");
+    rt.block_on(create_stream(&client, "load-throughput", 1));
+    let agent_dir = dir.path().join("throughput");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let config = agent_config(
+        &agent_dir,
+        mosquitto.port,
+        &kinesis.endpoint(),
+        "load-throughput",
+        "max_bytes = \"2GiB\"",
+        "",
+    )
+    .replace(
+        "partition_key = \"{topic[1]}\"",
+        "partition_key = \"{gateway}\"",
+    )
+    .replace("linger = \"200ms\"", "linger = \"1s\"");
+    let mut agent = Agent::start(&agent_dir, &config);
+    agent.wait_connected(1);
+    let pid = agent.pid().unwrap();
+    let before = proc_stats(pid);
+    let start = Instant::now();
+    let publisher = rt.spawn(publish_with(
+        mosquitto.port,
+        args.devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        timed_payload,
+        "tp-",
+    ));
+    wait_for(
+        "the agent to deliver every message",
+        Duration::from_secs(1800),
+        || agent.accounting().filter(|a| a.delivered >= total),
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    rt.block_on(publisher).unwrap();
+    let after = proc_stats(pid);
+    let agent_rate = total as f64 / elapsed;
+    assert_eq!(agent.stop().code(), Some(0));
+    let full_ack = ack_latency_from_log(&agent.log());
+    let back = rt.block_on(read_back(&client, "load-throughput"));
+    assert!(
+        back.messages.len() as u64 >= total,
+        "messages missing: {} of {total}",
+        back.messages.len()
+    );
+    let (acc_p50, acc_p99, acc_max) = percentiles(back.accept_latency_ms.clone());
+
+    // 3. Half load: ack latency when the agent is not saturated.
+    let half_rate = agent_rate / 2.0;
+    let half_secs = if args.quick { 3.0 } else { 10.0 };
+    eprintln!("  half load: {half_rate:.0} msg/s for {half_secs} s ...");
+    let mut agent = Agent::start(&agent_dir, &config);
+    agent.wait_connected(1);
+    let per_device_rate = half_rate / f64::from(args.devices);
+    let half_per_device = (per_device_rate * half_secs).max(1.0) as u32;
+    let half_total = u64::from(half_per_device) * u64::from(args.devices);
+    let interval = Duration::from_secs_f64(1.0 / per_device_rate.max(0.1));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for d in 0..args.devices {
+            let port = mosquitto.port;
+            tasks.push(tokio::spawn(async move {
+                let mut opts = rumqttc::MqttOptions::new(format!("half-{d}"), "127.0.0.1", port);
+                opts.set_keep_alive(Duration::from_secs(30));
+                let (c, mut ev) = rumqttc::AsyncClient::new(opts, 100);
+                let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+                let mut tick = tokio::time::interval(interval);
+                for s in 0..half_per_device {
+                    tick.tick().await;
+                    c.publish(
+                        topic_of(d),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        timed_payload(d, s + 10_000_000),
+                    )
+                    .await
+                    .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = c.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    wait_for(
+        "the half-load messages to be spooled",
+        Duration::from_secs(120),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.received >= total + half_total)
+        },
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+    let half_ack = ack_latency_from_log(&agent.log());
+
+    // 4. Backlog: build it with the uplink cut, then drain.
+    let backlog_msgs = (args.backlog_mb * 1_000_000 / 200).max(u64::from(args.devices));
+    let backlog_per_device = (backlog_msgs / u64::from(args.devices)) as u32;
+    let backlog_total = u64::from(backlog_per_device) * u64::from(args.devices);
+    eprintln!(
+        "  backlog: {backlog_total} messages with the Kinesis endpoint cut, then drained ..."
+    );
+    rt.block_on(create_stream(&client, "load-backlog", 1));
+    let uplink = Uplink::start(kinesis.port);
+    let backlog_dir = dir.path().join("backlog");
+    std::fs::create_dir_all(&backlog_dir).unwrap();
+    let config = agent_config(
+        &backlog_dir,
+        mosquitto.port,
+        &uplink.endpoint(),
+        "load-backlog",
+        "max_bytes = \"4GiB\"",
+        "",
+    )
+    .replace(
+        "partition_key = \"{topic[1]}\"",
+        "partition_key = \"{gateway}\"",
+    );
+    let mut agent = Agent::start(&backlog_dir, &config);
+    agent.wait_connected(1);
+    uplink.cut();
+    let pid = agent.pid().unwrap();
+    let (build_peak, build_stop) = rss_sampler(pid);
+    let build_start = Instant::now();
+    rt.block_on(publish_with(
+        mosquitto.port,
+        args.devices,
+        backlog_per_device,
+        Arc::new(AtomicU64::new(0)),
+        payload,
+        "bl-",
+    ));
+    let built = wait_for(
+        "the backlog to be spooled",
+        Duration::from_secs(3600),
+        || agent.accounting().filter(|a| a.received >= backlog_total),
+    );
+    let build_secs = build_start.elapsed().as_secs_f64();
+    build_stop.store(true, Ordering::Relaxed);
+    let (drain_peak, drain_stop) = rss_sampler(pid);
+    let drain_start = Instant::now();
+    uplink.restore();
+    wait_for("the backlog to drain", Duration::from_secs(3600), || {
+        agent
+            .accounting()
+            .filter(|a| a.pending == 0 && a.delivered >= backlog_total)
+    });
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    drain_stop.store(true, Ordering::Relaxed);
+    assert_eq!(agent.stop().code(), Some(0));
+
+    // The table.
+    let payload_bytes = back.payload_bytes as f64;
+    let cpu = after.cpu_s - before.cpu_s;
+    let rows: Vec<(&str, String, &str)> = vec![
+        (
+            "broker -> do-nothing QoS 1 subscriber",
+            format!("{baseline_rate:.0} msg/s"),
+            "",
+        ),
+        (
+            "edgeship end to end (accepted by Kinesis)",
+            format!(
+                "{agent_rate:.0} msg/s = {:.0}% of baseline",
+                100.0 * agent_rate / baseline_rate
+            ),
+            ">= 90% of baseline",
+        ),
+        (
+            "Kinesis PUT payload units per 1M messages",
+            format!("{:.0}", back.put_units as f64 * 1e6 / total as f64),
+            "<= 1,000",
+        ),
+        (
+            "bytes sent to Kinesis / payload bytes",
+            format!("{:.3}", back.bytes as f64 / payload_bytes),
+            "<= 0.15",
+        ),
+        (
+            "spool disk writes / payload bytes",
+            format!(
+                "{:.3}",
+                (after.write_bytes - before.write_bytes) as f64 / payload_bytes
+            ),
+            "<= 1.0",
+        ),
+        (
+            "agent CPU per message",
+            format!("{:.1} us ({cpu:.2} s)", cpu * 1e6 / total as f64),
+            "<= 20 us",
+        ),
+        (
+            "agent peak RSS, throughput run",
+            format!("{:.1} MiB", after.hwm_kib as f64 / 1024.0),
+            "",
+        ),
+        (
+            "ack latency p50 / p99 / max, full load",
+            format!(
+                "{:.1} / {:.1} / {:.1} ms",
+                full_ack.0 as f64 / 1e3,
+                full_ack.1 as f64 / 1e3,
+                full_ack.2 as f64 / 1e3
+            ),
+            "",
+        ),
+        (
+            "ack latency p50 / p99 / max, half load",
+            format!(
+                "{:.1} / {:.1} / {:.1} ms",
+                half_ack.0 as f64 / 1e3,
+                half_ack.1 as f64 / 1e3,
+                half_ack.2 as f64 / 1e3
+            ),
+            "p99 <= 50 ms",
+        ),
+        (
+            "publish -> accepted p50 / p99 / max",
+            format!("{acc_p50} / {acc_p99} / {acc_max} ms"),
+            "",
+        ),
+        (
+            "backlog built",
+            format!(
+                "{backlog_total} msgs, {:.0} MB payload, {:.1} MB spooled, {:.0} s",
+                backlog_total as f64 * 200.0 / 1e6,
+                built.pending_bytes as f64 / 1e6,
+                build_secs
+            ),
+            "",
+        ),
+        (
+            "agent peak RSS while the backlog builds",
+            format!(
+                "{:.1} MiB",
+                build_peak.load(Ordering::Relaxed) as f64 / 1024.0
+            ),
+            "<= 32 MiB",
+        ),
+        (
+            "agent peak RSS while it drains",
+            format!(
+                "{:.1} MiB",
+                drain_peak.load(Ordering::Relaxed) as f64 / 1024.0
+            ),
+            "<= 32 MiB",
+        ),
+        (
+            "backlog drain rate",
+            format!(
+                "{:.0} msg/s ({drain_secs:.1} s)",
+                backlog_total as f64 / drain_secs
+            ),
+            "",
+        ),
+    ];
+    println!();
+    println!(
+        "edgeship load: {total} messages x {} devices, QoS 1, sync=normal, kinesis-mock, 1 shard",
+        args.devices
+    );
+    println!("{:<44} {:<48} budget", "figure", "measured");
+    println!("{}", "-".repeat(110));
+    for (name, value, budget) in &rows {
+        println!("{name:<44} {value:<48} {budget}");
+    }
+    let json = serde_json::json!({
+        "messages": total,
+        "devices": args.devices,
+        "quick": args.quick,
+        "baseline_msgs_per_s": baseline_rate,
+        "edgeship_msgs_per_s": agent_rate,
+        "ratio_to_baseline": agent_rate / baseline_rate,
+        "kinesis_records": back.records,
+        "put_units_per_million": back.put_units as f64 * 1e6 / total as f64,
+        "kinesis_bytes_per_payload_byte": back.bytes as f64 / payload_bytes,
+        "disk_write_bytes_per_payload_byte": (after.write_bytes - before.write_bytes) as f64 / payload_bytes,
+        "cpu_us_per_message": cpu * 1e6 / total as f64,
+        "peak_rss_mib_throughput": after.hwm_kib as f64 / 1024.0,
+        "ack_latency_full_load_us": {"p50": full_ack.0, "p99": full_ack.1, "max": full_ack.2},
+        "ack_latency_half_load_us": {"p50": half_ack.0, "p99": half_ack.1, "max": half_ack.2},
+        "publish_to_accepted_ms": {"p50": acc_p50, "p99": acc_p99, "max": acc_max},
+        "backlog_messages": backlog_total,
+        "backlog_spooled_bytes": built.pending_bytes,
+        "backlog_build_seconds": build_secs,
+        "backlog_peak_rss_mib_build": build_peak.load(Ordering::Relaxed) as f64 / 1024.0,
+        "backlog_peak_rss_mib_drain": drain_peak.load(Ordering::Relaxed) as f64 / 1024.0,
+        "backlog_drain_msgs_per_s": backlog_total as f64 / drain_secs,
+    });
+    let path = args.json.unwrap_or_else(|| {
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+            .join("edgeship-load.json")
+    });
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nJSON: {}", path.display());
+}
