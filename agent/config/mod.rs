@@ -48,6 +48,10 @@ pub struct SpoolConfig {
     pub sync: SyncLevel,
     /// Dead letters kept for inspection; the oldest are evicted past this count.
     pub max_dead_letters: u64,
+    /// How long received messages may gather before one commit. Longer means fewer, larger
+    /// writes (less disk wear) and later acks; throughput per broker is at most its inflight
+    /// window divided by this.
+    pub commit_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -253,7 +257,18 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         full_policy: raw.spool.full_policy.unwrap_or(FullPolicy::Block),
         sync: raw.spool.sync.unwrap_or(SyncLevel::Normal),
         max_dead_letters: raw.spool.max_dead_letters.unwrap_or(10_000),
+        commit_interval: raw
+            .spool
+            .commit_interval
+            .map_or(Duration::from_millis(10), |d| d.0),
     };
+    if spool.commit_interval > Duration::from_secs(1) {
+        return Err(src.error_at(
+            None,
+            "spool.commit_interval",
+            "must be at most 1s (acks wait this long)".into(),
+        ));
+    }
     if spool.max_bytes < (1 << 20) {
         return Err(src.error_at(None, "spool.max_bytes", "must be at least 1MiB".into()));
     }

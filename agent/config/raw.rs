@@ -34,6 +34,7 @@ pub struct RawSpool {
     pub full_policy: Option<FullPolicy>,
     pub sync: Option<SyncLevel>,
     pub max_dead_letters: Option<u64>,
+    pub commit_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -5,8 +5,10 @@
 //! One OS thread owns the SQLite connection ([`store::Store`]) and serves [`Command`]s from a
 //! channel. Each turn it takes everything queued (up to a bound), applies all writes in one
 //! transaction, commits once at the configured sync level, and only then releases the
-//! [`AfterCommit`]s: the MQTT acks and the source's flow-control permits. Under load many
-//! messages share one commit (group commit); idle, a message commits alone.
+//! [`AfterCommit`]s: the MQTT acks and the source's flow-control permits. Appends gather for
+//! up to `commit_interval` before their commit (group commit): under load thousands of
+//! messages share one commit and one compressed block, which is what keeps disk writes below
+//! the payload size; idle, a message waits at most that interval for its ack.
 //!
 //! Records of one (route, partition key) in one commit are stored as one compressed block.
 //! The shipper leases blocks (metadata only), reads their bodies when it builds a frame (from
@@ -260,6 +262,7 @@ pub fn start(
         max_bytes: config.max_bytes,
         policy: config.full_policy,
         max_dead_letters: config.max_dead_letters,
+        commit_interval: config.commit_interval,
         in_flight: HashSet::new(),
         parked: VecDeque::new(),
         retry_deliveries: Vec::new(),
@@ -287,6 +290,8 @@ struct Worker {
     max_bytes: u64,
     policy: FullPolicy,
     max_dead_letters: u64,
+    /// How long appends may gather before a commit (see `SpoolConfig::commit_interval`).
+    commit_interval: Duration,
     /// Blocks whose bodies a shipper has read (they are in frames being sent) and that are
     /// not yet delivered or released: `drop_oldest` never evicts these. Blocks only planned
     /// (leased metadata) may be evicted; the shipper skips them when it reads.
@@ -339,6 +344,7 @@ impl Worker {
                     }
                 }
             };
+            let turn_started = std::time::Instant::now();
             let mut next = first;
             let mut taken = 0;
             let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
@@ -373,6 +379,14 @@ impl Worker {
                 }
                 if taken < MAX_GROUP && !closing {
                     next = self.rx.try_recv().ok();
+                    // Group commit: with appends waiting, keep gathering until the commit
+                    // interval has passed, so a busy stream commits in few, large blocks.
+                    if next.is_none() && !appends.is_empty() {
+                        if let Some(left) = self.commit_interval.checked_sub(turn_started.elapsed())
+                        {
+                            next = self.rx.recv_timeout(left).ok();
+                        }
+                    }
                 }
             }
             if !(appends.is_empty() && deliveries.is_empty() && self.parked.is_empty()) {
@@ -609,6 +623,7 @@ mod tests {
             full_policy: policy,
             sync: SyncLevel::Off,
             max_dead_letters: 10,
+            commit_interval: Duration::from_millis(2),
         }
     }
 

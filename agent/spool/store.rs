@@ -12,8 +12,8 @@
 //! - `dead_letters`: messages that could not be spooled as records (oversize), kept for
 //!   inspection, oldest evicted past a cap; each is also counted as dropped.
 //! - `quarantine`: blocks that failed to decode, moved aside and counted as dropped `corrupt`.
-//! - `meta`: schema version and the next sequence number (never reused, even when the spool
-//!   empties).
+//! - `meta`: the schema version. The next sequence number (never reused, even when the spool
+//!   empties) is the `counters` row (`''`, `next_seq`), so each commit updates one small table.
 //!
 //! This module is synchronous and single-threaded; the spool thread in `spool/mod.rs` owns the
 //! only writing connection. It never acks or ships anything.
@@ -158,6 +158,7 @@ impl Store {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = {sync_pragma};
              PRAGMA busy_timeout = 5000;
+             PRAGMA wal_autocheckpoint = 4096;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS blocks (
                  id INTEGER PRIMARY KEY,
@@ -206,9 +207,11 @@ impl Store {
             Some(_) => {}
         }
         let stored_next: i64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM counters WHERE route = '' AND name = 'next_seq'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(err)?
             .unwrap_or(1);
@@ -274,11 +277,12 @@ impl Store {
                     stmt.execute(params![route, name, delta])?;
                 }
             }
-            self.conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [self.next_seq as i64],
-            )?;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO counters (route, name, value) VALUES ('', 'next_seq', ?1)
+                     ON CONFLICT (route, name) DO UPDATE SET value = excluded.value",
+                )?
+                .execute([self.next_seq as i64])?;
             self.conn.execute_batch("COMMIT")
         })();
         self.counter_deltas.clear();
@@ -297,7 +301,7 @@ impl Store {
         let (next, records, bytes): (i64, i64, i64) = self
             .conn
             .query_row(
-                "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key='next_seq'), 1), COALESCE(MAX(id + records), 1)),
+                "SELECT MAX(COALESCE((SELECT value FROM counters WHERE route = '' AND name = 'next_seq'), 1), COALESCE(MAX(id + records), 1)),
                         COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -577,7 +581,8 @@ fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
 
 fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     let mut acc = Accounting::default();
-    let mut stmt = conn.prepare("SELECT name, SUM(value) FROM counters GROUP BY name")?;
+    let mut stmt = conn
+        .prepare("SELECT name, SUM(value) FROM counters WHERE name <> 'next_seq' GROUP BY name")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     for row in rows {
         let (name, value) = row?;
