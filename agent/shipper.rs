@@ -99,7 +99,8 @@ fn now_ms() -> u64 {
 
 impl Shipper {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let limits = self.sink.call_limits();
+        let mut limits = self.sink.call_limits();
+        limits.max_bytes = limits.max_bytes.min(self.batch.max_call_bytes as usize);
         let mut batcher = Batcher::new(self.batch.frame_bytes, self.batch.linger);
         let mut queue: VecDeque<Pending> = VecDeque::new();
         let mut cursor = 0i64;
@@ -160,7 +161,13 @@ impl Shipper {
                 }
                 continue;
             }
-            if !exhausted && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes {
+            // More to lease and room to hold it: go round again. Without room (frames waiting
+            // for a retry fill the queue) fall through and wait, never spin.
+            let queued_now: usize = queue.iter().map(|p| p.entry.data.len()).sum();
+            if !exhausted
+                && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
+                && queued_now < queue_cap
+            {
                 continue;
             }
             // Nothing to do now: wait for new records, a frame's linger, a retry, or stop.

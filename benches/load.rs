@@ -31,6 +31,8 @@ struct Args {
     devices: u32,
     backlog_mb: u64,
     json: Option<PathBuf>,
+    /// MQTT protocol of the agent's session: "3.1.1" or "5".
+    protocol: String,
 }
 
 fn parse_args() -> Args {
@@ -40,6 +42,7 @@ fn parse_args() -> Args {
         devices: 50,
         backlog_mb: 500,
         json: None,
+        protocol: "5".into(),
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -57,6 +60,7 @@ fn parse_args() -> Args {
                 explicit.1 = true;
             }
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
+            "--protocol" => a.protocol = value("--protocol"),
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -334,8 +338,10 @@ fn main() {
         &kinesis.endpoint(),
         "load-throughput",
         "max_bytes = \"2GiB\"",
-        "",
+        &format!("protocol = \"{}\"", args.protocol),
     )
+    .replace("gateway_id = \"gw-test\"", "gateway_id = \"gw-throughput\"")
+    .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
     .replace(
         "partition_key = \"{topic[1]}\"",
         "partition_key = \"{gateway}\"",
@@ -355,7 +361,7 @@ fn main() {
         "tp-",
     ));
     let mut spooled_at = None;
-    wait_for(
+    let throughput_acc = wait_for(
         "the agent to deliver every message",
         Duration::from_secs(1800),
         || {
@@ -450,8 +456,10 @@ fn main() {
         &uplink.endpoint(),
         "load-backlog",
         "max_bytes = \"4GiB\"",
-        "",
+        &format!("protocol = \"{}\"", args.protocol),
     )
+    .replace("gateway_id = \"gw-test\"", "gateway_id = \"gw-backlog\"")
+    .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
     .replace(
         "partition_key = \"{topic[1]}\"",
         "partition_key = \"{gateway}\"",
@@ -568,6 +576,15 @@ fn main() {
             "",
         ),
         (
+            "messages the agent received / published",
+            format!(
+                "{} / {total} (redelivered duplicates: {})",
+                throughput_acc.received,
+                throughput_acc.received.saturating_sub(total)
+            ),
+            "",
+        ),
+        (
             "backlog built",
             format!(
                 "{backlog_total} msgs, {:.0} MB payload, {:.1} MB spooled, {:.0} s",
@@ -604,8 +621,8 @@ fn main() {
     ];
     println!();
     println!(
-        "edgeship load: {total} messages x {} devices, QoS 1, sync=normal, kinesis-mock, 1 shard",
-        args.devices
+        "edgeship load: {total} messages x {} devices, QoS 1, MQTT {}, sync=normal, kinesis-mock, 1 shard",
+        args.devices, args.protocol
     );
     println!("{:<44} {:<48} budget", "figure", "measured");
     println!("{}", "-".repeat(110));
@@ -619,6 +636,8 @@ fn main() {
         "baseline_msgs_per_s": baseline_rate,
         "edgeship_msgs_per_s": agent_rate,
         "edgeship_ingest_msgs_per_s": ingest_rate,
+        "agent_received": throughput_acc.received,
+        "protocol": args.protocol,
         "ratio_to_baseline": agent_rate / baseline_rate,
         "kinesis_records": back.records,
         "put_units_per_million": back.put_units as f64 * 1e6 / total as f64,

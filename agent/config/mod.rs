@@ -63,6 +63,9 @@ pub struct BatchConfig {
     pub zstd_level: i32,
     /// Larger messages go to the dead-letter table (reason `oversize`).
     pub max_message_bytes: u64,
+    /// Most bytes (frames and keys) in one destination call, below the destination's own limit
+    /// (Kinesis: 5 MiB). Smaller calls hold less memory and match a shard's 1 MiB/s.
+    pub max_call_bytes: u64,
 }
 
 #[derive(Clone)]
@@ -290,14 +293,26 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
     };
     let batch = BatchConfig {
         linger: raw.batch.linger.map_or(Duration::from_secs(1), |d| d.0),
-        frame_bytes: raw.batch.frame_bytes.unwrap_or(ByteSize(2 << 20)).bytes(),
+        frame_bytes: raw.batch.frame_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),
         zstd_level,
         max_message_bytes: raw
             .batch
             .max_message_bytes
             .unwrap_or(ByteSize(256 << 10))
             .bytes(),
+        max_call_bytes: raw
+            .batch
+            .max_call_bytes
+            .unwrap_or(ByteSize(1 << 20))
+            .bytes(),
     };
+    if !(64 << 10..=5 << 20).contains(&batch.max_call_bytes) {
+        return Err(src.error_at(
+            None,
+            "batch.max_call_bytes",
+            "must be between 64KiB and 5MiB (the PutRecords limit)".into(),
+        ));
+    }
     if batch.frame_bytes < (64 << 10) || batch.frame_bytes > (64 << 20) {
         return Err(src.error_at(
             None,

@@ -65,6 +65,7 @@ pub struct RawBatch {
     pub frame_bytes: Option<ByteSize>,
     pub zstd_level: Option<Spanned<i32>>,
     pub max_message_bytes: Option<ByteSize>,
+    pub max_call_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -179,6 +179,7 @@ pub fn kinesis() -> &'static KinesisMock {
             .arg(repo_root().join("tests/support/kinesis-loopback.js"))
             .arg(&main_js)
             .current_dir(&log_dir)
+            .env("EDGESHIP_PARENT_PID", std::process::id().to_string())
             .env("KINESIS_MOCK_PLAIN_PORT", port.to_string())
             .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
             .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
