@@ -134,6 +134,7 @@ pub async fn run(
             ack_p50_us = ack.p50_us,
             ack_p99_us = ack.p99_us,
             ack_max_us = ack.max_us,
+            max_unacked = stats.max_unacked_seen.load(std::sync::atomic::Ordering::Relaxed),
             "source stopped"
         );
     }

@@ -242,7 +242,7 @@ async fn read_back(client: &aws_sdk_kinesis::Client, stream: &str) -> ReadBack {
 }
 
 /// Ack-latency figures the agent logs when its source stops.
-fn ack_latency_from_log(log: &str) -> (u64, u64, u64) {
+fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64) {
     let line = log
         .lines()
         .rev()
@@ -256,7 +256,12 @@ fn ack_latency_from_log(log: &str) -> (u64, u64, u64) {
             })
             .unwrap_or(0)
     };
-    (get("ack_p50_us"), get("ack_p99_us"), get("ack_max_us"))
+    (
+        get("ack_p50_us"),
+        get("ack_p99_us"),
+        get("ack_max_us"),
+        get("max_unacked"),
+    )
 }
 
 fn baseline(rt: &tokio::runtime::Runtime, port: u16, devices: u32, per_device: u32) -> f64 {
@@ -553,10 +558,11 @@ fn main() {
         (
             "ack latency p50 / p99 / max, full load",
             format!(
-                "{:.1} / {:.1} / {:.1} ms",
+                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {})",
                 full_ack.0 as f64 / 1e3,
                 full_ack.1 as f64 / 1e3,
-                full_ack.2 as f64 / 1e3
+                full_ack.2 as f64 / 1e3,
+                full_ack.3
             ),
             "",
         ),
@@ -645,7 +651,7 @@ fn main() {
         "disk_write_bytes_per_payload_byte": (after.write_bytes - before.write_bytes) as f64 / payload_bytes,
         "cpu_us_per_message": cpu * 1e6 / total as f64,
         "peak_rss_mib_throughput": after.hwm_kib as f64 / 1024.0,
-        "ack_latency_full_load_us": {"p50": full_ack.0, "p99": full_ack.1, "max": full_ack.2},
+        "ack_latency_full_load_us": {"p50": full_ack.0, "p99": full_ack.1, "max": full_ack.2, "max_unacked": full_ack.3},
         "ack_latency_half_load_us": {"p50": half_ack.0, "p99": half_ack.1, "max": half_ack.2},
         "publish_to_accepted_ms": {"p50": acc_p50, "p99": acc_p99, "max": acc_max},
         "backlog_messages": backlog_total,

@@ -31,6 +31,10 @@ pub struct SourceStats {
     /// From reading a QoS 1/2 message off the connection to handing its ack to the client:
     /// the spool commit is most of it.
     pub ack_latency: crate::metrics::Histogram,
+    /// QoS 1/2 messages received whose ack has not been handed to the client yet, and the
+    /// most seen at once: the broker's window in practice.
+    pub unacked: AtomicU64,
+    pub max_unacked_seen: AtomicU64,
 }
 
 /// A message or a session change, the same for both protocol versions.
@@ -229,6 +233,7 @@ pub async fn run(
                     break;
                 }
                 stats.ack_latency.record(token.received.elapsed());
+                stats.unacked.fetch_sub(1, Ordering::Relaxed);
             }
         })
     };
@@ -283,6 +288,10 @@ pub async fn run(
                         }
                     }
                     Disposition::Record { .. } => {}
+                }
+                if qos > 0 {
+                    let now = stats.unacked.fetch_add(1, Ordering::Relaxed) + 1;
+                    stats.max_unacked_seen.fetch_max(now, Ordering::Relaxed);
                 }
                 let ack = (qos > 0).then(|| {
                     (
