@@ -9,6 +9,13 @@
 //!
 //! It must never ack a message the spool has not committed, and never block the event loop on
 //! the ack path (the acker is a separate task, so a full request channel cannot deadlock).
+//!
+//! Why permits come back at commit and not once the ack is on the wire: rumqttc writes acks
+//! only while its event loop is polled, one request per turn against up to ten incoming
+//! packets per turn. A source that stopped polling until its acks were out would wait for
+//! itself. Under saturation acks therefore trail reads (the load program reports the most
+//! outstanding at once); what they hold is an ack token each, and the broker redelivers the
+//! unacked after a reconnect, so nothing is lost.
 
 use super::Router;
 use crate::config::{BrokerConfig, MqttProtocol};
