@@ -472,7 +472,12 @@ impl Agent {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        // EDGESHIP_AGENT_BIN runs another build of the agent (e.g. the `dist` profile) under
+        // the same harness, for the load program.
+        let binary = std::env::var_os("EDGESHIP_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeship")));
+        let child = Command::new(binary)
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
