@@ -167,80 +167,6 @@ fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
     (at(0.5), at(0.99), *v.last().unwrap())
 }
 
-/// Reads back the stream: (records, bytes incl. keys, PUT payload units, payload bytes,
-/// messages, publish-to-accepted latencies in ms).
-struct ReadBack {
-    records: u64,
-    bytes: u64,
-    put_units: u64,
-    payload_bytes: u64,
-    messages: Vec<edgeship::frame::Record>,
-    accept_latency_ms: Vec<u64>,
-}
-
-async fn read_back(client: &aws_sdk_kinesis::Client, stream: &str) -> ReadBack {
-    use aws_sdk_kinesis::types::ShardIteratorType;
-    let mut out = ReadBack {
-        records: 0,
-        bytes: 0,
-        put_units: 0,
-        payload_bytes: 0,
-        messages: Vec::new(),
-        accept_latency_ms: Vec::new(),
-    };
-    let shards = client
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap();
-    for shard in shards.shards() {
-        let mut it = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_string);
-        while let Some(i) = it {
-            let page = client
-                .get_records()
-                .shard_iterator(i)
-                .limit(1000)
-                .send()
-                .await
-                .unwrap();
-            for r in page.records() {
-                let data = r.data().as_ref();
-                let size = (data.len() + r.partition_key().unwrap_or_default().len()) as u64;
-                out.records += 1;
-                out.bytes += size;
-                out.put_units += size.div_ceil(25 * 1024);
-                let arrived = r
-                    .approximate_arrival_timestamp()
-                    .and_then(|t| t.to_millis().ok())
-                    .unwrap_or(0) as u64;
-                let frame = edgeship::frame::decode_frame(data).expect("valid frame");
-                for m in frame.records {
-                    out.payload_bytes += m.payload.len() as u64;
-                    if let Some(p) = pub_ms(&m.payload) {
-                        out.accept_latency_ms.push(arrived.saturating_sub(p));
-                    }
-                    out.messages.push(m);
-                }
-            }
-            if page.records().is_empty() {
-                break;
-            }
-            it = page.next_shard_iterator().map(str::to_string);
-        }
-    }
-    out
-}
-
 /// Ack-latency figures the agent logs when its source stops.
 fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64) {
     let line = log
@@ -384,13 +310,20 @@ fn main() {
     let agent_rate = total as f64 / elapsed;
     assert_eq!(agent.stop().code(), Some(0));
     let full_ack = ack_latency_from_log(&agent.log());
-    let back = rt.block_on(read_back(&client, "load-throughput"));
+    let back = rt.block_on(read_stream(&client, "load-throughput"));
+    let payload_bytes: u64 = back.messages.iter().map(|m| m.payload.len() as u64).sum();
+    let accept_latency_ms: Vec<u64> = back
+        .messages
+        .iter()
+        .zip(&back.arrivals_ms)
+        .filter_map(|(m, arrived)| pub_ms(&m.payload).map(|p| arrived.saturating_sub(p)))
+        .collect();
     assert!(
         back.messages.len() as u64 >= total,
         "messages missing: {} of {total}",
         back.messages.len()
     );
-    let (acc_p50, acc_p99, acc_max) = percentiles(back.accept_latency_ms.clone());
+    let (acc_p50, acc_p99, acc_max) = percentiles(accept_latency_ms);
 
     // 3. Half load: ack latency when the agent is not saturated.
     let half_rate = agent_rate / 2.0;
@@ -503,7 +436,7 @@ fn main() {
     assert_eq!(agent.stop().code(), Some(0));
 
     // The table.
-    let payload_bytes = back.payload_bytes as f64;
+    let payload_bytes = payload_bytes as f64;
     let cpu = after.cpu_s - before.cpu_s;
     let rows: Vec<(&str, String, &str)> = vec![
         (
@@ -534,7 +467,7 @@ fn main() {
         ),
         (
             "bytes sent to Kinesis / payload bytes",
-            format!("{:.3}", back.bytes as f64 / payload_bytes),
+            format!("{:.3}", back.kinesis_bytes as f64 / payload_bytes),
             "<= 0.15",
         ),
         (
@@ -645,9 +578,9 @@ fn main() {
         "agent_received": throughput_acc.received,
         "protocol": args.protocol,
         "ratio_to_baseline": agent_rate / baseline_rate,
-        "kinesis_records": back.records,
+        "kinesis_records": back.kinesis_records,
         "put_units_per_million": back.put_units as f64 * 1e6 / total as f64,
-        "kinesis_bytes_per_payload_byte": back.bytes as f64 / payload_bytes,
+        "kinesis_bytes_per_payload_byte": back.kinesis_bytes as f64 / payload_bytes,
         "disk_write_bytes_per_payload_byte": (after.write_bytes - before.write_bytes) as f64 / payload_bytes,
         "cpu_us_per_message": cpu * 1e6 / total as f64,
         "peak_rss_mib_throughput": after.hwm_kib as f64 / 1024.0,

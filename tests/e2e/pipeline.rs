@@ -288,30 +288,43 @@ fn noisy_payload(d: u32, s: u32) -> Vec<u8> {
     noise(d, s, 1_000)
 }
 
-/// Test 5a: a full spool with policy `block` stops acking; once the sink returns, every
-/// message arrives and nothing was dropped.
-#[test]
-fn full_spool_with_block_policy_loses_nothing() {
+/// An agent with a 1 MiB spool and the given full policy, its uplink cut, and 3,000
+/// incompressible 1 KB messages (three times the cap) published to its broker.
+struct FullSpool {
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_kinesis::Client,
+    uplink: Uplink,
+    mosquitto: Mosquitto,
+    agent: Agent,
+}
+
+fn fill_a_small_spool(
+    stream: &str,
+    policy: &str,
+    extra_broker: &str,
+    extra_batch: &str,
+) -> FullSpool {
     let dir = tempdir();
     let rt = runtime();
     let kinesis = kinesis();
     let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-full-block", 1));
+    rt.block_on(create_stream(&client, stream, 1));
     let uplink = Uplink::start(kinesis.port);
     let mosquitto = Mosquitto::start(dir.path());
+    let spool = format!("max_bytes = \"1MiB\"\nfull_policy = \"{policy}\"");
     let config = agent_config(
         dir.path(),
         mosquitto.port,
         &uplink.endpoint(),
-        "e2e-full-block",
-        "max_bytes = \"1MiB\"\nfull_policy = \"block\"",
-        "max_unacked = 100",
-    );
-    let mut agent = Agent::start(dir.path(), &config);
+        stream,
+        &spool,
+        extra_broker,
+    )
+    .replace("[batch]\n", &format!("[batch]\n{extra_batch}"));
+    let agent = Agent::start(dir.path(), &config);
     agent.wait_connected(1);
     uplink.cut();
-
-    // 3,000 incompressible 1 KB messages: three times the spool's cap.
     rt.block_on(publish_with(
         mosquitto.port,
         3,
@@ -320,6 +333,28 @@ fn full_spool_with_block_policy_loses_nothing() {
         noisy_payload,
         "n-",
     ));
+    FullSpool {
+        dir,
+        rt,
+        client,
+        uplink,
+        mosquitto,
+        agent,
+    }
+}
+
+/// Test 5a: a full spool with policy `block` stops acking; once the sink returns, every
+/// message arrives and nothing was dropped.
+#[test]
+fn full_spool_with_block_policy_loses_nothing() {
+    let FullSpool {
+        dir: _dir,
+        rt,
+        client,
+        uplink,
+        mosquitto: _m,
+        mut agent,
+    } = fill_a_small_spool("e2e-full-block", "block", "max_unacked = 100", "");
     let full = wait_for(
         "the spool to reach its cap",
         Duration::from_secs(60),
@@ -365,34 +400,20 @@ fn full_spool_with_block_policy_loses_nothing() {
 /// the stream holds exactly what was not dropped.
 #[test]
 fn full_spool_with_drop_oldest_counts_every_drop() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-full-drop", 1));
-    let uplink = Uplink::start(kinesis.port);
-    let mosquitto = Mosquitto::start(dir.path());
-    let config = agent_config(
-        dir.path(),
-        mosquitto.port,
-        &uplink.endpoint(),
-        "e2e-full-drop",
-        "max_bytes = \"1MiB\"\nfull_policy = \"drop_oldest\"",
-        "",
-    )
     // Small frames, so what is in flight is a small part of the tiny spool.
-    .replace("[batch]\n", "[batch]\nframe_bytes = \"64KiB\"\n");
-    let mut agent = Agent::start(dir.path(), &config);
-    agent.wait_connected(1);
-    uplink.cut();
-    rt.block_on(publish_with(
-        mosquitto.port,
-        3,
-        1_000,
-        Arc::new(AtomicU64::new(0)),
-        noisy_payload,
-        "n-",
-    ));
+    let FullSpool {
+        dir: _dir,
+        rt,
+        client,
+        uplink,
+        mosquitto: _m,
+        mut agent,
+    } = fill_a_small_spool(
+        "e2e-full-drop",
+        "drop_oldest",
+        "",
+        "frame_bytes = \"64KiB\"\n",
+    );
     let during = wait_for("all 3,000 received", Duration::from_secs(60), || {
         agent.accounting().filter(|a| a.received >= 3_000)
     });

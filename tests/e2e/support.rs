@@ -263,7 +263,11 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards:
 pub struct StreamContents {
     pub kinesis_records: usize,
     pub kinesis_bytes: usize,
+    /// PUT payload units: each record (data + key) counts in 25 KiB chunks, rounded up.
+    pub put_units: u64,
     pub messages: Vec<frame::Record>,
+    /// For each message, its Kinesis record's ApproximateArrivalTimestamp (unix ms).
+    pub arrivals_ms: Vec<u64>,
     pub partition_keys: Vec<String>,
 }
 
@@ -298,10 +302,18 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                 let data = r.data().as_ref();
                 out.kinesis_records += 1;
                 let key = r.partition_key().unwrap_or_default();
-                out.kinesis_bytes += data.len() + key.len();
+                let size = data.len() + key.len();
+                out.kinesis_bytes += size;
+                out.put_units += (size as u64).div_ceil(25 * 1024);
                 out.partition_keys.push(key.to_string());
+                let arrived = r
+                    .approximate_arrival_timestamp()
+                    .and_then(|t| t.to_millis().ok())
+                    .unwrap_or(0) as u64;
                 let f =
                     frame::decode_frame(data).expect("every record in the stream is a valid frame");
+                out.arrivals_ms
+                    .extend(std::iter::repeat_n(arrived, f.records.len()));
                 out.messages.extend(f.records);
             }
             if page.records().is_empty()
