@@ -24,10 +24,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings"
 cargo clippy --release --all-targets --locked -- -D warnings
-echo "==> cargo test (unit + end-to-end)"
-# Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
-cargo test --release --locked --lib --bins --test e2e -- --test-threads 2
 echo "==> criterion benchmarks in test mode (each runs once)"
 cargo test --release --locked --bench hot_paths
 echo "==> load program, quick mode (a smoke test: it prints figures and asserts no timings)"
 cargo bench --locked --bench load -- --quick
+echo "==> cargo test (unit + end-to-end), last so its summary closes the run"
+# Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
+cargo test --release --locked --lib --bins --test e2e -- --test-threads 2
