@@ -105,11 +105,12 @@ fn malformed_configs_are_refused_with_file_line_and_field() {
 
 #[test]
 fn oversize_binary_and_unrouted_messages_get_counted_outcomes() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-bad-input", 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-bad-input", 1);
     let mosquitto = Mosquitto::start(dir.path());
     let config = agent_config(
         dir.path(),

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 /// Test 1: 100,000 QoS 1 messages from 50 devices arrive in the stream, payload for payload.
 #[test]
 fn hundred_thousand_messages_arrive_payload_for_payload() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-volume", 2));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-volume", 2);
     let mosquitto = Mosquitto::start(dir.path());
     let mut agent = Agent::start(
         dir.path(),
@@ -78,11 +79,12 @@ fn hundred_thousand_messages_arrive_payload_for_payload() {
 /// stream and the accounting balances.
 #[test]
 fn kill_nine_three_times_loses_nothing() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-kill", 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-kill", 1);
     let mosquitto = Mosquitto::start(dir.path());
     let config = agent_config(
         dir.path(),
@@ -138,11 +140,12 @@ fn kill_nine_three_times_loses_nothing() {
 /// Test 3: the Kinesis endpoint goes away; the backlog grows in the spool, then drains fully.
 #[test]
 fn uplink_outage_grows_the_backlog_then_drains() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-outage", 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-outage", 1);
     let uplink = Uplink::start(kinesis.port);
     let mosquitto = Mosquitto::start(dir.path());
     let mut agent = Agent::start(
@@ -233,11 +236,12 @@ fn uplink_outage_grows_the_backlog_then_drains() {
 /// nothing is lost.
 #[test]
 fn broker_restart_mid_run_loses_nothing() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-broker-restart", 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-broker-restart", 1);
     let mut mosquitto = Mosquitto::start(dir.path());
     let mut agent = Agent::start(
         dir.path(),
@@ -305,11 +309,12 @@ fn fill_a_small_spool(
     extra_broker: &str,
     extra_batch: &str,
 ) -> FullSpool {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, stream, 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
     let uplink = Uplink::start(kinesis.port);
     let mosquitto = Mosquitto::start(dir.path());
     let spool = format!("max_bytes = \"1MiB\"\nfull_policy = \"{policy}\"");
@@ -460,11 +465,12 @@ fn full_spool_with_drop_oldest_counts_every_drop() {
 /// what is published while the agent is down (killed) arrives after it restarts.
 #[test]
 fn two_brokers_mqtt_311_and_5_keep_their_sessions() {
-    let dir = tempdir();
-    let rt = runtime();
-    let kinesis = kinesis();
-    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    rt.block_on(create_stream(&client, "e2e-two-brokers", 1));
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-two-brokers", 1);
     let v311 = Mosquitto::start(&dir.path().join("a"));
     let v5 = Mosquitto::start(&dir.path().join("b"));
     let config = agent_config(dir.path(), v311.port, &kinesis.endpoint(), "e2e-two-brokers", "", "protocol = \"3.1.1\"").replace(

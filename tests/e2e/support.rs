@@ -225,6 +225,29 @@ fn test_credentials() {
     });
 }
 
+/// What most end-to-end tests start from: their own temp folder and runtime, and a client of
+/// the shared emulator with a fresh stream of `shards` shards named `stream`.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_kinesis::Client,
+    pub kinesis: &'static KinesisMock,
+}
+
+pub fn rig(stream: &str, shards: i32) -> Rig {
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(create_stream(&client, stream, shards));
+    Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    }
+}
+
 pub async fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     test_credentials();
     let sdk = edgeship::sink::kinesis::aws_config(Some("us-east-1"), Some(endpoint)).await;
