@@ -163,10 +163,9 @@ impl Shipper {
             }
             // More to lease and room to hold it: go round again. Without room (frames waiting
             // for a retry fill the queue) fall through and wait, never spin.
-            let queued_now: usize = queue.iter().map(|p| p.entry.data.len()).sum();
             if !exhausted
                 && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
-                && queued_now < queue_cap
+                && queued_bytes < queue_cap
             {
                 continue;
             }
@@ -309,7 +308,10 @@ fn encode_fitting(
         return Ok(());
     }
     let records: u64 = bodies.iter().map(|(m, _)| u64::from(m.records)).sum();
-    let raw: Vec<u8> = bodies.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    let mut raw = Vec::with_capacity(bodies.iter().map(|(_, b)| b.len()).sum());
+    for (_, body) in bodies {
+        raw.extend_from_slice(body);
+    }
     let data = frame::encode_frame(gateway, records as u32, &raw, Some(compressor))
         .map_err(|e| e.to_string())?;
     if data.len() + key.len() <= limit || bodies.len() == 1 {
