@@ -5,6 +5,7 @@
 //! folder). [`pipeline`] wires them and shuts them down in order; [`config`] loads and checks
 //! the TOML; [`route`] matches topics and renders partition keys.
 
+pub mod admin;
 pub mod batcher;
 pub mod config;
 pub mod decode;

@@ -36,11 +36,12 @@ enum Command {
         /// Files to read; none or "-" reads stdin. Base64 input may hold one record per line.
         files: Vec<PathBuf>,
     },
-    /// Show the accounting of a spool (the agent may be running or stopped).
+    /// Show the agent's status: from the running agent's admin endpoint, or from the spool
+    /// file when the agent is stopped.
     Status {
         #[arg(long, short, default_value = "/etc/edgeship/edgeship.toml")]
         config: PathBuf,
-        /// Read this spool file instead of the one the config names.
+        /// Read this spool file (no config needed) instead of asking the agent.
         #[arg(long)]
         spool: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -136,15 +137,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             spool,
             json,
         } => {
-            let path = match spool {
-                Some(p) => p,
-                None => Config::load(&config)?.spool.path,
-            };
-            let acc = edgeship::spool::store::read_accounting_at(&path)?;
+            let doc = status_doc(&config, spool)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&acc)?);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                print!("{}", edgeship::status::render(&path, &acc));
+                print!("{}", edgeship::status::render(&doc));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -154,6 +151,34 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Asks the running agent; when it does not answer, reads the spool file.
+fn status_doc(
+    config: &std::path::Path,
+    spool: Option<PathBuf>,
+) -> anyhow::Result<edgeship::status::StatusDoc> {
+    use edgeship::status::{fetch, StatusDoc};
+    let path = match spool {
+        Some(p) => p,
+        None => {
+            let config = Config::load(config)?;
+            if let Some(mut addr) = config.admin.listen {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                match fetch(addr, std::time::Duration::from_secs(3)) {
+                    Ok(doc) => return Ok(doc),
+                    Err(e) => eprintln!(
+                        "edgeship: no answer from the agent at http://{addr}/status ({e}); reading the spool file"
+                    ),
+                }
+            }
+            config.spool.path
+        }
+    };
+    let acc = edgeship::spool::store::read_accounting_at(&path)?;
+    Ok(StatusDoc::from_spool(&path, acc))
 }
 
 async fn shutdown_signal() {

@@ -66,13 +66,62 @@ pub struct Summary {
     pub mean_us: u64,
 }
 
+/// Cumulative counts at the exported bucket bounds, for a Prometheus histogram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cumulative {
+    /// (upper bound in seconds, observations below it), ascending; `+Inf` is `count`.
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// Exported bounds are 2^k microseconds for k in this range (16 us to about 67 s): each is an
+/// exact boundary of the fine buckets, so the exported counts are exact, not interpolated.
+const EXPORTED_POWERS: std::ops::RangeInclusive<usize> = 4..=26;
+
 impl Histogram {
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` observations of the same value (e.g. the records of one block).
+    pub fn record_n(&self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        self.buckets[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.buckets[bucket_of(us)].fetch_add(n, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(us.saturating_mul(n), Ordering::Relaxed);
         self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Counts below each exported bound (values are whole microseconds, so "below 2^k us" is
+    /// "at most 2^k - 1 us").
+    pub fn cumulative(&self) -> Cumulative {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let mut buckets = Vec::with_capacity(EXPORTED_POWERS.clone().count());
+        let mut running = 0u64;
+        let mut next = 0usize;
+        for k in EXPORTED_POWERS {
+            // Values below 2^k us fill fine buckets 0..=4k.
+            while next <= 4 * k {
+                running += counts[next];
+                next += 1;
+            }
+            buckets.push(((1u64 << k) as f64 / 1e6, running));
+        }
+        let count = counts.iter().sum();
+        Cumulative {
+            buckets,
+            count,
+            sum_seconds: self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
     }
 
     pub fn summary(&self) -> Summary {
@@ -129,6 +178,36 @@ mod tests {
             );
             last = b;
         }
+    }
+
+    #[test]
+    fn exported_buckets_are_exact_and_cumulative() {
+        let h = Histogram::default();
+        // 15 us, 16 us (the first bound is "below 16 us"), 1 ms, 100 s.
+        for us in [15u64, 16, 1_000, 100_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        h.record_n(Duration::from_micros(31), 3);
+        let c = h.cumulative();
+        assert_eq!(c.count, 7);
+        assert_eq!(c.buckets[0], (16e-6, 1));
+        assert_eq!(c.buckets[1], (32e-6, 5));
+        let at_1024us = c.buckets.iter().find(|(le, _)| *le == 1024e-6).unwrap();
+        assert_eq!(at_1024us.1, 6);
+        assert_eq!(
+            c.buckets.last().unwrap().1,
+            6,
+            "100 s is above the last bound"
+        );
+        assert!(c
+            .buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+        assert!(
+            (c.sum_seconds - 100.001124).abs() < 1e-9,
+            "{}",
+            c.sum_seconds
+        );
     }
 
     #[test]

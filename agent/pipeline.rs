@@ -19,12 +19,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Handles to the live figures of a running pipeline, for progress lines and status.
+/// Handles to the live figures of a running pipeline, for progress lines, metrics and status.
 #[derive(Clone)]
 pub struct Live {
     pub spool: SpoolHandle,
     pub sources: Vec<(String, Arc<SourceStats>)>,
     pub shippers: Vec<(String, Arc<ShipperStats>)>,
+    /// The config the pipeline runs with.
+    pub config: Arc<Config>,
+    /// Version of the applied config document; 0 for the local file.
+    pub config_version: Arc<std::sync::atomic::AtomicU64>,
+    pub started: std::time::SystemTime,
 }
 
 /// Union of the routes' topic filters with the highest QoS asked for each.
@@ -100,6 +105,28 @@ pub async fn run(
             stop_src.clone(),
         )));
     }
+    let live = Live {
+        spool: spool.clone(),
+        sources: source_stats.clone(),
+        shippers: shipper_stats,
+        config: Arc::new(config.clone()),
+        config_version: Arc::default(),
+        started: std::time::SystemTime::now(),
+    };
+    let admin = match config.admin.listen {
+        Some(addr) => match crate::admin::serve(addr, live.clone()).await {
+            Ok((bound, task)) => {
+                tracing::info!(address = %bound, "admin endpoint listening (/metrics /healthz /readyz /status)");
+                Some(task)
+            }
+            Err(e) => {
+                // Shipping matters more than being watched: run on, loudly.
+                tracing::error!(address = %addr, error = %e, "cannot open the admin endpoint; running without /metrics and /readyz (set [admin] listen to a free address)");
+                None
+            }
+        },
+        None => None,
+    };
     tracing::info!(
         gateway = %config.gateway_id,
         brokers = config.brokers.len(),
@@ -108,11 +135,7 @@ pub async fn run(
         spool = %config.spool.path.display(),
         "edgeship running"
     );
-    on_start(Live {
-        spool: spool.clone(),
-        sources: source_stats.clone(),
-        shippers: shipper_stats,
-    });
+    on_start(live);
 
     shutdown.await;
     let started = Instant::now();
@@ -146,6 +169,9 @@ pub async fn run(
         if tokio::time::timeout(left, s).await.is_err() {
             tracing::warn!("a shipper did not finish its call in time; its records stay spooled");
         }
+    }
+    if let Some(task) = admin {
+        task.abort();
     }
     spool.close();
     drop(spool);

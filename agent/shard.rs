@@ -11,7 +11,7 @@ pub fn hash_key(partition_key: &str) -> u128 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardMap {
     /// (starting hash key, ending hash key inclusive, shard id), sorted by start, disjoint.
-    ranges: Vec<(u128, u128, String)>,
+    ranges: Vec<(u128, u128, std::sync::Arc<str>)>,
 }
 
 impl ShardMap {
@@ -29,7 +29,7 @@ impl ShardMap {
             if start > end {
                 return Err(format!("shard {id}: range starts after it ends"));
             }
-            ranges.push((start, end, id.to_string()));
+            ranges.push((start, end, std::sync::Arc::from(id)));
         }
         ranges.sort_by_key(|r| r.0);
         if ranges.windows(2).any(|w| w[0].1 >= w[1].0) {
@@ -50,11 +50,24 @@ impl ShardMap {
     pub fn shard_for_hash(&self, hash: u128) -> Option<&str> {
         let i = self.ranges.partition_point(|r| r.0 <= hash);
         let (_, end, id) = self.ranges.get(i.checked_sub(1)?)?;
-        (hash <= *end).then_some(id.as_str())
+        (hash <= *end).then_some(id.as_ref())
     }
 
     pub fn shard_for(&self, partition_key: &str) -> Option<&str> {
         self.shard_for_hash(hash_key(partition_key))
+    }
+
+    /// The shard id for a partition key, shared (for metric labels and outcomes).
+    pub fn shard_id_for(&self, partition_key: &str) -> Option<std::sync::Arc<str>> {
+        let hash = hash_key(partition_key);
+        let i = self.ranges.partition_point(|r| r.0 <= hash);
+        let (_, end, id) = self.ranges.get(i.checked_sub(1)?)?;
+        (hash <= *end).then(|| id.clone())
+    }
+
+    /// True if `shard_id` is one of the open shards this map was built from.
+    pub fn contains(&self, shard_id: &str) -> bool {
+        self.ranges.iter().any(|(_, _, id)| id.as_ref() == shard_id)
     }
 }
 

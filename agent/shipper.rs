@@ -15,14 +15,18 @@ use crate::batcher::{call_size, entry_cost, Batcher, CallLimits, FramePlan};
 use crate::config::BatchConfig;
 use crate::frame;
 use crate::logging::Repeated;
-use crate::sink::{Entry, Sink};
+use crate::sink::{is_throttle, Entry, Sink};
 use crate::spool::SpoolHandle;
 use rand::Rng;
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// Distinct error codes kept per destination; further codes are counted as `other`, so a
+/// misbehaving endpoint cannot grow the metrics without bound.
+const MAX_ERROR_CODES: usize = 32;
 
 /// Live figures of one destination.
 #[derive(Debug, Default)]
@@ -31,17 +35,86 @@ pub struct ShipperStats {
     pub call_failures: AtomicU64,
     pub entries_accepted: AtomicU64,
     pub entries_failed: AtomicU64,
+    /// Entries (frames) that failed because the destination throttled them, per entry or as
+    /// part of a whole call refused for throttling.
+    pub entries_throttled: AtomicU64,
+    /// Entries sent again after a failure.
+    pub entries_retried: AtomicU64,
     pub records_accepted: AtomicU64,
     /// Frame bytes the destination accepted (what the uplink carried, once).
     pub bytes_accepted: AtomicU64,
     /// Uncompressed record bytes inside accepted frames.
     pub raw_bytes_accepted: AtomicU64,
+    /// From a record's receipt to its destination accepting it.
+    pub end_to_end_latency: crate::metrics::Histogram,
+    /// Encoded frame bytes held in memory, waiting to be sent or resent.
+    pub queued_bytes: AtomicU64,
+    /// True from a failed call (or entry) until a call succeeds entirely.
+    pub failing: AtomicBool,
+    /// Unix ms of the last call whose entries were all accepted; 0 before the first.
+    pub last_success_ms: AtomicU64,
+    /// Failures by error code (entries and whole calls), at most [`MAX_ERROR_CODES`] codes.
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    /// Per shard (destinations with shards), keyed by shard id.
+    pub shards: Mutex<BTreeMap<Arc<str>, ShardCounters>>,
+    /// The last failure, for status.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What one shard of a destination did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    pub entries_accepted: u64,
+    pub entries_throttled: u64,
+    /// Failed for another reason than throttling.
+    pub entries_failed: u64,
+    pub records_accepted: u64,
+    pub bytes_accepted: u64,
+}
+
+impl ShipperStats {
+    fn count_error(&self, code: &str, n: u64) {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if errors.contains_key(code) || errors.len() < MAX_ERROR_CODES {
+            code
+        } else {
+            "other"
+        };
+        *errors.entry(key.to_string()).or_insert(0) += n;
+    }
+
+    fn set_last_error(&self, text: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn shards(&self) -> BTreeMap<Arc<str>, ShardCounters> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// An encoded frame waiting to be sent or resent.
 struct Pending {
     entry: Entry,
     block_ids: Vec<i64>,
+    /// (receipt time in Unix ms, records) of each block, for the end-to-end latency.
+    ages: Vec<(u64, u32)>,
     records: u64,
     raw_bytes: u64,
     attempts: u32,
@@ -114,6 +187,9 @@ impl Shipper {
                 break;
             }
             let queued_bytes: usize = queue.iter().map(|p| p.entry.data.len()).sum();
+            self.stats
+                .queued_bytes
+                .store(queued_bytes as u64, Ordering::Relaxed);
             let queue_cap = self.max_queued_bytes.min(2 * limits.max_bytes);
             // Lease while little is planned; `exhausted` means the last lease found nothing new.
             if !exhausted
@@ -208,29 +284,58 @@ impl Shipper {
         );
         let call: Vec<Pending> = queue.drain(..n).collect();
         let entries: Vec<&Entry> = call.iter().map(|p| &p.entry).collect();
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let stats = &self.stats;
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        let retried = call.iter().filter(|p| p.attempts > 0).count() as u64;
+        stats.entries_retried.fetch_add(retried, Ordering::Relaxed);
         match self.sink.put(&entries).await {
             Ok(outcomes) => {
+                let now = now_ms();
                 let mut delivered = Vec::new();
                 let mut failed = Vec::new();
                 let mut first_failure = None;
+                let mut per_shard: BTreeMap<Arc<str>, ShardCounters> = BTreeMap::new();
                 for (pending, outcome) in call.into_iter().zip(outcomes) {
                     match outcome {
-                        Ok(()) => {
-                            self.stats.entries_accepted.fetch_add(1, Ordering::Relaxed);
-                            self.stats
+                        Ok(accepted) => {
+                            let bytes = pending.entry.data.len() as u64;
+                            stats.entries_accepted.fetch_add(1, Ordering::Relaxed);
+                            stats
                                 .records_accepted
                                 .fetch_add(pending.records, Ordering::Relaxed);
-                            self.stats
-                                .bytes_accepted
-                                .fetch_add(pending.entry.data.len() as u64, Ordering::Relaxed);
-                            self.stats
+                            stats.bytes_accepted.fetch_add(bytes, Ordering::Relaxed);
+                            stats
                                 .raw_bytes_accepted
                                 .fetch_add(pending.raw_bytes, Ordering::Relaxed);
+                            for &(received_ms, records) in &pending.ages {
+                                stats.end_to_end_latency.record_n(
+                                    Duration::from_millis(now.saturating_sub(received_ms)),
+                                    u64::from(records),
+                                );
+                            }
+                            if let Some(shard) = accepted.shard {
+                                let c = per_shard.entry(shard).or_default();
+                                c.entries_accepted += 1;
+                                c.records_accepted += pending.records;
+                                c.bytes_accepted += bytes;
+                            }
                             delivered.extend(pending.block_ids);
                         }
                         Err(f) => {
-                            self.stats.entries_failed.fetch_add(1, Ordering::Relaxed);
+                            let throttled = is_throttle(&f.code);
+                            stats.entries_failed.fetch_add(1, Ordering::Relaxed);
+                            if throttled {
+                                stats.entries_throttled.fetch_add(1, Ordering::Relaxed);
+                            }
+                            stats.count_error(&f.code, 1);
+                            if let Some(shard) = f.shard.clone() {
+                                let c = per_shard.entry(shard).or_default();
+                                if throttled {
+                                    c.entries_throttled += 1;
+                                } else {
+                                    c.entries_failed += 1;
+                                }
+                            }
                             first_failure.get_or_insert(f);
                             failed.push(Pending {
                                 attempts: pending.attempts + 1,
@@ -239,15 +344,20 @@ impl Shipper {
                         }
                     }
                 }
+                self.add_shard_counts(per_shard);
                 if !delivered.is_empty() && self.spool.delivered(delivered).is_err() {
                     tracing::error!(destination = %self.name, "spool stopped before deliveries were recorded; they will be resent");
                 }
                 let all_ok = failed.is_empty();
                 if let Some(f) = first_failure {
+                    stats.failing.store(true, Ordering::Relaxed);
+                    stats.set_last_error(format!("{}: {}", f.code, f.message));
                     if let Some(repeats) = failing.should_log() {
                         tracing::warn!(destination = %self.name, failed = failed.len(), code = %f.code, message = %f.message, repeats, "entries not accepted; resending only those");
                     }
                 } else {
+                    stats.failing.store(false, Ordering::Relaxed);
+                    stats.last_success_ms.store(now, Ordering::Relaxed);
                     failing.recovered(|n| tracing::info!(destination = %self.name, after_failures = n, "destination accepts again"));
                 }
                 for p in failed.into_iter().rev() {
@@ -256,7 +366,28 @@ impl Shipper {
                 all_ok
             }
             Err(e) => {
-                self.stats.call_failures.fetch_add(1, Ordering::Relaxed);
+                let n = call.len() as u64;
+                let throttled = is_throttle(&e.code);
+                stats.call_failures.fetch_add(1, Ordering::Relaxed);
+                stats.entries_failed.fetch_add(n, Ordering::Relaxed);
+                stats.count_error(&e.code, n);
+                stats.failing.store(true, Ordering::Relaxed);
+                stats.set_last_error(e.message.clone());
+                let mut per_shard: BTreeMap<Arc<str>, ShardCounters> = BTreeMap::new();
+                for p in &call {
+                    if let Some(shard) = self.sink.shard_for(&p.entry.key) {
+                        let c = per_shard.entry(shard).or_default();
+                        if throttled {
+                            c.entries_throttled += 1;
+                        } else {
+                            c.entries_failed += 1;
+                        }
+                    }
+                }
+                if throttled {
+                    stats.entries_throttled.fetch_add(n, Ordering::Relaxed);
+                }
+                self.add_shard_counts(per_shard);
                 if let Some(repeats) = failing.should_log() {
                     if e.retryable {
                         tracing::warn!(error = %e, repeats, "call failed; records stay spooled and will be resent");
@@ -272,6 +403,21 @@ impl Shipper {
                 }
                 false
             }
+        }
+    }
+
+    fn add_shard_counts(&self, per_shard: BTreeMap<Arc<str>, ShardCounters>) {
+        if per_shard.is_empty() {
+            return;
+        }
+        let mut shards = self.stats.shards.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, c) in per_shard {
+            let t = shards.entry(id).or_default();
+            t.entries_accepted += c.entries_accepted;
+            t.entries_throttled += c.entries_throttled;
+            t.entries_failed += c.entries_failed;
+            t.records_accepted += c.records_accepted;
+            t.bytes_accepted += c.bytes_accepted;
         }
     }
 
@@ -330,6 +476,10 @@ fn encode_fitting(
                 first_seq: bodies[0].0.id,
             },
             block_ids: bodies.iter().map(|(m, _)| m.id).collect(),
+            ages: bodies
+                .iter()
+                .map(|(m, _)| (m.created_ms, m.records))
+                .collect(),
             records,
             raw_bytes: raw.len() as u64,
             attempts: 0,

@@ -1,23 +1,231 @@
-//! Human-readable accounting for `edgeship status`. Formatting only.
+//! The status document: what `edgeship status` shows and `/status` serves. Built from a
+//! running agent's live figures, or from the spool file when the agent is stopped; rendered as
+//! text for people and as JSON for scripts.
+//!
+//! Formatting and a small loopback HTTP GET; this module never changes the agent's state.
 
+use crate::pipeline::Live;
 use crate::spool::Accounting;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
+use std::io::{Read, Write as _};
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
-pub fn render(spool: &Path, acc: &Accounting) -> String {
+/// One readiness check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// "agent" (from the running agent) or "spool" (read from the file; agent stopped).
+    pub source: String,
+    pub agent_version: String,
+    pub gateway_id: Option<String>,
+    pub config_version: Option<u64>,
+    pub uptime_seconds: Option<u64>,
+    pub ready: Option<bool>,
+    pub checks: Vec<Check>,
+    pub spool: SpoolStatus,
+    pub brokers: Vec<BrokerStatus>,
+    pub destinations: Vec<DestinationStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpoolStatus {
+    pub path: String,
+    pub accounting: Accounting,
+    pub balances: bool,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub file_bytes: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerStatus {
+    pub name: String,
+    pub connected: bool,
+    pub connections: u64,
+    pub connection_errors: u64,
+    pub messages: u64,
+    pub unacked: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DestinationStatus {
+    pub name: String,
+    pub records_accepted: u64,
+    pub entries_accepted: u64,
+    pub entries_throttled: u64,
+    pub entries_failed: u64,
+    pub failing: bool,
+    pub last_success_age_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl StatusDoc {
+    pub fn from_live(live: &Live, checks: Vec<Check>) -> StatusDoc {
+        let committed = live.spool.stats().committed();
+        let accounting = committed.accounting();
+        let path = &live.config.spool.path;
+        let now = now_ms();
+        StatusDoc {
+            source: "agent".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            gateway_id: Some(live.config.gateway_id.clone()),
+            config_version: Some(live.config_version.load(Relaxed)),
+            uptime_seconds: live.started.elapsed().ok().map(|d| d.as_secs()),
+            ready: Some(checks.iter().all(|c| c.ok)),
+            checks,
+            spool: SpoolStatus {
+                path: path.display().to_string(),
+                balances: accounting.balances(),
+                accounting,
+                oldest_pending_age_seconds: committed
+                    .oldest_pending_ms
+                    .map(|ms| now.saturating_sub(ms) as f64 / 1000.0),
+                file_bytes: crate::admin::process::spool_file_bytes(path),
+                disk_free_bytes: crate::admin::process::disk_free_bytes(path),
+                max_bytes: Some(live.config.spool.max_bytes),
+            },
+            brokers: live
+                .sources
+                .iter()
+                .map(|(name, s)| BrokerStatus {
+                    name: name.clone(),
+                    connected: s.connected.load(Relaxed),
+                    connections: s.connects.load(Relaxed),
+                    connection_errors: s.connection_errors.load(Relaxed),
+                    messages: s.messages.load(Relaxed),
+                    unacked: s.unacked.load(Relaxed),
+                })
+                .collect(),
+            destinations: live
+                .shippers
+                .iter()
+                .map(|(name, s)| {
+                    let last = s.last_success_ms.load(Relaxed);
+                    let throttled = s.entries_throttled.load(Relaxed);
+                    DestinationStatus {
+                        name: name.clone(),
+                        records_accepted: s.records_accepted.load(Relaxed),
+                        entries_accepted: s.entries_accepted.load(Relaxed),
+                        entries_throttled: throttled,
+                        entries_failed: s.entries_failed.load(Relaxed).saturating_sub(throttled),
+                        failing: s.failing.load(Relaxed),
+                        last_success_age_seconds: (last > 0)
+                            .then(|| now.saturating_sub(last) as f64 / 1000.0),
+                        last_error: s.last_error(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The document of a stopped agent: only what the spool file holds.
+    pub fn from_spool(path: &Path, accounting: Accounting) -> StatusDoc {
+        StatusDoc {
+            source: "spool".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            gateway_id: None,
+            config_version: None,
+            uptime_seconds: None,
+            ready: None,
+            checks: Vec::new(),
+            spool: SpoolStatus {
+                path: path.display().to_string(),
+                balances: accounting.balances(),
+                accounting,
+                oldest_pending_age_seconds: None,
+                file_bytes: crate::admin::process::spool_file_bytes(path),
+                disk_free_bytes: crate::admin::process::disk_free_bytes(path),
+                max_bytes: None,
+            },
+            brokers: Vec::new(),
+            destinations: Vec::new(),
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// The text `edgeship status` prints.
+pub fn render(doc: &StatusDoc) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "spool      {}", spool.display());
+    let acc = &doc.spool.accounting;
+    match doc.source.as_str() {
+        "agent" => {
+            let _ = writeln!(
+                s,
+                "edgeship {}  gateway {}  up {}s  config version {}  {}",
+                doc.agent_version,
+                doc.gateway_id.as_deref().unwrap_or("?"),
+                doc.uptime_seconds.unwrap_or(0),
+                doc.config_version.unwrap_or(0),
+                if doc.ready == Some(true) {
+                    "READY"
+                } else {
+                    "NOT READY"
+                }
+            );
+        }
+        _ => {
+            let _ = writeln!(s, "agent not running (figures read from the spool file)");
+        }
+    }
+    for c in &doc.checks {
+        let _ = writeln!(
+            s,
+            "  [{}] {:<24} {}",
+            if c.ok { "ok" } else { "!!" },
+            c.name,
+            c.detail
+        );
+    }
+    let _ = writeln!(s, "spool      {}", doc.spool.path);
     let _ = writeln!(s, "received   {}", acc.received);
     let _ = writeln!(s, "delivered  {}", acc.delivered);
     let _ = writeln!(s, "dropped    {}", acc.dropped);
     for (reason, n) in &acc.dropped_by_reason {
         let _ = writeln!(s, "  {reason:<16} {n}");
     }
-    let _ = writeln!(
+    let _ = write!(
         s,
-        "pending    {} ({} bytes spooled)",
+        "pending    {} ({} bytes spooled",
         acc.pending, acc.pending_bytes
     );
+    if let Some(age) = doc.spool.oldest_pending_age_seconds {
+        let _ = write!(s, ", oldest {age:.1}s");
+    }
+    let _ = writeln!(s, ")");
+    let mut disk = Vec::new();
+    if let Some(b) = doc.spool.file_bytes {
+        disk.push(format!("file {}", mib(b)));
+    }
+    if let Some(b) = doc.spool.max_bytes {
+        disk.push(format!("cap {}", mib(b)));
+    }
+    if let Some(b) = doc.spool.disk_free_bytes {
+        disk.push(format!("disk free {}", mib(b)));
+    }
+    if !disk.is_empty() {
+        let _ = writeln!(s, "disk       {}", disk.join(", "));
+    }
     let _ = writeln!(
         s,
         "dead letters {}   quarantined blocks {}",
@@ -26,11 +234,83 @@ pub fn render(spool: &Path, acc: &Accounting) -> String {
     let _ = writeln!(
         s,
         "balance    received = delivered + dropped + pending: {}",
-        if acc.balances() {
+        if doc.spool.balances {
             "holds"
         } else {
             "DOES NOT HOLD"
         }
     );
+    for b in &doc.brokers {
+        let _ = writeln!(
+            s,
+            "broker     {:<12} {}  connections {}  errors {}  messages {}  unacked {}",
+            b.name,
+            if b.connected { "connected" } else { "DOWN" },
+            b.connections,
+            b.connection_errors,
+            b.messages,
+            b.unacked
+        );
+    }
+    for d in &doc.destinations {
+        let _ = write!(
+            s,
+            "destination {:<11} {}  records {}  entries ok {} throttled {} failed {}",
+            d.name,
+            if d.failing { "FAILING" } else { "ok" },
+            d.records_accepted,
+            d.entries_accepted,
+            d.entries_throttled,
+            d.entries_failed
+        );
+        if let Some(age) = d.last_success_age_seconds {
+            let _ = write!(s, "  last success {age:.1}s ago");
+        }
+        let _ = writeln!(s);
+        if let (true, Some(e)) = (d.failing, &d.last_error) {
+            let _ = writeln!(s, "            last error: {e}");
+        }
+    }
     s
+}
+
+/// GETs `path` from the agent's admin endpoint; the body if the answer is 200.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .take(64 << 20)
+        .read_to_end(&mut response)
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8(response).map_err(|_| "the answer is not UTF-8".to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("the answer has no HTTP header")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("HTTP {status}: {}", body.trim()));
+    }
+    if head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"))
+    {
+        return Err("unexpected chunked answer".into());
+    }
+    Ok(body.to_string())
+}
+
+/// The status document of the agent listening at `addr`.
+pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusDoc, String> {
+    let body = http_get(addr, "/status", timeout)?;
+    serde_json::from_str(&body).map_err(|e| format!("cannot read the status document: {e}"))
 }

@@ -20,6 +20,31 @@ fi
 echo "==> Kinesis emulator (npm: kinesis-local)"
 npm ci --prefix tests/support --no-audit --no-fund --loglevel=error
 
+# Python tools the tests run: prometheus-client (exposition parser) and zstandard (the consumer
+# decoder in consumers/python). A venv keeps them off the system Python.
+echo "==> Python test tools (PyPI: prometheus-client, zstandard)"
+if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv
+fi
+[ -x tests/support/.venv/bin/python3 ] || python3 -m venv tests/support/.venv
+tests/support/.venv/bin/pip install --quiet --disable-pip-version-check -r tests/support/requirements.txt
+
+# promtool (the Prometheus project's exposition checker) comes from Debian's prometheus
+# package; only the one binary is extracted, so no Prometheus server is installed or started.
+if [ ! -x tests/support/bin/promtool ]; then
+  echo "==> promtool (apt: prometheus, extracted)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) || {
+    as_root apt-get update -qq
+    (cd "$tmp" && apt-get download prometheus >/dev/null)
+  }
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p tests/support/bin
+  cp "$tmp/root/usr/bin/promtool" tests/support/bin/promtool
+  rm -rf "$tmp"
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings"
@@ -28,6 +53,34 @@ echo "==> criterion benchmarks in test mode (each runs once)"
 cargo test --release --locked --bench hot_paths
 echo "==> load program, quick mode (a smoke test: it prints figures and asserts no timings)"
 cargo bench --locked --bench load -- --quick
+echo "==> Python consumer decoder (consumers/python), against frames of the built agent"
+cargo build --release --locked --bin edgeship
+EDGESHIP_BIN="${CARGO_TARGET_DIR:-target}/release/edgeship" \
+  tests/support/.venv/bin/python3 -m unittest discover -s consumers/python
+# The .deb (packaging/): built from the same release binary, linted, then installed, upgraded,
+# removed and purged on this machine. That changes the system, so it runs only as root (CI)
+# or when EDGESHIP_TEST_DEB=1 asks for it.
+if [ "$(id -u)" -eq 0 ] || [ "${EDGESHIP_TEST_DEB:-0}" = 1 ]; then
+  echo "==> .deb package: build, lintian, install/upgrade/purge test"
+  need=()
+  for tool in lintian systemd-analyze adduser; do command -v "$tool" >/dev/null || need+=("$tool"); done
+  if [ ${#need[@]} -gt 0 ]; then
+    pkgs=(lintian adduser ca-certificates)
+    command -v systemd-analyze >/dev/null || pkgs+=(systemd)
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+  fi
+  deb_out=$(mktemp -d)
+  bin="${CARGO_TARGET_DIR:-target}/release/edgeship"
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+  packaging/build-deb.sh --arch amd64 --binary "$bin" --out "$deb_out"
+  packaging/build-deb.sh --arch amd64 --binary "$bin" --version "$version-1+upgrade" --out "$deb_out"
+  lintian --fail-on error,warning "$deb_out/edgeship_${version}_amd64.deb"
+  as_root packaging/test-deb.sh "$deb_out/edgeship_${version}_amd64.deb" "$deb_out/edgeship_${version}-1+upgrade_amd64.deb"
+  rm -rf "$deb_out"
+else
+  echo "==> .deb package test skipped (not root; EDGESHIP_TEST_DEB=1 runs it with sudo)"
+fi
 echo "==> cargo test (unit + end-to-end), last so its summary closes the run"
 # Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
 cargo test --release --locked --lib --bins --test e2e -- --test-threads 2

@@ -37,7 +37,19 @@ pub struct Config {
     pub brokers: Vec<BrokerConfig>,
     pub routes: Vec<RouteConfig>,
     pub destinations: BTreeMap<String, DestinationConfig>,
+    pub admin: AdminConfig,
 }
+
+/// The local HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `None` when the config says `listen = "off"`.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Where the admin endpoint listens unless the config says otherwise: loopback only, since it
+/// has no authentication.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9710";
 
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -541,6 +553,29 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         return Err(src.error_at(None, "broker", "at least one [[broker]] is needed".into()));
     }
 
+    let admin = match raw.admin.listen {
+        Some(l) if l.get_ref() == "off" => AdminConfig { listen: None },
+        Some(l) => {
+            let span = l.span();
+            let text = l.into_inner();
+            let addr = text.parse::<std::net::SocketAddr>().map_err(|_| {
+                src.error_at(
+                    Some(span),
+                    "admin.listen",
+                    format!("`{text}` is not an IP:port address (or \"off\")"),
+                )
+            })?;
+            AdminConfig { listen: Some(addr) }
+        }
+        None => AdminConfig {
+            listen: Some(
+                DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("default address parses"),
+            ),
+        },
+    };
+
     Ok(Config {
         gateway_id,
         shutdown_timeout: raw
@@ -551,6 +586,7 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         brokers,
         routes,
         destinations,
+        admin,
     })
 }
 

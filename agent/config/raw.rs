@@ -24,6 +24,14 @@ pub struct RawConfig {
     pub route: Vec<RawRoute>,
     #[serde(default)]
     pub destination: BTreeMap<String, Spanned<RawDestination>>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

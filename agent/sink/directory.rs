@@ -2,7 +2,7 @@
 //! into place, so a reader never sees half a frame. Used by `edgeship demo`, and by operators
 //! who want frames on disk (e.g. for a later bulk upload). `edgeship decode FILE` reads them.
 
-use super::{Entry, EntryFailure, SinkError};
+use super::{Accepted, Entry, EntryFailure, Outcome, SinkError};
 use std::path::{Path, PathBuf};
 
 pub struct DirectorySink {
@@ -14,6 +14,7 @@ impl DirectorySink {
     pub fn open(name: &str, dir: &Path) -> Result<DirectorySink, SinkError> {
         std::fs::create_dir_all(dir).map_err(|e| SinkError {
             destination: name.to_string(),
+            code: "IoError".into(),
             message: format!("cannot create {}: {e}", dir.display()),
             retryable: false,
         })?;
@@ -23,10 +24,7 @@ impl DirectorySink {
         })
     }
 
-    pub async fn put(
-        &self,
-        entries: &[&Entry],
-    ) -> Result<Vec<Result<(), EntryFailure>>, SinkError> {
+    pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             let file = self.dir.join(format!("{:020}.eshp", e.first_seq));
@@ -36,10 +34,15 @@ impl DirectorySink {
                 tokio::fs::rename(&tmp, &file).await
             }
             .await;
-            out.push(written.map_err(|err| EntryFailure {
-                code: "IoError".into(),
-                message: format!("{}: {}: {err}", self.name, file.display()),
-            }));
+            out.push(
+                written
+                    .map(|()| Accepted::default())
+                    .map_err(|err| EntryFailure {
+                        code: "IoError".into(),
+                        message: format!("{}: {}: {err}", self.name, file.display()),
+                        shard: None,
+                    }),
+            );
         }
         Ok(out)
     }

@@ -4,19 +4,88 @@
 //!
 //! The SDK's own retries are off: a whole-call failure comes back as [`SinkError`] and partial
 //! failures per entry, so the shipper alone decides what is resent.
+//!
+//! The stream's open shards are learned with ListShards in the background (at start, when
+//! unknown, and when an accepted entry lands on a shard the map does not have, i.e. after a
+//! reshard), so outcomes carry the shard an entry went to, or was meant for. Sending never
+//! waits for that discovery.
 
-use super::{Entry, EntryFailure, SinkError};
+use super::{Accepted, Entry, EntryFailure, Outcome, SinkError};
 use crate::config::KinesisConfig;
+use crate::shard::ShardMap;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Shard discovery is retried at most this often.
+const SHARD_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
 pub struct KinesisSink {
     name: String,
     stream: String,
     client: aws_sdk_kinesis::Client,
+    shards: Arc<Mutex<Shards>>,
+}
+
+#[derive(Default)]
+struct Shards {
+    map: Option<Arc<ShardMap>>,
+    /// When discovery last started; `running` while a ListShards walk is under way.
+    last_attempt: Option<Instant>,
+    running: bool,
+}
+
+/// Walks ListShards (all pages) and returns the open shards' map.
+async fn list_open_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<ShardMap, String> {
+    let mut ranges: Vec<(String, String, String)> = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        // The API takes either the stream name or a continuation token, never both.
+        let request = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = request
+            .send()
+            .await
+            .map_err(|e| match e.as_service_error() {
+                Some(s) => format!(
+                    "{}: {}",
+                    s.code().unwrap_or("Unknown"),
+                    s.message().unwrap_or("")
+                ),
+                None => error_chain(&e),
+            })?;
+        for shard in page.shards() {
+            // A shard with an ending sequence number is closed (split or merged away).
+            let closed = shard
+                .sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_some();
+            if let (false, Some(range)) = (closed, shard.hash_key_range()) {
+                ranges.push((
+                    shard.shard_id().to_string(),
+                    range.starting_hash_key().to_string(),
+                    range.ending_hash_key().to_string(),
+                ));
+            }
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    ShardMap::new(
+        ranges
+            .iter()
+            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
+    )
 }
 
 /// Loads the AWS config the way every AWS client of the agent does: rustls with ring for
@@ -47,30 +116,89 @@ pub async fn aws_config(region: Option<&str>, endpoint: Option<&str>) -> aws_con
 impl KinesisSink {
     pub async fn connect(name: &str, config: &KinesisConfig) -> KinesisSink {
         let sdk = aws_config(config.region.as_deref(), config.endpoint.as_deref()).await;
-        KinesisSink {
+        let sink = KinesisSink {
             name: name.to_string(),
             stream: config.stream.clone(),
             client: aws_sdk_kinesis::Client::new(&sdk),
-        }
+            shards: Arc::default(),
+        };
+        sink.refresh_shards(true);
+        sink
     }
 
-    pub async fn put(
-        &self,
-        entries: &[&Entry],
-    ) -> Result<Vec<Result<(), EntryFailure>>, SinkError> {
+    /// The open shards as last learned, if they are known yet.
+    fn shard_map(&self) -> Option<Arc<ShardMap>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .clone()
+    }
+
+    /// The open shard a partition key maps to, when the shards are known.
+    pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {
+        self.shard_map()?.shard_id_for(key)
+    }
+
+    /// Starts a background ListShards walk unless one runs or ran recently (`now` skips the
+    /// wait).
+    fn refresh_shards(&self, now: bool) {
+        {
+            let mut s = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+            let recent = s
+                .last_attempt
+                .is_some_and(|t| t.elapsed() < SHARD_REFRESH_EVERY);
+            if s.running || (recent && !now) {
+                return;
+            }
+            s.running = true;
+            s.last_attempt = Some(Instant::now());
+        }
+        let (client, stream, name, shards) = (
+            self.client.clone(),
+            self.stream.clone(),
+            self.name.clone(),
+            self.shards.clone(),
+        );
+        tokio::spawn(async move {
+            let found = list_open_shards(&client, &stream).await;
+            let mut s = shards.lock().unwrap_or_else(|p| p.into_inner());
+            s.running = false;
+            match found {
+                Ok(map) => {
+                    if s.map.as_deref() != Some(&map) {
+                        tracing::info!(destination = %name, %stream, open_shards = map.len(), "learned the stream's shards");
+                    }
+                    s.map = Some(Arc::new(map));
+                }
+                Err(e) => {
+                    tracing::debug!(destination = %name, %stream, error = %e, "cannot list the stream's shards yet");
+                }
+            }
+        });
+    }
+
+    pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
         let mut request = self.client.put_records().stream_name(&self.stream);
         for e in entries {
             let entry = PutRecordsRequestEntry::builder()
                 .data(Blob::new(e.data.clone()))
                 .partition_key(&e.key)
                 .build()
-                .map_err(|err| self.error(format!("building PutRecords entry: {err}"), false))?;
+                .map_err(|err| {
+                    self.error(
+                        "InvalidEntry",
+                        format!("building PutRecords entry: {err}"),
+                        false,
+                    )
+                })?;
             request = request.records(entry);
         }
         let response = request.send().await.map_err(|err| self.sdk_error(err))?;
         let results = response.records();
         if results.len() != entries.len() {
             return Err(self.error(
+                "ResultCountMismatch",
                 format!(
                     "PutRecords answered {} results for {} entries",
                     results.len(),
@@ -79,21 +207,42 @@ impl KinesisSink {
                 true,
             ));
         }
-        Ok(results
+        let map = self.shard_map();
+        let mut unknown_shard = map.is_none();
+        let outcomes = results
             .iter()
-            .map(|r| match (r.sequence_number(), r.error_code()) {
-                (Some(_), None) => Ok(()),
+            .zip(entries)
+            .map(|(r, e)| match (r.sequence_number(), r.error_code()) {
+                (Some(_), None) => {
+                    let shard = r.shard_id().map(|id| {
+                        match map.as_ref().and_then(|m| m.shard_id_for(&e.key)) {
+                            // Reuse the map's id (no allocation) when it agrees.
+                            Some(known) if &*known == id => known,
+                            _ => {
+                                unknown_shard = true;
+                                Arc::from(id)
+                            }
+                        }
+                    });
+                    Ok(Accepted { shard })
+                }
                 (_, code) => Err(EntryFailure {
                     code: code.unwrap_or("NoSequenceNumber").to_string(),
                     message: r.error_message().unwrap_or_default().to_string(),
+                    shard: map.as_ref().and_then(|m| m.shard_id_for(&e.key)),
                 }),
             })
-            .collect())
+            .collect();
+        if unknown_shard {
+            self.refresh_shards(false);
+        }
+        Ok(outcomes)
     }
 
-    fn error(&self, message: String, retryable: bool) -> SinkError {
+    fn error(&self, code: &str, message: String, retryable: bool) -> SinkError {
         SinkError {
             destination: self.name.clone(),
+            code: code.to_string(),
             message,
             retryable,
         }
@@ -103,7 +252,7 @@ impl KinesisSink {
         &self,
         err: SdkError<E>,
     ) -> SinkError {
-        let (message, retryable) = match &err {
+        let (code, message, retryable) = match &err {
             SdkError::ServiceError(service) => {
                 let code = service.err().code().unwrap_or("Unknown").to_string();
                 let status = service.raw().status().as_u16();
@@ -114,27 +263,43 @@ impl KinesisSink {
                             | "LimitExceededException"
                             | "ThrottlingException"
                     );
-                (
-                    format!(
-                        "PutRecords to stream {}: {code} (HTTP {status}): {}",
-                        self.stream,
-                        service.err().message().unwrap_or("")
-                    ),
-                    retryable,
-                )
+                let message = format!(
+                    "PutRecords to stream {}: {code} (HTTP {status}): {}",
+                    self.stream,
+                    service.err().message().unwrap_or("")
+                );
+                // A code with no shape (e.g. a proxy's 502 page) is labelled by its status.
+                let code = if code == "Unknown" {
+                    format!("Http{status}")
+                } else {
+                    code
+                };
+                (code, message, retryable)
             }
             SdkError::TimeoutError(_) => (
+                "Timeout".to_string(),
                 format!("PutRecords to stream {}: timed out", self.stream),
                 true,
             ),
             SdkError::DispatchFailure(d) => (
+                "Connect".to_string(),
                 format!(
                     "PutRecords to stream {}: cannot connect: {d:?}",
                     self.stream
                 ),
                 true,
             ),
+            SdkError::ResponseError(_) => (
+                "BadResponse".to_string(),
+                format!(
+                    "PutRecords to stream {}: {}",
+                    self.stream,
+                    error_chain(&err)
+                ),
+                true,
+            ),
             other => (
+                "Other".to_string(),
                 format!(
                     "PutRecords to stream {}: {}",
                     self.stream,
@@ -143,7 +308,7 @@ impl KinesisSink {
                 true,
             ),
         };
-        self.error(message, retryable)
+        self.error(&code, message, retryable)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod kinesis;
 
 use crate::batcher::{CallLimits, KINESIS_CALL};
 use crate::config::DestinationConfig;
+use std::sync::Arc;
 
 /// One destination record: a frame and its partition key.
 #[derive(Debug, Clone)]
@@ -19,11 +20,33 @@ pub struct Entry {
     pub first_seq: i64,
 }
 
+/// One entry was accepted; `shard` is where it landed, when the destination has shards.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Accepted {
+    pub shard: Option<Arc<str>>,
+}
+
 /// Why one entry of a call was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryFailure {
     pub code: String,
     pub message: String,
+    /// The shard the entry was meant for, if known.
+    pub shard: Option<Arc<str>>,
+}
+
+/// What the destination said about one entry.
+pub type Outcome = Result<Accepted, EntryFailure>;
+
+/// Error codes that mean "too fast, slow down" rather than "broken".
+pub fn is_throttle(code: &str) -> bool {
+    matches!(
+        code,
+        "ProvisionedThroughputExceededException"
+            | "LimitExceededException"
+            | "ThrottlingException"
+            | "KMSThrottlingException"
+    )
 }
 
 /// A whole call failed; nothing in it was accepted.
@@ -31,6 +54,8 @@ pub struct EntryFailure {
 #[error("{destination}: {message}")]
 pub struct SinkError {
     pub destination: String,
+    /// Short, bounded code for metrics: the service's error code, `Timeout`, `Connect`, ...
+    pub code: String,
     pub message: String,
     /// Worth retrying (network, throttling, 5xx) or a configuration problem (no such stream,
     /// access denied), which is retried too but logged as an error.
@@ -65,13 +90,27 @@ impl Sink {
     }
 
     /// Sends entries; the result has one outcome per entry, in order.
-    pub async fn put(
-        &self,
-        entries: &[&Entry],
-    ) -> Result<Vec<Result<(), EntryFailure>>, SinkError> {
+    pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
         match self {
             Sink::Kinesis(k) => k.put(entries).await,
             Sink::Directory(d) => d.put(entries).await,
+        }
+    }
+
+    /// The kind of destination, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Kinesis(_) => "kinesis",
+            Sink::Directory(_) => "directory",
+        }
+    }
+
+    /// Where an entry with this partition key would go (a shard id), if the destination has
+    /// shards and knows them; used to attribute a whole failed call.
+    pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {
+        match self {
+            Sink::Kinesis(k) => k.shard_for(key),
+            Sink::Directory(_) => None,
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct SourceStats {
     /// most seen at once: the broker's window in practice.
     pub unacked: AtomicU64,
     pub max_unacked_seen: AtomicU64,
+    /// Topic filters the broker granted in its last SUBACK, and filters it refused (ever).
+    pub subscriptions: AtomicU64,
+    pub subscriptions_refused: AtomicU64,
 }
 
 /// A message or a session change, the same for both protocol versions.
@@ -54,6 +57,10 @@ enum SessionEvent {
         payload: Bytes,
         qos: u8,
         pkid: u16,
+    },
+    SubAck {
+        granted: u64,
+        refused: u64,
     },
     Other,
 }
@@ -141,6 +148,17 @@ impl EventLoop {
                         qos: p.qos as u8,
                         pkid: p.pkid,
                     }),
+                    Event::Incoming(Packet::SubAck(a)) => {
+                        let granted = a
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
+                            .count() as u64;
+                        Ok(SessionEvent::SubAck {
+                            granted,
+                            refused: a.return_codes.len() as u64 - granted,
+                        })
+                    }
                     _ => Ok(SessionEvent::Other),
                 }
             }
@@ -157,6 +175,18 @@ impl EventLoop {
                         qos: p.qos as u8,
                         pkid: p.pkid,
                     }),
+                    Event::Incoming(Packet::SubAck(a)) => {
+                        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+                        let granted = a
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                            .count() as u64;
+                        Ok(SessionEvent::SubAck {
+                            granted,
+                            refused: a.return_codes.len() as u64 - granted,
+                        })
+                    }
                     _ => Ok(SessionEvent::Other),
                 }
             }
@@ -325,9 +355,19 @@ pub async fn run(
                     break;
                 }
             }
+            Ok(SessionEvent::SubAck { granted, refused }) => {
+                stats.subscriptions.store(granted, Ordering::Relaxed);
+                if refused > 0 {
+                    stats
+                        .subscriptions_refused
+                        .fetch_add(refused, Ordering::Relaxed);
+                    tracing::error!(broker = %config.name, refused, granted, "the broker refused topic filters; messages on them will not arrive (check its ACLs)");
+                }
+            }
             Ok(SessionEvent::Other) => {}
             Err(e) => {
                 stats.connected.store(false, Ordering::Relaxed);
+                stats.subscriptions.store(0, Ordering::Relaxed);
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(repeats) = errors.should_log() {
                     tracing::warn!(broker = %config.name, address = %broker, error = %e, repeats, "MQTT connection failed; retrying");

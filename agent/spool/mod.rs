@@ -131,8 +131,37 @@ pub struct SpoolStats {
     pub appended_raw_bytes: AtomicU64,
     pub appended_stored_bytes: AtomicU64,
     pub commits: AtomicU64,
+    /// Transactions that failed (disk full, I/O error) and were retried.
+    pub commit_failures: AtomicU64,
+    /// How long each commit took (the fsync, at sync levels that sync).
+    pub commit_latency: crate::metrics::Histogram,
+    /// False from a failed commit until the next one succeeds.
+    pub writable: AtomicBool,
     /// True while appends are parked because the spool is full (policy `block`).
     pub full: AtomicBool,
+    /// Per-route counters and pending figures as of the last commit.
+    pub committed: Arc<std::sync::Mutex<store::Committed>>,
+    /// Set when the spool thread has ended (closed, or died).
+    pub stopped: AtomicBool,
+}
+
+/// Marks the spool stopped when the thread ends, however it ends.
+struct StoppedOnDrop(Arc<SpoolStats>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+impl SpoolStats {
+    /// A copy of the committed figures (a few small maps).
+    pub fn committed(&self) -> store::Committed {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// A cheap, clonable handle to the spool thread.
@@ -244,7 +273,11 @@ pub fn start(
     if !acc.balances() {
         tracing::warn!(?acc, "spool accounting does not balance at open");
     }
-    let stats = Arc::new(SpoolStats::default());
+    let stats = Arc::new(SpoolStats {
+        committed: store.committed(),
+        writable: AtomicBool::new(true),
+        ..SpoolStats::default()
+    });
     stats.received.store(acc.received, Ordering::Relaxed);
     stats.delivered.store(acc.delivered, Ordering::Relaxed);
     stats.dropped.store(acc.dropped, Ordering::Relaxed);
@@ -270,7 +303,10 @@ pub fn start(
     };
     let thread = std::thread::Builder::new()
         .name("spool".into())
-        .spawn(move || worker.run())
+        .spawn(move || {
+            let _mark = StoppedOnDrop(worker.stats.clone());
+            worker.run()
+        })
         .expect("spawning the spool thread");
     Ok((
         SpoolHandle {
@@ -438,7 +474,10 @@ impl Worker {
                 accepted.push(incoming);
             }
             self.write_appends(&accepted, &mut fx)?;
-            self.store.commit()
+            let started = std::time::Instant::now();
+            let committed = self.store.commit();
+            self.stats.commit_latency.record(started.elapsed());
+            committed
         })();
         match result {
             Ok(()) => {
@@ -461,6 +500,7 @@ impl Worker {
                     .appended_stored_bytes
                     .fetch_add(fx.stored_bytes, Ordering::Relaxed);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.writable.store(true, Ordering::Relaxed);
                 self.publish_totals();
                 if fx.blocks_added {
                     self.commit_tx.send_modify(|n| *n += 1);
@@ -468,6 +508,8 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
+                self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.writable.store(false, Ordering::Relaxed);
                 self.store.rollback();
                 accepted.extend(queue);
                 self.parked = accepted.into();

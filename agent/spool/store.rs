@@ -21,8 +21,9 @@
 use crate::config::SyncLevel;
 use crate::frame;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -71,7 +72,7 @@ pub struct NewRecord<'a> {
 }
 
 /// Accounting terms read from a spool file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Accounting {
     pub received: u64,
     pub delivered: u64,
@@ -90,13 +91,66 @@ impl Accounting {
     }
 }
 
+/// The spool's figures as of the last commit, shared with readers on other threads (metrics,
+/// status) so they never wait for the spool thread or query the file.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    /// (route, counter name) -> value, as in the `counters` table (without `next_seq`).
+    pub counters: BTreeMap<(String, String), u64>,
+    /// route -> (records, stored bytes) still spooled.
+    pub pending: BTreeMap<String, (u64, u64)>,
+    pub dead_letters: u64,
+    pub quarantined_blocks: u64,
+    /// Receipt time (ms since the Unix epoch) of the oldest spooled record.
+    pub oldest_pending_ms: Option<u64>,
+}
+
+impl Committed {
+    /// The same terms [`read_accounting_at`] reads from the file.
+    pub fn accounting(&self) -> Accounting {
+        let mut acc = Accounting::default();
+        for ((_, name), value) in &self.counters {
+            match name.as_str() {
+                "received" => acc.received += value,
+                "delivered" => acc.delivered += value,
+                other => {
+                    if let Some(reason) = other.strip_prefix("dropped_") {
+                        acc.dropped += value;
+                        *acc.dropped_by_reason.entry(reason.to_string()).or_insert(0) += value;
+                    }
+                }
+            }
+        }
+        for (records, bytes) in self.pending.values() {
+            acc.pending += records;
+            acc.pending_bytes += bytes;
+        }
+        acc.dead_letters = self.dead_letters;
+        acc.quarantined_blocks = self.quarantined_blocks;
+        acc
+    }
+
+    /// A counter of one route, 0 if it never moved.
+    pub fn counter(&self, route: &str, name: &str) -> u64 {
+        self.counters
+            .get(&(route.to_string(), name.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
     next_seq: u64,
     pending_records: u64,
     pending_bytes: u64,
+    /// The same, per route.
+    pending_by_route: BTreeMap<String, (u64, u64)>,
     dead_letters: u64,
+    quarantined_blocks: u64,
+    /// Published after every successful commit.
+    committed: Arc<Mutex<Committed>>,
     compressor: zstd::bulk::Compressor<'static>,
     /// Counter changes of the open transaction, written just before commit.
     counter_deltas: HashMap<(String, String), i64>,
@@ -215,27 +269,95 @@ impl Store {
             .optional()
             .map_err(err)?
             .unwrap_or(1);
-        let (max_end, pending_records, pending_bytes): (i64, i64, i64) = conn
+        let max_end: i64 = conn
             .query_row(
-                "SELECT COALESCE(MAX(id + records), 1), COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
+                "SELECT COALESCE(MAX(id + records), 1) FROM blocks",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| r.get(0),
             )
             .map_err(err)?;
-        let dead_letters: i64 = conn
-            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
-            .map_err(err)?;
+        let mut counters = BTreeMap::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT route, name, value FROM counters WHERE name <> 'next_seq'")
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(err)?;
+            for row in rows {
+                let (route, name, value) = row.map_err(err)?;
+                counters.insert((route, name), value.max(0) as u64);
+            }
+        }
         let compressor = zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid");
-        Ok(Store {
+        let mut store = Store {
             conn,
             path: path.to_path_buf(),
             next_seq: stored_next.max(max_end) as u64,
-            pending_records: pending_records as u64,
-            pending_bytes: pending_bytes as u64,
-            dead_letters: dead_letters as u64,
+            pending_records: 0,
+            pending_bytes: 0,
+            pending_by_route: BTreeMap::new(),
+            dead_letters: 0,
+            quarantined_blocks: 0,
+            committed: Arc::default(),
             compressor,
             counter_deltas: HashMap::new(),
-        })
+        };
+        store.reload_totals()?;
+        store.publish(Some(counters));
+        Ok(store)
+    }
+
+    /// The figures of the last commit, for other threads.
+    pub fn committed(&self) -> Arc<Mutex<Committed>> {
+        self.committed.clone()
+    }
+
+    fn add_pending(&mut self, route: &str, records: u64, bytes: u64) {
+        self.pending_records += records;
+        self.pending_bytes += bytes;
+        let p = self.pending_by_route.entry(route.to_string()).or_default();
+        p.0 += records;
+        p.1 += bytes;
+    }
+
+    fn sub_pending(&mut self, route: &str, records: u64, bytes: u64) {
+        self.pending_records -= records;
+        self.pending_bytes -= bytes;
+        if let Some(p) = self.pending_by_route.get_mut(route) {
+            p.0 = p.0.saturating_sub(records);
+            p.1 = p.1.saturating_sub(bytes);
+        }
+    }
+
+    /// Publishes the committed figures: `counters` replaces the totals (at open), otherwise
+    /// the deltas of the transaction that just committed are added.
+    fn publish(&mut self, counters: Option<BTreeMap<(String, String), u64>>) {
+        let oldest: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT created_ms FROM blocks ORDER BY id LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .unwrap_or(None);
+        let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        match counters {
+            Some(all) => c.counters = all,
+            None => {
+                for ((route, name), delta) in &self.counter_deltas {
+                    let v = c.counters.entry((route.clone(), name.clone())).or_insert(0);
+                    *v = v.saturating_add_signed(*delta);
+                }
+            }
+        }
+        c.pending.clone_from(&self.pending_by_route);
+        c.dead_letters = self.dead_letters;
+        c.quarantined_blocks = self.quarantined_blocks;
+        c.oldest_pending_ms = oldest.map(|ms| ms.max(0) as u64);
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
@@ -285,6 +407,9 @@ impl Store {
                 .execute([self.next_seq as i64])?;
             self.conn.execute_batch("COMMIT")
         })();
+        if result.is_ok() {
+            self.publish(None);
+        }
         self.counter_deltas.clear();
         result.map_err(|e| self.err(e))
     }
@@ -298,21 +423,38 @@ impl Store {
     }
 
     fn reload_totals(&mut self) -> Result<(), SpoolError> {
-        let (next, records, bytes): (i64, i64, i64) = self
+        let next: i64 = self
             .conn
             .query_row(
-                "SELECT MAX(COALESCE((SELECT value FROM counters WHERE route = '' AND name = 'next_seq'), 1), COALESCE(MAX(id + records), 1)),
-                        COALESCE(SUM(records), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks",
+                "SELECT MAX(COALESCE((SELECT value FROM counters WHERE route = '' AND name = 'next_seq'), 1), COALESCE(MAX(id + records), 1)) FROM blocks",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| r.get(0),
             )
             .map_err(|e| self.err(e))?;
         self.next_seq = next as u64;
-        self.pending_records = records as u64;
-        self.pending_bytes = bytes as u64;
+        let by_route: Vec<(String, i64, i64)> = self
+            .conn
+            .prepare("SELECT route, SUM(records), SUM(LENGTH(data)) FROM blocks GROUP BY route")
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.err(e))?;
+        self.pending_records = 0;
+        self.pending_bytes = 0;
+        self.pending_by_route.clear();
+        for (route, records, bytes) in by_route {
+            self.add_pending(&route, records as u64, bytes as u64);
+        }
         self.dead_letters = self
             .conn
             .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| self.err(e))? as u64;
+        self.quarantined_blocks = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map_err(|e| self.err(e))? as u64;
@@ -367,8 +509,7 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         self.next_seq += records.len() as u64;
-        self.pending_records += records.len() as u64;
-        self.pending_bytes += data.len() as u64;
+        self.add_pending(route, records.len() as u64, data.len() as u64);
         self.count(route, "received", records.len() as u64);
         Ok(meta)
     }
@@ -497,8 +638,12 @@ impl Store {
             self.rollback();
             return Err(self.err(e));
         }
-        self.pending_records -= u64::from(meta.records);
-        self.pending_bytes -= u64::from(meta.stored_bytes);
+        self.sub_pending(
+            &meta.route,
+            u64::from(meta.records),
+            u64::from(meta.stored_bytes),
+        );
+        self.quarantined_blocks += 1;
         self.count(&meta.route, "dropped_corrupt", u64::from(meta.records));
         self.commit()
     }
@@ -554,8 +699,7 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         Ok(row.map(|(route, records, bytes)| {
-            self.pending_records -= u64::from(records);
-            self.pending_bytes -= bytes as u64;
+            self.sub_pending(&route, u64::from(records), bytes as u64);
             self.count(&route, counter, u64::from(records));
             (route, records)
         }))

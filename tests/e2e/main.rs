@@ -1,7 +1,10 @@
 //! End-to-end tests: the agent binary between a real Mosquitto and the real Kinesis emulator,
 //! all on 127.0.0.1. See `support.rs` for the harness.
 
+mod kinesis_proxy;
 mod support;
 
 mod bad_input;
+mod consumers;
+mod observe;
 mod pipeline;

@@ -88,7 +88,8 @@ impl Mosquitto {
         m
     }
 
-    fn spawn(&mut self) {
+    /// Starts it again after [`Mosquitto::stop`], on the same port.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -292,6 +293,10 @@ pub struct StreamContents {
     /// For each message, its Kinesis record's ApproximateArrivalTimestamp (unix ms).
     pub arrivals_ms: Vec<u64>,
     pub partition_keys: Vec<String>,
+    /// Per shard id: (messages, frame bytes without keys).
+    pub per_shard: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Every record's data as it came out of the stream.
+    pub raw_records: Vec<Vec<u8>>,
 }
 
 pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> StreamContents {
@@ -337,6 +342,13 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                     frame::decode_frame(data).expect("every record in the stream is a valid frame");
                 out.arrivals_ms
                     .extend(std::iter::repeat_n(arrived, f.records.len()));
+                let per = out
+                    .per_shard
+                    .entry(shard.shard_id().to_string())
+                    .or_default();
+                per.0 += f.records.len() as u64;
+                per.1 += data.len() as u64;
+                out.raw_records.push(data.to_vec());
                 out.messages.extend(f.records);
             }
             if page.records().is_empty()
@@ -441,6 +453,8 @@ pub struct Agent {
     pub config_path: PathBuf,
     pub spool_path: PathBuf,
     pub log_path: PathBuf,
+    /// Where its admin endpoint listens (a free port, added to configs that set none).
+    pub admin: std::net::SocketAddr,
     child: Option<Child>,
 }
 
@@ -485,15 +499,25 @@ endpoint = "{endpoint}"
 impl Agent {
     pub fn start(dir: &Path, config: &str) -> Agent {
         let config_path = dir.join("edgeship.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let spool_path = edgeship::config::Config::parse(config, "test")
-            .expect("test config is valid")
-            .spool
-            .path;
+        let config = if config.contains("[admin]") {
+            config.to_string()
+        } else {
+            format!(
+                "{config}\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+                free_port()
+            )
+        };
+        std::fs::write(&config_path, &config).unwrap();
+        let parsed =
+            edgeship::config::Config::parse(&config, "test").expect("test config is valid");
         let mut a = Agent {
             config_path,
-            spool_path,
+            spool_path: parsed.spool.path,
             log_path: dir.join("agent.log"),
+            admin: parsed
+                .admin
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap()),
             child: None,
         };
         a.spawn();
@@ -554,6 +578,33 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// GETs a path from the admin endpoint: (HTTP status, body); `None` if it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    }
+
+    /// One `/metrics` scrape, parsed.
+    pub fn scrape(&self) -> Scrape {
+        let (status, body) = wait_for(
+            "the admin endpoint to answer",
+            Duration::from_secs(20),
+            || self.get("/metrics"),
+        );
+        assert_eq!(status, 200, "{body}");
+        Scrape::parse(&body)
     }
 
     pub fn accounting(&self) -> Option<edgeship::spool::Accounting> {
@@ -767,4 +818,158 @@ pub fn noise(device: u32, seq: u32, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading the agent's /metrics.
+
+/// A parsed scrape: every sample by name and labels. Parsing is strict about the sample
+/// syntax; the exposition format itself is checked by real parsers in the tests.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub text: String,
+    pub samples: Vec<Sample>,
+}
+
+/// (metric name, labels, value).
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+            };
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_string(), Vec::new()),
+                Some((name, rest)) => {
+                    let rest = rest.strip_suffix('}').expect("labels end with }");
+                    let mut labels = Vec::new();
+                    let mut chars = rest.chars().peekable();
+                    while chars.peek().is_some() {
+                        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                        assert_eq!(chars.next(), Some('"'), "{line}");
+                        let mut value = String::new();
+                        while let Some(c) = chars.next() {
+                            match c {
+                                '\\' => match chars.next() {
+                                    Some('n') => value.push('\n'),
+                                    Some(other) => value.push(other),
+                                    None => panic!("{line}"),
+                                },
+                                '"' => break,
+                                c => value.push(c),
+                            }
+                        }
+                        labels.push((key, value));
+                        if chars.peek() == Some(&',') {
+                            chars.next();
+                        }
+                    }
+                    (name.to_string(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Scrape {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    /// Sum of the samples of `name` whose labels include all of `filter`.
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Like [`Scrape::sum`] for counts, which must be whole numbers.
+    pub fn count(&self, name: &str, filter: &[(&str, &str)]) -> u64 {
+        let v = self.sum(name, filter);
+        assert!(v >= 0.0 && v.fract() == 0.0, "{name} {filter:?} = {v}");
+        v as u64
+    }
+
+    /// Values of one label across the samples of `name`.
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .filter_map(|(_, labels, _)| {
+                labels
+                    .iter()
+                    .find(|(k, _)| k == label)
+                    .map(|(_, v)| v.clone())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// received = delivered + dropped + pending, in this scrape (one consistent snapshot).
+    pub fn balances(&self) -> bool {
+        self.count("edgeship_records_received_total", &[])
+            == self.count("edgeship_records_delivered_total", &[])
+                + self.count("edgeship_records_dropped_total", &[])
+                + self.count("edgeship_records_pending", &[])
+    }
+}
+
+/// The stream's open shards as (id, starting hash key, ending hash key), from the emulator.
+pub async fn shard_ranges(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Vec<(String, String, String)> {
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("ListShards");
+    shards
+        .shards()
+        .iter()
+        .map(|s| {
+            let r = s.hash_key_range().expect("hash key range");
+            (
+                s.shard_id().to_string(),
+                r.starting_hash_key().to_string(),
+                r.ending_hash_key().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The Python interpreter with the test tools (prometheus-client, zstandard) installed by
+/// scripts/test.sh; `EDGESHIP_PYTHON` overrides.
+pub fn python() -> PathBuf {
+    std::env::var_os("EDGESHIP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("tests/support/.venv/bin/python3"))
+}
+
+/// `promtool`, extracted from Debian's prometheus package by scripts/test.sh;
+/// `EDGESHIP_PROMTOOL` overrides.
+pub fn promtool() -> PathBuf {
+    std::env::var_os("EDGESHIP_PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("tests/support/bin/promtool"))
 }

@@ -1,0 +1,75 @@
+//! Liveness and readiness, as `/healthz` and `/readyz` answer them.
+//!
+//! Live: the spool thread is running (the async runtime answering the request is the rest).
+//! Ready: every broker session is up, the spool commits (writable, not full), and every
+//! destination either accepts calls or its backlog is still small (under half the spool cap),
+//! so a short uplink outage does not flap a fleet monitor. Checks only read live figures.
+
+use crate::pipeline::Live;
+use crate::status::Check;
+use std::sync::atomic::Ordering::Relaxed;
+
+pub fn alive(live: &Live) -> bool {
+    !live.spool.stats().stopped.load(Relaxed)
+}
+
+pub fn readiness(live: &Live) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for (name, s) in &live.sources {
+        let ok = s.connected.load(Relaxed);
+        checks.push(Check {
+            name: format!("broker {name}"),
+            ok,
+            detail: if ok {
+                "connected".into()
+            } else {
+                format!(
+                    "not connected ({} failed attempts so far)",
+                    s.connection_errors.load(Relaxed)
+                )
+            },
+        });
+    }
+    let spool = live.spool.stats();
+    let (writable, full, stopped) = (
+        spool.writable.load(Relaxed),
+        spool.full.load(Relaxed),
+        spool.stopped.load(Relaxed),
+    );
+    checks.push(Check {
+        name: "spool".into(),
+        ok: writable && !full && !stopped,
+        detail: if stopped {
+            "the spool thread has stopped".into()
+        } else if !writable {
+            "the last commit failed (disk full or I/O error); retrying".into()
+        } else if full {
+            "full: reading has stopped until the destinations catch up".into()
+        } else {
+            "writable".into()
+        },
+    });
+    let pending = spool.pending_bytes.load(Relaxed);
+    let bound = live.config.spool.max_bytes / 2;
+    for (name, s) in &live.shippers {
+        let failing = s.failing.load(Relaxed);
+        let ok = !failing || pending < bound;
+        let detail = match (failing, ok) {
+            (false, _) => "accepting".to_string(),
+            (true, true) => format!(
+                "failing, backlog {pending} bytes is within bounds ({bound}): {}",
+                s.last_error().unwrap_or_default()
+            ),
+            (true, false) => format!(
+                "failing with a backlog of {pending} bytes (bound {bound}): {}",
+                s.last_error().unwrap_or_default()
+            ),
+        };
+        checks.push(Check {
+            name: format!("destination {name}"),
+            ok,
+            detail,
+        });
+    }
+    checks
+}
