@@ -200,6 +200,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         config.spool.path.display(),
         dir.join("frames").display()
     );
+    if let Some(admin) = config.admin.listen {
+        println!("  while it runs: curl http://{admin}/metrics   (or /readyz, /status)");
+    }
 
     let (live_tx, live_rx) = tokio::sync::oneshot::channel::<Live>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

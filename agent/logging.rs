@@ -2,8 +2,10 @@
 //! identical lines.
 //!
 //! Logs go to stderr, one line per event; under systemd (JOURNAL_STREAM set) timestamps are
-//! left to the journal. `EDGESHIP_LOG` (or `RUST_LOG`) sets the filter; `EDGESHIP_LOG_FORMAT=json`
-//! switches to JSON lines. Nothing here ever formats a payload or a secret.
+//! left to the journal and each line starts with its syslog priority (`<3>` error, `<4>` warning,
+//! `<6>` info, `<7>` debug), which journald strips and records, so `journalctl -p warning`
+//! works. `EDGESHIP_LOG` (or `RUST_LOG`) sets the filter; `EDGESHIP_LOG_FORMAT=json` switches
+//! to JSON lines. Nothing here ever formats a payload or a secret.
 
 use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
@@ -23,10 +25,46 @@ pub fn init(default_filter: &str) {
     let _ = if json {
         builder.json().try_init()
     } else if under_journal {
-        builder.without_time().try_init()
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_target(false)
+            .with_ansi(false);
+        builder
+            .with_ansi(false)
+            .event_format(JournalPriority(format))
+            .try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Prefixes each line with the syslog priority of its level, for journald.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+fn syslog_priority(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
 }
 
 /// Lets the first occurrence of a repeating condition through, then at most one line per

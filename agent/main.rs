@@ -100,7 +100,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            edgeship::logging::init("info");
+            edgeship::logging::init("info,aws_config=error");
             let config = Config::load(&config)?;
             runtime()?.block_on(async {
                 edgeship::pipeline::run(config, shutdown_signal(), |_| {}).await?;

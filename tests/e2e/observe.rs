@@ -106,7 +106,7 @@ fn metrics_account_for_every_message_and_parse() {
         &kinesis.endpoint(),
         "e2e-metrics",
         "",
-        "subscribe = [\"devices/#\"]",
+        "subscribe = [\"devices/#\"]\nusername = \"edgeship\"\npassword = \"pw-never-shown\"",
     )
     .replace("[batch]\n", "[batch]\nmax_message_bytes = \"4KiB\"\n");
     let mut agent = Agent::start(dir.path(), &config);
@@ -236,8 +236,21 @@ fn metrics_account_for_every_message_and_parse() {
     assert!(s.count("edgeship_spool_commits_total", &[]) > 0);
     assert!(s.sum("process_resident_memory_bytes", &[]) > 1e6);
     assert!(s.sum("process_open_fds", &[]) >= 5.0);
-    // No device or topic ever becomes a label.
+    // No device or topic ever becomes a label; no secret or payload reaches any output.
     assert!(!s.text.contains("dev-0"), "a device id leaked into a label");
+    let status_json = agent.get("/status").unwrap().1;
+    for (what, text) in [
+        ("metrics", &s.text),
+        ("status", &status_json),
+        ("log", &agent.log()),
+    ] {
+        assert!(
+            !text.contains("pw-never-shown"),
+            "the broker password is in the {what}"
+        );
+        assert!(!text.contains("xxxxxxxx"), "a payload is in the {what}");
+        assert!(!text.contains("temp_c"), "a payload is in the {what}");
+    }
 
     check_with(&promtool(), &["check", "metrics"], &s.text);
     check_with(&python(), &["-c", PYTHON_PARSER], &s.text);
@@ -358,7 +371,18 @@ fn outages_and_faults_show_in_metrics_and_readiness() {
     );
     assert!(s.count("edgeship_spool_pending_bytes", &[]) > 512 << 10);
     assert!(s.balances());
-    let calls_failed_before = s.count("edgeship_destination_call_errors_total", &[]);
+    // Failures repeat; the log does not: the first, then at most one line a minute.
+    let calls_failed_before = wait_for("four failed calls", Duration::from_secs(30), || {
+        let n = agent
+            .scrape()
+            .count("edgeship_destination_call_errors_total", &[]);
+        (n >= 4).then_some(n)
+    });
+    let failure_lines = agent.log().matches("call failed").count();
+    assert!(
+        failure_lines <= 2,
+        "{calls_failed_before} failed calls, {failure_lines} log lines"
+    );
 
     // Whole-call faults while the uplink comes back: each one counted under its code.
     proxy.inject(&[Fault::LimitExceeded, Fault::InternalFailure, Fault::Reset]);
