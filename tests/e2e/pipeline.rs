@@ -454,6 +454,20 @@ fn full_spool_with_drop_oldest_counts_every_drop() {
             "unknown message in the stream"
         );
     }
+    // /metrics names the same drops under their reason.
+    let s = agent.scrape();
+    assert!(s.balances(), "{}", s.text);
+    assert_eq!(
+        s.count(
+            "edgeship_records_dropped_total",
+            &[("reason", "spool_full")]
+        ),
+        acc.dropped
+    );
+    assert_eq!(
+        s.count("edgeship_records_delivered_total", &[]),
+        acc.delivered
+    );
     eprintln!(
         "test 5b: 3000 received, {} delivered, {} dropped (spool_full)",
         acc.delivered, acc.dropped
