@@ -13,6 +13,7 @@ pub mod demo;
 pub mod frame;
 pub mod logging;
 pub mod metrics;
+pub mod pacing;
 pub mod pipeline;
 pub mod route;
 pub mod shard;

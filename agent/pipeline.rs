@@ -79,6 +79,10 @@ pub async fn run(
             batch: config.batch.clone(),
             max_record_bytes: dest.max_record_bytes(),
             max_queued_bytes: (config.spool.max_bytes / 4) as usize,
+            shard_limits: match dest {
+                crate::config::DestinationConfig::Kinesis(k) => Some(k.shard_limits),
+                crate::config::DestinationConfig::Directory { .. } => None,
+            },
             stats,
         };
         shippers.push(tokio::spawn(shipper.run(stop_ship.clone())));

@@ -2,19 +2,22 @@
 //! and tells the spool what was accepted.
 //!
 //! Loop: lease block metadata -> plan frames ([`Batcher`]) -> read bodies and encode frames
-//! (zstd, on a blocking thread) -> pack calls within the destination's limits -> send ->
-//! accepted entries' blocks are reported delivered; failed entries (and whole failed calls) go
-//! back to the front of the queue and are resent after an exponential backoff with jitter.
+//! (zstd, on a blocking thread) -> pack calls within the destination's limits, taking only
+//! entries whose shard may write now ([`Pacer`]) -> send -> accepted entries' blocks are
+//! reported delivered; entries a shard refused go back to the front of the queue and that shard
+//! alone backs off (other shards go on); a whole failed call backs the destination off.
+//! Backoffs are exponential with jitter.
 //! What it holds in memory is bounded: a few frames' worth of plans and at most two calls'
 //! worth of encoded frames, however large the backlog.
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
 
-use crate::batcher::{call_size, entry_cost, Batcher, CallLimits, FramePlan};
+use crate::batcher::{entry_cost, Batcher, CallLimits, FramePlan};
 use crate::config::BatchConfig;
 use crate::frame;
 use crate::logging::Repeated;
+use crate::pacing::{Pacer, ShardLimits};
 use crate::sink::{is_throttle, Entry, Sink};
 use crate::spool::SpoolHandle;
 use rand::Rng;
@@ -115,6 +118,8 @@ struct Pending {
     block_ids: Vec<i64>,
     /// (receipt time in Unix ms, records) of each block, for the end-to-end latency.
     ages: Vec<(u64, u32)>,
+    /// The shard its key maps to, when the destination has shards and knows them.
+    shard: Option<Arc<str>>,
     records: u64,
     raw_bytes: u64,
     attempts: u32,
@@ -132,7 +137,21 @@ pub struct Shipper {
     /// Encoded frames held in memory (waiting or being resent) stop growing past this; such
     /// frames' blocks are safe from `drop_oldest`, so it stays well under the spool's cap.
     pub max_queued_bytes: usize,
+    /// Per-shard write limits to pace to (`None`: no shard limits, backoff only).
+    pub shard_limits: Option<ShardLimits>,
     pub stats: Arc<ShipperStats>,
+}
+
+/// What one attempt to send a call came to.
+enum Sent {
+    /// Every entry accepted.
+    AllAccepted,
+    /// The call went through; some entries were refused and wait for their shard's backoff.
+    Partly,
+    /// The call failed as a whole: the destination backs off.
+    Failed,
+    /// No queued entry may go before this time (its shard is paced or backing off).
+    NothingReady(Instant),
 }
 
 /// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to `max`.
@@ -180,6 +199,7 @@ impl Shipper {
         let mut commits = self.spool.commits();
         let mut retry_at: Option<Instant> = None;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut pacer = Pacer::new(self.shard_limits);
         let mut failing = Repeated::new(Duration::from_secs(60));
         let mut exhausted = false;
         loop {
@@ -229,11 +249,13 @@ impl Shipper {
             }
             if !queue.is_empty() && retry_at.is_none_or(|t| t <= Instant::now()) {
                 retry_at = None;
-                let ok = self.send_one_call(&mut queue, limits, &mut failing).await;
-                if ok {
-                    backoff.reset();
-                } else {
-                    retry_at = Some(Instant::now() + backoff.next_delay());
+                match self
+                    .send_one_call(&mut queue, limits, &mut pacer, &mut failing)
+                    .await
+                {
+                    Sent::AllAccepted | Sent::Partly => backoff.reset(),
+                    Sent::Failed => retry_at = Some(Instant::now() + backoff.next_delay()),
+                    Sent::NothingReady(at) => retry_at = Some(at),
                 }
                 continue;
             }
@@ -269,20 +291,43 @@ impl Shipper {
         let _ = self.spool.release(ids);
     }
 
-    /// Sends the front of the queue as one call. True if every entry was accepted.
+    /// Sends one call of the queued entries whose shards may write now, oldest first, within
+    /// the call limits; the others keep their place in the queue.
     async fn send_one_call(
         &self,
         queue: &mut VecDeque<Pending>,
         limits: CallLimits,
+        pacer: &mut Pacer,
         failing: &mut Repeated,
-    ) -> bool {
-        let n = call_size(
-            queue
-                .iter()
-                .map(|p| entry_cost(p.entry.data.len(), p.entry.key.len())),
-            limits,
-        );
-        let call: Vec<Pending> = queue.drain(..n).collect();
+    ) -> Sent {
+        let now = Instant::now();
+        let (mut picked, mut bytes) = (Vec::new(), 0usize);
+        let mut earliest: Option<Instant> = None;
+        for (i, p) in queue.iter().enumerate() {
+            if picked.len() >= limits.max_entries {
+                break;
+            }
+            let cost = entry_cost(p.entry.data.len(), p.entry.key.len());
+            if !picked.is_empty() && bytes + cost > limits.max_bytes {
+                continue;
+            }
+            let shard_bytes = p.entry.data.len() + p.entry.key.len();
+            if pacer.try_take(p.shard.as_ref(), shard_bytes, now) {
+                picked.push(i);
+                bytes += cost;
+            } else {
+                let at = pacer.ready_at(p.shard.as_ref(), shard_bytes, now);
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            }
+        }
+        if picked.is_empty() {
+            return Sent::NothingReady(earliest.unwrap_or(now + Duration::from_millis(50)));
+        }
+        let mut call = Vec::with_capacity(picked.len());
+        for i in picked.into_iter().rev() {
+            call.push(queue.remove(i).expect("picked index is in the queue"));
+        }
+        call.reverse();
         let entries: Vec<&Entry> = call.iter().map(|p| &p.entry).collect();
         let stats = &self.stats;
         stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +343,7 @@ impl Shipper {
                 for (pending, outcome) in call.into_iter().zip(outcomes) {
                     match outcome {
                         Ok(accepted) => {
+                            pacer.accepted(pending.shard.as_ref(), Instant::now());
                             let bytes = pending.entry.data.len() as u64;
                             stats.entries_accepted.fetch_add(1, Ordering::Relaxed);
                             stats
@@ -322,6 +368,7 @@ impl Shipper {
                             delivered.extend(pending.block_ids);
                         }
                         Err(f) => {
+                            pacer.refused(pending.shard.as_ref(), Instant::now());
                             let throttled = is_throttle(&f.code);
                             stats.entries_failed.fetch_add(1, Ordering::Relaxed);
                             if throttled {
@@ -363,7 +410,11 @@ impl Shipper {
                 for p in failed.into_iter().rev() {
                     queue.push_front(p);
                 }
-                all_ok
+                if all_ok {
+                    Sent::AllAccepted
+                } else {
+                    Sent::Partly
+                }
             }
             Err(e) => {
                 let n = call.len() as u64;
@@ -401,7 +452,7 @@ impl Shipper {
                         ..p
                     });
                 }
-                false
+                Sent::Failed
             }
         }
     }
@@ -429,10 +480,14 @@ impl Shipper {
         let level = self.batch.zstd_level;
         let limit = self.max_record_bytes as usize;
         let key = plan.key.clone();
+        let shard = self.sink.shard_for(&plan.key);
         tokio::task::spawn_blocking(move || {
             let mut compressor = frame::frame_compressor(level).map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             encode_fitting(&gateway, &key, &bodies, limit, &mut compressor, &mut out)?;
+            for p in &mut out {
+                p.shard = shard.clone();
+            }
             Ok(out)
         })
         .await
@@ -480,6 +535,7 @@ fn encode_fitting(
                 .iter()
                 .map(|(m, _)| (m.created_ms, m.records))
                 .collect(),
+            shard: None,
             records,
             raw_bytes: raw.len() as u64,
             attempts: 0,

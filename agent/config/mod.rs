@@ -133,6 +133,8 @@ pub struct KinesisConfig {
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub max_record_bytes: u64,
+    /// What the shipper paces each shard to (Kinesis: 1 MiB/s and 1,000 records/s).
+    pub shard_limits: crate::pacing::ShardLimits,
 }
 
 impl DestinationConfig {
@@ -349,7 +351,23 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
                 region,
                 endpoint,
                 max_record_bytes,
+                shard_write_bytes_per_sec,
+                shard_write_records_per_sec,
             } => {
+                let defaults = crate::pacing::ShardLimits::KINESIS;
+                let shard_limits = crate::pacing::ShardLimits {
+                    records_per_sec: shard_write_records_per_sec
+                        .map_or(defaults.records_per_sec, f64::from),
+                    bytes_per_sec: shard_write_bytes_per_sec
+                        .map_or(defaults.bytes_per_sec, |b| b.bytes() as f64),
+                };
+                if shard_limits.records_per_sec < 1.0 || shard_limits.bytes_per_sec < 1024.0 {
+                    return Err(src.error_at(
+                        Some(span),
+                        &format!("destination.{name}.shard_write_bytes_per_sec"),
+                        "shard write limits must be at least 1 record and 1KiB per second".into(),
+                    ));
+                }
                 let max_record_bytes =
                     max_record_bytes.map_or(KINESIS_MAX_RECORD_BYTES, |b| b.bytes());
                 if !(64 << 10..=KINESIS_MAX_RECORD_BYTES_RAISED).contains(&max_record_bytes) {
@@ -380,6 +398,7 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
                     region,
                     endpoint,
                     max_record_bytes,
+                    shard_limits,
                 })
             }
             RawDestination::Directory { path } => DestinationConfig::Directory {

@@ -120,6 +120,8 @@ pub enum RawDestination {
         region: Option<String>,
         endpoint: Option<String>,
         max_record_bytes: Option<ByteSize>,
+        shard_write_bytes_per_sec: Option<ByteSize>,
+        shard_write_records_per_sec: Option<u32>,
     },
     Directory {
         path: String,
