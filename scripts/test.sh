@@ -81,6 +81,25 @@ if [ "$(id -u)" -eq 0 ] || [ "${EDGESHIP_TEST_DEB:-0}" = 1 ]; then
 else
   echo "==> .deb package test skipped (not root; EDGESHIP_TEST_DEB=1 runs it with sudo)"
 fi
+# ARM: each target built once (cross/, the shipped `dist` profile), run in the end-to-end
+# tests under qemu-user (aarch64 also with 16 KiB pages, as on a Raspberry Pi 5), and packaged.
+echo "==> ARM builds (cross/build.sh), end-to-end under qemu (cross/e2e.sh), packages"
+command -v lintian >/dev/null || {
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lintian
+}
+arm_debs=$(mktemp -d)
+for arch in aarch64 armv7; do
+  bin=$(cross/build.sh "$arch" | tail -1)
+  deb_arch=arm64
+  [ "$arch" = armv7 ] && deb_arch=armhf
+  packaging/build-deb.sh --arch "$deb_arch" --binary "$bin" --out "$arm_debs"
+done
+lintian --fail-on error,warning "$arm_debs"/*.deb
+rm -rf "$arm_debs"
+cross/e2e.sh aarch64 4096
+cross/e2e.sh aarch64 16384 hundred_thousand
+cross/e2e.sh armv7 4096
 echo "==> cargo test (unit + end-to-end), last so its summary closes the run"
 # Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
 cargo test --release --locked --lib --bins --test e2e -- --test-threads 2

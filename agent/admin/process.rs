@@ -1,9 +1,9 @@
 //! What the kernel says about this process and the spool's disk: resident memory, CPU time,
 //! open files, free space. Linux `/proc` and `statvfs`; elsewhere the figures are absent.
 //!
-//! Page size and clock ticks come from `sysconf`, never assumed (Raspberry Pi 5 kernels use
-//! 16 KiB pages). Only `/proc/self` is read (the service runs with `ProcSubset=pid`). Reading
-//! never fails loudly: a missing figure is left out of the scrape.
+//! No page size or clock tick is assumed (Raspberry Pi 5 kernels use 16 KiB pages): memory is
+//! read in kB, CPU time from `getrusage`. Only `/proc/self` is read (the service runs with
+//! `ProcSubset=pid`). Reading never fails loudly: a missing figure is left out of the scrape.
 
 use std::path::Path;
 
@@ -16,30 +16,28 @@ pub struct ProcessFigures {
     pub max_fds: Option<u64>,
 }
 
-fn sysconf(name: libc::c_int) -> Option<u64> {
-    // SAFETY: sysconf reads a system constant; no pointers are involved.
-    let v = unsafe { libc::sysconf(name) };
-    (v > 0).then_some(v as u64)
-}
-
+/// Reads the figures. Memory comes from `/proc/self/status` (kB, so no page-size arithmetic),
+/// CPU time from `getrusage`: both also hold under qemu-user, whose `/proc/self/stat` is a stub.
 // The libc types are 32-bit on armv7 and 64-bit on aarch64/x86-64: the casts are needed there.
 #[allow(clippy::unnecessary_cast)]
 pub fn read() -> ProcessFigures {
     let mut f = ProcessFigures::default();
-    let page = sysconf(libc::_SC_PAGESIZE);
-    let ticks = sysconf(libc::_SC_CLK_TCK);
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // rest[0] is field 3 (state): field N is fields[N - 3].
-            let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-            if let (Some(utime), Some(stime), Some(t)) = (field(14), field(15), ticks) {
-                f.cpu_seconds = Some((utime + stime) as f64 / t as f64);
-            }
-            f.virtual_bytes = field(23);
-            f.resident_bytes = field(24).zip(page).map(|(pages, size)| pages * size);
-        }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let kb = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|v| v * 1024)
+        };
+        f.resident_bytes = kb("VmRSS:");
+        f.virtual_bytes = kb("VmSize:");
+    }
+    // SAFETY: getrusage fills the zeroed struct we pass and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        f.cpu_seconds = Some(secs(usage.ru_utime) + secs(usage.ru_stime));
     }
     f.open_fds = std::fs::read_dir("/proc/self/fd")
         .ok()

@@ -357,6 +357,7 @@ pub async fn run(
             }
             Ok(SessionEvent::SubAck { granted, refused }) => {
                 stats.subscriptions.store(granted, Ordering::Relaxed);
+                tracing::info!(broker = %config.name, filters = granted, "subscribed");
                 if refused > 0 {
                     stats
                         .subscriptions_refused

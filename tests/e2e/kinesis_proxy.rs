@@ -212,8 +212,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     let request: Value = serde_json::from_slice(&body)
         .map_err(|e| std::io::Error::other(format!("PutRecords body: {e}")))?;
     let entries = request["Records"].as_array().cloned().unwrap_or_default();
-    // Decide each entry: forward (index into the forwarded list) or throttle (shard id).
-    let mut decisions: Vec<Result<(), String>> = Vec::with_capacity(entries.len());
+    // Decide each entry: forward (its shard and size) or throttle (its shard). Entries are
+    // tallied only in an answer that reaches the agent: forwarded ones once the emulator
+    // accepted them, throttled ones when the call's answer is built.
+    let mut decisions: Vec<Result<(String, u64), String>> = Vec::with_capacity(entries.len());
     let mut forwarded = Vec::new();
     {
         let mut s = state.lock().unwrap();
@@ -246,14 +248,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
                     }
                 }
             };
-            let t = s.tally.entry(shard.clone()).or_default();
             if fits {
-                t.forwarded_entries += 1;
-                t.forwarded_bytes += bytes as u64;
                 forwarded.push(e.clone());
-                decisions.push(Ok(()));
+                decisions.push(Ok((shard, bytes as u64)));
             } else {
-                t.throttled_entries += 1;
                 decisions.push(Err(shard));
             }
         }
@@ -283,18 +281,24 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         upstream_results = v["Records"].as_array().cloned().unwrap_or_default().into();
     }
     let mut failed = 0;
+    let mut s = state.lock().unwrap();
     let results: Vec<Value> = decisions
         .into_iter()
         .map(|d| match d {
-            Ok(()) => {
+            Ok((shard, bytes)) => {
                 let r = upstream_results.pop_front().unwrap_or(json!({"ErrorCode": "InternalFailure", "ErrorMessage": "missing"}));
-                if r.get("ErrorCode").is_some() {
+                if r["ErrorCode"].is_string() {
                     failed += 1;
+                } else {
+                    let t = s.tally.entry(shard).or_default();
+                    t.forwarded_entries += 1;
+                    t.forwarded_bytes += bytes;
                 }
                 r
             }
             Err(shard) => {
                 failed += 1;
+                s.tally.entry(shard.clone()).or_default().throttled_entries += 1;
                 json!({
                     "ErrorCode": "ProvisionedThroughputExceededException",
                     "ErrorMessage": format!("Rate exceeded for shard {shard} in stream under account 000000000000."),
@@ -302,6 +306,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
             }
         })
         .collect();
+    drop(s);
     Ok(json_answer(
         200,
         &json!({"FailedRecordCount": failed, "Records": results}),

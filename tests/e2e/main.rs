@@ -8,3 +8,4 @@ mod bad_input;
 mod consumers;
 mod observe;
 mod pipeline;
+mod producer;

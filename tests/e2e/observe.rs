@@ -475,16 +475,7 @@ fn throttled_entries_are_counted_per_shard_and_resent() {
     let mut agent = Agent::start(dir.path(), &config);
     agent.wait_connected(1);
     // Throttled entries are attributed to shards with the map the agent learns at start.
-    wait_for(
-        "the agent to learn the shards",
-        Duration::from_secs(30),
-        || {
-            agent
-                .log()
-                .contains("learned the stream's shards")
-                .then_some(())
-        },
-    );
+    agent.wait_shards_learned();
 
     let (devices, per_device) = (10, 1_000);
     let acked = Arc::new(AtomicU64::new(0));

@@ -596,6 +596,20 @@ impl Agent {
         Some((status, body.to_string()))
     }
 
+    /// Waits until the Kinesis sink has listed the stream's shards (throttled entries are
+    /// attributed to shards with that map).
+    pub fn wait_shards_learned(&self) {
+        wait_for(
+            "the agent to learn the shards",
+            Duration::from_secs(30),
+            || {
+                self.log()
+                    .contains("learned the stream's shards")
+                    .then_some(())
+            },
+        );
+    }
+
     /// One `/metrics` scrape, parsed.
     pub fn scrape(&self) -> Scrape {
         let (status, body) = wait_for(
@@ -615,18 +629,42 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Waits until the agent's MQTT session is up (it logs "connected").
+    /// Waits until the agent's MQTT session is up (it logs "connected") `times` times, and
+    /// its subscriptions are granted: a message published before that has no subscriber.
     pub fn wait_connected(&self, times: usize) {
         wait_for(
             "the agent to connect to the broker",
             Duration::from_secs(30),
             || (self.log().matches(" connected").count() >= times).then_some(()),
         );
+        wait_for(
+            "the broker to grant the agent's subscriptions",
+            Duration::from_secs(30),
+            || (self.log().matches(" subscribed").count() >= times).then_some(()),
+        );
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp folder goes with the test: show what the agent said before it does.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of the agent's log ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+            eprintln!("--- its spool: {:?}", self.accounting());
+            if let Some((_, metrics)) = self.get("/metrics") {
+                eprintln!("--- its /metrics (no histograms) ---");
+                for line in metrics.lines().filter(|l| {
+                    !l.starts_with('#') && !l.contains("_bucket") && !l.starts_with("process_")
+                }) {
+                    eprintln!("{line}");
+                }
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
