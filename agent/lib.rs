@@ -11,6 +11,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod frame;
+pub mod kpl;
 pub mod logging;
 pub mod metrics;
 pub mod pacing;

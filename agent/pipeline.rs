@@ -64,6 +64,12 @@ pub async fn run(
             .filter(|r| &r.destination == name)
             .map(|r| r.name.clone())
             .collect();
+        let kpl_routes: Vec<String> = config
+            .routes
+            .iter()
+            .filter(|r| &r.destination == name && r.format == crate::config::FrameFormat::Kpl)
+            .map(|r| r.name.clone())
+            .collect();
         if routes.is_empty() {
             continue;
         }
@@ -75,6 +81,7 @@ pub async fn run(
             sink,
             spool: spool.clone(),
             routes: routes.into(),
+            kpl_routes: kpl_routes.into(),
             gateway: gateway.clone(),
             batch: config.batch.clone(),
             max_record_bytes: dest.max_record_bytes(),

@@ -15,6 +15,7 @@
 
 use crate::batcher::{entry_cost, Batcher, CallLimits, FramePlan};
 use crate::config::BatchConfig;
+use crate::config::FrameFormat;
 use crate::frame;
 use crate::logging::Repeated;
 use crate::pacing::{Pacer, ShardLimits};
@@ -131,6 +132,8 @@ pub struct Shipper {
     pub spool: SpoolHandle,
     /// Routes whose records this destination receives.
     pub routes: Arc<[String]>,
+    /// Those of them whose frames use the KPL aggregated format.
+    pub kpl_routes: Arc<[String]>,
     pub gateway: Arc<str>,
     pub batch: BatchConfig,
     pub max_record_bytes: u64,
@@ -481,10 +484,15 @@ impl Shipper {
         let limit = self.max_record_bytes as usize;
         let key = plan.key.clone();
         let shard = self.sink.shard_for(&plan.key);
+        let format = if self.kpl_routes.contains(&plan.route) {
+            FrameFormat::Kpl
+        } else {
+            FrameFormat::Edgeship
+        };
         tokio::task::spawn_blocking(move || {
-            let mut compressor = frame::frame_compressor(level).map_err(|e| e.to_string())?;
+            let mut encoder = FrameEncoder::new(format, level)?;
             let mut out = Vec::new();
-            encode_fitting(&gateway, &key, &bodies, limit, &mut compressor, &mut out)?;
+            encode_fitting(&gateway, &key, &bodies, limit, &mut encoder, &mut out)?;
             for p in &mut out {
                 p.shard = shard.clone();
             }
@@ -497,12 +505,53 @@ impl Shipper {
 
 /// Encodes `bodies` (block metadata and uncompressed bodies) into frames of at most `limit`
 /// bytes including the key, halving the block list until each fits.
+/// How a frame's records become one destination record.
+pub enum FrameEncoder {
+    /// edgeship's own frame (FORMAT.md), zstd-compressed.
+    Edgeship(zstd::bulk::Compressor<'static>),
+    /// The KPL aggregated record (uncompressed), for KCL and Lambda deaggregation.
+    Kpl,
+}
+
+impl FrameEncoder {
+    pub fn new(format: FrameFormat, zstd_level: i32) -> Result<FrameEncoder, String> {
+        Ok(match format {
+            FrameFormat::Edgeship => FrameEncoder::Edgeship(
+                frame::frame_compressor(zstd_level).map_err(|e| e.to_string())?,
+            ),
+            FrameFormat::Kpl => FrameEncoder::Kpl,
+        })
+    }
+
+    fn encode(
+        &mut self,
+        gateway: &str,
+        key: &str,
+        records: u64,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        match self {
+            FrameEncoder::Edgeship(compressor) => {
+                frame::encode_frame(gateway, records as u32, raw, Some(compressor))
+                    .map_err(|e| e.to_string())
+            }
+            FrameEncoder::Kpl => {
+                let records =
+                    frame::decode_records(raw, records as u32).map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                crate::kpl::encode(gateway, key, &records, &mut out);
+                Ok(out)
+            }
+        }
+    }
+}
+
 fn encode_fitting(
     gateway: &str,
     key: &str,
     bodies: &[(crate::spool::BlockMeta, Vec<u8>)],
     limit: usize,
-    compressor: &mut zstd::bulk::Compressor<'static>,
+    encoder: &mut FrameEncoder,
     out: &mut Vec<Pending>,
 ) -> Result<(), String> {
     if bodies.is_empty() {
@@ -513,8 +562,7 @@ fn encode_fitting(
     for (_, body) in bodies {
         raw.extend_from_slice(body);
     }
-    let data = frame::encode_frame(gateway, records as u32, &raw, Some(compressor))
-        .map_err(|e| e.to_string())?;
+    let data = encoder.encode(gateway, key, records, &raw)?;
     if data.len() + key.len() <= limit || bodies.len() == 1 {
         if data.len() + key.len() > limit {
             // Cannot happen with the configured limits (a block is far below any record
@@ -543,8 +591,8 @@ fn encode_fitting(
         return Ok(());
     }
     let (left, right) = bodies.split_at(bodies.len() / 2);
-    encode_fitting(gateway, key, left, limit, compressor, out)?;
-    encode_fitting(gateway, key, right, limit, compressor, out)
+    encode_fitting(gateway, key, left, limit, encoder, out)?;
+    encode_fitting(gateway, key, right, limit, encoder, out)
 }
 
 #[cfg(test)]
@@ -585,7 +633,7 @@ mod tests {
     #[test]
     fn frames_are_split_until_each_fits_the_record_limit() {
         let bodies: Vec<_> = (0..8).map(|i| body(i * 100, 100, 1000, true)).collect();
-        let mut c = frame::frame_compressor(3).unwrap();
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
         let mut out = Vec::new();
         encode_fitting("gw", "k", &bodies, 256 << 10, &mut c, &mut out).unwrap();
         assert!(
@@ -610,7 +658,7 @@ mod tests {
     #[test]
     fn compressible_blocks_share_one_frame() {
         let bodies: Vec<_> = (0..8).map(|i| body(i * 100, 100, 200, false)).collect();
-        let mut c = frame::frame_compressor(3).unwrap();
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
         let mut out = Vec::new();
         encode_fitting("gw", "k", &bodies, 1 << 20, &mut c, &mut out).unwrap();
         assert_eq!(out.len(), 1);

@@ -6,6 +6,7 @@
 //! cargo bench --bench load                   # full run: 1,000,000 messages, 500 MB backlog
 //! cargo bench --bench load -- --quick        # under a minute: a smoke test, figures are rough
 //! cargo bench --bench load -- --messages 200000 --devices 50 --backlog-mb 100 --json out.json
+//! cargo bench --bench load -- --format kpl   # the route's frames in the KPL aggregated format
 //! ```
 //!
 //! Scenarios, each measured in the same run:
@@ -33,6 +34,8 @@ struct Args {
     json: Option<PathBuf>,
     /// MQTT protocol of the agent's session: "3.1.1" or "5".
     protocol: String,
+    /// Frame format of the route: "edgeship" or "kpl".
+    format: String,
 }
 
 fn parse_args() -> Args {
@@ -43,6 +46,7 @@ fn parse_args() -> Args {
         backlog_mb: 500,
         json: None,
         protocol: "5".into(),
+        format: "edgeship".into(),
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -61,6 +65,7 @@ fn parse_args() -> Args {
             }
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
             "--protocol" => a.protocol = value("--protocol"),
+            "--format" => a.format = value("--format"),
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -275,7 +280,10 @@ fn main() {
     .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
     .replace(
         "partition_key = \"{topic[1]}\"",
-        "partition_key = \"{gateway}\"",
+        &format!(
+            "partition_key = \"{{gateway}}\"\nformat = \"{}\"",
+            args.format
+        ),
     )
     .replace("linger = \"200ms\"", "linger = \"1s\"");
     let mut agent = Agent::start(&agent_dir, &config);
@@ -560,8 +568,8 @@ fn main() {
     ];
     println!();
     println!(
-        "edgeship load: {total} messages x {} devices, QoS 1, MQTT {}, sync=normal, kinesis-mock, 1 shard",
-        args.devices, args.protocol
+        "edgeship load: {total} messages x {} devices, QoS 1, MQTT {}, format {}, sync=normal, kinesis-mock, 1 shard",
+        args.devices, args.protocol, args.format
     );
     println!("{:<44} {:<48} budget", "figure", "measured");
     println!("{}", "-".repeat(110));
@@ -577,6 +585,7 @@ fn main() {
         "edgeship_ingest_msgs_per_s": ingest_rate,
         "agent_received": throughput_acc.received,
         "protocol": args.protocol,
+        "format": args.format,
         "ratio_to_baseline": agent_rate / baseline_rate,
         "kinesis_records": back.kinesis_records,
         "put_units_per_million": back.put_units as f64 * 1e6 / total as f64,

@@ -77,6 +77,11 @@ if [ "$(id -u)" -eq 0 ] || [ "${EDGESHIP_TEST_DEB:-0}" = 1 ]; then
   packaging/build-deb.sh --arch amd64 --binary "$bin" --version "$version-1+upgrade" --out "$deb_out"
   lintian --fail-on error,warning "$deb_out/edgeship_${version}_amd64.deb"
   as_root packaging/test-deb.sh "$deb_out/edgeship_${version}_amd64.deb" "$deb_out/edgeship_${version}-1+upgrade_amd64.deb"
+  # Spooled by the installed N (as its service user), shipped by N+1 installed over it.
+  as_root env "PATH=$PATH" "CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}" \
+    "EDGESHIP_DEB_N=$deb_out/edgeship_${version}_amd64.deb" \
+    "EDGESHIP_DEB_N1=$deb_out/edgeship_${version}-1+upgrade_amd64.deb" \
+    cargo test --release --locked --test e2e package -- --ignored
   rm -rf "$deb_out"
 else
   echo "==> .deb package test skipped (not root; EDGESHIP_TEST_DEB=1 runs it with sudo)"

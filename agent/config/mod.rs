@@ -10,7 +10,7 @@ pub mod raw;
 pub mod units;
 
 use crate::route::{KeyTemplate, TopicFilter};
-pub use raw::{FullPolicy, MqttProtocol, SyncLevel};
+pub use raw::{FrameFormat, FullPolicy, MqttProtocol, SyncLevel};
 use raw::{RawConfig, RawDestination};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -119,6 +119,7 @@ pub struct RouteConfig {
     pub destination: String,
     pub partition_key: KeyTemplate,
     pub qos: u8,
+    pub format: FrameFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +495,7 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             destination,
             partition_key,
             qos,
+            format: route.format.unwrap_or_default(),
         });
     }
     if routes.is_empty() {

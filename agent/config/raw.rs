@@ -110,6 +110,19 @@ pub struct RawRoute {
     pub destination: Spanned<String>,
     pub partition_key: Option<Spanned<String>>,
     pub qos: Option<Spanned<u8>>,
+    pub format: Option<FrameFormat>,
+}
+
+/// How a route's records are packed into destination records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameFormat {
+    /// edgeship's frame (FORMAT.md): zstd-compressed, every record's id, topic and time.
+    #[default]
+    Edgeship,
+    /// The Kinesis Producer Library's aggregated record: payloads as they are, readable by
+    /// the KCL and the Lambda deaggregation modules; not compressed.
+    Kpl,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,37 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Telemetry JSON from even devices, arbitrary bytes (not UTF-8) from odd ones.
+fn mixed(d: u32, s: u32) -> Vec<u8> {
+    if d % 2 == 0 {
+        payload(d, s)
+    } else {
+        noise(d, s, 16 + (s as usize % 200))
+    }
+}
+
+/// Publishes `mixed` payloads from `devices` devices and waits until the stream holds them all.
+fn publish_mixed(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_kinesis::Client,
+    port: u16,
+    stream: &str,
+    devices: u32,
+    per_device: u32,
+) -> StreamContents {
+    rt.block_on(publish_with(
+        port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        mixed,
+        "",
+    ));
+    wait_stream_complete_with(rt, client, stream, Duration::from_secs(120), |t| {
+        (0..devices).all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), mixed(d, s)))))
+    })
+}
+
 #[test]
 fn python_decoder_reads_the_stream_like_edgeship_decode() {
     let Rig {
@@ -29,32 +60,14 @@ fn python_decoder_reads_the_stream_like_edgeship_decode() {
         ),
     );
     agent.wait_connected(1);
-    // Telemetry JSON from some devices, arbitrary bytes (not UTF-8) from others.
-    let make = |d: u32, s: u32| {
-        if d % 2 == 0 {
-            payload(d, s)
-        } else {
-            noise(d, s, 64 + (s as usize % 200))
-        }
-    };
     let (devices, per_device) = (6, 500);
-    rt.block_on(publish_with(
-        mosquitto.port,
-        devices,
-        per_device,
-        Arc::new(AtomicU64::new(0)),
-        make,
-        "",
-    ));
-    let contents = wait_stream_complete_with(
+    let contents = publish_mixed(
         &rt,
         &client,
+        mosquitto.port,
         "e2e-consumers",
-        Duration::from_secs(120),
-        |t| {
-            (0..devices)
-                .all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), make(d, s)))))
-        },
+        devices,
+        per_device,
     );
     assert_eq!(agent.stop().code(), Some(0));
 
@@ -94,5 +107,126 @@ fn python_decoder_reads_the_stream_like_edgeship_decode() {
     assert!(
         python.stdout == rust.stdout,
         "the Python decoder's output differs from edgeship decode's"
+    );
+    eprintln!(
+        "edgeship format: {lines} messages in {} Kinesis records of {} bytes, {} PUT payload units ({:.0} per million messages)",
+        contents.kinesis_records,
+        contents.kinesis_bytes,
+        contents.put_units,
+        contents.put_units as f64 * 1e6 / lines as f64
+    );
+}
+
+const DEAGGREGATE: &str = r#"
+import base64, json, sys
+from aws_kinesis_agg.deaggregator import iter_deaggregate_records
+# One Lambda-style Kinesis event record per input line: "<partition key> <base64 data>".
+events = []
+for n, line in enumerate(sys.stdin.read().splitlines()):
+    key, data = line.split(" ", 1)
+    events.append({"kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": key,
+                               "sequenceNumber": str(n), "data": data,
+                               "approximateArrivalTimestamp": 0}})
+for r in iter_deaggregate_records(events):
+    k = r["kinesis"]
+    data = k["data"].decode() if isinstance(k["data"], bytes) else k["data"]
+    print(json.dumps({"key": k["partitionKey"], "data": data,
+                      "aggregated": "subSequenceNumber" in k}))
+"#;
+
+/// A route with `format = "kpl"`: the records in the stream are KPL aggregates that the
+/// deaggregator AWS publishes for Lambda consumers (`aws-kinesis-agg` on PyPI, not edgeship's
+/// code) splits back into the device payloads, each once, with its partition key.
+#[test]
+fn kpl_records_are_read_by_the_aws_deaggregator() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-kpl", 2);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        "e2e-kpl",
+        "",
+        "",
+    )
+    .replace(
+        "partition_key = \"{topic[1]}\"\n",
+        "partition_key = \"{topic[1]}\"\nformat = \"kpl\"\n",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let make = mixed;
+    let (devices, per_device) = (6, 500);
+    let contents = publish_mixed(&rt, &client, mosquitto.port, "e2e-kpl", devices, per_device);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert!(contents
+        .raw_records
+        .iter()
+        .all(|r| r.starts_with(&edgeship::kpl::MAGIC)));
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let input: String = contents
+        .raw_records
+        .iter()
+        .zip(&contents.partition_keys)
+        .map(|(r, k)| format!("{k} {}\n", b64.encode(r)))
+        .collect();
+    let mut child = Command::new(python())
+        .args(["-c", DEAGGREGATE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running Python (scripts/test.sh installs its venv)");
+    {
+        use std::io::Write;
+        // A failed write means Python ended early: its status and stderr say why, below.
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: std::collections::HashMap<(String, Vec<u8>), u32> = Default::default();
+    let mut user_records = 0;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            v["aggregated"], true,
+            "a record was not deaggregated: {line}"
+        );
+        let data = b64.decode(v["data"].as_str().unwrap()).unwrap();
+        *got.entry((v["key"].as_str().unwrap().to_string(), data))
+            .or_default() += 1;
+        user_records += 1;
+    }
+    // Every payload once, under its device's partition key, and nothing else.
+    assert_eq!(user_records, (devices * per_device) as usize);
+    for d in 0..devices {
+        for s in 0..per_device {
+            let key = format!("dev-{d:03}");
+            assert_eq!(
+                got.get(&(key, make(d, s))),
+                Some(&1),
+                "device {d} message {s}"
+            );
+        }
+    }
+    assert!(
+        contents.kinesis_records * 20 < user_records,
+        "{} Kinesis records for {user_records} messages: not aggregated",
+        contents.kinesis_records
+    );
+    let units_per_million = contents.put_units as f64 * 1e6 / user_records as f64;
+    eprintln!(
+        "kpl: {user_records} messages in {} Kinesis records of {} bytes, {} PUT payload units ({units_per_million:.0} per million messages)",
+        contents.kinesis_records, contents.kinesis_bytes, contents.put_units
     );
 }

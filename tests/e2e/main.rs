@@ -7,5 +7,6 @@ mod support;
 mod bad_input;
 mod consumers;
 mod observe;
+mod package;
 mod pipeline;
 mod producer;

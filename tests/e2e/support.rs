@@ -338,8 +338,11 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                     .approximate_arrival_timestamp()
                     .and_then(|t| t.to_millis().ok())
                     .unwrap_or(0) as u64;
-                let f =
-                    frame::decode_frame(data).expect("every record in the stream is a valid frame");
+                let f = if data.starts_with(&edgeship::kpl::MAGIC) {
+                    kpl_as_frame(data)
+                } else {
+                    frame::decode_frame(data).expect("every record in the stream is a valid frame")
+                };
                 out.arrivals_ms
                     .extend(std::iter::repeat_n(arrived, f.records.len()));
                 let per = out
@@ -360,6 +363,35 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
         }
     }
     out
+}
+
+/// A KPL aggregate read with edgeship's own decoder, as the frame it was built from (the id,
+/// topic and receipt time travel as tags).
+fn kpl_as_frame(data: &[u8]) -> frame::Frame {
+    let users = edgeship::kpl::decode(data).expect("every KPL record in the stream is valid");
+    let tag = |u: &edgeship::kpl::UserRecord, k: &str| {
+        u.tags
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("user record without tag {k}"))
+    };
+    let mut gateway = String::new();
+    let records = users
+        .iter()
+        .map(|u| {
+            let id = tag(u, "id");
+            let (gw, seq) = id.rsplit_once(':').expect("id is <gateway>:<seq>");
+            gateway = gw.to_string();
+            frame::Record {
+                seq: seq.parse().expect("seq"),
+                ts_ms: tag(u, "ts_ms").parse().expect("ts_ms"),
+                topic: tag(u, "topic"),
+                payload: u.data.clone(),
+            }
+        })
+        .collect();
+    frame::Frame { gateway, records }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -455,6 +487,8 @@ pub struct Agent {
     pub log_path: PathBuf,
     /// Where its admin endpoint listens (a free port, added to configs that set none).
     pub admin: std::net::SocketAddr,
+    /// The program (and its first arguments) that `run --config FILE` follows.
+    program: Vec<std::ffi::OsString>,
     child: Option<Child>,
 }
 
@@ -498,7 +532,27 @@ endpoint = "{endpoint}"
 
 impl Agent {
     pub fn start(dir: &Path, config: &str) -> Agent {
-        let config_path = dir.join("edgeship.toml");
+        // EDGESHIP_AGENT_BIN runs another build of the agent (the `dist` profile for the load
+        // program, an ARM build under qemu for cross/e2e.sh) under the same harness.
+        let binary = std::env::var_os("EDGESHIP_AGENT_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_edgeship").into());
+        Agent::start_at(
+            &dir.join("edgeship.toml"),
+            config,
+            &dir.join("agent.log"),
+            vec![binary],
+        )
+    }
+
+    /// Writes `config` to `config_path` (keeping the file's owner and mode if it exists) and
+    /// starts `program run --config config_path`, its log in `log_path`.
+    pub fn start_at(
+        config_path: &Path,
+        config: &str,
+        log_path: &Path,
+        program: Vec<std::ffi::OsString>,
+    ) -> Agent {
+        let config_path = config_path.to_path_buf();
         let config = if config.contains("[admin]") {
             config.to_string()
         } else {
@@ -513,11 +567,12 @@ impl Agent {
         let mut a = Agent {
             config_path,
             spool_path: parsed.spool.path,
-            log_path: dir.join("agent.log"),
+            log_path: log_path.to_path_buf(),
             admin: parsed
                 .admin
                 .listen
                 .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap()),
+            program,
             child: None,
         };
         a.spawn();
@@ -531,12 +586,8 @@ impl Agent {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        // EDGESHIP_AGENT_BIN runs another build of the agent (e.g. the `dist` profile) under
-        // the same harness, for the load program.
-        let binary = std::env::var_os("EDGESHIP_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeship")));
-        let child = Command::new(binary)
+        let child = Command::new(&self.program[0])
+            .args(&self.program[1..])
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
