@@ -326,11 +326,23 @@ impl Shipper {
         if picked.is_empty() {
             return Sent::NothingReady(earliest.unwrap_or(now + Duration::from_millis(50)));
         }
+        // One pass: picked entries into the call, the rest keep their order in the queue.
         let mut call = Vec::with_capacity(picked.len());
-        for i in picked.into_iter().rev() {
-            call.push(queue.remove(i).expect("picked index is in the queue"));
-        }
-        call.reverse();
+        let mut next = picked.into_iter().peekable();
+        let rest: VecDeque<Pending> = std::mem::take(queue)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                if next.peek() == Some(&i) {
+                    next.next();
+                    call.push(p);
+                    None
+                } else {
+                    Some(p)
+                }
+            })
+            .collect();
+        *queue = rest;
         let entries: Vec<&Entry> = call.iter().map(|p| &p.entry).collect();
         let stats = &self.stats;
         stats.calls.fetch_add(1, Ordering::Relaxed);

@@ -109,6 +109,16 @@ fn drain_backlog_into_four_limited_shards(stream: &str, agent_paces_to: Option<&
             "{shard}"
         );
     }
+    let accepted: u64 = tally.values().map(|t| t.forwarded_entries).sum();
+    if agent_paces_to.is_some() {
+        // Paced to the shards' own limit, the agent is throttled only at the edges of bursts.
+        assert!(
+            throttled * 4 < accepted,
+            "paced, yet {throttled} throttled for {accepted} accepted"
+        );
+    } else {
+        assert!(throttled > 0, "the shards' limits never bit: {tally:?}");
+    }
     let secs = drained.as_secs_f64();
     eprintln!(
         "{stream}: a backlog of {total} messages ({} MB) drained into 4 shards of {} KiB/s in {secs:.1} s (agent paces to {}); throttled entries {throttled}; agent peak RSS {:.1} MiB",
