@@ -540,3 +540,52 @@ fn throttled_entries_are_counted_per_shard_and_resent() {
     );
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// An admin address that is already taken: the agent says so in its log and ships anyway
+/// (being watched matters less than shipping).
+#[test]
+fn a_taken_admin_address_does_not_stop_shipping() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-admin-taken", 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = format!(
+        "{}\n[admin]\nlisten = \"{}\"\n",
+        agent_config(
+            dir.path(),
+            mosquitto.port,
+            &kinesis.endpoint(),
+            "e2e-admin-taken",
+            "",
+            "",
+        ),
+        taken.local_addr().unwrap()
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let (devices, per_device) = (2, 200);
+    rt.block_on(publish(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-admin-taken",
+        devices,
+        per_device,
+        Duration::from_secs(60),
+    );
+    assert!(
+        agent.log().contains("cannot open the admin endpoint"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
