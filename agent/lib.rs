@@ -3,9 +3,11 @@
 //! Data path: [`source`] (MQTT, manual acks) -> [`spool`] (SQLite, group commit; ack after
 //! commit) -> [`shipper`] ([`batcher`] plans, [`frame`] encodes) -> [`sink`] (Kinesis, a local
 //! folder). [`pipeline`] wires them and shuts them down in order; [`config`] loads and checks
-//! the TOML; [`route`] matches topics and renders partition keys.
+//! the TOML; [`route`] matches topics and renders partition keys; [`tls`] and [`aws`] hold
+//! what connections to the broker and to AWS share (certificates, credentials).
 
 pub mod admin;
+pub mod aws;
 pub mod batcher;
 pub mod config;
 pub mod decode;
@@ -23,3 +25,4 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod status;
+pub mod tls;

@@ -109,7 +109,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Config {
             command: ConfigCommand::Validate { file },
-        } => match Config::load(&file) {
+        } => match Config::load(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                // The files it names too: a key others can read fails here, not at start.
+                edgeship::tls::check_files(&c)
+                    .map(|()| c)
+                    .map_err(|e| format!("{}: {e}", file.display()))
+            }) {
             Ok(c) => {
                 println!(
                     "{}: valid ({} broker(s), {} route(s), {} destination(s))",

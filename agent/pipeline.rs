@@ -51,6 +51,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Live),
 ) -> anyhow::Result<Accounting> {
+    // TLS files first: a bad certificate or key stops the start before anything is opened.
+    let mut broker_tls = Vec::new();
+    for broker in &config.brokers {
+        broker_tls.push(match &broker.tls {
+            Some(t) => Some(
+                crate::tls::client_config(t)
+                    .with_context(|| format!("broker `{}` TLS", broker.name))?,
+            ),
+            None => None,
+        });
+    }
+    let credentials = crate::aws::credentials(&config.aws)?;
     let (spool, spool_thread) = spool::start(&config.spool).context("opening the spool")?;
     let gateway: Arc<str> = config.gateway_id.as_str().into();
 
@@ -73,7 +85,7 @@ pub async fn run(
         if routes.is_empty() {
             continue;
         }
-        let sink = Sink::connect(name, dest).await?;
+        let sink = Sink::connect(name, dest, credentials.clone()).await?;
         let stats = Arc::new(ShipperStats::default());
         shipper_stats.push((name.clone(), stats.clone()));
         let shipper = Shipper {
@@ -100,7 +112,7 @@ pub async fn run(
     let route_filters = subscriptions(&config);
     let mut sources = Vec::new();
     let mut source_stats = Vec::new();
-    for broker in &config.brokers {
+    for (broker, tls) in config.brokers.iter().zip(broker_tls) {
         let stats = Arc::new(SourceStats::default());
         source_stats.push((broker.name.clone(), stats.clone()));
         let filters = match &broker.subscribe {
@@ -109,6 +121,7 @@ pub async fn run(
         };
         sources.push(tokio::spawn(mqtt::run(
             broker.clone(),
+            tls,
             filters,
             router.clone(),
             spool.clone(),

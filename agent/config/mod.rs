@@ -38,6 +38,39 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub admin: AdminConfig,
+    pub aws: AwsConfig,
+}
+
+/// Where AWS credentials come from: the standard chain (environment, profile, container,
+/// IMDS) unless `iot_credentials` is set.
+#[derive(Debug, Clone, Default)]
+pub struct AwsConfig {
+    pub iot_credentials: Option<IotCredentialsConfig>,
+}
+
+/// The AWS IoT credentials provider: temporary credentials for a role alias, fetched over
+/// mutual TLS with the device's certificate.
+#[derive(Debug, Clone)]
+pub struct IotCredentialsConfig {
+    /// `https://host[:port]`: the account's credentials endpoint
+    /// (`aws iot describe-endpoint --endpoint-type iot:CredentialProvider`).
+    pub endpoint: String,
+    pub role_alias: String,
+    /// Sent as `x-amzn-iot-thingname`; the thing the certificate is attached to.
+    pub thing_name: String,
+    /// Certificate and key (required), CA bundle for the endpoint.
+    pub tls: TlsConfig,
+}
+
+/// TLS client settings: PEM files, read when the agent starts (and by `config validate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// CA certificates that may sign the server's certificate; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// ALPN protocol names to offer (AWS IoT Core on port 443: `x-amzn-mqtt-ca`).
+    pub alpn: Vec<String>,
 }
 
 /// The local HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/status`.
@@ -96,6 +129,8 @@ pub struct BrokerConfig {
     pub max_packet_bytes: u64,
     /// Explicit subscriptions (QoS 1); `None` subscribes to the routes' filters.
     pub subscribe: Option<Vec<TopicFilter>>,
+    /// `Some` connects over TLS.
+    pub tls: Option<TlsConfig>,
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -108,6 +143,7 @@ impl fmt::Debug for BrokerConfig {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -556,11 +592,24 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             }
             None => None,
         };
+        let tls = match b.tls {
+            Some(t) => {
+                let span = t.span();
+                Some(tls_config(
+                    t.into_inner(),
+                    src,
+                    span,
+                    &format!("broker `{name}` tls"),
+                )?)
+            }
+            None => None,
+        };
         brokers.push(BrokerConfig {
             subscribe,
+            port: b.port.unwrap_or(if tls.is_some() { 8883 } else { 1883 }),
+            tls,
             name,
             host,
-            port: b.port.unwrap_or(1883),
             protocol: b.protocol.unwrap_or(MqttProtocol::V311),
             client_id,
             keep_alive: b.keep_alive.map_or(Duration::from_secs(30), |d| d.0),
@@ -597,7 +646,15 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         },
     };
 
+    let aws = AwsConfig {
+        iot_credentials: match raw.aws.iot_credentials {
+            Some(iot) => Some(iot_credentials(iot, &gateway_id, src)?),
+            None => None,
+        },
+    };
+
     Ok(Config {
+        aws,
         gateway_id,
         shutdown_timeout: raw
             .shutdown_timeout
@@ -624,6 +681,95 @@ fn default_gateway_id() -> String {
     } else {
         id
     }
+}
+
+fn tls_config(
+    raw: raw::RawTls,
+    src: &Source,
+    span: Range<usize>,
+    what: &str,
+) -> Result<TlsConfig, ConfigError> {
+    if raw.client_cert.is_some() != raw.client_key.is_some() {
+        return Err(src.error_at(
+            Some(span),
+            what,
+            "client_cert and client_key go together: set both or neither".into(),
+        ));
+    }
+    let alpn = raw.alpn.unwrap_or_default();
+    if alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+        return Err(src.error_at(
+            Some(span),
+            what,
+            "each alpn protocol name has 1 to 255 bytes".into(),
+        ));
+    }
+    Ok(TlsConfig {
+        ca_file: raw.ca_file.map(PathBuf::from),
+        client_cert: raw.client_cert.map(PathBuf::from),
+        client_key: raw.client_key.map(PathBuf::from),
+        alpn,
+    })
+}
+
+fn iot_credentials(
+    raw: toml::Spanned<raw::RawIotCredentials>,
+    gateway_id: &str,
+    src: &Source,
+) -> Result<IotCredentialsConfig, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let field = "aws.iot_credentials";
+    let endpoint = if raw.endpoint.starts_with("https://") {
+        raw.endpoint.trim_end_matches('/').to_string()
+    } else if raw.endpoint.contains("://") {
+        return Err(src.error_at(
+            Some(span),
+            &format!("{field}.endpoint"),
+            format!("`{}` must be a host name or an https:// URL", raw.endpoint),
+        ));
+    } else {
+        format!("https://{}", raw.endpoint.trim_end_matches('/'))
+    };
+    if endpoint.len() <= "https://".len() {
+        return Err(src.error_at(
+            Some(span),
+            &format!("{field}.endpoint"),
+            "must not be empty".into(),
+        ));
+    }
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:=@,+".contains(c))
+    };
+    if !name_ok(&raw.role_alias) {
+        return Err(src.error_at(
+            Some(span),
+            &format!("{field}.role_alias"),
+            format!("`{}` is not a role alias name", raw.role_alias),
+        ));
+    }
+    let thing_name = raw.thing_name.unwrap_or_else(|| gateway_id.to_string());
+    if !name_ok(&thing_name) {
+        return Err(src.error_at(
+            Some(span),
+            &format!("{field}.thing_name"),
+            format!("`{thing_name}` is not a thing name"),
+        ));
+    }
+    Ok(IotCredentialsConfig {
+        endpoint,
+        role_alias: raw.role_alias,
+        thing_name,
+        tls: TlsConfig {
+            ca_file: raw.ca_file.map(PathBuf::from),
+            client_cert: Some(PathBuf::from(raw.cert)),
+            client_key: Some(PathBuf::from(raw.key)),
+            alpn: Vec::new(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -657,6 +803,37 @@ stream = "s"
         assert_eq!(c.brokers[0].client_id, "edgeship-gw-1");
         assert_eq!(c.routes[0].qos, 1);
         assert_eq!(c.spool.full_policy, FullPolicy::Block);
+    }
+
+    #[test]
+    fn tls_and_iot_credentials_sections_parse_and_check_pairs() {
+        let text = MINIMAL.replace(
+            "[[broker]]\n",
+            "[[broker]]\ntls = { ca_file = \"/etc/edgeship/ca.pem\", alpn = [\"x-amzn-mqtt-ca\"] }\n",
+        ) + "[aws.iot_credentials]\nendpoint = \"c1.credentials.iot.eu-west-1.amazonaws.com\"\n\
+               role_alias = \"edgeship\"\ncert = \"/etc/edgeship/gw.crt\"\nkey = \"/etc/edgeship/gw.key\"\n";
+        let c = Config::parse(&text, "m.toml").unwrap();
+        let b = &c.brokers[0];
+        assert_eq!(b.port, 8883, "TLS without a port means 8883");
+        assert_eq!(b.tls.as_ref().unwrap().alpn, vec!["x-amzn-mqtt-ca"]);
+        let iot = c.aws.iot_credentials.unwrap();
+        assert_eq!(
+            iot.endpoint,
+            "https://c1.credentials.iot.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            iot.thing_name, "gw-1",
+            "the thing name defaults to the gateway id"
+        );
+        let half = MINIMAL.replace(
+            "[[broker]]\n",
+            "[[broker]]\ntls = { client_cert = \"/etc/edgeship/gw.crt\" }\n",
+        );
+        let e = Config::parse(&half, "m.toml").unwrap_err().to_string();
+        assert!(e.contains("client_cert and client_key go together"), "{e}");
+        let http = text.replace("endpoint = \"c1.", "endpoint = \"http://c1.");
+        let e = Config::parse(&http, "m.toml").unwrap_err().to_string();
+        assert!(e.contains("must be a host name or an https:// URL"), "{e}");
     }
 
     #[test]

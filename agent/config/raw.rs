@@ -26,6 +26,37 @@ pub struct RawConfig {
     pub destination: BTreeMap<String, Spanned<RawDestination>>,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub aws: RawAws,
+}
+
+/// `[aws]`: how the agent gets AWS credentials (the standard chain unless a source is named).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub iot_credentials: Option<Spanned<RawIotCredentials>>,
+}
+
+/// `[aws.iot_credentials]`: the AWS IoT credentials provider (device certificate + role alias).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIotCredentials {
+    pub endpoint: String,
+    pub role_alias: String,
+    pub thing_name: Option<String>,
+    pub cert: String,
+    pub key: String,
+    pub ca_file: Option<String>,
+}
+
+/// `[broker.tls]`: TLS to the broker; its presence turns TLS on.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +123,7 @@ pub struct RawBroker {
     /// Topic filters to subscribe to instead of the routes' filters (e.g. "#" to see, and
     /// count, what no route takes).
     pub subscribe: Option<Spanned<Vec<String>>>,
+    pub tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,6 @@
-//! Kinesis Data Streams through `PutRecords`, with the standard AWS credential chain, an
-//! optional endpoint override (VPC endpoints, local emulators) and rustls with the ring
-//! provider.
+//! Kinesis Data Streams through `PutRecords`, with the credentials [`crate::aws`] provides
+//! (standard chain or AWS IoT), an optional endpoint override (VPC endpoints, local
+//! emulators) and rustls with the ring provider.
 //!
 //! The SDK's own retries are off: a whole-call failure comes back as [`SinkError`] and partial
 //! failures per entry, so the shipper alone decides what is resent.
@@ -13,7 +13,7 @@
 use super::{Accepted, Entry, EntryFailure, Outcome, SinkError};
 use crate::config::KinesisConfig;
 use crate::shard::ShardMap;
-use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -88,34 +88,18 @@ async fn list_open_shards(
     )
 }
 
-/// Loads the AWS config the way every AWS client of the agent does: rustls with ring for
-/// HTTPS, no SDK retries, bounded timeouts.
-pub async fn aws_config(region: Option<&str>, endpoint: Option<&str>) -> aws_config::SdkConfig {
-    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-    let https = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(https)
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(30))
-                .build(),
-        );
-    if let Some(region) = region {
-        loader = loader.region(Region::new(region.to_string()));
-    }
-    if let Some(endpoint) = endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    loader.load().await
-}
-
 impl KinesisSink {
-    pub async fn connect(name: &str, config: &KinesisConfig) -> KinesisSink {
-        let sdk = aws_config(config.region.as_deref(), config.endpoint.as_deref()).await;
+    pub async fn connect(
+        name: &str,
+        config: &KinesisConfig,
+        credentials: Option<SharedCredentialsProvider>,
+    ) -> KinesisSink {
+        let sdk = crate::aws::sdk_config(
+            config.region.as_deref(),
+            config.endpoint.as_deref(),
+            credentials,
+        )
+        .await;
         let sink = KinesisSink {
             name: name.to_string(),
             stream: config.stream.clone(),

@@ -68,10 +68,14 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub async fn connect(name: &str, config: &DestinationConfig) -> Result<Sink, SinkError> {
+    pub async fn connect(
+        name: &str,
+        config: &DestinationConfig,
+        credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+    ) -> Result<Sink, SinkError> {
         Ok(match config {
             DestinationConfig::Kinesis(k) => {
-                Sink::Kinesis(kinesis::KinesisSink::connect(name, k).await)
+                Sink::Kinesis(kinesis::KinesisSink::connect(name, k, credentials).await)
             }
             DestinationConfig::Directory { path } => {
                 Sink::Directory(directory::DirectorySink::open(name, path)?)

@@ -92,7 +92,21 @@ fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-fn connect(config: &BrokerConfig) -> (Client, EventLoop) {
+/// The text of a connection error, with TLS failures explained against the broker's files.
+fn describe(err: &(dyn std::error::Error + 'static), config: &BrokerConfig) -> String {
+    match config
+        .tls
+        .as_ref()
+        .and_then(|tls| crate::tls::explain(err, tls))
+    {
+        Some(why) => format!("TLS: {why}"),
+        None => err.to_string(),
+    }
+}
+
+fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Client, EventLoop) {
+    let transport =
+        tls.map(|t| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(t)));
     // The request channel carries acks and subscriptions; it holds one window of acks.
     let capacity = (config.max_unacked as usize).clamp(64, 65_535);
     match config.protocol {
@@ -108,6 +122,9 @@ fn connect(config: &BrokerConfig) -> (Client, EventLoop) {
                 );
             if let Some(user) = &config.username {
                 o.set_credentials(user, config.password.clone().unwrap_or_default());
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
             }
             let (c, e) = rumqttc::AsyncClient::new(o, capacity);
             (Client::V4(c), EventLoop::V4(Box::new(e)))
@@ -125,6 +142,9 @@ fn connect(config: &BrokerConfig) -> (Client, EventLoop) {
             if let Some(user) = &config.username {
                 o.set_credentials(user, config.password.clone().unwrap_or_default());
             }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
             let (c, e) = rumqttc::v5::AsyncClient::new(o, capacity);
             (Client::V5(c), EventLoop::V5(Box::new(e)))
         }
@@ -134,11 +154,11 @@ fn connect(config: &BrokerConfig) -> (Client, EventLoop) {
 impl EventLoop {
     /// Polls the connection once. Cancel-safe enough for shutdown: a dropped poll can lose
     /// at most a message that was never acked, which the broker redelivers.
-    async fn next(&mut self) -> Result<SessionEvent, String> {
+    async fn next(&mut self, config: &BrokerConfig) -> Result<SessionEvent, String> {
         match self {
             EventLoop::V4(e) => {
                 use rumqttc::{Event, Packet};
-                match e.poll().await.map_err(|err| err.to_string())? {
+                match e.poll().await.map_err(|err| describe(&err, config))? {
                     Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
                         session_present: a.session_present,
                     }),
@@ -165,7 +185,7 @@ impl EventLoop {
             EventLoop::V5(e) => {
                 use rumqttc::v5::mqttbytes::v5::Packet;
                 use rumqttc::v5::Event;
-                match e.poll().await.map_err(|err| err.to_string())? {
+                match e.poll().await.map_err(|err| describe(&err, config))? {
                     Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
                         session_present: a.session_present,
                     }),
@@ -251,13 +271,14 @@ fn now_ms() -> u64 {
 /// Runs one broker session until `stop` turns true.
 pub async fn run(
     config: BrokerConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
     filters: Vec<(String, u8)>,
     router: Arc<Router>,
     spool: SpoolHandle,
     stats: Arc<SourceStats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (client, mut events) = connect(&config);
+    let (client, mut events) = connect(&config, tls);
     let client = Arc::new(client);
     let permits = Arc::new(Semaphore::new(config.max_unacked as usize));
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckToken>();
@@ -283,7 +304,7 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             // Cancel-safe: see `EventLoop::next`.
-            e = events.next() => e,
+            e = events.next(&config) => e,
             _ = stop.changed() => break,
         };
         match event {
@@ -389,7 +410,7 @@ pub async fn run(
     while tokio::time::Instant::now() < deadline {
         let settled = permits.available_permits() == all as usize && acker.is_finished();
         tokio::select! {
-            r = events.next() => if r.is_err() { break },
+            r = events.next(&config) => if r.is_err() { break },
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
         if settled {
@@ -398,7 +419,7 @@ pub async fn run(
     }
     client.disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while events.next().await.is_ok() {}
+        while events.next(&config).await.is_ok() {}
     })
     .await;
     stats.connected.store(false, Ordering::Relaxed);

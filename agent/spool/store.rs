@@ -36,7 +36,7 @@ pub enum SpoolError {
     },
     #[error("spool {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION})")]
     NewerSchema { path: PathBuf, found: i64 },
-    #[error("spool {path}: cannot create its folder: {source}")]
+    #[error("spool {path}: cannot create it or its folder: {source}")]
     Folder {
         path: PathBuf,
         source: std::io::Error,
@@ -162,6 +162,26 @@ pub struct OpenReport {
     pub quarantined_file: Option<PathBuf>,
 }
 
+/// Creates the spool file readable and writable by its owner only (records are data the
+/// gateway's other users have no business reading), or takes group and other access away
+/// from an existing one. SQLite gives its -wal and -shm files the database file's mode.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop),
+        Err(e) => Err(e),
+    }
+}
+
 impl Store {
     /// Opens (or creates) the spool. A file SQLite reports as corrupt or not a database is
     /// renamed to `<path>.corrupt-<unix seconds>` and a fresh spool is created in its place.
@@ -202,6 +222,10 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
+        restrict_to_owner(path).map_err(|source| SpoolError::Folder {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(err)?;
         let sync_pragma = match sync {
             SyncLevel::Off => "OFF",
@@ -843,6 +867,26 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(c.id, 4);
         assert!(read_accounting_at(&path).unwrap().balances());
+    }
+
+    #[test]
+    fn spool_files_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        s.append_block("r", "k", &[rec("t", b"x")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("s.db-wal")), 0o600);
+        drop(s);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _ = Store::open(&path, SyncLevel::Off).unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

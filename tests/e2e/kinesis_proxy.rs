@@ -68,6 +68,17 @@ struct State {
     faults: VecDeque<Fault>,
     tally: BTreeMap<String, ShardTally>,
     faults_answered: u64,
+    signed: Vec<Signed>,
+}
+
+/// Who signed one request: the access key id in its SigV4 `Authorization` header and its
+/// `x-amz-security-token`, with the time it arrived.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub at: std::time::SystemTime,
+    pub target: String,
+    pub access_key_id: String,
+    pub session_token: Option<String>,
 }
 
 pub struct KinesisProxy {
@@ -97,16 +108,9 @@ impl KinesisProxy {
             faults: VecDeque::new(),
             tally: BTreeMap::new(),
             faults_answered: 0,
+            signed: Vec::new(),
         }));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (runtime, listener, port) = crate::support::background_listener();
         let st = state.clone();
         runtime.spawn(async move {
             loop {
@@ -143,6 +147,11 @@ impl KinesisProxy {
 
     pub fn tally(&self) -> BTreeMap<String, ShardTally> {
         self.state.lock().unwrap().tally.clone()
+    }
+
+    /// Every request's signer, in arrival order.
+    pub fn signed(&self) -> Vec<Signed> {
+        self.state.lock().unwrap().signed.clone()
     }
 
     pub fn faults_answered(&self) -> u64 {
@@ -185,6 +194,25 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let access_key_id = header("authorization")
+        .and_then(|a| {
+            let after = a.split_once("Credential=")?.1;
+            Some(after.split('/').next()?.to_string())
+        })
+        .unwrap_or_default();
+    state.lock().unwrap().signed.push(Signed {
+        at: std::time::SystemTime::now(),
+        target: target.clone(),
+        access_key_id,
+        session_token: header("x-amz-security-token"),
+    });
     if target != "Kinesis_20131202.PutRecords" {
         return forward(&state, &parts, body).await;
     }

@@ -1,7 +1,9 @@
 //! End-to-end tests: the agent binary between a real Mosquitto and the real Kinesis emulator,
 //! all on 127.0.0.1. See `support.rs` for the harness.
 
+mod iot_credentials_server;
 mod kinesis_proxy;
+mod pki;
 mod support;
 
 mod bad_input;
@@ -10,3 +12,4 @@ mod observe;
 mod package;
 mod pipeline;
 mod producer;
+mod security;

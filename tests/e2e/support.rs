@@ -40,7 +40,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
-fn wait_port(port: u16, timeout: Duration, what: &str) {
+pub fn wait_port(port: u16, timeout: Duration, what: &str) {
     wait_for(what, timeout, || {
         TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
     });
@@ -61,6 +61,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Mosquitto::start_with(dir, "")
+    }
+
+    /// Starts it with `extra` appended to its config (more listeners, TLS).
+    pub fn start_with(dir: &Path, extra: &str) -> Mosquitto {
         let mut m = Mosquitto {
             port: free_port(),
             dir: dir.join("mosquitto"),
@@ -72,7 +77,7 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
                  autosave_interval 1\nmax_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                 log_dest stderr\nlog_type error\nlog_type warning\n{extra}",
                 port = m.port,
                 data = m.dir.join("data").display()
             ),
@@ -251,7 +256,7 @@ pub fn rig(stream: &str, shards: i32) -> Rig {
 
 pub async fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     test_credentials();
-    let sdk = edgeship::sink::kinesis::aws_config(Some("us-east-1"), Some(endpoint)).await;
+    let sdk = edgeship::aws::sdk_config(Some("us-east-1"), Some(endpoint), None).await;
     aws_sdk_kinesis::Client::new(&sdk)
 }
 
@@ -843,6 +848,21 @@ pub fn assert_all_delivered(messages: &[frame::Record], devices: u32, per_device
         "the stream holds messages nobody published"
     );
     duplicates
+}
+
+/// A one-thread runtime of its own and a listener on a free loopback port, for the test
+/// servers (Kinesis proxy, credentials endpoint) that run beside the agent.
+pub fn background_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener, u16) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (runtime, listener, port)
 }
 
 pub fn tempdir() -> tempfile::TempDir {

@@ -1,0 +1,377 @@
+//! The AWS IoT credentials provider: temporary AWS credentials for a role alias, fetched from
+//! the account's credentials endpoint over mutual TLS with the device's X.509 certificate
+//! (`GET /role-aliases/{alias}/credentials`, header `x-amzn-iot-thingname`).
+//!
+//! Credentials are cached and refreshed in the background before they expire (at the latest
+//! five minutes, at most half their lifetime, ahead), so a PutRecords call never waits for a
+//! fetch once the first one succeeded. A failed fetch is retried with jittered backoff
+//! (1 s .. 5 min) while the cached credentials, if still valid, keep being used.
+//!
+//! It must never log or expose the secret key or session token, and never send a request
+//! without the client certificate.
+
+use crate::config::IotCredentialsConfig;
+use crate::logging::Repeated;
+use crate::shipper::Backoff;
+use aws_credential_types::provider::{error::CredentialsError, future, ProvideCredentials};
+use aws_credential_types::Credentials;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use rustls::pki_types::ServerName;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long one fetch (connect, handshake, answer) may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Credentials this close to expiry are not handed out any more.
+const EXPIRY_SLACK: Duration = Duration::from_secs(10);
+
+/// Live figures of the provider, for metrics.
+#[derive(Debug, Default)]
+pub struct CredentialStats {
+    pub fetches: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    /// Unix seconds at which the current credentials expire; 0 before the first fetch.
+    pub expires_unix: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct IotCredentials {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: IotCredentialsConfig,
+    host: String,
+    port: u16,
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+    state: tokio::sync::Mutex<State>,
+    stats: Arc<CredentialStats>,
+}
+
+struct State {
+    current: Option<Current>,
+    retry: Backoff,
+    /// After a failure: no fetch before this.
+    next_attempt: Option<Instant>,
+    last_error: Option<String>,
+    errors: Repeated,
+}
+
+struct Current {
+    credentials: Credentials,
+    expires: SystemTime,
+    refresh_at: Instant,
+}
+
+impl Current {
+    fn usable(&self) -> bool {
+        SystemTime::now() + EXPIRY_SLACK < self.expires
+    }
+}
+
+impl fmt::Debug for IotCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IotCredentials")
+            .field("endpoint", &self.inner.config.endpoint)
+            .field("role_alias", &self.inner.config.role_alias)
+            .field("thing_name", &self.inner.config.thing_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `https://host[:port]` -> (host, port).
+fn host_port(endpoint: &str) -> (String, u16) {
+    let rest = endpoint.trim_start_matches("https://");
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => match port.parse() {
+            Ok(p) => (host.trim_matches(|c| c == '[' || c == ']').to_string(), p),
+            Err(_) => (rest.to_string(), 443),
+        },
+        _ => (rest.to_string(), 443),
+    }
+}
+
+/// When to fetch again: at the latest five minutes, at most half the lifetime, before expiry.
+fn refresh_point(now: Instant, expires: SystemTime) -> Instant {
+    let lifetime = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let margin = (lifetime / 2).min(Duration::from_secs(300));
+    now + (lifetime - margin)
+}
+
+/// The endpoint's answer: `{"credentials": {"accessKeyId", "secretAccessKey", "sessionToken",
+/// "expiration"}}`.
+fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Creds {
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: String,
+        expiration: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        credentials: Creds,
+    }
+    let a: Answer = serde_json::from_slice(body)
+        .map_err(|e| format!("the answer is not the credentials document: {e}"))?;
+    let expires = aws_smithy_types::DateTime::from_str(
+        &a.credentials.expiration,
+        aws_smithy_types::date_time::Format::DateTime,
+    )
+    .ok()
+    .and_then(|d| SystemTime::try_from(d).ok())
+    .ok_or_else(|| {
+        format!(
+            "expiration `{}` is not an RFC 3339 time",
+            a.credentials.expiration
+        )
+    })?;
+    let credentials = Credentials::new(
+        a.credentials.access_key_id,
+        a.credentials.secret_access_key,
+        Some(a.credentials.session_token),
+        Some(expires),
+        "edgeship-iot-credentials",
+    );
+    Ok((credentials, expires))
+}
+
+impl IotCredentials {
+    /// Reads the certificate and key (refusing a world-readable key) and starts the background
+    /// fetch-and-refresh task. Needs a tokio runtime.
+    pub fn start(config: &IotCredentialsConfig) -> Result<IotCredentials, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(&config.tls)?;
+        let (host, port) = host_port(&config.endpoint);
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| {
+            crate::tls::TlsError::new(format!(
+                "aws.iot_credentials.endpoint: `{host}` is not a host name"
+            ))
+        })?;
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            host,
+            port,
+            connector: tokio_rustls::TlsConnector::from(tls),
+            server_name,
+            state: tokio::sync::Mutex::new(State {
+                current: None,
+                retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
+                next_attempt: None,
+                last_error: None,
+                errors: Repeated::new(Duration::from_secs(60)),
+            }),
+            stats: Arc::default(),
+        });
+        tokio::spawn(refresh_loop(inner.clone()));
+        Ok(IotCredentials { inner })
+    }
+
+    pub fn stats(&self) -> Arc<CredentialStats> {
+        self.inner.stats.clone()
+    }
+}
+
+/// Keeps credentials fresh without waiting for a call to need them.
+async fn refresh_loop(inner: Arc<Inner>) {
+    loop {
+        let wake = {
+            let st = inner.state.lock().await;
+            match (&st.current, st.next_attempt) {
+                (_, Some(retry_at)) => retry_at,
+                (Some(c), None) => c.refresh_at,
+                (None, None) => Instant::now(),
+            }
+        };
+        tokio::time::sleep_until(wake.into()).await;
+        let _ = inner.get().await;
+    }
+}
+
+impl Inner {
+    async fn get(&self) -> Result<Credentials, CredentialsError> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(c) = &st.current {
+            if now < c.refresh_at {
+                return Ok(c.credentials.clone());
+            }
+        }
+        if st.next_attempt.is_some_and(|t| now < t) {
+            return st.cached_or_error();
+        }
+        match self.fetch().await {
+            Ok((credentials, expires)) => {
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                let unix = expires
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.stats.expires_unix.store(unix, Ordering::Relaxed);
+                st.errors.recovered(|n| {
+                    tracing::info!(after_errors = n, "AWS IoT credentials fetched again")
+                });
+                let refresh_at = refresh_point(Instant::now(), expires);
+                tracing::info!(
+                    role_alias = %self.config.role_alias,
+                    expires_in_s = expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
+                    refresh_in_s = refresh_at.saturating_duration_since(Instant::now()).as_secs(),
+                    "AWS credentials obtained from the AWS IoT credentials provider"
+                );
+                st.current = Some(Current {
+                    credentials: credentials.clone(),
+                    expires,
+                    refresh_at,
+                });
+                st.retry.reset();
+                st.next_attempt = None;
+                st.last_error = None;
+                Ok(credentials)
+            }
+            Err(e) => {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                let delay = st.retry.next_delay();
+                st.next_attempt = Some(Instant::now() + delay);
+                if let Some(repeats) = st.errors.should_log() {
+                    let still_valid = st.current.as_ref().is_some_and(Current::usable);
+                    tracing::warn!(
+                        endpoint = %self.config.endpoint,
+                        role_alias = %self.config.role_alias,
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        using_cached = still_valid,
+                        repeats,
+                        "cannot get AWS credentials from the AWS IoT credentials provider"
+                    );
+                }
+                st.last_error = Some(e);
+                st.cached_or_error()
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<(Credentials, SystemTime), String> {
+        match tokio::time::timeout(FETCH_TIMEOUT, self.fetch_once()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
+        }
+    }
+
+    async fn fetch_once(&self) -> Result<(Credentials, SystemTime), String> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connecting to {}:{}: {e}", self.host, self.port))?;
+        let stream = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| match crate::tls::explain(&e, &self.config.tls) {
+                Some(why) => format!("TLS: {why}"),
+                None => format!("TLS: {e}"),
+            })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP: {e}"))?;
+        let driver = tokio::spawn(connection);
+        let request = hyper::Request::get(format!(
+            "/role-aliases/{}/credentials",
+            self.config.role_alias
+        ))
+        .header(hyper::header::HOST, self.host.as_str())
+        .header("x-amzn-iot-thingname", self.config.thing_name.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("HTTP request: {e}"))?;
+        let answer = sender.send_request(request).await.map_err(|e| {
+            // A server that refuses the client certificate in TLS 1.3 says so here.
+            let why = std::error::Error::source(&e)
+                .and_then(|s| crate::tls::explain(s, &self.config.tls));
+            match why {
+                Some(why) => format!("TLS: {why}"),
+                None => format!("HTTP: {e}"),
+            }
+        })?;
+        let status = answer.status();
+        let body = Limited::new(answer.into_body(), 64 << 10)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        driver.abort();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(format!("HTTP {status}: {message}"));
+        }
+        parse_answer(&body)
+    }
+}
+
+impl State {
+    fn cached_or_error(&self) -> Result<Credentials, CredentialsError> {
+        match &self.current {
+            Some(c) if c.usable() => Ok(c.credentials.clone()),
+            _ => Err(CredentialsError::not_loaded(format!(
+                "no valid credentials from the AWS IoT credentials provider yet: {}",
+                self.last_error.as_deref().unwrap_or("fetch pending")
+            ))),
+        }
+    }
+}
+
+impl ProvideCredentials for IotCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(self.inner.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_into_host_and_port() {
+        assert_eq!(
+            host_port("https://c1.credentials.iot.eu-west-1.amazonaws.com"),
+            ("c1.credentials.iot.eu-west-1.amazonaws.com".into(), 443)
+        );
+        assert_eq!(
+            host_port("https://127.0.0.1:8443"),
+            ("127.0.0.1".into(), 8443)
+        );
+        assert_eq!(host_port("https://[::1]:8443"), ("::1".into(), 8443));
+    }
+
+    #[test]
+    fn the_documented_answer_parses_and_refresh_comes_early() {
+        let body = br#"{"credentials":{"accessKeyId":"ASIAEXAMPLE","secretAccessKey":"s3cr3t","sessionToken":"tok","expiration":"2030-01-18T09:18:06Z"}}"#;
+        let (c, expires) = parse_answer(body).unwrap();
+        assert_eq!(c.access_key_id(), "ASIAEXAMPLE");
+        assert_eq!(c.session_token(), Some("tok"));
+        assert_eq!(
+            expires
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            1_894_958_286
+        );
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        // One hour: refresh five minutes before; twenty seconds: after ten.
+        let now = Instant::now();
+        let hour = refresh_point(now, SystemTime::now() + Duration::from_secs(3600));
+        assert!((3290..=3300).contains(&(hour - now).as_secs()));
+        let short = refresh_point(now, SystemTime::now() + Duration::from_secs(20));
+        assert!((9..=10).contains(&(short - now).as_secs()));
+        assert!(parse_answer(br#"{"message":"Access Denied"}"#).is_err());
+    }
+}

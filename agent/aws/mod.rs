@@ -1,0 +1,61 @@
+//! What every AWS client of the agent shares: the SDK config (rustls with ring, no SDK
+//! retries, bounded timeouts) and where credentials come from: the standard chain
+//! (environment, profile, container, IMDS) or the AWS IoT credentials provider.
+//!
+//! It must never log credentials, and never let the SDK retry on its own: the shipper decides
+//! what is resent.
+
+pub mod iot_credentials;
+
+use crate::config::AwsConfig;
+use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
+use aws_credential_types::provider::SharedCredentialsProvider;
+use std::time::Duration;
+
+/// The credentials provider the config names, started (the IoT provider fetches its first
+/// credentials in the background at once); `None`: the SDK's standard chain.
+pub fn credentials(
+    config: &AwsConfig,
+) -> Result<Option<SharedCredentialsProvider>, crate::tls::TlsError> {
+    Ok(match &config.iot_credentials {
+        Some(iot) => Some(SharedCredentialsProvider::new(
+            iot_credentials::IotCredentials::start(iot)?,
+        )),
+        None => None,
+    })
+}
+
+/// Loads the AWS config the way every AWS client of the agent does.
+pub async fn sdk_config(
+    region: Option<&str>,
+    endpoint: Option<&str>,
+    credentials: Option<SharedCredentialsProvider>,
+) -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(https)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        );
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_string()));
+    }
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(provider) = credentials {
+        // The provider caches and refreshes ahead of expiry itself; a second cache in the SDK
+        // would hold credentials past the provider's refresh point.
+        loader = loader
+            .credentials_provider(provider)
+            .identity_cache(aws_config::identity::IdentityCache::no_cache());
+    }
+    loader.load().await
+}

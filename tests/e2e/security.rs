@@ -1,0 +1,368 @@
+//! Transport security and credentials: MQTT over mutual TLS against Mosquitto requiring client
+//! certificates, the refusals an operator must be able to read, private key permissions, and
+//! AWS credentials from the AWS IoT credentials provider (a local endpoint requiring the
+//! device certificate), refreshed before they expire.
+//!
+//! Certificates are made by the test (tests/e2e/pki.rs); nothing is checked in.
+
+use crate::iot_credentials_server::IotCredentialsServer;
+use crate::kinesis_proxy::KinesisProxy;
+use crate::pki::{Ca, Use, Validity};
+use crate::support::*;
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The `[broker.tls]` table (after a client id, so several agents can share the broker).
+fn broker_tls(client_id: &str, ca: &Path, client: Option<&crate::pki::Issued>) -> String {
+    let mut t = format!(
+        "client_id = \"{client_id}\"\n[broker.tls]\nca_file = \"{}\"\nalpn = [\"mqtt\"]\n",
+        ca.display()
+    );
+    if let Some(c) = client {
+        t += &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        );
+    }
+    t
+}
+
+/// A folder of its own for each agent of a test (spool, config, log).
+fn agent_dir(root: &Path, name: &str) -> std::path::PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn mqtt_over_mutual_tls_delivers_and_bad_certificates_are_refused_clearly() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-mqtt-tls", 1);
+    let pki = agent_dir(dir.path(), "pki");
+    let ca = Ca::new(&pki, "edgeship-test-ca");
+    let other_ca = Ca::new(&pki, "some-other-ca");
+    let server = ca.issue(&pki, "broker", "127.0.0.1", Use::Server, Validity::Current);
+    let good = ca.issue(&pki, "gw-good", "gw-good", Use::Client, Validity::Current);
+    let expired = ca.issue(
+        &pki,
+        "gw-expired",
+        "gw-expired",
+        Use::Client,
+        Validity::Expired,
+    );
+    let foreign = other_ca.issue(
+        &pki,
+        "gw-foreign",
+        "gw-foreign",
+        Use::Client,
+        Validity::Current,
+    );
+    // Mosquitto reads its files as itself when run as root (it drops to user mosquitto).
+    for f in [&server.cert, &server.key, &ca.file] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&pki, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The plain listener is for the test's publishers; the agents use the TLS one.
+    let tls_port = free_port();
+    let mosquitto = Mosquitto::start_with(
+        dir.path(),
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\n",
+            ca.file.display(),
+            server.cert.display(),
+            server.key.display()
+        ),
+    );
+    wait_port(
+        tls_port,
+        Duration::from_secs(10),
+        "mosquitto's TLS listener",
+    );
+    let endpoint = kinesis.endpoint();
+    let start = |name: &str, extra_broker: &str| {
+        let d = agent_dir(dir.path(), name);
+        Agent::start(
+            &d,
+            &agent_config(&d, tls_port, &endpoint, "e2e-mqtt-tls", "", extra_broker),
+        )
+    };
+
+    let good_agent = start("good", &broker_tls("agent-good", &ca.file, Some(&good)));
+    let wrong_ca = start(
+        "wrong-ca",
+        &broker_tls("agent-wrong-ca", &other_ca.file, Some(&good)),
+    );
+    let expired_agent = start(
+        "expired",
+        &broker_tls("agent-expired", &ca.file, Some(&expired)),
+    );
+    let foreign_agent = start(
+        "foreign",
+        &broker_tls("agent-foreign", &ca.file, Some(&foreign)),
+    );
+    let no_cert = start("no-cert", &broker_tls("agent-no-cert", &ca.file, None));
+
+    good_agent.wait_connected(1);
+    let (devices, per_device) = (4, 500);
+    rt.block_on(publish(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let contents = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-mqtt-tls",
+        devices,
+        per_device,
+        Duration::from_secs(60),
+    );
+    assert_eq!(contents.messages.len() as u32, devices * per_device);
+
+    // Each refused agent says why, in words that point at the file to fix.
+    let cases = [
+        (
+            &wrong_ca,
+            format!(
+                "TLS: the server's certificate is not signed by a CA in the CA file {}",
+                other_ca.file.display()
+            ),
+        ),
+        (
+            &expired_agent,
+            format!(
+                "TLS: the server refused the client certificate {}: it has expired",
+                expired.cert.display()
+            ),
+        ),
+        (
+            &foreign_agent,
+            format!(
+                "TLS: the server refused the client certificate {}: not signed by a CA it trusts",
+                foreign.cert.display()
+            ),
+        ),
+        (
+            &no_cert,
+            "TLS: the server requires a client certificate; set client_cert and client_key"
+                .to_string(),
+        ),
+    ];
+    for (agent, expected) in &cases {
+        wait_for(
+            &format!("the agent to log: {expected}"),
+            Duration::from_secs(30),
+            || agent.log().contains(expected.as_str()).then_some(()),
+        );
+        let m = agent.scrape();
+        assert_eq!(m.sum("edgeship_mqtt_connected", &[]), 0.0);
+        assert!(m.sum("edgeship_mqtt_connection_errors_total", &[]) >= 1.0);
+        assert_eq!(m.sum("edgeship_mqtt_messages_received_total", &[]), 0.0);
+        assert!(!agent.log().contains(" connected"), "{}", agent.log());
+    }
+    let m = good_agent.scrape();
+    assert_eq!(m.sum("edgeship_mqtt_connected", &[]), 1.0);
+    assert_eq!(
+        m.sum("edgeship_mqtt_messages_received_total", &[]),
+        f64::from(devices * per_device)
+    );
+}
+
+#[test]
+fn a_private_key_others_can_read_is_refused_with_the_fix() {
+    let dir = tempdir();
+    let pki = agent_dir(dir.path(), "pki");
+    let ca = Ca::new(&pki, "edgeship-test-ca");
+    let cert = ca.issue(&pki, "gw", "gw-test", Use::Client, Validity::Current);
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = agent_config(
+        dir.path(),
+        free_port(),
+        "http://127.0.0.1:9",
+        "unused",
+        "",
+        &broker_tls("agent", &ca.file, Some(&cert)),
+    );
+    let path = dir.path().join("edgeship.toml");
+    std::fs::write(&path, &config).unwrap();
+    let expected = format!(
+        "is readable by every user (mode 0644); refusing to use it. Fix: chmod 600 {}",
+        cert.key.display()
+    );
+
+    let validate = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["config", "validate"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&validate.stderr);
+    assert_eq!(validate.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("broker `test` TLS"), "{stderr}");
+
+    let run = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    // Refused before anything was opened: no spool file was created.
+    assert!(!dir.path().join("spool.db").exists());
+
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let validate = Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["config", "validate"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(validate.status.success(), "{validate:?}");
+}
+
+#[test]
+fn aws_credentials_come_from_the_iot_provider_and_are_refreshed_before_expiry() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-iot-credentials", 1);
+    let pki = agent_dir(dir.path(), "pki");
+    let ca = Ca::new(&pki, "edgeship-test-ca");
+    let server_cert = ca.issue(
+        &pki,
+        "credentials",
+        "127.0.0.1",
+        Use::Server,
+        Validity::Current,
+    );
+    let device = ca.issue(&pki, "gw-iot", "gw-iot", Use::Client, Validity::Current);
+    // Credentials live 12 s: the agent should fetch new ones after about 6.
+    let lifetime = Duration::from_secs(12);
+    let credentials =
+        IotCredentialsServer::start(&ca.file, &server_cert.cert, &server_cert.key, lifetime);
+    // The first two fetches fail: the agent must retry on its own.
+    credentials.fail_next(2);
+    let shards = rt.block_on(shard_ranges(&client, "e2e-iot-credentials"));
+    let proxy = KinesisProxy::start(kinesis.port, &shards, None);
+
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = format!(
+        "{}\n[aws.iot_credentials]\nendpoint = \"{}\"\nrole_alias = \"edgeship-test-role\"\n\
+         thing_name = \"gw-iot\"\ncert = \"{}\"\nkey = \"{}\"\nca_file = \"{}\"\n",
+        agent_config(
+            dir.path(),
+            mosquitto.port,
+            &proxy.endpoint(),
+            "e2e-iot-credentials",
+            "",
+            ""
+        ),
+        credentials.endpoint(),
+        device.cert.display(),
+        device.key.display(),
+        ca.file.display()
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+
+    // Three waves, each published after the credentials of the one before were replaced.
+    let per_wave = 300;
+    for wave in 0..3u32 {
+        wait_for(
+            &format!("credentials set {} to be issued", wave + 1),
+            Duration::from_secs(30),
+            || (credentials.issued().len() > wave as usize).then_some(()),
+        );
+        rt.block_on(publish_with(
+            mosquitto.port,
+            2,
+            per_wave,
+            Arc::new(AtomicU64::new(0)),
+            move |d, s| payload(d, wave * per_wave + s),
+            &format!("wave{wave}-"),
+        ));
+        wait_stream_complete(
+            &rt,
+            &client,
+            "e2e-iot-credentials",
+            2,
+            (wave + 1) * per_wave,
+            Duration::from_secs(60),
+        );
+    }
+    assert_eq!(agent.stop().code(), Some(0));
+
+    // The endpoint saw the device's certificate, the role alias and the thing name, and the
+    // two injected failures were retried.
+    let requests = credentials.requests();
+    assert!(requests.len() >= 5, "{requests:?}");
+    assert!(requests[0].failed && requests[1].failed && !requests[2].failed);
+    // Retried with backoff (1 s, then 2 s, each jittered down to half), not in a storm.
+    for pair in requests[..3].windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at).unwrap();
+        assert!(gap >= Duration::from_millis(450), "retried after {gap:?}");
+    }
+    for r in &requests {
+        assert_eq!(r.path, "/role-aliases/edgeship-test-role/credentials");
+        assert_eq!(r.thing_name.as_deref(), Some("gw-iot"));
+        assert_eq!(r.client_cert, device.der);
+    }
+    // Each set was replaced before it expired.
+    let issued = credentials.issued();
+    for pair in issued.windows(2) {
+        assert!(
+            pair[1].at < pair[0].expires,
+            "credentials {} were replaced only after they expired",
+            pair[0].access_key_id
+        );
+    }
+    // Every Kinesis request was signed with issued credentials that were valid then, token
+    // included; and the waves used at least three different sets.
+    let signed = proxy.signed();
+    let mut used = BTreeSet::new();
+    assert!(!signed.is_empty());
+    for s in &signed {
+        let set = issued
+            .iter()
+            .find(|i| i.access_key_id == s.access_key_id)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} signed with {:?}, not with IoT credentials",
+                    s.target, s.access_key_id
+                )
+            });
+        assert_eq!(s.session_token.as_deref(), Some(set.session_token.as_str()));
+        assert!(
+            s.at < set.expires,
+            "{} signed with credentials {} after they expired",
+            s.target,
+            set.access_key_id
+        );
+        used.insert(s.access_key_id.clone());
+    }
+    assert!(used.len() >= 3, "credential sets used: {used:?}");
+    let puts = signed
+        .iter()
+        .filter(|s| s.target.ends_with("PutRecords"))
+        .count();
+    assert!(puts >= 3);
+    // No secret in the log.
+    let log = agent.log();
+    assert!(!log.contains("iot-secret-") && !log.contains("iot-session-token-"));
+}
