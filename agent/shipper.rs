@@ -63,6 +63,9 @@ pub struct ShipperStats {
     pub shards: Mutex<BTreeMap<Arc<str>, ShardCounters>>,
     /// The last failure, for status.
     pub last_error: Mutex<Option<String>>,
+    /// The record size limit the destination itself enforces, learned from a refusal, when
+    /// it is below the configured `max_record_bytes`; 0 until then.
+    pub learned_record_limit: AtomicU64,
 }
 
 /// What one shard of a destination did.
@@ -124,6 +127,9 @@ struct Pending {
     records: u64,
     raw_bytes: u64,
     attempts: u32,
+    /// How it was encoded, to encode its blocks again (smaller) if the destination refuses
+    /// the record as too large.
+    format: FrameFormat,
 }
 
 pub struct Shipper {
@@ -353,6 +359,7 @@ impl Shipper {
                 let now = now_ms();
                 let mut delivered = Vec::new();
                 let mut failed = Vec::new();
+                let mut refused_size = Vec::new();
                 let mut first_failure = None;
                 let mut per_shard: BTreeMap<Arc<str>, ShardCounters> = BTreeMap::new();
                 for (pending, outcome) in call.into_iter().zip(outcomes) {
@@ -398,11 +405,18 @@ impl Shipper {
                                     c.entries_failed += 1;
                                 }
                             }
+                            let size = pending.entry.data.len() + pending.entry.key.len();
+                            let too_large = crate::sink::record_size_limit(&f.code, &f.message)
+                                .filter(|&limit| (size as u64) > limit);
                             first_failure.get_or_insert(f);
-                            failed.push(Pending {
+                            let pending = Pending {
                                 attempts: pending.attempts + 1,
                                 ..pending
-                            });
+                            };
+                            match too_large {
+                                Some(limit) => refused_size.push((pending, limit)),
+                                None => failed.push(pending),
+                            }
                         }
                     }
                 }
@@ -421,6 +435,28 @@ impl Shipper {
                     stats.failing.store(false, Ordering::Relaxed);
                     stats.last_success_ms.store(now, Ordering::Relaxed);
                     failing.recovered(|n| tracing::info!(destination = %self.name, after_failures = n, "destination accepts again"));
+                }
+                // Records the destination refused as too large: learn its limit, encode their
+                // blocks again in smaller records, and send those first.
+                let mut again = Vec::new();
+                for (p, limit) in refused_size {
+                    let learned = &self.stats.learned_record_limit;
+                    let before = learned.load(Ordering::Relaxed);
+                    if before == 0 || limit < before {
+                        learned.store(limit, Ordering::Relaxed);
+                        tracing::warn!(destination = %self.name, limit_bytes = limit, configured_bytes = self.max_record_bytes, "the destination refuses records over {limit} bytes, less than max_record_bytes; frames are encoded to fit from now on (set max_record_bytes to match)");
+                    }
+                    let ids = p.block_ids.clone();
+                    match self.reencode(p).await {
+                        Ok(parts) => again.extend(parts),
+                        Err(e) => {
+                            tracing::error!(destination = %self.name, error = %e, "cannot encode a refused frame again; its records stay spooled for the next start");
+                            let _ = self.spool.release(ids);
+                        }
+                    }
+                }
+                for p in again.into_iter().rev() {
+                    queue.push_front(p);
                 }
                 for p in failed.into_iter().rev() {
                     queue.push_front(p);
@@ -491,22 +527,53 @@ impl Shipper {
     /// frame does not fit the destination's record limit.
     async fn encode(&self, plan: FramePlan) -> Result<Vec<Pending>, String> {
         let bodies = self.spool.read(plan.block_ids()).await?;
-        let gateway = self.gateway.clone();
-        let level = self.batch.zstd_level;
-        let limit = self.max_record_bytes as usize;
-        let key = plan.key.clone();
-        let shard = self.sink.shard_for(&plan.key);
         let format = if self.kpl_routes.contains(&plan.route) {
             FrameFormat::Kpl
         } else {
             FrameFormat::Edgeship
         };
+        self.encode_bodies(bodies, plan.key.clone(), format).await
+    }
+
+    /// Encodes again, within the (lowered) record limit, the blocks of an entry the
+    /// destination refused as too large.
+    async fn reencode(&self, refused: Pending) -> Result<Vec<Pending>, String> {
+        let bodies = self.spool.read(refused.block_ids).await?;
+        let mut out = self
+            .encode_bodies(bodies, refused.entry.key, refused.format)
+            .await?;
+        for p in &mut out {
+            p.attempts = refused.attempts;
+        }
+        Ok(out)
+    }
+
+    /// The record size limit in force: the configured one, or the destination's own if a
+    /// refusal showed it is lower.
+    fn record_limit(&self) -> usize {
+        match self.stats.learned_record_limit.load(Ordering::Relaxed) {
+            0 => self.max_record_bytes as usize,
+            learned => learned.min(self.max_record_bytes) as usize,
+        }
+    }
+
+    async fn encode_bodies(
+        &self,
+        bodies: Vec<(crate::spool::BlockMeta, Vec<u8>)>,
+        key: String,
+        format: FrameFormat,
+    ) -> Result<Vec<Pending>, String> {
+        let gateway = self.gateway.clone();
+        let level = self.batch.zstd_level;
+        let limit = self.record_limit();
+        let shard = self.sink.shard_for(&key);
         tokio::task::spawn_blocking(move || {
             let mut encoder = FrameEncoder::new(format, level)?;
             let mut out = Vec::new();
             encode_fitting(&gateway, &key, &bodies, limit, &mut encoder, &mut out)?;
             for p in &mut out {
                 p.shard = shard.clone();
+                p.format = format;
             }
             Ok(out)
         })
@@ -599,6 +666,7 @@ fn encode_fitting(
             records,
             raw_bytes: raw.len() as u64,
             attempts: 0,
+            format: FrameFormat::Edgeship,
         });
         return Ok(());
     }

@@ -301,7 +301,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         );
     }
     type Read = fn(&crate::shipper::ShipperStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 8] = [
+    let families: [(&str, Kind, &str, Read); 9] = [
         (
             "edgeship_destination_calls_total",
             Kind::Counter,
@@ -337,6 +337,12 @@ fn destinations(e: &mut Exposition, live: &Live) {
             Kind::Gauge,
             "Encoded frame bytes held in memory, waiting to be sent or resent.",
             |s| s.queued_bytes.load(Relaxed),
+        ),
+        (
+            "edgeship_destination_learned_record_limit_bytes",
+            Kind::Gauge,
+            "Record size limit the destination showed by refusing a larger record, when below max_record_bytes; 0 if none.",
+            |s| s.learned_record_limit.load(Relaxed),
         ),
         (
             "edgeship_destination_failing",

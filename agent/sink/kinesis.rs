@@ -20,8 +20,9 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Shard discovery is retried at most this often.
-const SHARD_REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Shard discovery runs at most this often (ListShards allows far more per stream; a reshard
+/// is learned within seconds).
+const SHARD_REFRESH_EVERY: Duration = Duration::from_secs(5);
 
 pub struct KinesisSink {
     name: String,
@@ -124,20 +125,23 @@ impl KinesisSink {
         self.shard_map()?.shard_id_for(key)
     }
 
-    /// Starts a background ListShards walk unless one runs or ran recently (`now` skips the
-    /// wait).
+    /// Starts a background ListShards walk unless one is under way; one asked for within
+    /// [`SHARD_REFRESH_EVERY`] of the last waits out the rest of that interval (`now` skips
+    /// the wait), so a reshard is learned even if no further entry asks again.
     fn refresh_shards(&self, now: bool) {
-        {
+        let delay = {
             let mut s = self.shards.lock().unwrap_or_else(|p| p.into_inner());
-            let recent = s
-                .last_attempt
-                .is_some_and(|t| t.elapsed() < SHARD_REFRESH_EVERY);
-            if s.running || (recent && !now) {
+            if s.running {
                 return;
             }
+            let delay = match s.last_attempt {
+                Some(t) if !now => SHARD_REFRESH_EVERY.saturating_sub(t.elapsed()),
+                _ => Duration::ZERO,
+            };
             s.running = true;
-            s.last_attempt = Some(Instant::now());
-        }
+            s.last_attempt = Some(Instant::now() + delay);
+            delay
+        };
         let (client, stream, name, shards) = (
             self.client.clone(),
             self.stream.clone(),
@@ -145,6 +149,9 @@ impl KinesisSink {
             self.shards.clone(),
         );
         tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let found = list_open_shards(&client, &stream).await;
             let mut s = shards.lock().unwrap_or_else(|p| p.into_inner());
             s.running = false;

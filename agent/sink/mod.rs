@@ -62,6 +62,29 @@ pub struct SinkError {
     pub retryable: bool,
 }
 
+/// The record size limit a refusal names, if it refuses a record for its size: kinesis-mock
+/// and streams with a raised limit answer the entry with `InvalidArgumentException` "Record
+/// data size N exceeds the stream's max record size of M bytes"; request validation answers
+/// `ValidationException` "... data ... length less than or equal to M".
+pub fn record_size_limit(code: &str, message: &str) -> Option<u64> {
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &message[message.find(marker)? + marker.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    match code {
+        "InvalidArgumentException" => number_after("max record size of"),
+        "ValidationException" if message.contains("data") => {
+            number_after("length less than or equal to")
+        }
+        _ => None,
+    }
+}
+
 pub enum Sink {
     Kinesis(kinesis::KinesisSink),
     Directory(directory::DirectorySink),
@@ -116,5 +139,39 @@ impl Sink {
             Sink::Kinesis(k) => k.shard_for(key),
             Sink::Directory(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_size_limit;
+
+    #[test]
+    fn size_refusals_name_their_limit() {
+        assert_eq!(
+            record_size_limit(
+                "InvalidArgumentException",
+                "Record data size 1048586 exceeds the stream's max record size of 1048576 bytes"
+            ),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            record_size_limit(
+                "ValidationException",
+                "1 validation error detected: Value at 'records.1.member.data' failed to satisfy constraint: Member must have length less than or equal to 1048576"
+            ),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            record_size_limit("InvalidArgumentException", "Stream s not found"),
+            None
+        );
+        assert_eq!(
+            record_size_limit(
+                "ProvisionedThroughputExceededException",
+                "max record size of 5"
+            ),
+            None
+        );
     }
 }

@@ -160,3 +160,170 @@ fn paced_shards_drain_near_their_limit() {
 fn a_sustained_overload_is_throttled_counted_and_resent() {
     drain_backlog_into_four_limited_shards("e2e-pacing-overload", None);
 }
+
+/// The agent is told records may be 4 MiB, the stream (kinesis-mock, as a stream without the
+/// raised limit) refuses records over 1 MiB entry by entry: the agent learns the limit from
+/// the refusal, encodes those frames' blocks again in records that fit, and every message
+/// arrives once.
+#[test]
+fn records_the_stream_refuses_as_too_large_are_encoded_again_to_fit() {
+    let stream = "e2e-record-limit";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "linger = \"200ms\"",
+        "linger = \"3s\"\nframe_bytes = \"4MiB\"\nmax_call_bytes = \"5MiB\"",
+    )
+    .replace(
+        "region = \"us-east-1\"",
+        "region = \"us-east-1\"\nmax_record_bytes = \"4MiB\"",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    // 2 devices x 40 incompressible messages of 100 kB: 4 MB per partition key.
+    let (devices, per_device) = (2, 40);
+    let make = |d: u32, s: u32| noise(d, s, 100_000);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        make,
+        "",
+    ));
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(90), |t| {
+        (0..devices).all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), make(d, s)))))
+    });
+    let t = tally(&contents.messages);
+    assert_eq!(t.len() as u32, devices * per_device);
+    assert!(t.values().all(|&n| n == 1), "a message arrived twice");
+    let largest = contents.raw_records.iter().map(Vec::len).max().unwrap();
+    assert!(largest <= 1 << 20, "a {largest}-byte record got in");
+
+    let m = agent.scrape();
+    assert!(
+        m.sum(
+            "edgeship_destination_errors_total",
+            &[("code", "InvalidArgumentException")]
+        ) >= 1.0,
+        "the stream never refused a record: the test did not test the refusal"
+    );
+    assert_eq!(
+        m.sum("edgeship_destination_learned_record_limit_bytes", &[]),
+        1_048_576.0
+    );
+    assert!(agent
+        .log()
+        .contains("the destination refuses records over 1048576 bytes"));
+}
+
+/// UpdateShardCount (2 -> 4) on the emulator while messages flow: the parent shards close, the
+/// agent learns the children and sends to them, and every message arrives exactly once.
+#[test]
+fn a_reshard_mid_run_loses_and_repeats_nothing() {
+    let stream = "e2e-reshard";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 2);
+    let mosquitto = Mosquitto::start(dir.path());
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            mosquitto.port,
+            &kinesis.endpoint(),
+            stream,
+            "",
+            "",
+        ),
+    );
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+    let devices = 16;
+    let port = mosquitto.port;
+    let wave = move |n: u32| async move {
+        let make = move |d: u32, s: u32| payload(d, n * 1000 + s);
+        let prefix = format!("wave{n}-");
+        publish_with(
+            port,
+            devices,
+            400,
+            Arc::new(AtomicU64::new(0)),
+            make,
+            &prefix,
+        )
+        .await
+    };
+    rt.block_on(wave(0));
+    // Reshard while the second wave is being published and shipped.
+    rt.block_on(async {
+        let publishing = tokio::spawn(wave(1));
+        client
+            .update_shard_count()
+            .stream_name(stream)
+            .target_shard_count(4)
+            .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+            .send()
+            .await
+            .expect("UpdateShardCount");
+        publishing.await.unwrap();
+    });
+    let children: Vec<String> = rt
+        .block_on(shard_ranges(&client, stream))
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .filter(|id| id.as_str() > "shardId-000000000001")
+        .collect();
+    assert_eq!(children.len(), 4, "{children:?}");
+    wait_for(
+        "the agent to learn the new shards",
+        Duration::from_secs(60),
+        || {
+            agent
+                .log()
+                .lines()
+                .any(|l| l.contains("learned the stream's shards") && l.contains("open_shards=4"))
+                .then_some(())
+        },
+    );
+    rt.block_on(wave(2));
+    let expected = |d: u32, s: u32| payload(d, (s / 400) * 1000 + s % 400);
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(90), |t| {
+        (0..devices).all(|d| (0..1200).all(|s| t.contains_key(&(topic_of(d), expected(d, s)))))
+    });
+    let t = tally(&contents.messages);
+    assert_eq!(t.len() as u32, devices * 1200, "messages nobody published");
+    assert!(t.values().all(|&n| n == 1), "a message arrived twice");
+    // The last wave went to the children only, and the agent counts them per shard.
+    let m = agent.scrape();
+    for child in &children {
+        let in_stream = contents.per_shard.get(child).map_or(0, |s| s.0);
+        let counted = m.sum("edgeship_kinesis_shard_records_total", &[("shard", child)]);
+        assert_eq!(counted, in_stream as f64, "shard {child}");
+    }
+    let to_children: u64 = children
+        .iter()
+        .map(|c| contents.per_shard.get(c).map_or(0, |s| s.0))
+        .sum();
+    assert!(
+        to_children >= u64::from(devices) * 400,
+        "{:?}",
+        contents.per_shard
+    );
+}
