@@ -133,12 +133,38 @@ impl Batcher {
         self.ready.pop_front()
     }
 
+    /// The oldest ready frame that `ok` accepts (for example: whose shard has room), leaving
+    /// the others in their order.
+    pub fn take_ready_where(
+        &mut self,
+        mut ok: impl FnMut(&FramePlan) -> bool,
+    ) -> Option<FramePlan> {
+        let i = self.ready.iter().position(&mut ok)?;
+        self.ready.remove(i)
+    }
+
     /// Raw bytes planned but not yet taken.
     pub fn planned_raw_bytes(&self) -> u64 {
+        self.planned_raw_bytes_where(|_| true)
+    }
+
+    /// Raw bytes planned but not yet taken, of frames `ok` accepts.
+    pub fn planned_raw_bytes_where(&self, mut ok: impl FnMut(&FramePlan) -> bool) -> u64 {
         self.open
             .iter()
             .chain(self.ready.iter())
+            .filter(|f| ok(f))
             .map(|f| f.raw_bytes)
+            .sum()
+    }
+
+    /// Blocks planned but not yet taken: what the plans hold in memory is about 100 bytes
+    /// each.
+    pub fn planned_blocks(&self) -> usize {
+        self.open
+            .iter()
+            .chain(self.ready.iter())
+            .map(|f| f.blocks.len())
             .sum()
     }
 
@@ -224,6 +250,21 @@ mod tests {
         assert!(b.take_ready().is_none());
         b.push(block(5, "c", 1000, 0)); // exactly the target: ready at once
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![5]);
+    }
+
+    #[test]
+    fn frames_of_a_key_without_room_wait_while_others_pass() {
+        let mut b = Batcher::new(1000, Duration::from_secs(1));
+        for (id, key) in [(1, "hot"), (2, "hot"), (3, "hot"), (4, "cold")] {
+            b.push(block(id, key, 1000, 0));
+        }
+        assert_eq!(b.planned_blocks(), 4);
+        assert_eq!(b.planned_raw_bytes_where(|f| f.key != "hot"), 1000);
+        let f = b.take_ready_where(|f| f.key != "hot").unwrap();
+        assert_eq!(f.block_ids(), vec![4]);
+        assert!(b.take_ready_where(|f| f.key != "hot").is_none());
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![1], "order kept");
+        assert_eq!(b.planned_blocks(), 2);
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //! reported delivered; entries a shard refused go back to the front of the queue and that shard
 //! alone backs off (other shards go on); a whole failed call backs the destination off.
 //! Backoffs are exponential with jitter.
-//! What it holds in memory is bounded: a few frames' worth of plans and at most two calls'
-//! worth of encoded frames, however large the backlog.
+//! A hot shard slows only its own records: it may hold at most half the queue of encoded
+//! frames (at least one frame), plans of other shards pass its waiting ones, and frames added
+//! while a paced shard waits are sent at once.
+//! What it holds in memory is bounded, however large the backlog: plans of at most
+//! [`MAX_PLANNED_BLOCKS`] blocks (metadata), and encoded frames up to two calls' worth, or
+//! with shards twice that (at least two of the largest records).
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
@@ -31,6 +35,11 @@ use tokio::sync::watch;
 /// Distinct error codes kept per destination; further codes are counted as `other`, so a
 /// misbehaving endpoint cannot grow the metrics without bound.
 const MAX_ERROR_CODES: usize = 32;
+
+/// Most spooled blocks planned into frames at once. Plans are metadata (about 100 bytes a
+/// block); the cap bounds them when a paced shard's plans wait for room while others' are
+/// leased past them.
+const MAX_PLANNED_BLOCKS: usize = 4096;
 
 /// Live figures of one destination.
 #[derive(Debug, Default)]
@@ -207,6 +216,9 @@ impl Shipper {
         let mut cursor = 0i64;
         let mut commits = self.spool.commits();
         let mut retry_at: Option<Instant> = None;
+        // `retry_at` is only the earliest time a queued shard may write again (not a backoff
+        // after a failed call).
+        let mut paced = false;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut pacer = Pacer::new(self.shard_limits);
         let mut failing = Repeated::new(Duration::from_secs(60));
@@ -219,12 +231,47 @@ impl Shipper {
             self.stats
                 .queued_bytes
                 .store(queued_bytes as u64, Ordering::Relaxed);
+            // Encoded frames held: about two calls' worth. With shards, each shard may hold
+            // half of that (at least one frame), and all together up to twice it (at least
+            // two of the largest records), so a hot shard, paced or throttled, never keeps the
+            // others' frames from being built and sent.
             let queue_cap = self.max_queued_bytes.min(2 * limits.max_bytes);
-            // Lease while little is planned; `exhausted` means the last lease found nothing new.
-            if !exhausted
-                && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
-                && queued_bytes < queue_cap
-            {
+            let hard_cap = 2 * queue_cap.max(self.record_limit());
+            let mut per_shard: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+            for p in &queue {
+                if let Some(s) = &p.shard {
+                    *per_shard.entry(s.clone()).or_default() += p.entry.data.len();
+                }
+            }
+            // A plan's frame is estimated from its raw size and the compression seen so far.
+            let ratio = {
+                let raw = self.stats.raw_bytes_accepted.load(Ordering::Relaxed);
+                let sent = self.stats.bytes_accepted.load(Ordering::Relaxed);
+                if raw == 0 {
+                    1.0
+                } else {
+                    (sent as f64 / raw as f64).clamp(0.01, 1.5)
+                }
+            };
+            let has_room = |per_shard: &BTreeMap<Arc<str>, usize>,
+                            queued: usize,
+                            plan: &FramePlan| {
+                match self.sink.shard_for(&plan.key) {
+                    Some(s) => {
+                        let held = per_shard.get(&s).copied().unwrap_or(0);
+                        let frame = (plan.raw_bytes as f64 * ratio) as usize;
+                        held == 0 || held + frame <= queue_cap / 2
+                    }
+                    None => queued < queue_cap,
+                }
+            };
+            // Lease while little is planned for shards with room (and the plans' metadata
+            // stays small); `exhausted` means the last lease found nothing new.
+            let want_more = batcher
+                .planned_raw_bytes_where(|p| has_room(&per_shard, queued_bytes, p))
+                < 4 * self.batch.frame_bytes
+                && batcher.planned_blocks() < MAX_PLANNED_BLOCKS;
+            if !exhausted && want_more && queued_bytes < hard_cap {
                 match self.spool.lease(self.routes.clone(), cursor, 1024).await {
                     Ok(blocks) => {
                         exhausted = blocks.is_empty();
@@ -241,14 +288,25 @@ impl Shipper {
             }
             batcher.close_due(now_ms(), false);
             let mut queued_bytes = queued_bytes;
-            while queued_bytes < queue_cap {
-                let Some(plan) = batcher.take_ready() else {
+            while queued_bytes < hard_cap {
+                let Some(plan) =
+                    batcher.take_ready_where(|p| has_room(&per_shard, queued_bytes, p))
+                else {
                     break;
                 };
                 match self.encode(plan).await {
                     Ok(frames) => {
+                        for p in &frames {
+                            if let Some(s) = &p.shard {
+                                *per_shard.entry(s.clone()).or_default() += p.entry.data.len();
+                            }
+                        }
                         queued_bytes += frames.iter().map(|p| p.entry.data.len()).sum::<usize>();
                         queue.extend(frames);
+                        // Waiting only for a paced shard: the new frames may go now.
+                        if paced {
+                            retry_at = None;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(destination = %self.name, error = %e, "shipper stops: cannot build frames");
@@ -258,22 +316,23 @@ impl Shipper {
             }
             if !queue.is_empty() && retry_at.is_none_or(|t| t <= Instant::now()) {
                 retry_at = None;
+                paced = false;
                 match self
                     .send_one_call(&mut queue, limits, &mut pacer, &mut failing)
                     .await
                 {
                     Sent::AllAccepted | Sent::Partly => backoff.reset(),
                     Sent::Failed => retry_at = Some(Instant::now() + backoff.next_delay()),
-                    Sent::NothingReady(at) => retry_at = Some(at),
+                    Sent::NothingReady(at) => {
+                        retry_at = Some(at);
+                        paced = true;
+                    }
                 }
                 continue;
             }
             // More to lease and room to hold it: go round again. Without room (frames waiting
             // for a retry fill the queue) fall through and wait, never spin.
-            if !exhausted
-                && batcher.planned_raw_bytes() < 4 * self.batch.frame_bytes
-                && queued_bytes < queue_cap
-            {
+            if !exhausted && want_more && queued_bytes < hard_cap {
                 continue;
             }
             // Nothing to do now: wait for new records, a frame's linger, a retry, or stop.

@@ -327,3 +327,153 @@ fn a_reshard_mid_run_loses_and_repeats_nothing() {
         contents.per_shard
     );
 }
+
+/// One device floods its shard (1 MB, with the agent pacing each shard to 64 KiB/s: about 16 s
+/// of sending) while three devices on the other shards send a little: their messages arrive
+/// within seconds, long before the hot shard's backlog is through. The send queue is kept
+/// small (calls of 64 KiB, so 128 KiB queued) and the hot shard's frames may hold only half of
+/// it, and the others' plans pass the hot shard's waiting ones, so the hot shard cannot keep
+/// the others' frames from being built. (Without that, they waited 12 s here.)
+#[test]
+fn a_hot_shard_slows_only_its_own_records() {
+    let stream = "e2e-hot-shard";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 4);
+    let mosquitto = Mosquitto::start(dir.path());
+    let ranges = rt.block_on(shard_ranges(&client, stream));
+    let map = edgeship::shard::ShardMap::new(
+        ranges
+            .iter()
+            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
+    )
+    .unwrap();
+    let shard_of = |d: u32| map.shard_for(&format!("dev-{d:03}")).unwrap().to_string();
+    let hot = 0u32;
+    let mut cold: Vec<u32> = Vec::new();
+    for d in 1..200 {
+        let s = shard_of(d);
+        if s != shard_of(hot) && cold.iter().all(|&c| shard_of(c) != s) {
+            cold.push(d);
+        }
+    }
+    assert_eq!(cold.len(), 3, "three devices on the three other shards");
+    let proxy = KinesisProxy::start(kinesis.port, &ranges, Some(SHARD_LIMITS));
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &proxy.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "linger = \"200ms\"",
+        "linger = \"200ms\"\nframe_bytes = \"64KiB\"\nmax_call_bytes = \"64KiB\"",
+    ) + "shard_write_bytes_per_sec = \"64KiB\"\n";
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+
+    let (hot_count, size) = (500u32, 2000usize);
+    let hot_payload = move |_d: u32, s: u32| noise(hot, s, size);
+    // Only the hot device publishes first: device 0 of a one-device publisher is `hot`.
+    rt.block_on(publish_with(
+        mosquitto.port,
+        1,
+        hot_count,
+        Arc::new(AtomicU64::new(0)),
+        hot_payload,
+        "hot-",
+    ));
+    wait_for("the hot backlog spooled", Duration::from_secs(60), || {
+        agent
+            .accounting()
+            .filter(|a| a.received >= u64::from(hot_count))
+    });
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let per_cold = 100u32;
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for &d in &cold {
+            tasks.push(tokio::spawn(publish_one_device(
+                mosquitto.port,
+                d,
+                per_cold,
+            )));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(60), |t| {
+        cold.iter()
+            .all(|&d| (0..per_cold).all(|s| t.contains_key(&(topic_of(d), payload(d, s)))))
+    });
+    let hot_topic = topic_of(hot);
+    let hot_arrived = contents
+        .messages
+        .iter()
+        .filter(|m| m.topic == hot_topic)
+        .count();
+    let cold_last_ms = contents
+        .messages
+        .iter()
+        .zip(&contents.arrivals_ms)
+        .filter(|(m, _)| m.topic != hot_topic)
+        .map(|(_, &at)| at)
+        .max()
+        .unwrap();
+    let cold_latency = cold_last_ms.saturating_sub(t0);
+    eprintln!(
+        "hot shard: {hot_arrived} of {hot_count} messages through when the cold devices' {} had all arrived, the last {cold_latency} ms after they were published",
+        cold.len() as u32 * per_cold
+    );
+    assert!(
+        hot_arrived < hot_count as usize,
+        "the hot backlog was through before the test measured the others"
+    );
+    assert!(
+        cold_latency < 3_000,
+        "the other shards' messages waited {cold_latency} ms behind the hot shard"
+    );
+    // And the hot shard's backlog still arrives, each message once.
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(90), |t| {
+        (0..hot_count).all(|s| t.contains_key(&(hot_topic.clone(), noise(hot, s, size))))
+    });
+    let t = tally(&contents.messages);
+    assert_eq!(t.len() as u32, hot_count + cold.len() as u32 * per_cold);
+    assert!(t.values().all(|&n| n == 1), "a message arrived twice");
+}
+
+/// Publishes `payload(device, 0..n)` on the device's topic, QoS 1, all acked.
+async fn publish_one_device(port: u16, device: u32, n: u32) {
+    let mut opts = rumqttc::MqttOptions::new(format!("cold-{device}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    let topic = topic_of(device);
+    tokio::spawn(async move {
+        for s in 0..n {
+            c.publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(device, s),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+}
