@@ -607,12 +607,16 @@ impl Shipper {
         Ok(out)
     }
 
-    /// The record size limit in force: the configured one, or the destination's own if a
-    /// refusal showed it is lower.
+    /// The record size limit in force: the configured one, or the destination's own if it
+    /// states a lower one or a refusal showed one.
     fn record_limit(&self) -> usize {
+        let mut limit = self.max_record_bytes;
+        if let Some(stated) = self.sink.max_record_bytes() {
+            limit = limit.min(stated);
+        }
         match self.stats.learned_record_limit.load(Ordering::Relaxed) {
-            0 => self.max_record_bytes as usize,
-            learned => learned.min(self.max_record_bytes) as usize,
+            0 => limit as usize,
+            refused => limit.min(refused) as usize,
         }
     }
 

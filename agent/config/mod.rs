@@ -25,6 +25,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../config/edgeship.toml");
 /// Kinesis limits (AWS documented quotas) that bound what the batcher builds.
 pub const KINESIS_MAX_RECORD_BYTES: u64 = 1 << 20;
 pub const KINESIS_MAX_RECORD_BYTES_RAISED: u64 = 10 << 20;
+/// What a record needs beyond its message: its topic (MQTT allows 65,535 bytes) and the
+/// frame's own bytes.
+const RECORD_ROOM: u64 = 65 << 10;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -371,11 +374,13 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             "must be between 64KiB and 64MiB".into(),
         ));
     }
-    if batch.max_message_bytes == 0 || batch.max_message_bytes > (768 << 10) {
+    // Each route's destination must also leave RECORD_ROOM above it (checked per route).
+    if batch.max_message_bytes == 0 || batch.max_message_bytes > (9 << 20) {
         return Err(src.error_at(
             None,
             "batch.max_message_bytes",
-            "must be between 1B and 768KiB (a message must fit in one 1MiB Kinesis record)".into(),
+            "must be between 1B and 9MiB (a message must fit in one Kinesis record, 10MiB at most)"
+                .into(),
         ));
     }
 
@@ -516,12 +521,13 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             }
             None => 1,
         };
-        if batch.max_message_bytes + 1024 > dest.max_record_bytes() {
+        // Room for the record's topic (MQTT allows 64KiB) and the frame's own bytes.
+        if batch.max_message_bytes + RECORD_ROOM > dest.max_record_bytes() {
             return Err(src.error_at(
                 Some(dest_span),
                 "batch.max_message_bytes",
                 format!(
-                    "must leave 1KiB of room under destination `{destination}`'s max_record_bytes"
+                    "must leave 65KiB of room (topic and framing) under destination `{destination}`'s max_record_bytes"
                 ),
             ));
         }

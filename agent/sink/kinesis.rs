@@ -37,6 +37,23 @@ struct Shards {
     /// When discovery last started; `running` while a ListShards walk is under way.
     last_attempt: Option<Instant>,
     running: bool,
+    /// The stream's own record size limit (`MaxRecordSizeInKiB`), when it states one.
+    max_record_bytes: Option<u64>,
+}
+
+/// The stream's `MaxRecordSizeInKiB` in bytes, if it states one (streams whose limit was
+/// never raised, and emulators, may leave it out).
+async fn stream_max_record_bytes(client: &aws_sdk_kinesis::Client, stream: &str) -> Option<u64> {
+    let summary = client
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+        .ok()?;
+    let kib = summary
+        .stream_description_summary()?
+        .max_record_size_in_kib()?;
+    u64::try_from(kib).ok().map(|k| k * 1024)
 }
 
 /// Walks ListShards (all pages) and returns the open shards' map.
@@ -120,6 +137,14 @@ impl KinesisSink {
             .clone()
     }
 
+    /// The stream's record size limit, once learned.
+    pub fn max_record_bytes(&self) -> Option<u64> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_record_bytes
+    }
+
     /// The open shard a partition key maps to, when the shards are known.
     pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {
         self.shard_map()?.shard_id_for(key)
@@ -153,8 +178,16 @@ impl KinesisSink {
                 tokio::time::sleep(delay).await;
             }
             let found = list_open_shards(&client, &stream).await;
+            let max_record = match found {
+                Ok(_) => stream_max_record_bytes(&client, &stream).await,
+                Err(_) => None,
+            };
             let mut s = shards.lock().unwrap_or_else(|p| p.into_inner());
             s.running = false;
+            if max_record.is_some() && max_record != s.max_record_bytes {
+                tracing::info!(destination = %name, %stream, max_record_bytes = max_record, "learned the stream's record size limit");
+                s.max_record_bytes = max_record;
+            }
             match found {
                 Ok(map) => {
                     if s.map.as_deref() != Some(&map) {

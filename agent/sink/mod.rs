@@ -132,6 +132,14 @@ impl Sink {
         }
     }
 
+    /// The record size limit the destination states for itself, once known.
+    pub fn max_record_bytes(&self) -> Option<u64> {
+        match self {
+            Sink::Kinesis(k) => k.max_record_bytes(),
+            Sink::Directory(_) => None,
+        }
+    }
+
     /// Where an entry with this partition key would go (a shard id), if the destination has
     /// shards and knows them; used to attribute a whole failed call.
     pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {

@@ -477,3 +477,107 @@ async fn publish_one_device(port: u16, device: u32, n: u32) {
         }
     }
 }
+
+/// An on-demand stream whose record size limit was raised to 10 MiB: the agent reads the limit
+/// from the stream (DescribeStreamSummary), sends records over 1 MiB and none over 10 MiB,
+/// and a message over `max_message_bytes` is dead-lettered and counted.
+#[test]
+fn an_on_demand_stream_with_10_mib_records_takes_large_frames() {
+    let stream = "e2e-large-records";
+    let dir = tempdir();
+    let rt = runtime();
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    rt.block_on(async {
+        client
+            .create_stream()
+            .stream_name(stream)
+            .stream_mode_details(
+                aws_sdk_kinesis::types::StreamModeDetails::builder()
+                    .stream_mode(aws_sdk_kinesis::types::StreamMode::OnDemand)
+                    .build()
+                    .unwrap(),
+            )
+            .max_record_size_in_kib(10240)
+            .send()
+            .await
+            .expect("CreateStream (on-demand, 10 MiB records)");
+        wait_active(&client, stream).await;
+    });
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "linger = \"200ms\"",
+        "linger = \"2s\"\nframe_bytes = \"16MiB\"\nmax_call_bytes = \"5MiB\"\nmax_message_bytes = \"4MiB\"",
+    )
+    .replace(
+        "region = \"us-east-1\"",
+        "region = \"us-east-1\"\nmax_record_bytes = \"10MiB\"",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    wait_for(
+        "the agent to read the stream's record limit",
+        Duration::from_secs(30),
+        || {
+            agent
+                .log()
+                .lines()
+                .any(|l| {
+                    l.contains("learned the stream's record size limit")
+                        && l.contains("max_record_bytes=10485760")
+                })
+                .then_some(())
+        },
+    );
+    // Device 0: six incompressible 3 MB messages; device 1: small telemetry; device 2: one
+    // 5 MB message (over max_message_bytes) and then small ones.
+    let make = |d: u32, s: u32| match (d, s) {
+        (0, _) => noise(0, s, 3_000_000),
+        (2, 0) => noise(2, 0, 5_000_000),
+        _ => payload(d, s),
+    };
+    rt.block_on(publish_with(
+        mosquitto.port,
+        3,
+        6,
+        Arc::new(AtomicU64::new(0)),
+        make,
+        "",
+    ));
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(120), |t| {
+        (0..3).all(|d| {
+            (0..6)
+                .filter(|&s| (d, s) != (2, 0))
+                .all(|s| t.contains_key(&(topic_of(d), make(d, s))))
+        })
+    });
+    let t = tally(&contents.messages);
+    assert_eq!(t.len(), 17, "the 5 MB message must not be in the stream");
+    assert!(t.values().all(|&n| n == 1), "a message arrived twice");
+    let largest = contents.raw_records.iter().map(Vec::len).max().unwrap();
+    assert!(
+        largest > 1 << 20 && largest <= 10 << 20,
+        "largest record {largest} bytes: the raised limit was not used, or passed"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.count(
+            "edgeship_records_dropped_total",
+            &[("route", "telemetry"), ("reason", "oversize")]
+        ),
+        1
+    );
+    assert_eq!(m.count("edgeship_spool_dead_letters", &[]), 1);
+    eprintln!(
+        "10 MiB stream: {} records, largest {largest} bytes",
+        contents.raw_records.len()
+    );
+}

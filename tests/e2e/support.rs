@@ -268,6 +268,11 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards:
         .send()
         .await
         .expect("CreateStream");
+    wait_active(client, name).await;
+}
+
+/// Polls until the stream is ACTIVE.
+pub async fn wait_active(client: &aws_sdk_kinesis::Client, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let d = client
@@ -768,7 +773,7 @@ pub async fn publish_with(
             let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
             opts.set_keep_alive(Duration::from_secs(30))
                 .set_inflight(100)
-                .set_max_packet_size(4 << 20, 4 << 20);
+                .set_max_packet_size(16 << 20, 16 << 20);
             let (client, mut events) = rumqttc::AsyncClient::new(opts, 200);
             let topic = format!("devices/dev-{d:03}/telemetry");
             let sender = tokio::spawn(async move {
