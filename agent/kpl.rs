@@ -61,12 +61,28 @@ fn tag_len(key: &str, value: &str) -> usize {
     bytes_field_len(1, key.len()) + bytes_field_len(2, value.len())
 }
 
-/// Encodes `records` of one partition key as an aggregated record into `out` (cleared first).
-pub fn encode(gateway: &str, partition_key: &str, records: &[Record], out: &mut Vec<u8>) {
+/// Encodes `records` of one partition key (and explicit hash key, if the route sets one) as an
+/// aggregated record into `out` (cleared first).
+pub fn encode(
+    gateway: &str,
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    records: &[Record],
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(&MAGIC);
     let start = out.len();
     bytes_field(out, 1, partition_key.as_bytes());
+    if let Some(h) = explicit_hash_key {
+        bytes_field(out, 2, h.as_bytes());
+    }
+    // Each user record's key indexes: partition key 0 (field 1), explicit hash key 0 (field 2).
+    let indexes: &[u8] = if explicit_hash_key.is_some() {
+        &[1 << 3, 0, 2 << 3, 0]
+    } else {
+        &[1 << 3, 0]
+    };
     let mut id = String::new();
     let mut ts = String::new();
     for r in records {
@@ -80,14 +96,14 @@ pub fn encode(gateway: &str, partition_key: &str, records: &[Record], out: &mut 
             ("topic", r.topic.as_str()),
             ("ts_ms", ts.as_str()),
         ];
-        // Record: partition_key_index = 0 (field 1, varint), data (field 3), tags (field 4).
-        let mut len = 2 + bytes_field_len(3, r.payload.len());
+        // Record: key indexes (varints), data (field 3), tags (field 4).
+        let mut len = indexes.len() + bytes_field_len(3, r.payload.len());
         for (k, v) in tags {
             len += bytes_field_len(4, tag_len(k, v));
         }
         varint(out, u64::from(3u32 << 3 | 2));
         varint(out, len as u64);
-        out.extend_from_slice(&[1 << 3, 0]);
+        out.extend_from_slice(indexes);
         bytes_field(out, 3, &r.payload);
         for (k, v) in tags {
             varint(out, u64::from(4u32 << 3 | 2));
@@ -104,6 +120,7 @@ pub fn encode(gateway: &str, partition_key: &str, records: &[Record], out: &mut 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
     pub data: Vec<u8>,
     pub tags: Vec<(String, String)>,
 }
@@ -163,10 +180,12 @@ pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, String> {
         return Err("KPL aggregate MD5 does not match".into());
     }
     let mut keys = Vec::new();
+    let mut hash_keys = Vec::new();
     let mut records = Vec::new();
     for (field, _, bytes) in fields(message)? {
         match field {
             1 => keys.push(utf8(bytes)?),
+            2 => hash_keys.push(utf8(bytes)?),
             3 => records.push(bytes),
             _ => {}
         }
@@ -175,11 +194,13 @@ pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, String> {
         .into_iter()
         .map(|r| {
             let mut key_index = None;
+            let mut hash_index = None;
             let mut data = None;
             let mut tags = Vec::new();
             for (field, value, bytes) in fields(r)? {
                 match field {
                     1 => key_index = Some(value as usize),
+                    2 => hash_index = Some(value as usize),
                     3 => data = Some(bytes.to_vec()),
                     4 => {
                         let mut tag = (String::new(), String::new());
@@ -201,6 +222,15 @@ pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, String> {
                     .get(index)
                     .ok_or("partition key index out of range")?
                     .clone(),
+                explicit_hash_key: match hash_index {
+                    Some(i) => Some(
+                        hash_keys
+                            .get(i)
+                            .ok_or("explicit hash key index out of range")?
+                            .clone(),
+                    ),
+                    None => None,
+                },
                 data: data.ok_or("user record without data")?,
                 tags,
             })
@@ -226,12 +256,18 @@ mod tests {
         let big = vec![0xabu8; 300];
         let records = vec![record(1, b"{\"t\":1}"), record(2, &[]), record(300, &big)];
         let mut out = Vec::new();
-        encode("gw-1", "key-7", &records, &mut out);
+        encode("gw-1", "key-7", None, &records, &mut out);
         assert_eq!(&out[..4], &MAGIC);
         let back = decode(&out).unwrap();
         assert_eq!(back.len(), 3);
+        encode("gw-1", "key-7", Some("42"), &records, &mut out);
+        let hashed = decode(&out).unwrap();
+        assert!(hashed
+            .iter()
+            .all(|u| u.explicit_hash_key.as_deref() == Some("42") && u.partition_key == "key-7"));
         for (r, u) in records.iter().zip(&back) {
             assert_eq!(u.partition_key, "key-7");
+            assert_eq!(u.explicit_hash_key, None);
             assert_eq!(u.data, r.payload);
             assert_eq!(
                 u.tags,
@@ -247,7 +283,7 @@ mod tests {
     #[test]
     fn a_damaged_aggregate_is_refused() {
         let mut out = Vec::new();
-        encode("gw", "k", &[record(1, b"x")], &mut out);
+        encode("gw", "k", None, &[record(1, b"x")], &mut out);
         for i in 0..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0x01;

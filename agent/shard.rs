@@ -59,7 +59,19 @@ impl ShardMap {
 
     /// The shard id for a partition key, shared (for metric labels and outcomes).
     pub fn shard_id_for(&self, partition_key: &str) -> Option<std::sync::Arc<str>> {
-        let hash = hash_key(partition_key);
+        self.shard_id_for_hash(hash_key(partition_key))
+    }
+
+    /// The shard of a spooled key: its explicit hash key if it has one, else the MD5 of its
+    /// partition key.
+    pub fn shard_id_for_spooled(&self, key: &str) -> Option<std::sync::Arc<str>> {
+        match crate::sink::split_key(key) {
+            (_, Some(hash)) => self.shard_id_for_hash(hash.parse().ok()?),
+            (pk, None) => self.shard_id_for(pk),
+        }
+    }
+
+    pub fn shard_id_for_hash(&self, hash: u128) -> Option<std::sync::Arc<str>> {
         let i = self.ranges.partition_point(|r| r.0 <= hash);
         let (_, end, id) = self.ranges.get(i.checked_sub(1)?)?;
         (hash <= *end).then(|| id.clone())

@@ -681,7 +681,8 @@ impl FrameEncoder {
                 let records =
                     frame::decode_records(raw, records as u32).map_err(|e| e.to_string())?;
                 let mut out = Vec::new();
-                crate::kpl::encode(gateway, key, &records, &mut out);
+                let (partition_key, hash_key) = crate::sink::split_key(key);
+                crate::kpl::encode(gateway, partition_key, hash_key, &records, &mut out);
                 Ok(out)
             }
         }

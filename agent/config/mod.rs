@@ -157,6 +157,10 @@ pub struct RouteConfig {
     pub filters: Vec<TopicFilter>,
     pub destination: String,
     pub partition_key: KeyTemplate,
+    /// Chooses the shard instead of the partition key's MD5: a 128-bit decimal as written,
+    /// or the MD5 of what the template renders (e.g. spread one gateway's records over the
+    /// shards by device while the partition key stays the gateway).
+    pub explicit_hash_key: Option<KeyTemplate>,
     pub qos: u8,
     pub format: FrameFormat,
 }
@@ -506,6 +510,32 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             }
             None => KeyTemplate::parse("{gateway}").expect("default template parses"),
         };
+        let explicit_hash_key = match route.explicit_hash_key {
+            Some(t) => {
+                let span = t.span();
+                let text = t.into_inner();
+                if text.contains('\0') {
+                    return Err(src.error_at(
+                        Some(span),
+                        "route.explicit_hash_key",
+                        "must not contain NUL".into(),
+                    ));
+                }
+                let digits = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit());
+                if digits && text.parse::<u128>().is_err() {
+                    return Err(src.error_at(
+                        Some(span),
+                        "route.explicit_hash_key",
+                        format!("`{text}` is over the largest hash key, 2^128 - 1"),
+                    ));
+                }
+                Some(
+                    KeyTemplate::parse(&text)
+                        .map_err(|e| src.error_at(Some(span), "route.explicit_hash_key", e))?,
+                )
+            }
+            None => None,
+        };
         let qos = match route.qos {
             Some(q) => {
                 let span = q.span();
@@ -536,6 +566,7 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             filters,
             destination,
             partition_key,
+            explicit_hash_key,
             qos,
             format: route.format.unwrap_or_default(),
         });

@@ -141,6 +141,7 @@ pub struct RawRoute {
     pub topics: Spanned<Vec<String>>,
     pub destination: Spanned<String>,
     pub partition_key: Option<Spanned<String>>,
+    pub explicit_hash_key: Option<Spanned<String>>,
     pub qos: Option<Spanned<u8>>,
     pub format: Option<FrameFormat>,
 }

@@ -147,7 +147,7 @@ impl KinesisSink {
 
     /// The open shard a partition key maps to, when the shards are known.
     pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {
-        self.shard_map()?.shard_id_for(key)
+        self.shard_map()?.shard_id_for_spooled(key)
     }
 
     /// Starts a background ListShards walk unless one is under way; one asked for within
@@ -205,9 +205,11 @@ impl KinesisSink {
     pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
         let mut request = self.client.put_records().stream_name(&self.stream);
         for e in entries {
+            let (partition_key, hash_key) = super::split_key(&e.key);
             let entry = PutRecordsRequestEntry::builder()
                 .data(Blob::new(e.data.clone()))
-                .partition_key(&e.key)
+                .partition_key(partition_key)
+                .set_explicit_hash_key(hash_key.map(str::to_string))
                 .build()
                 .map_err(|err| {
                     self.error(
@@ -239,7 +241,7 @@ impl KinesisSink {
             .map(|(r, e)| match (r.sequence_number(), r.error_code()) {
                 (Some(_), None) => {
                     let shard = r.shard_id().map(|id| {
-                        match map.as_ref().and_then(|m| m.shard_id_for(&e.key)) {
+                        match map.as_ref().and_then(|m| m.shard_id_for_spooled(&e.key)) {
                             // Reuse the map's id (no allocation) when it agrees.
                             Some(known) if &*known == id => known,
                             _ => {
@@ -253,7 +255,7 @@ impl KinesisSink {
                 (_, code) => Err(EntryFailure {
                     code: code.unwrap_or("NoSequenceNumber").to_string(),
                     message: r.error_message().unwrap_or_default().to_string(),
-                    shard: map.as_ref().and_then(|m| m.shard_id_for(&e.key)),
+                    shard: map.as_ref().and_then(|m| m.shard_id_for_spooled(&e.key)),
                 }),
             })
             .collect();

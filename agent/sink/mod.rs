@@ -62,6 +62,19 @@ pub struct SinkError {
     pub retryable: bool,
 }
 
+/// Separates a spooled key's partition key from its explicit hash key (routes with
+/// `explicit_hash_key` spool `"<partition key>\0<decimal hash key>"`; MQTT topics and config
+/// templates cannot hold NUL).
+pub const HASH_KEY_SEPARATOR: char = '\0';
+
+/// (partition key, explicit hash key) of a spooled key.
+pub fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(HASH_KEY_SEPARATOR) {
+        Some((pk, hk)) => (pk, Some(hk)),
+        None => (key, None),
+    }
+}
+
 /// The record size limit a refusal names, if it refuses a record for its size: kinesis-mock
 /// and streams with a raised limit answer the entry with `InvalidArgumentException` "Record
 /// data size N exceeds the stream's max record size of M bytes"; request validation answers

@@ -454,28 +454,7 @@ fn a_hot_shard_slows_only_its_own_records() {
 
 /// Publishes `payload(device, 0..n)` on the device's topic, QoS 1, all acked.
 async fn publish_one_device(port: u16, device: u32, n: u32) {
-    let mut opts = rumqttc::MqttOptions::new(format!("cold-{device}"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
-    let topic = topic_of(device);
-    tokio::spawn(async move {
-        for s in 0..n {
-            c.publish(
-                topic.clone(),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                payload(device, s),
-            )
-            .await
-            .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
-            acked += 1;
-        }
-    }
+    publish_on(port, topic_of(device), device, n).await;
 }
 
 /// An on-demand stream whose record size limit was raised to 10 MiB: the agent reads the limit
@@ -580,4 +559,135 @@ fn an_on_demand_stream_with_10_mib_records_takes_large_frames() {
         "10 MiB stream: {} records, largest {largest} bytes",
         contents.raw_records.len()
     );
+}
+
+/// Explicit hash keys: one route keeps the gateway as partition key but spreads its records
+/// over the shards by device (`explicit_hash_key = "{topic[1]}"`); another pins its KPL
+/// records to the shard holding hash key 0. Every message lands on the shard its hash key
+/// names, under the partition key its route names.
+#[test]
+fn explicit_hash_keys_choose_the_shard() {
+    let stream = "e2e-explicit-hash";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 4);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "partition_key = \"{topic[1]}\"",
+        "partition_key = \"{gateway}\"\nexplicit_hash_key = \"{topic[1]}\"\n\
+         [[route]]\nname = \"alarms\"\ntopics = [\"devices/+/alarm\"]\ndestination = \"stream\"\n\
+         partition_key = \"{topic[1]}\"\nexplicit_hash_key = \"0\"\nformat = \"kpl\"",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+    let (devices, per_device) = (16, 50);
+    rt.block_on(async {
+        let telemetry = tokio::spawn(publish(
+            mosquitto.port,
+            devices,
+            per_device,
+            Arc::new(AtomicU64::new(0)),
+        ));
+        let mut alarms = Vec::new();
+        for d in 0..4 {
+            alarms.push(tokio::spawn(publish_on(
+                mosquitto.port,
+                format!("devices/dev-{d:03}/alarm"),
+                d,
+                10,
+            )));
+        }
+        telemetry.await.unwrap();
+        for a in alarms {
+            a.await.unwrap();
+        }
+    });
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(60), |t| {
+        (0..devices).all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), payload(d, s)))))
+            && (0..4).all(|d| {
+                (0..10)
+                    .all(|s| t.contains_key(&(format!("devices/dev-{d:03}/alarm"), payload(d, s))))
+            })
+    });
+    let ranges = rt.block_on(shard_ranges(&client, stream));
+    let map = edgeship::shard::ShardMap::new(
+        ranges
+            .iter()
+            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
+    )
+    .unwrap();
+    let first_shard = map.shard_id_for_hash(0).unwrap().to_string();
+    let mut shards_used = std::collections::BTreeSet::new();
+    assert_eq!(
+        contents.messages.len(),
+        (devices * per_device + 40) as usize
+    );
+    for (m, (shard, key)) in contents.messages.iter().zip(&contents.placed) {
+        let device = m.topic.split('/').nth(1).unwrap();
+        if m.topic.ends_with("/alarm") {
+            assert_eq!(key, device, "alarms keep the device as partition key");
+            assert_eq!(shard, &first_shard, "alarms are pinned to hash key 0");
+        } else {
+            assert_eq!(
+                key, "gw-test",
+                "telemetry keeps the gateway as partition key"
+            );
+            let expected = map
+                .shard_id_for_hash(edgeship::shard::hash_key(device))
+                .unwrap();
+            assert_eq!(shard.as_str(), &*expected, "{device} on the wrong shard");
+            shards_used.insert(shard.clone());
+        }
+    }
+    assert_eq!(
+        shards_used.len(),
+        4,
+        "one gateway's records spread over every shard"
+    );
+    // The KPL aggregates carry the explicit hash key for the KCL's shard filter.
+    for raw in &contents.raw_records {
+        if raw.starts_with(&edgeship::kpl::MAGIC) {
+            for u in edgeship::kpl::decode(raw).unwrap() {
+                assert_eq!(u.explicit_hash_key.as_deref(), Some("0"));
+            }
+        }
+    }
+}
+
+/// Publishes `payload(device, 0..n)` on `topic`, QoS 1, all acked.
+async fn publish_on(port: u16, topic: String, device: u32, n: u32) {
+    let mut opts =
+        rumqttc::MqttOptions::new(format!("pub-{}-{device}", topic.len()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    tokio::spawn(async move {
+        for s in 0..n {
+            c.publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(device, s),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
 }

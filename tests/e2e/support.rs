@@ -307,6 +307,8 @@ pub struct StreamContents {
     pub per_shard: std::collections::BTreeMap<String, (u64, u64)>,
     /// Every record's data as it came out of the stream.
     pub raw_records: Vec<Vec<u8>>,
+    /// For each message: (shard id, partition key) of the Kinesis record that held it.
+    pub placed: Vec<(String, String)>,
 }
 
 pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> StreamContents {
@@ -355,6 +357,10 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                 };
                 out.arrivals_ms
                     .extend(std::iter::repeat_n(arrived, f.records.len()));
+                out.placed.extend(std::iter::repeat_n(
+                    (shard.shard_id().to_string(), key.to_string()),
+                    f.records.len(),
+                ));
                 let per = out
                     .per_shard
                     .entry(shard.shard_id().to_string())
