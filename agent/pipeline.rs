@@ -30,6 +30,8 @@ pub struct Live {
     /// Version of the applied config document; 0 for the local file.
     pub config_version: Arc<std::sync::atomic::AtomicU64>,
     pub started: std::time::SystemTime,
+    /// The AWS IoT credentials provider's figures, when it is the credentials source.
+    pub iot_credentials: Option<Arc<crate::aws::iot_credentials::CredentialStats>>,
 }
 
 /// Union of the routes' topic filters with the highest QoS asked for each.
@@ -85,7 +87,7 @@ pub async fn run(
         if routes.is_empty() {
             continue;
         }
-        let sink = Sink::connect(name, dest, credentials.clone()).await?;
+        let sink = Sink::connect(name, dest, credentials.provider.clone()).await?;
         let stats = Arc::new(ShipperStats::default());
         shipper_stats.push((name.clone(), stats.clone()));
         let shipper = Shipper {
@@ -136,6 +138,7 @@ pub async fn run(
         config: Arc::new(config.clone()),
         config_version: Arc::default(),
         started: std::time::SystemTime::now(),
+        iot_credentials: credentials.iot_stats.clone(),
     };
     let admin = match config.admin.listen {
         Some(addr) => match crate::admin::serve(addr, live.clone()).await {

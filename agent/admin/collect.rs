@@ -519,6 +519,26 @@ fn agent(e: &mut Exposition, live: &Live) {
         "Version of the applied config document (0: the local file).",
         live.config_version.load(Relaxed),
     );
+    if let Some(c) = &live.iot_credentials {
+        e.single(
+            "edgeship_aws_credentials_fetches_total",
+            Kind::Counter,
+            "Credentials obtained from the AWS IoT credentials provider.",
+            c.fetches.load(Relaxed),
+        );
+        e.single(
+            "edgeship_aws_credentials_fetch_errors_total",
+            Kind::Counter,
+            "Failed attempts to get credentials from the AWS IoT credentials provider.",
+            c.fetch_errors.load(Relaxed),
+        );
+        e.single(
+            "edgeship_aws_credentials_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the current AWS IoT credentials expire (Unix seconds; 0 before the first).",
+            c.expires_unix.load(Relaxed),
+        );
+    }
     let p = process::read();
     let figures: [(&str, Kind, &str, Option<f64>); 6] = [
         (

@@ -12,16 +12,27 @@ use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Re
 use aws_credential_types::provider::SharedCredentialsProvider;
 use std::time::Duration;
 
+/// Where the agent's AWS credentials come from.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// `None`: the SDK's standard chain.
+    pub provider: Option<SharedCredentialsProvider>,
+    /// The AWS IoT provider's figures, when it is the source.
+    pub iot_stats: Option<std::sync::Arc<iot_credentials::CredentialStats>>,
+}
+
 /// The credentials provider the config names, started (the IoT provider fetches its first
-/// credentials in the background at once); `None`: the SDK's standard chain.
-pub fn credentials(
-    config: &AwsConfig,
-) -> Result<Option<SharedCredentialsProvider>, crate::tls::TlsError> {
+/// credentials in the background at once).
+pub fn credentials(config: &AwsConfig) -> Result<Credentials, crate::tls::TlsError> {
     Ok(match &config.iot_credentials {
-        Some(iot) => Some(SharedCredentialsProvider::new(
-            iot_credentials::IotCredentials::start(iot)?,
-        )),
-        None => None,
+        Some(iot) => {
+            let provider = iot_credentials::IotCredentials::start(iot)?;
+            Credentials {
+                iot_stats: Some(provider.stats()),
+                provider: Some(SharedCredentialsProvider::new(provider)),
+            }
+        }
+        None => Credentials::default(),
     })
 }
 

@@ -306,6 +306,26 @@ fn aws_credentials_come_from_the_iot_provider_and_are_refreshed_before_expiry() 
             Duration::from_secs(60),
         );
     }
+    // The agent's own figures agree with the endpoint's.
+    let before = credentials.issued().len();
+    let m = agent.scrape();
+    let after = credentials.issued().len();
+    let fetched = m.count("edgeship_aws_credentials_fetches_total", &[]) as usize;
+    assert!(
+        before <= fetched && fetched <= after,
+        "{before} <= {fetched} <= {after}"
+    );
+    assert_eq!(
+        m.count("edgeship_aws_credentials_fetch_errors_total", &[]),
+        2
+    );
+    let expiry = m.count("edgeship_aws_credentials_expiry_timestamp_seconds", &[]);
+    assert!(credentials.issued().iter().any(|i| i
+        .expires
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        == expiry));
     assert_eq!(agent.stop().code(), Some(0));
 
     // The endpoint saw the device's certificate, the role alias and the thing name, and the
@@ -365,4 +385,220 @@ fn aws_credentials_come_from_the_iot_provider_and_are_refreshed_before_expiry() 
     // No secret in the log.
     let log = agent.log();
     assert!(!log.contains("iot-secret-") && !log.contains("iot-session-token-"));
+}
+
+/// Answers the container credentials endpoint and the EC2 instance metadata service (IMDSv2:
+/// token, role name, role credentials) on one loopback port, each with its own access key id.
+fn metadata_server() -> (tokio::runtime::Runtime, u16) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let (runtime, listener, port) = background_listener();
+    runtime.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let path = req.uri().path().to_string();
+                    let creds = |akid: &str| {
+                        serde_json::json!({
+                            "Code": "Success",
+                            "Type": "AWS-HMAC",
+                            "AccessKeyId": akid,
+                            "SecretAccessKey": "chain-secret",
+                            "Token": format!("{akid}-token"),
+                            "Expiration": "2036-01-01T00:00:00Z",
+                            "LastUpdated": "2026-01-01T00:00:00Z",
+                        })
+                        .to_string()
+                    };
+                    let (status, body) = match path.as_str() {
+                        "/container-credentials" => (200, creds("ASIACONTAINERTEST")),
+                        "/latest/api/token" if req.method() == hyper::Method::PUT => {
+                            (200, "imds-session-token".to_string())
+                        }
+                        p if p.starts_with("/latest/meta-data/iam/security-credentials") => {
+                            if req
+                                .headers()
+                                .get("x-aws-ec2-metadata-token")
+                                .is_none_or(|t| t != "imds-session-token")
+                            {
+                                (401, String::new())
+                            } else if p.ends_with('/') {
+                                (200, "edgeship-role".to_string())
+                            } else if p.ends_with("/edgeship-role") {
+                                (200, creds("ASIAIMDSTEST"))
+                            } else {
+                                (404, String::new())
+                            }
+                        }
+                        _ => (404, String::new()),
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .status(status)
+                            .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (runtime, port)
+}
+
+/// Environment changes for an agent: set (`Some`) or removed (`None`).
+type Env<'a> = Vec<(&'a str, Option<&'a str>)>;
+
+/// Without `[aws.iot_credentials]` the SDK's standard chain still provides credentials: a
+/// profile file, the container credentials endpoint and the instance metadata service each
+/// sign the Kinesis calls of their own agent (the environment is how every other test runs).
+#[test]
+fn the_standard_credential_chain_still_works() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-credential-chain", 1);
+    let shards = rt.block_on(shard_ranges(&client, "e2e-credential-chain"));
+    let proxy = KinesisProxy::start(kinesis.port, &shards, None);
+    let (_metadata_rt, metadata_port) = metadata_server();
+    let mosquitto = Mosquitto::start(dir.path());
+    let profile = dir.path().join("aws-credentials");
+    std::fs::write(
+        &profile,
+        "[default]\naws_access_key_id = AKIAPROFILETEST\naws_secret_access_key = profile-secret\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("no-such-file");
+    let (profile, missing) = (
+        profile.to_str().unwrap().to_string(),
+        missing.to_str().unwrap().to_string(),
+    );
+    let container_uri = format!("http://127.0.0.1:{metadata_port}/container-credentials");
+    let imds = format!("http://127.0.0.1:{metadata_port}");
+    let no_env: [(&str, Option<&str>); 4] = [
+        ("AWS_ACCESS_KEY_ID", None),
+        ("AWS_SECRET_ACCESS_KEY", None),
+        ("AWS_SESSION_TOKEN", None),
+        ("AWS_CONFIG_FILE", Some(missing.as_str())),
+    ];
+    let cases: [(&str, &str, Env); 3] = [
+        (
+            "profile",
+            "AKIAPROFILETEST",
+            vec![
+                ("AWS_SHARED_CREDENTIALS_FILE", Some(profile.as_str())),
+                ("AWS_EC2_METADATA_DISABLED", Some("true")),
+            ],
+        ),
+        (
+            "container",
+            "ASIACONTAINERTEST",
+            vec![
+                ("AWS_SHARED_CREDENTIALS_FILE", Some(missing.as_str())),
+                (
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    Some(container_uri.as_str()),
+                ),
+                ("AWS_EC2_METADATA_DISABLED", Some("true")),
+            ],
+        ),
+        (
+            "imds",
+            "ASIAIMDSTEST",
+            vec![
+                ("AWS_SHARED_CREDENTIALS_FILE", Some(missing.as_str())),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", Some(imds.as_str())),
+            ],
+        ),
+    ];
+    let mut agents = Vec::new();
+    for (name, akid, env) in &cases {
+        let d = agent_dir(dir.path(), name);
+        let config = agent_config(
+            &d,
+            mosquitto.port,
+            &proxy.endpoint(),
+            "e2e-credential-chain",
+            "",
+            &format!("client_id = \"agent-{name}\""),
+        )
+        .replace(
+            "topics = [\"devices/+/telemetry\"]",
+            &format!("topics = [\"{name}/+/telemetry\"]"),
+        );
+        let mut all_env = no_env.to_vec();
+        all_env.extend(env.iter().cloned());
+        let agent = Agent::start_with_env(&d, &config, &all_env);
+        agent.wait_connected(1);
+        agents.push((name, akid, agent));
+    }
+    rt.block_on(async {
+        for (i, (name, _, _)) in cases.iter().enumerate() {
+            publish_on_topic(mosquitto.port, format!("{name}/dev-{i}/telemetry"), 20).await;
+        }
+    });
+    wait_for(
+        "each agent's records in the stream",
+        Duration::from_secs(60),
+        || {
+            let contents = rt.block_on(read_stream(&client, "e2e-credential-chain"));
+            (contents.messages.len() == 60).then_some(())
+        },
+    );
+    let signed = proxy.signed();
+    for (name, akid, agent) in &agents {
+        let puts = signed
+            .iter()
+            .filter(|s| s.target.ends_with("PutRecords") && s.access_key_id == **akid)
+            .count();
+        assert!(
+            puts >= 1,
+            "no PutRecords signed by the {name} credentials ({akid})"
+        );
+        assert!(!agent.log().contains("chain-secret") && !agent.log().contains("profile-secret"));
+    }
+    // Each source's session token travels with its key.
+    for s in &signed {
+        match s.access_key_id.as_str() {
+            "ASIACONTAINERTEST" | "ASIAIMDSTEST" => {
+                assert_eq!(s.session_token, Some(format!("{}-token", s.access_key_id)))
+            }
+            "AKIAPROFILETEST" => assert_eq!(s.session_token, None),
+            other => panic!("{} signed with unexpected key {other:?}", s.target),
+        }
+    }
+}
+
+/// Publishes `n` small messages on `topic`, QoS 1, all acked.
+async fn publish_on_topic(port: u16, topic: String, n: u32) {
+    let mut opts =
+        rumqttc::MqttOptions::new(format!("pub-{topic}").replace('/', "-"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (c, mut events) = rumqttc::AsyncClient::new(opts, 100);
+    tokio::spawn(async move {
+        for s in 0..n {
+            c.publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(0, s),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
 }

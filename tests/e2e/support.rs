@@ -505,6 +505,8 @@ pub struct Agent {
     pub admin: std::net::SocketAddr,
     /// The program (and its first arguments) that `run --config FILE` follows.
     program: Vec<std::ffi::OsString>,
+    /// Environment changes for the agent process: set, or removed (`None`).
+    pub env: Vec<(String, Option<String>)>,
     child: Option<Child>,
 }
 
@@ -546,23 +548,39 @@ endpoint = "{endpoint}"
     )
 }
 
+/// The agent binary the tests run: this build, or `EDGESHIP_AGENT_BIN`.
+fn agent_program() -> Vec<std::ffi::OsString> {
+    vec![std::env::var_os("EDGESHIP_AGENT_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_edgeship").into())]
+}
+
 impl Agent {
     pub fn start(dir: &Path, config: &str) -> Agent {
         // EDGESHIP_AGENT_BIN runs another build of the agent (the `dist` profile for the load
         // program, an ARM build under qemu for cross/e2e.sh) under the same harness.
-        let binary = std::env::var_os("EDGESHIP_AGENT_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_edgeship").into());
         Agent::start_at(
             &dir.join("edgeship.toml"),
             config,
             &dir.join("agent.log"),
-            vec![binary],
+            agent_program(),
         )
     }
 
     /// Writes `config` to `config_path` (keeping the file's owner and mode if it exists) and
     /// starts `program run --config config_path`, its log in `log_path`.
     pub fn start_at(
+        config_path: &Path,
+        config: &str,
+        log_path: &Path,
+        program: Vec<std::ffi::OsString>,
+    ) -> Agent {
+        let mut a = Agent::prepare(config_path, config, log_path, program);
+        a.spawn();
+        a
+    }
+
+    /// Writes the config and returns the agent, not started.
+    fn prepare(
         config_path: &Path,
         config: &str,
         log_path: &Path,
@@ -580,7 +598,7 @@ impl Agent {
         std::fs::write(&config_path, &config).unwrap();
         let parsed =
             edgeship::config::Config::parse(&config, "test").expect("test config is valid");
-        let mut a = Agent {
+        Agent {
             config_path,
             spool_path: parsed.spool.path,
             log_path: log_path.to_path_buf(),
@@ -589,8 +607,23 @@ impl Agent {
                 .listen
                 .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap()),
             program,
+            env: Vec::new(),
             child: None,
-        };
+        }
+    }
+
+    /// Like [`Agent::start`], with environment variables set (`Some`) or removed (`None`).
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, Option<&str>)]) -> Agent {
+        let mut a = Agent::prepare(
+            &dir.join("edgeship.toml"),
+            config,
+            &dir.join("agent.log"),
+            agent_program(),
+        );
+        a.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect();
         a.spawn();
         a
     }
@@ -602,16 +635,22 @@ impl Agent {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(&self.program[0])
+        let mut command = Command::new(&self.program[0]);
+        command
             .args(&self.program[1..])
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
             .env("EDGESHIP_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the agent");
+            .stderr(log);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => command.env(k, v),
+                None => command.env_remove(k),
+            };
+        }
+        let child = command.spawn().expect("starting the agent");
         self.child = Some(child);
     }
 
