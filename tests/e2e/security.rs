@@ -602,3 +602,122 @@ async fn publish_on_topic(port: u16, topic: String, n: u32) {
         }
     }
 }
+
+/// A TLS front for Mosquitto that, like AWS IoT Core on port 443, takes MQTT only from clients
+/// that negotiate the ALPN protocol `x-amzn-mqtt-ca`; it records what each connection
+/// negotiated.
+fn alpn_front(
+    cert: &Path,
+    key: &Path,
+    upstream: u16,
+) -> (
+    tokio::runtime::Runtime,
+    u16,
+    Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+    .unwrap();
+    config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (runtime, listener, port) = background_listener();
+    let log = seen.clone();
+    runtime.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                let ok = alpn.as_deref() == Some(b"x-amzn-mqtt-ca".as_slice());
+                log.lock().unwrap().push(alpn);
+                if !ok {
+                    return;
+                }
+                let Ok(mut broker) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+            });
+        }
+    });
+    (runtime, port, seen)
+}
+
+/// Where the broker requires ALPN (AWS IoT Core's MQTT on port 443), the agent offers the
+/// configured protocol and is let through; one offering another protocol is refused with an
+/// error that names what it offered.
+#[test]
+fn mqtt_alpn_is_offered_where_the_broker_requires_it() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-mqtt-alpn", 1);
+    let pki = agent_dir(dir.path(), "pki");
+    let ca = Ca::new(&pki, "edgeship-test-ca");
+    let server = ca.issue(&pki, "front", "127.0.0.1", Use::Server, Validity::Current);
+    let mosquitto = Mosquitto::start(dir.path());
+    let (_front_rt, front_port, seen) = alpn_front(&server.cert, &server.key, mosquitto.port);
+    let tls = |id: &str, alpn: &str| {
+        format!(
+            "client_id = \"{id}\"\n[broker.tls]\nca_file = \"{}\"\nalpn = [\"{alpn}\"]\n",
+            ca.file.display()
+        )
+    };
+    let start = |name: &str, extra: &str| {
+        let d = agent_dir(dir.path(), name);
+        Agent::start(
+            &d,
+            &agent_config(
+                &d,
+                front_port,
+                &kinesis.endpoint(),
+                "e2e-mqtt-alpn",
+                "",
+                extra,
+            ),
+        )
+    };
+    let good = start("good", &tls("agent-alpn", "x-amzn-mqtt-ca"));
+    let wrong = start("wrong", &tls("agent-wrong-alpn", "mqtt"));
+    good.wait_connected(1);
+    rt.block_on(publish(mosquitto.port, 2, 100, Arc::new(AtomicU64::new(0))));
+    wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-mqtt-alpn",
+        2,
+        100,
+        Duration::from_secs(60),
+    );
+    let expected = "TLS: the server accepts none of the ALPN protocols offered ([\"mqtt\"])";
+    wait_for(
+        &format!("the agent to log: {expected}"),
+        Duration::from_secs(30),
+        || wrong.log().contains(expected).then_some(()),
+    );
+    assert_eq!(wrong.scrape().sum("edgeship_mqtt_connected", &[]), 0.0);
+    assert!(seen
+        .lock()
+        .unwrap()
+        .contains(&Some(b"x-amzn-mqtt-ca".to_vec())));
+}
