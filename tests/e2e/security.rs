@@ -603,6 +603,9 @@ async fn publish_on_topic(port: u16, topic: String, n: u32) {
     }
 }
 
+/// The ALPN protocol each connection negotiated (`None`: none).
+type NegotiatedAlpn = Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>;
+
 /// A TLS front for Mosquitto that, like AWS IoT Core on port 443, takes MQTT only from clients
 /// that negotiate the ALPN protocol `x-amzn-mqtt-ca`; it records what each connection
 /// negotiated.
@@ -610,11 +613,7 @@ fn alpn_front(
     cert: &Path,
     key: &Path,
     upstream: u16,
-) -> (
-    tokio::runtime::Runtime,
-    u16,
-    Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>,
-) {
+) -> (tokio::runtime::Runtime, u16, NegotiatedAlpn) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
