@@ -104,6 +104,11 @@ fn describe(err: &(dyn std::error::Error + 'static), config: &BrokerConfig) -> S
     }
 }
 
+/// Publishes the agent itself may have in flight to the broker. It only subscribes, so a few
+/// packet ids (for SUBSCRIBE) are enough; rumqttc sizes a table by this limit, and its
+/// MQTT 5 default (65,535) costs 14 MB of resident memory.
+const OUTGOING_INFLIGHT: u16 = 16;
+
 fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Client, EventLoop) {
     let transport =
         tls.map(|t| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(t)));
@@ -113,6 +118,7 @@ fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Cl
         MqttProtocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
             o.set_keep_alive(config.keep_alive)
+                .set_inflight(OUTGOING_INFLIGHT)
                 .set_clean_session(false)
                 .set_manual_acks(true)
                 .set_request_channel_capacity(capacity)
@@ -132,6 +138,7 @@ fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Cl
         MqttProtocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
             o.set_keep_alive(config.keep_alive)
+                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
                 .set_clean_start(false)
                 // Keep the session (and the broker's queue for it) across disconnects.
                 .set_session_expiry_interval(Some(u32::MAX))
