@@ -402,8 +402,9 @@ fn a_hot_shard_slows_only_its_own_records() {
     rt.block_on(async {
         let mut tasks = Vec::new();
         for &d in &cold {
-            tasks.push(tokio::spawn(publish_one_device(
+            tasks.push(tokio::spawn(publish_on(
                 mosquitto.port,
+                topic_of(d),
                 d,
                 per_cold,
             )));
@@ -450,11 +451,6 @@ fn a_hot_shard_slows_only_its_own_records() {
     let t = tally(&contents.messages);
     assert_eq!(t.len() as u32, hot_count + cold.len() as u32 * per_cold);
     assert!(t.values().all(|&n| n == 1), "a message arrived twice");
-}
-
-/// Publishes `payload(device, 0..n)` on the device's topic, QoS 1, all acked.
-async fn publish_one_device(port: u16, device: u32, n: u32) {
-    publish_on(port, topic_of(device), device, n).await;
 }
 
 /// An on-demand stream whose record size limit was raised to 10 MiB: the agent reads the limit
@@ -662,32 +658,6 @@ fn explicit_hash_keys_choose_the_shard() {
             for u in edgeship::kpl::decode(raw).unwrap() {
                 assert_eq!(u.explicit_hash_key.as_deref(), Some("0"));
             }
-        }
-    }
-}
-
-/// Publishes `payload(device, 0..n)` on `topic`, QoS 1, all acked.
-async fn publish_on(port: u16, topic: String, device: u32, n: u32) {
-    let mut opts =
-        rumqttc::MqttOptions::new(format!("pub-{}-{device}", topic.len()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
-    tokio::spawn(async move {
-        for s in 0..n {
-            c.publish(
-                topic.clone(),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                payload(device, s),
-            )
-            .await
-            .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
-            acked += 1;
         }
     }
 }

@@ -542,7 +542,7 @@ fn the_standard_credential_chain_still_works() {
     }
     rt.block_on(async {
         for (i, (name, _, _)) in cases.iter().enumerate() {
-            publish_on_topic(mosquitto.port, format!("{name}/dev-{i}/telemetry"), 20).await;
+            publish_on(mosquitto.port, format!("{name}/dev-{i}/telemetry"), 0, 20).await;
         }
     });
     wait_for(
@@ -573,32 +573,6 @@ fn the_standard_credential_chain_still_works() {
             }
             "AKIAPROFILETEST" => assert_eq!(s.session_token, None),
             other => panic!("{} signed with unexpected key {other:?}", s.target),
-        }
-    }
-}
-
-/// Publishes `n` small messages on `topic`, QoS 1, all acked.
-async fn publish_on_topic(port: u16, topic: String, n: u32) {
-    let mut opts =
-        rumqttc::MqttOptions::new(format!("pub-{topic}").replace('/', "-"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (c, mut events) = rumqttc::AsyncClient::new(opts, 100);
-    tokio::spawn(async move {
-        for s in 0..n {
-            c.publish(
-                topic.clone(),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                payload(0, s),
-            )
-            .await
-            .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
-            acked += 1;
         }
     }
 }

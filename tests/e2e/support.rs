@@ -860,6 +860,32 @@ pub async fn publish_with(
     }
 }
 
+/// Publishes `payload(device, 0..n)` on `topic`, QoS 1, all acked.
+pub async fn publish_on(port: u16, topic: String, device: u32, n: u32) {
+    let client_id = format!("pub-{device}-{}", topic.replace('/', "-"));
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    tokio::spawn(async move {
+        for s in 0..n {
+            c.publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(device, s),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+}
+
 /// Counts each (topic, payload) among decoded messages.
 pub fn tally(messages: &[frame::Record]) -> HashMap<(String, Vec<u8>), u32> {
     let mut m = HashMap::new();
