@@ -54,16 +54,7 @@ pub async fn run(
     on_start: impl FnOnce(Live),
 ) -> anyhow::Result<Accounting> {
     // TLS files first: a bad certificate or key stops the start before anything is opened.
-    let mut broker_tls = Vec::new();
-    for broker in &config.brokers {
-        broker_tls.push(match &broker.tls {
-            Some(t) => Some(
-                crate::tls::client_config(t)
-                    .with_context(|| format!("broker `{}` TLS", broker.name))?,
-            ),
-            None => None,
-        });
-    }
+    let broker_tls = crate::tls::broker_configs(&config)?;
     let credentials = crate::aws::credentials(&config.aws)?;
     let (spool, spool_thread) = spool::start(&config.spool).context("opening the spool")?;
     let gateway: Arc<str> = config.gateway_id.as_str().into();

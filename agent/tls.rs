@@ -24,13 +24,26 @@ impl TlsError {
     }
 }
 
+/// The TLS client config of each broker, in config order (`None`: plain MQTT). Reads their
+/// files now, so the agent refuses to start on a bad one.
+pub fn broker_configs(
+    config: &crate::config::Config,
+) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, TlsError> {
+    config
+        .brokers
+        .iter()
+        .map(|b| match &b.tls {
+            Some(t) => client_config(t)
+                .map(Some)
+                .map_err(|e| TlsError(format!("broker `{}` TLS: {e}", b.name))),
+            None => Ok(None),
+        })
+        .collect()
+}
+
 /// Reads every TLS file the config names, as the agent would at start (`config validate`).
 pub fn check_files(config: &crate::config::Config) -> Result<(), TlsError> {
-    for b in &config.brokers {
-        if let Some(t) = &b.tls {
-            client_config(t).map_err(|e| TlsError(format!("broker `{}` TLS: {e}", b.name)))?;
-        }
-    }
+    broker_configs(config)?;
     if let Some(iot) = &config.aws.iot_credentials {
         client_config(&iot.tls).map_err(|e| TlsError(format!("aws.iot_credentials: {e}")))?;
     }

@@ -26,7 +26,8 @@ pub struct Credentials {
 pub fn credentials(config: &AwsConfig) -> Result<Credentials, crate::tls::TlsError> {
     Ok(match &config.iot_credentials {
         Some(iot) => {
-            let provider = iot_credentials::IotCredentials::start(iot)?;
+            let provider = iot_credentials::IotCredentials::start(iot)
+                .map_err(|e| crate::tls::TlsError::new(format!("aws.iot_credentials: {e}")))?;
             Credentials {
                 iot_stats: Some(provider.stats()),
                 provider: Some(SharedCredentialsProvider::new(provider)),
