@@ -208,6 +208,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let pipeline = tokio::spawn(pipeline::run(
         config,
+        None,
         async {
             let _ = stop_rx.await;
         },
@@ -238,7 +239,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .collect();
 
     let stats = live.spool.stats().clone();
-    let ship = live.shippers[0].1.clone();
+    let ship = live.shippers()[0].1.clone();
     let mut last = (Instant::now(), 0u64);
     let mut stderr = std::io::stderr();
     let tty = std::io::IsTerminal::is_terminal(&stderr);

@@ -4,7 +4,8 @@
 //! commit) -> [`shipper`] ([`batcher`] plans, [`frame`] encodes) -> [`sink`] (Kinesis, a local
 //! folder). [`pipeline`] wires them and shuts them down in order; [`config`] loads and checks
 //! the TOML; [`route`] matches topics and renders partition keys; [`tls`] and [`aws`] hold
-//! what connections to the broker and to AWS share (certificates, credentials).
+//! what connections to the broker and to AWS share (certificates, credentials); [`fleet`]
+//! takes signed config documents from the fleet and applies them live.
 
 pub mod admin;
 pub mod aws;
@@ -12,6 +13,7 @@ pub mod batcher;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod fleet;
 pub mod frame;
 pub mod kpl;
 pub mod logging;

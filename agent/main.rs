@@ -48,9 +48,115 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet config push, the operator's side: keys, signing, publishing, status.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Run a self-contained demo: embedded broker, simulated devices, the real pipeline into a
     /// local folder. Needs no cloud account and no installed broker.
     Demo(edgeship::demo::DemoArgs),
+}
+
+/// How the fleet tools reach the broker the gateways' fleet channels use.
+#[derive(clap::Args)]
+struct BrokerOpts {
+    /// HOST or HOST:PORT (port 1883, or 8883 with --ca-file).
+    #[arg(long)]
+    broker: String,
+    #[arg(long)]
+    username: Option<String>,
+    /// A file holding the password (not the password itself: it would show in `ps`).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Connect over TLS, trusting this CA file.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The topic prefix the gateways use (`[fleet] topic_prefix`).
+    #[arg(long, default_value = "edgeship")]
+    prefix: String,
+}
+
+impl BrokerOpts {
+    fn broker(&self) -> anyhow::Result<edgeship::fleet::tools::BrokerArgs> {
+        let tls =
+            (self.ca_file.is_some() || self.cert.is_some()).then(|| edgeship::config::TlsConfig {
+                ca_file: self.ca_file.clone(),
+                client_cert: self.cert.clone(),
+                client_key: self.key.clone(),
+                alpn: Vec::new(),
+            });
+        let mut b = edgeship::fleet::tools::BrokerArgs::parse(&self.broker, tls)
+            .map_err(anyhow::Error::msg)?;
+        b.username = self.username.clone();
+        if let Some(f) = &self.password_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the password file {}", f.display()))?;
+            b.password = Some(text.trim_end_matches(['\n', '\r']).to_string());
+        }
+        Ok(b)
+    }
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Make a signing key: writes OUT (private, mode 0600) and OUT.pub, prints the public key
+    /// for the gateways' `[fleet] keys`.
+    Keygen {
+        #[arg(long, default_value = "fleet.key")]
+        out: PathBuf,
+    },
+    /// Sign a config document (TOML: routes, destinations, batch, spool limits) for a gateway
+    /// or a group; checks it first as a gateway would.
+    Sign {
+        config: PathBuf,
+        #[arg(long, default_value = "fleet.key")]
+        key: PathBuf,
+        /// gateway:<gateway_id> or group:<group>
+        #[arg(long)]
+        target: edgeship::fleet::document::Target,
+        /// Must grow with every document (default: the current Unix time in seconds).
+        #[arg(long)]
+        version: Option<u64>,
+        /// A gateway's local config file to check the document against.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Where to write the signed document (default: stdout).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Publish a signed document (retained) on its target's config topic.
+    Push {
+        /// The signed document; leave out with --clear.
+        document: Option<PathBuf>,
+        /// The target it must be signed for (a check; the document names its target).
+        #[arg(long)]
+        target: Option<edgeship::fleet::document::Target>,
+        /// Remove the target's retained document instead (gateways fall back to their groups').
+        #[arg(long, requires = "target", conflicts_with = "document")]
+        clear: bool,
+        #[command(flatten)]
+        broker: BrokerOpts,
+    },
+    /// Collect the status documents of the gateways that answered.
+    Status {
+        #[command(flatten)]
+        broker: BrokerOpts,
+        /// How long to collect after subscribing.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    edgeship::config::units::HumanDuration::parse(text).map(|d| d.0)
 }
 
 #[derive(Subcommand)]
@@ -101,12 +207,30 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             edgeship::logging::init("info,aws_config=error");
-            let config = Config::load(&config)?;
+            let base = edgeship::fleet::Base::load(&config)?;
             runtime()?.block_on(async {
-                edgeship::pipeline::run(config, shutdown_signal(), |_| {}).await?;
+                let start = edgeship::fleet::startup(&base);
+                let control = if base.config.fleet.is_some() {
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    Some((tx, rx))
+                } else {
+                    None
+                };
+                let (tx, rx) = match control {
+                    Some((tx, rx)) => (Some(tx), Some(rx)),
+                    None => (None, None),
+                };
+                let config = start.0.clone();
+                edgeship::pipeline::run(config, rx, shutdown_signal(), move |live| {
+                    if let Some(tx) = tx {
+                        tokio::spawn(edgeship::fleet::run(base, start, live, tx));
+                    }
+                })
+                .await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Command::Fleet { command } => fleet(command),
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => match Config::load(&file)
@@ -158,6 +282,86 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
+    use edgeship::fleet::tools;
+    match command {
+        FleetCommand::Keygen { out } => {
+            let public = tools::keygen(&out).map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "wrote {} (private: keep it off the gateways) and {}.pub",
+                out.display(),
+                out.display()
+            );
+            eprintln!("pin it in each gateway's config:\n  [fleet]\n  keys = [\"{public}\"]");
+            println!("{public}");
+        }
+        FleetCommand::Sign {
+            config,
+            key,
+            target,
+            version,
+            base,
+            out,
+        } => {
+            let (doc, version) =
+                tools::sign(&config, &key, target.clone(), version, base.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &doc)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "signed {} as version {version} for {target}: {}",
+                        config.display(),
+                        path.display()
+                    );
+                }
+                None => print!("{doc}"),
+            }
+        }
+        FleetCommand::Push {
+            document,
+            target,
+            clear,
+            broker,
+        } => {
+            let args = broker.broker()?;
+            runtime()?.block_on(async {
+                if clear {
+                    let target = target.expect("clap requires --target with --clear");
+                    let topic = tools::clear(&target, &args, &broker.prefix)
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    println!("cleared the document of {target} ({topic})");
+                } else {
+                    let doc = document.context("name the signed document to push (or --clear)")?;
+                    let (topic, version) =
+                        tools::push(&doc, target.as_ref(), &args, &broker.prefix)
+                            .await
+                            .map_err(anyhow::Error::msg)?;
+                    println!("published version {version} on {topic} (retained)");
+                }
+                anyhow::Ok(())
+            })?;
+        }
+        FleetCommand::Status { broker, wait, json } => {
+            let args = broker.broker()?;
+            let reports = runtime()?
+                .block_on(tools::collect_status(&args, &broker.prefix, wait))
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                print!("{}", tools::render_status(&reports, now));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Asks the running agent; when it does not answer, reads the spool file.

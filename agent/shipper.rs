@@ -143,7 +143,7 @@ struct Pending {
 
 pub struct Shipper {
     pub name: String,
-    pub sink: Sink,
+    pub sink: Arc<Sink>,
     pub spool: SpoolHandle,
     /// Routes whose records this destination receives.
     pub routes: Arc<[String]>,

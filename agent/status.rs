@@ -35,6 +35,9 @@ pub struct StatusDoc {
     pub spool: SpoolStatus,
     pub brokers: Vec<BrokerStatus>,
     pub destinations: Vec<DestinationStatus>,
+    /// The fleet config push's report, when `[fleet]` is configured.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::Report>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,12 +83,14 @@ impl StatusDoc {
     pub fn from_live(live: &Live, checks: Vec<Check>) -> StatusDoc {
         let committed = live.spool.stats().committed();
         let accounting = committed.accounting();
-        let path = &live.config.spool.path;
+        let config = live.config();
+        let path = &config.spool.path;
         let now = now_ms();
         StatusDoc {
             source: "agent".into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            gateway_id: Some(live.config.gateway_id.clone()),
+            fleet: live.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            gateway_id: Some(config.gateway_id.clone()),
             config_version: Some(live.config_version.load(Relaxed)),
             uptime_seconds: live.started.elapsed().ok().map(|d| d.as_secs()),
             ready: Some(checks.iter().all(|c| c.ok)),
@@ -99,7 +104,7 @@ impl StatusDoc {
                     .map(|ms| now.saturating_sub(ms) as f64 / 1000.0),
                 file_bytes: crate::admin::process::spool_file_bytes(path),
                 disk_free_bytes: crate::admin::process::disk_free_bytes(path),
-                max_bytes: Some(live.config.spool.max_bytes),
+                max_bytes: Some(config.spool.max_bytes),
             },
             brokers: live
                 .sources
@@ -114,7 +119,7 @@ impl StatusDoc {
                 })
                 .collect(),
             destinations: live
-                .shippers
+                .shippers()
                 .iter()
                 .map(|(name, s)| {
                     let last = s.last_success_ms.load(Relaxed);
@@ -156,6 +161,7 @@ impl StatusDoc {
             },
             brokers: Vec::new(),
             destinations: Vec::new(),
+            fleet: None,
         }
     }
 }
@@ -186,6 +192,25 @@ pub fn render(doc: &StatusDoc) -> String {
         }
         _ => {
             let _ = writeln!(s, "agent not running (figures read from the spool file)");
+        }
+    }
+    if let Some(f) = &doc.fleet {
+        let _ = writeln!(
+            s,
+            "fleet      applied version {} ({})  {}{}",
+            f.applied_version,
+            f.applied_target.as_deref().unwrap_or("local file"),
+            f.state,
+            f.pending_version
+                .map(|v| format!("  applying version {v}"))
+                .unwrap_or_default()
+        );
+        if let Some(e) = &f.last_error {
+            let v = f
+                .last_error_version
+                .map(|v| format!("version {v}: "))
+                .unwrap_or_default();
+            let _ = writeln!(s, "           last error: {v}{e}");
         }
     }
     for c in &doc.checks {

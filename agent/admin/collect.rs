@@ -18,10 +18,8 @@ fn now_secs() -> f64 {
 }
 
 /// The destination a route's records go to ("" for messages no route took).
-fn destination_of<'a>(live: &'a Live, route: &str) -> &'a str {
-    live.config
-        .route(route)
-        .map_or("", |r| r.destination.as_str())
+fn destination_of<'a>(config: &'a crate::config::Config, route: &str) -> &'a str {
+    config.route(route).map_or("", |r| r.destination.as_str())
 }
 
 pub fn render(live: &Live) -> String {
@@ -36,9 +34,10 @@ pub fn render(live: &Live) -> String {
 
 fn accounting(e: &mut Exposition, live: &Live) {
     let c = live.spool.stats().committed();
+    let config = live.config();
     let mut routes: Vec<&str> = c.counters.keys().map(|(r, _)| r.as_str()).collect();
     routes.extend(c.pending.keys().map(String::as_str));
-    routes.extend(live.config.routes.iter().map(|r| r.name.as_str()));
+    routes.extend(config.routes.iter().map(|r| r.name.as_str()));
     routes.sort_unstable();
     routes.dedup();
     for (name, counter, help) in [
@@ -57,7 +56,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         for route in &routes {
             let labels = [
                 ("route", *route),
-                ("destination", destination_of(live, route)),
+                ("destination", destination_of(&config, route)),
             ];
             e.sample(name, &labels, c.counter(route, counter));
         }
@@ -71,7 +70,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         if let Some(reason) = counter.strip_prefix("dropped_") {
             let labels = [
                 ("route", route.as_str()),
-                ("destination", destination_of(live, route)),
+                ("destination", destination_of(&config, route)),
                 ("reason", reason),
             ];
             e.sample("edgeship_records_dropped_total", &labels, *value);
@@ -86,7 +85,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         let pending = c.pending.get(*route).map_or(0, |p| p.0);
         let labels = [
             ("route", *route),
-            ("destination", destination_of(live, route)),
+            ("destination", destination_of(&config, route)),
         ];
         e.sample("edgeship_records_pending", &labels, pending);
     }
@@ -99,7 +98,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         let bytes = c.pending.get(*route).map_or(0, |p| p.1);
         let labels = [
             ("route", *route),
-            ("destination", destination_of(live, route)),
+            ("destination", destination_of(&config, route)),
         ];
         e.sample("edgeship_spool_pending_bytes", &labels, bytes);
     }
@@ -128,12 +127,12 @@ fn accounting(e: &mut Exposition, live: &Live) {
 
 fn spool(e: &mut Exposition, live: &Live) {
     let s = live.spool.stats();
-    let path = &live.config.spool.path;
+    let path = &live.config().spool.path;
     e.single(
         "edgeship_spool_max_bytes",
         Kind::Gauge,
         "Configured cap on spooled bytes; past it the full policy applies.",
-        live.config.spool.max_bytes,
+        live.config().spool.max_bytes,
     );
     if let Some(bytes) = process::spool_file_bytes(path) {
         e.single(
@@ -278,11 +277,11 @@ fn mqtt(e: &mut Exposition, live: &Live) {
 }
 
 fn destinations(e: &mut Exposition, live: &Live) {
-    let stream = |name: &str| match live.config.destinations.get(name) {
+    let stream = |name: &str| match live.config().destinations.get(name) {
         Some(DestinationConfig::Kinesis(k)) => k.stream.clone(),
         _ => String::new(),
     };
-    let kind = |name: &str| match live.config.destinations.get(name) {
+    let kind = |name: &str| match live.config().destinations.get(name) {
         Some(DestinationConfig::Kinesis(_)) => "kinesis",
         Some(DestinationConfig::Directory { .. }) => "directory",
         None => "",
@@ -292,7 +291,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Gauge,
         "Each destination's type and stream (always 1).",
     );
-    for (name, _) in &live.shippers {
+    for (name, _) in &live.shippers() {
         let s = stream(name);
         e.sample(
             "edgeship_destination_info",
@@ -359,7 +358,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
     ];
     for (name, kind, help, read) in families {
         e.family(name, kind, help);
-        for (dest, stats) in &live.shippers {
+        for (dest, stats) in &live.shippers() {
             e.sample(name, &[("destination", dest)], read(stats));
         }
     }
@@ -368,7 +367,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Counter,
         "Entries (frames) by outcome: accepted, throttled (the destination asked to slow down), failed (any other error).",
     );
-    for (dest, s) in &live.shippers {
+    for (dest, s) in &live.shippers() {
         let failed = s.entries_failed.load(Relaxed);
         let throttled = s.entries_throttled.load(Relaxed);
         for (outcome, n) in [
@@ -388,7 +387,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Counter,
         "Failed entries by error code (whole failed calls count each of their entries).",
     );
-    for (dest, s) in &live.shippers {
+    for (dest, s) in &live.shippers() {
         for (code, n) in s.errors() {
             e.sample(
                 "edgeship_destination_errors_total",
@@ -402,7 +401,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Gauge,
         "Sent bytes per uncompressed record byte, over the agent's life (0 before the first frame).",
     );
-    for (dest, s) in &live.shippers {
+    for (dest, s) in &live.shippers() {
         let raw = s.raw_bytes_accepted.load(Relaxed);
         let sent = s.bytes_accepted.load(Relaxed);
         let ratio = if raw == 0 {
@@ -421,7 +420,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Gauge,
         "When a call to the destination last succeeded entirely (0: never).",
     );
-    for (dest, s) in &live.shippers {
+    for (dest, s) in &live.shippers() {
         e.sample(
             "edgeship_destination_last_success_timestamp_seconds",
             &[("destination", dest)],
@@ -433,7 +432,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Kind::Histogram,
         "From a record's receipt to its destination accepting it, per record.",
     );
-    for (dest, s) in &live.shippers {
+    for (dest, s) in &live.shippers() {
         e.histogram(
             "edgeship_end_to_end_latency_seconds",
             &[("destination", dest)],
@@ -459,8 +458,8 @@ fn destinations(e: &mut Exposition, live: &Live) {
             |c| c.entries_accepted,
         ),
     ];
-    let shards: Vec<_> = live
-        .shippers
+    let shippers = live.shippers();
+    let shards: Vec<_> = shippers
         .iter()
         .map(|(dest, s)| (dest, stream(dest), s.shards()))
         .collect();

@@ -50,8 +50,8 @@ pub fn readiness(live: &Live) -> Vec<Check> {
         },
     });
     let pending = spool.pending_bytes.load(Relaxed);
-    let bound = live.config.spool.max_bytes / 2;
-    for (name, s) in &live.shippers {
+    let bound = live.config().spool.max_bytes / 2;
+    for (name, s) in &live.shippers() {
         let failing = s.failing.load(Relaxed);
         let ok = !failing || pending < bound;
         let detail = match (failing, ok) {

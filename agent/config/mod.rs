@@ -11,7 +11,7 @@ pub mod units;
 
 use crate::route::{KeyTemplate, TopicFilter};
 pub use raw::{FrameFormat, FullPolicy, MqttProtocol, SyncLevel};
-use raw::{RawConfig, RawDestination};
+use raw::{RawConfig, RawDestination, RawPushed};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
@@ -42,6 +42,33 @@ pub struct Config {
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub admin: AdminConfig,
     pub aws: AwsConfig,
+    /// `None`: no fleet config push; the local file is the whole config.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The fleet config push: signed documents on MQTT topics (and an optional local file) that
+/// replace the routes, destinations, batching and spool limits while the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// Ed25519 public keys whose signatures are accepted; more than one during a rotation.
+    pub keys: Vec<[u8; 32]>,
+    /// Groups this gateway belongs to; each has its own config topic.
+    pub groups: Vec<String>,
+    /// Config topics are `{prefix}/config/gateway/{gateway_id}` and
+    /// `{prefix}/config/group/{group}`; status goes to `{prefix}/status/{gateway_id}`.
+    pub topic_prefix: String,
+    /// Which `[[broker]]`'s connection settings the fleet channel uses.
+    pub broker: String,
+    /// The fleet channel's own MQTT client id (it is a second connection).
+    pub client_id: String,
+    /// A signed document read at start and on SIGHUP.
+    pub file: Option<PathBuf>,
+    /// Where the last known good document and the versions seen are kept.
+    pub state_dir: PathBuf,
+    /// How long an applied config has to show working connections before it is rolled back.
+    pub health_timeout: Duration,
+    /// How often the status document is published besides on every change.
+    pub status_interval: Duration,
 }
 
 /// Where AWS credentials come from: the standard chain (environment, profile, container,
@@ -87,7 +114,7 @@ pub struct AdminConfig {
 /// has no authentication.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9710";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     pub path: PathBuf,
     /// Cap on spooled (compressed) record bytes; past it `full_policy` applies.
@@ -102,7 +129,7 @@ pub struct SpoolConfig {
     pub commit_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchConfig {
     /// How long a partly filled frame may wait for more records before it is sent.
     pub linger: Duration,
@@ -165,13 +192,13 @@ pub struct RouteConfig {
     pub format: FrameFormat,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DestinationConfig {
     Kinesis(KinesisConfig),
     Directory { path: PathBuf },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KinesisConfig {
     pub stream: String,
     pub region: Option<String>,
@@ -214,8 +241,60 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let source = Source { text, file };
+        let source = Source::new(text, file);
         let raw: RawConfig = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+        validate(raw, &source)
+    }
+
+    /// The local file with a fleet document's sections in place of its own: `route`,
+    /// `destination`, `batch` and `shutdown_timeout` replace the local ones when present,
+    /// `[spool]` replaces the local limits (the file and sync level stay). Errors in those
+    /// sections name the document (`pushed_name`) and its line; the rest, the local file.
+    pub fn parse_layered(
+        base_text: &str,
+        base_file: &str,
+        pushed_text: &str,
+        pushed_name: &str,
+    ) -> Result<Config, ConfigError> {
+        let base = Source::new(base_text, base_file);
+        let mut raw: RawConfig = toml::from_str(base_text).map_err(|e| base.toml_error(&e))?;
+        let pushed_src = Source::new(pushed_text, pushed_name);
+        let pushed: RawPushed = toml::from_str(pushed_text).map_err(|e| {
+            let mut err = pushed_src.toml_error(&e);
+            if err.message.contains("unknown field") {
+                err.message.push_str(
+                    " (a fleet document sets route, destination, batch, spool limits and shutdown_timeout; brokers, gateway_id, admin, aws, fleet and the spool's path and sync stay in the local file)",
+                );
+            }
+            err
+        })?;
+        let mut sections = Vec::new();
+        if let Some(routes) = pushed.route {
+            raw.route = routes;
+            sections.push("route");
+        }
+        if let Some(destinations) = pushed.destination {
+            raw.destination = destinations;
+            sections.push("destination");
+        }
+        if let Some(batch) = pushed.batch {
+            raw.batch = batch;
+            sections.push("batch");
+        }
+        if let Some(limits) = pushed.spool {
+            raw.spool.max_bytes = limits.max_bytes;
+            raw.spool.full_policy = limits.full_policy;
+            raw.spool.max_dead_letters = limits.max_dead_letters;
+            raw.spool.commit_interval = limits.commit_interval;
+            sections.push("spool");
+        }
+        if let Some(t) = pushed.shutdown_timeout {
+            raw.shutdown_timeout = Some(t);
+        }
+        let source = Source {
+            overlay: Some((pushed_text, pushed_name, sections)),
+            ..base
+        };
         validate(raw, &source)
     }
 
@@ -227,11 +306,31 @@ impl Config {
 struct Source<'a> {
     text: &'a str,
     file: &'a str,
+    /// A fleet document layered over `text`, and the top-level sections it supplied: errors
+    /// in those sections point into it.
+    overlay: Option<(&'a str, &'a str, Vec<&'static str>)>,
 }
 
-impl Source<'_> {
-    fn line_col(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
+impl<'a> Source<'a> {
+    fn new(text: &'a str, file: &'a str) -> Source<'a> {
+        Source {
+            text,
+            file,
+            overlay: None,
+        }
+    }
+
+    /// The text and name a field's section came from.
+    fn origin(&self, field: &str) -> (&'a str, &'a str) {
+        let section = field.split(['.', ' ']).next().unwrap_or("");
+        match &self.overlay {
+            Some((text, file, sections)) if sections.contains(&section) => (text, file),
+            _ => (self.text, self.file),
+        }
+    }
+
+    fn line_col(text: &str, offset: usize) -> (usize, usize) {
+        let before = &text[..offset.min(text.len())];
         let line = before.matches('\n').count() + 1;
         let col = before
             .rfind('\n')
@@ -241,9 +340,10 @@ impl Source<'_> {
     }
 
     fn error_at(&self, span: Option<Range<usize>>, field: &str, message: String) -> ConfigError {
+        let (text, file) = self.origin(field);
         let location = span
             .map(|s| {
-                let (line, col) = self.line_col(s.start);
+                let (line, col) = Source::line_col(text, s.start);
                 format!(":{line}:{col}")
             })
             .unwrap_or_default();
@@ -253,7 +353,7 @@ impl Source<'_> {
             format!("field `{field}`: {message}")
         };
         ConfigError {
-            file: self.file.to_string(),
+            file: file.to_string(),
             location,
             message,
         }
@@ -690,7 +790,13 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         },
     };
 
+    let fleet = match raw.fleet {
+        Some(f) => Some(fleet_config(f, &gateway_id, &brokers, &spool, src)?),
+        None => None,
+    };
+
     Ok(Config {
+        fleet,
         aws,
         gateway_id,
         shutdown_timeout: raw
@@ -702,6 +808,111 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         routes,
         destinations,
         admin,
+    })
+}
+
+/// A topic level made of this text stays one level and matches no wildcard.
+fn is_topic_level(text: &str) -> bool {
+    !text.is_empty() && !text.contains(['/', '+', '#', '\0'])
+}
+
+fn fleet_config(
+    raw: toml::Spanned<raw::RawFleet>,
+    gateway_id: &str,
+    brokers: &[BrokerConfig],
+    spool: &SpoolConfig,
+    src: &Source,
+) -> Result<FleetConfig, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let keys_span = raw.keys.span();
+    let mut keys = Vec::new();
+    for k in raw.keys.into_inner() {
+        keys.push(
+            crate::fleet::document::parse_public_key(&k)
+                .map_err(|e| src.error_at(Some(keys_span.clone()), "fleet.keys", e))?,
+        );
+    }
+    if keys.is_empty() {
+        return Err(src.error_at(
+            Some(keys_span),
+            "fleet.keys",
+            "list at least one public key (edgeship fleet keygen prints one)".into(),
+        ));
+    }
+    let groups = raw.groups.unwrap_or_default();
+    if let Some(g) = groups.iter().find(|g| !is_topic_level(g)) {
+        return Err(src.error_at(
+            Some(span.clone()),
+            "fleet.groups",
+            format!("`{g}` must be a non-empty topic level (no '/', '+', '#')"),
+        ));
+    }
+    let topic_prefix = match raw.topic_prefix {
+        Some(p) => {
+            let text = p.get_ref().trim_end_matches('/').to_string();
+            if text.is_empty() || text.contains(['+', '#', '\0']) {
+                return Err(src.error_at(
+                    Some(p.span()),
+                    "fleet.topic_prefix",
+                    format!("`{}` must be a topic without wildcards", p.get_ref()),
+                ));
+            }
+            text
+        }
+        None => "edgeship".into(),
+    };
+    let broker = match raw.broker {
+        Some(b) => {
+            if !brokers.iter().any(|x| &x.name == b.get_ref()) {
+                let known: Vec<&str> = brokers.iter().map(|x| x.name.as_str()).collect();
+                return Err(src.error_at(
+                    Some(b.span()),
+                    "fleet.broker",
+                    format!(
+                        "no [[broker]] is named `{}` (defined: {known:?})",
+                        b.get_ref()
+                    ),
+                ));
+            }
+            b.into_inner()
+        }
+        None => brokers[0].name.clone(),
+    };
+    let base_client = &brokers
+        .iter()
+        .find(|b| b.name == broker)
+        .expect("checked above")
+        .client_id;
+    let state_dir = match raw.state_dir {
+        Some(d) => PathBuf::from(d),
+        None => spool
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    };
+    let health_timeout = raw.health_timeout.map_or(Duration::from_secs(30), |d| d.0);
+    if health_timeout < Duration::from_secs(1) {
+        return Err(src.error_at(
+            Some(span),
+            "fleet.health_timeout",
+            "must be at least 1s".into(),
+        ));
+    }
+    Ok(FleetConfig {
+        keys,
+        groups,
+        topic_prefix,
+        client_id: raw
+            .client_id
+            .map(|c| c.replace("{gateway}", gateway_id))
+            .unwrap_or_else(|| format!("{base_client}-fleet")),
+        broker,
+        file: raw.file.map(PathBuf::from),
+        state_dir,
+        health_timeout,
+        status_interval: raw.status_interval.map_or(Duration::from_secs(60), |d| d.0),
     })
 }
 
@@ -830,6 +1041,86 @@ stream = "s"
     #[test]
     fn embedded_default_config_is_valid() {
         Config::parse(DEFAULT_CONFIG, "default").expect("default config validates");
+    }
+
+    const BASE: &str = r#"
+gateway_id = "gw"
+[spool]
+path = "/var/lib/x/spool.db"
+max_bytes = "64MiB"
+[[broker]]
+name = "b"
+host = "h"
+[[route]]
+name = "t"
+topics = ["devices/+/telemetry"]
+destination = "d"
+[destination.d]
+type = "directory"
+path = "/tmp/x"
+[fleet]
+keys = ["ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]
+groups = ["plant"]
+"#;
+
+    #[test]
+    fn a_fleet_document_replaces_its_sections_and_keeps_the_local_ones() {
+        let pushed = r#"
+[spool]
+max_bytes = "128MiB"
+[[route]]
+name = "alerts"
+topics = ["alerts/#"]
+destination = "k"
+[destination.k]
+type = "kinesis"
+stream = "s"
+"#;
+        let c = Config::parse_layered(BASE, "local.toml", pushed, "doc v3").unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].name, "alerts");
+        assert!(c.destinations.contains_key("k") && !c.destinations.contains_key("d"));
+        assert_eq!(c.spool.max_bytes, 128 << 20);
+        assert_eq!(c.spool.path, PathBuf::from("/var/lib/x/spool.db"));
+        assert_eq!(c.gateway_id, "gw");
+        let fleet = c.fleet.unwrap();
+        assert_eq!(fleet.state_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(fleet.client_id, "edgeship-gw-fleet");
+        assert_eq!(fleet.groups, ["plant"]);
+        // Without a [batch] in the document, the local one stays.
+        assert_eq!(c.batch, Config::parse(BASE, "b").unwrap().batch);
+    }
+
+    #[test]
+    fn fleet_document_errors_name_the_document_and_its_line() {
+        let e = Config::parse_layered(BASE, "local.toml", "[spool]\npath = \"/x\"\n", "doc v3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("doc v3:2:1: field `path`: unknown field `path`"),
+            "{e}"
+        );
+        assert!(e.contains("stay in the local file"), "{e}");
+        let e = Config::parse_layered(
+            BASE,
+            "local.toml",
+            "[[route]]\nname = \"r\"\ntopics = [\"a\"]\ndestination = \"nowhere\"\n",
+            "doc v4",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("doc v4:4:15: field `route.destination`"),
+            "{e}"
+        );
+        let e = Config::parse(&BASE.replace("AAAA=", "AA="), "local.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local.toml:17:8: field `fleet.keys`"), "{e}");
+        let e = Config::parse(&format!("{BASE}broker = \"nope\"\n"), "local.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[broker]] is named `nope`"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,46 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub aws: RawAws,
+    pub fleet: Option<Spanned<RawFleet>>,
+}
+
+/// `[fleet]`: where signed config documents come from (local file only).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// Public keys allowed to sign config documents, `ed25519:<base64>`.
+    pub keys: Spanned<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub topic_prefix: Option<Spanned<String>>,
+    pub broker: Option<Spanned<String>>,
+    pub client_id: Option<String>,
+    pub file: Option<String>,
+    pub state_dir: Option<String>,
+    pub health_timeout: Option<HumanDuration>,
+    pub status_interval: Option<HumanDuration>,
+}
+
+/// What a fleet config document may set: the sections it names replace the local file's.
+/// Brokers, identity, credentials, the admin endpoint, the spool's file and the fleet keys stay
+/// local, so a pushed document can neither cut the gateway off nor change who may sign.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPushed {
+    pub shutdown_timeout: Option<HumanDuration>,
+    pub spool: Option<RawSpoolLimits>,
+    pub batch: Option<RawBatch>,
+    pub route: Option<Vec<RawRoute>>,
+    pub destination: Option<BTreeMap<String, Spanned<RawDestination>>>,
+}
+
+/// The spool settings a fleet document may change (not its file or sync level).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpoolLimits {
+    pub max_bytes: Option<ByteSize>,
+    pub full_policy: Option<FullPolicy>,
+    pub max_dead_letters: Option<u64>,
+    pub commit_interval: Option<HumanDuration>,
 }
 
 /// `[aws]`: how the agent gets AWS credentials (the standard chain unless a source is named).

@@ -24,6 +24,14 @@ impl DirectorySink {
         })
     }
 
+    /// Whether a frame can be written: a file created and removed in the folder.
+    pub async fn probe(&self) -> Result<(), String> {
+        let file = self.dir.join(".edgeship-probe");
+        std::fs::write(&file, b"")
+            .and_then(|()| std::fs::remove_file(&file))
+            .map_err(|e| format!("cannot write in {}: {e}", self.dir.display()))
+    }
+
     pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {

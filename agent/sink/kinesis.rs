@@ -128,6 +128,28 @@ impl KinesisSink {
         sink
     }
 
+    /// Whether the stream answers: DescribeStreamSummary, with the reason when it does not.
+    pub async fn probe(&self) -> Result<(), String> {
+        match self
+            .client
+            .describe_stream_summary()
+            .stream_name(&self.stream)
+            .send()
+            .await
+        {
+            Ok(out) => match out.stream_description_summary().map(|s| s.stream_status()) {
+                Some(aws_sdk_kinesis::types::StreamStatus::Deleting) => {
+                    Err(format!("stream {} is being deleted", self.stream))
+                }
+                _ => Ok(()),
+            },
+            Err(e) => Err(self
+                .sdk_error(e)
+                .message
+                .replace("PutRecords to", "DescribeStreamSummary of")),
+        }
+    }
+
     /// The open shards as last learned, if they are known yet.
     fn shard_map(&self) -> Option<Arc<ShardMap>> {
         self.shards

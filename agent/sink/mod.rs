@@ -137,6 +137,15 @@ impl Sink {
         }
     }
 
+    /// Whether the destination answers now (a read-only call), for the health check after a
+    /// config change.
+    pub async fn probe(&self) -> Result<(), String> {
+        match self {
+            Sink::Kinesis(k) => k.probe().await,
+            Sink::Directory(d) => d.probe().await,
+        }
+    }
+
     /// The kind of destination, for metric labels.
     pub fn kind(&self) -> &'static str {
         match self {

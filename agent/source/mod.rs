@@ -9,6 +9,13 @@ use crate::route::{KeyTemplate, TopicFilter};
 use crate::spool::Disposition;
 use std::sync::Arc;
 
+/// What a source follows while it runs: how to route, and which filters to subscribe to.
+/// Replaced as a whole when the config changes.
+pub struct SourcePlan {
+    pub router: Arc<Router>,
+    pub filters: Vec<(String, u8)>,
+}
+
 /// One route as the router needs it.
 struct Routed {
     name: Arc<str>,

@@ -17,7 +17,7 @@
 //! outstanding at once); what they hold is an ack token each, and the broker redelivers the
 //! unacked after a reconnect, so nothing is lost.
 
-use super::Router;
+use super::SourcePlan;
 use crate::config::{BrokerConfig, MqttProtocol};
 use crate::logging::Repeated;
 use crate::spool::{AckToken, AfterCommit, Disposition, Incoming, SpoolHandle};
@@ -45,6 +45,17 @@ pub struct SourceStats {
     /// Topic filters the broker granted in its last SUBACK, and filters it refused (ever).
     pub subscriptions: AtomicU64,
     pub subscriptions_refused: AtomicU64,
+    /// SUBSCRIBE packets sent on the current connection, and SUBACKs received for them: equal
+    /// once the broker granted (or refused) every filter asked for, e.g. after a config change.
+    pub subscribes_sent: AtomicU64,
+    pub subacks: AtomicU64,
+}
+
+impl SourceStats {
+    /// Whether every subscription asked for on this connection has been answered.
+    pub fn subscriptions_settled(&self) -> bool {
+        self.subacks.load(Ordering::Relaxed) >= self.subscribes_sent.load(Ordering::Relaxed)
+    }
 }
 
 /// A message or a session change, the same for both protocol versions.
@@ -241,6 +252,13 @@ impl Client {
         }
     }
 
+    fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
+
     async fn ack(&self, token: AckToken) -> Result<(), String> {
         match self {
             Client::V4(c) => {
@@ -275,12 +293,52 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs one broker session until `stop` turns true.
+/// Follows the plan's topic filters: subscribes to added ones and unsubscribes from removed
+/// ones, on the live session (the router was swapped before, so nothing new goes unrouted).
+fn reconcile_subscriptions(
+    name: String,
+    client: Arc<Client>,
+    mut plan: watch::Receiver<Arc<SourcePlan>>,
+    stats: Arc<SourceStats>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut current = plan.borrow_and_update().filters.clone();
+        while plan.changed().await.is_ok() {
+            let next = plan.borrow_and_update().filters.clone();
+            let added: Vec<(String, u8)> = next
+                .iter()
+                .filter(|f| !current.contains(f))
+                .cloned()
+                .collect();
+            let removed: Vec<&String> = current
+                .iter()
+                .filter(|(t, _)| !next.iter().any(|(n, _)| n == t))
+                .map(|(t, _)| t)
+                .collect();
+            if !added.is_empty() {
+                stats.subscribes_sent.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = client.subscribe(&added) {
+                    tracing::error!(broker = %name, error = %e, "cannot queue subscriptions");
+                }
+            }
+            for t in &removed {
+                if let Err(e) = client.unsubscribe(t) {
+                    tracing::error!(broker = %name, filter = %t, error = %e, "cannot queue an unsubscribe");
+                }
+            }
+            if !added.is_empty() || !removed.is_empty() {
+                tracing::info!(broker = %name, added = ?added, removed = ?removed, "subscriptions changed with the config");
+            }
+            current = next;
+        }
+    })
+}
+
+/// Runs one broker session until `stop` turns true, routing with the current `plan`.
 pub async fn run(
     config: BrokerConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-    filters: Vec<(String, u8)>,
-    router: Arc<Router>,
+    plan: watch::Receiver<Arc<SourcePlan>>,
     spool: SpoolHandle,
     stats: Arc<SourceStats>,
     mut stop: watch::Receiver<bool>,
@@ -302,6 +360,12 @@ pub async fn run(
             }
         })
     };
+    let reconciler = reconcile_subscriptions(
+        config.name.clone(),
+        client.clone(),
+        plan.clone(),
+        stats.clone(),
+    );
     let broker = format!("{}:{}", config.host, config.port);
     let mut errors = Repeated::new(Duration::from_secs(60));
     let mut unrouted = Repeated::new(Duration::from_secs(60));
@@ -321,6 +385,11 @@ pub async fn run(
                 retry.reset();
                 errors.recovered(|n| tracing::info!(broker = %config.name, address = %broker, after_errors = n, "reconnected"));
                 tracing::info!(broker = %config.name, address = %broker, session_present, "connected");
+                let filters = plan.borrow().filters.clone();
+                // A new connection: only this SUBSCRIBE is outstanding.
+                stats
+                    .subscribes_sent
+                    .store(stats.subacks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 if let Err(e) = client.subscribe(&filters) {
                     tracing::error!(broker = %config.name, error = %e, "cannot queue subscriptions");
                 }
@@ -340,6 +409,7 @@ pub async fn run(
                 stats
                     .payload_bytes
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                let router = plan.borrow().router.clone();
                 let disposition = router.classify(&topic, payload.len());
                 match &disposition {
                     Disposition::Dropped { reason, .. } => {
@@ -384,6 +454,7 @@ pub async fn run(
                 }
             }
             Ok(SessionEvent::SubAck { granted, refused }) => {
+                stats.subacks.fetch_add(1, Ordering::Relaxed);
                 stats.subscriptions.store(granted, Ordering::Relaxed);
                 tracing::info!(broker = %config.name, filters = granted, "subscribed");
                 if refused > 0 {
@@ -431,4 +502,5 @@ pub async fn run(
     .await;
     stats.connected.store(false, Ordering::Relaxed);
     acker.abort();
+    reconciler.abort();
 }

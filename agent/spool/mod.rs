@@ -94,6 +94,26 @@ pub struct Incoming {
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// The spool settings that may change while it runs (not its file or sync level).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpoolLimits {
+    pub max_bytes: u64,
+    pub full_policy: FullPolicy,
+    pub max_dead_letters: u64,
+    pub commit_interval: Duration,
+}
+
+impl SpoolLimits {
+    pub fn of(config: &SpoolConfig) -> SpoolLimits {
+        SpoolLimits {
+            max_bytes: config.max_bytes,
+            full_policy: config.full_policy,
+            max_dead_letters: config.max_dead_letters,
+            commit_interval: config.commit_interval,
+        }
+    }
+}
+
 enum Command {
     Append(Incoming),
     Lease {
@@ -115,6 +135,8 @@ enum Command {
     Accounting {
         reply: Reply<Accounting>,
     },
+    /// New limits from a config change; appends waiting for space are retried against them.
+    Limits(SpoolLimits),
     /// Commit what is queued and stop; parked appends stay unacked (the broker redelivers).
     Close,
 }
@@ -236,6 +258,13 @@ impl SpoolHandle {
 
     /// Asks the spool thread to commit what is queued and stop. Handles still held elsewhere
     /// get "spool stopped" errors from then on.
+    /// Applies new limits from the next turn on.
+    pub fn set_limits(&self, limits: SpoolLimits) -> Result<(), String> {
+        self.tx
+            .send(Command::Limits(limits))
+            .map_err(|_| "the spool has stopped".to_string())
+    }
+
     pub fn close(&self) {
         let _ = self.tx.send(Command::Close);
     }
@@ -359,6 +388,10 @@ impl Worker {
         while !closing {
             let mut appends: Vec<Incoming> = Vec::new();
             let mut deliveries = std::mem::take(&mut self.retry_deliveries);
+            // Blocks reported delivered but not yet deleted (that happens at this turn's
+            // commit): never listed or read again, or a shipper started meanwhile (a config
+            // change) would send them a second time.
+            let mut delivering: HashSet<i64> = deliveries.iter().copied().collect();
             // Wait for work; with parked appends, wake periodically to retry them.
             let first = if closing {
                 None
@@ -388,7 +421,10 @@ impl Worker {
                 taken += 1;
                 match cmd {
                     Command::Append(i) => appends.push(i),
-                    Command::Delivered { ids } => deliveries.extend(ids),
+                    Command::Delivered { ids } => {
+                        delivering.extend(ids.iter().copied());
+                        deliveries.extend(ids);
+                    }
                     Command::Release { ids } => {
                         for id in ids {
                             self.in_flight.remove(&id);
@@ -402,15 +438,23 @@ impl Worker {
                     } => {
                         let r = self
                             .store
-                            .list_blocks(after, &routes, limit)
+                            .list_blocks(after, &routes, limit, &delivering)
                             .map_err(|e| e.to_string());
                         let _ = reply.send(r);
                     }
-                    Command::Read { ids, reply } => {
+                    Command::Read { mut ids, reply } => {
+                        ids.retain(|id| !delivering.contains(id));
                         let _ = reply.send(self.read_blocks(&ids));
                     }
                     // Answered after this turn's writes, so it sees the commands sent before it.
                     Command::Accounting { reply } => accounting_replies.push(reply),
+                    Command::Limits(l) => {
+                        tracing::info!(max_bytes = l.max_bytes, policy = ?l.full_policy, "spool limits changed");
+                        self.max_bytes = l.max_bytes;
+                        self.policy = l.full_policy;
+                        self.max_dead_letters = l.max_dead_letters;
+                        self.commit_interval = l.commit_interval;
+                    }
                     Command::Close => closing = true,
                 }
                 if taken < MAX_GROUP && !closing {

@@ -582,6 +582,7 @@ impl Store {
         after: i64,
         routes: &[String],
         limit: usize,
+        skip: &std::collections::HashSet<i64>,
     ) -> Result<Vec<BlockMeta>, SpoolError> {
         let mut stmt = self
             .conn
@@ -602,7 +603,7 @@ impl Store {
                 let meta = row.map_err(|e| self.err(e))?;
                 seen += 1;
                 cursor = meta.id;
-                if routes.contains(&meta.route) {
+                if routes.contains(&meta.route) && !skip.contains(&meta.id) {
                     out.push(meta);
                     if out.len() >= limit {
                         break 'scan;
@@ -925,7 +926,7 @@ mod tests {
         assert_eq!(acc.dropped_by_reason["spool_full"], 2);
         assert!(acc.balances());
         assert!(s
-            .list_blocks(0, &["r".into()], 10)
+            .list_blocks(0, &["r".into()], 10, &Default::default())
             .unwrap()
             .iter()
             .all(|m| m.id != b.id));

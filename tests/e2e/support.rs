@@ -190,6 +190,8 @@ pub fn kinesis() -> &'static KinesisMock {
             .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
             .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
             .env("CREATE_STREAM_DURATION", "0ms")
+            // One emulator serves every test's streams; its default account limit is 50 shards.
+            .env("SHARD_LIMIT", "1000")
             .env("LOG_LEVEL", "WARN")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

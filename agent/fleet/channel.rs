@@ -1,0 +1,157 @@
+//! The fleet channel: a second, small MQTT connection (MQTT 3.1.1, clean session) to the broker
+//! `[fleet] broker` names, subscribed to this gateway's config topics, and publishing its status
+//! document (retained). It is separate from the data sessions so that a config change, a
+//! saturated data connection or a broken route can never cut a gateway off from the next push.
+//!
+//! It only moves bytes: it never verifies or applies a document ([`super`] does).
+
+use super::document::Target;
+use crate::config::{BrokerConfig, FleetConfig};
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The topics of one gateway.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub gateway: String,
+    pub groups: Vec<(String, String)>,
+    pub status: String,
+}
+
+impl Topics {
+    pub fn new(fleet: &FleetConfig, gateway_id: &str) -> Topics {
+        let p = &fleet.topic_prefix;
+        Topics {
+            gateway: config_topic(p, &Target::Gateway(gateway_id.into())),
+            groups: fleet
+                .groups
+                .iter()
+                .map(|g| (g.clone(), config_topic(p, &Target::Group(g.clone()))))
+                .collect(),
+            status: status_topic(p, gateway_id),
+        }
+    }
+
+    /// Which target a config topic belongs to.
+    fn target_of(&self, topic: &str, gateway_id: &str) -> Option<Target> {
+        if topic == self.gateway {
+            return Some(Target::Gateway(gateway_id.into()));
+        }
+        self.groups
+            .iter()
+            .find(|(_, t)| t == topic)
+            .map(|(g, _)| Target::Group(g.clone()))
+    }
+}
+
+/// Where documents for `target` are published (retained).
+pub fn config_topic(prefix: &str, target: &Target) -> String {
+    match target {
+        Target::Gateway(g) => format!("{prefix}/config/gateway/{g}"),
+        Target::Group(g) => format!("{prefix}/config/group/{g}"),
+    }
+}
+
+pub fn status_topic(prefix: &str, gateway_id: &str) -> String {
+    format!("{prefix}/status/{gateway_id}")
+}
+
+/// What the channel hands to the controller.
+pub enum Event {
+    /// (Re)connected and subscribed: time to publish the status.
+    Connected,
+    /// A retained or new message on a config topic (empty: the document was cleared).
+    Document { target: Target, payload: Bytes },
+}
+
+/// MQTT options for a short-lived or control connection with the broker's address, login and
+/// TLS settings.
+pub fn options(
+    broker: &BrokerConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    client_id: &str,
+) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+    o.set_keep_alive(broker.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(2 << 20, 2 << 20);
+    if let Some(user) = &broker.username {
+        o.set_credentials(user, broker.password.clone().unwrap_or_default());
+    }
+    if let Some(t) = tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(t),
+        ));
+    }
+    o
+}
+
+/// Starts the channel; events arrive on the returned receiver, statuses go out through the
+/// returned client.
+pub fn start(
+    broker: &BrokerConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    fleet: &FleetConfig,
+    gateway_id: &str,
+) -> (rumqttc::AsyncClient, mpsc::Receiver<Event>, Topics) {
+    let topics = Topics::new(fleet, gateway_id);
+    let (client, mut events) =
+        rumqttc::AsyncClient::new(options(broker, tls, &fleet.client_id), 16);
+    let (tx, rx) = mpsc::channel(16);
+    let sub = client.clone();
+    let t = topics.clone();
+    let gateway = gateway_id.to_string();
+    let name = broker.name.clone();
+    tokio::spawn(async move {
+        use rumqttc::{Event as E, Packet};
+        let mut errors = crate::logging::Repeated::new(Duration::from_secs(60));
+        let mut retry =
+            crate::shipper::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            match events.poll().await {
+                Ok(E::Incoming(Packet::ConnAck(_))) => {
+                    retry.reset();
+                    let mut filters = vec![rumqttc::SubscribeFilter::new(
+                        t.gateway.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                    )];
+                    filters.extend(t.groups.iter().map(|(_, topic)| {
+                        rumqttc::SubscribeFilter::new(topic.clone(), rumqttc::QoS::AtLeastOnce)
+                    }));
+                    if let Err(e) = sub.try_subscribe_many(filters) {
+                        tracing::error!(error = %e, "fleet channel: cannot subscribe");
+                    }
+                    tracing::info!(broker = %name, gateway_topic = %t.gateway, groups = t.groups.len(), "fleet channel open");
+                    if tx.send(Event::Connected).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(E::Incoming(Packet::Publish(p))) => {
+                    let Some(target) = t.target_of(&p.topic, &gateway) else {
+                        continue;
+                    };
+                    if tx
+                        .send(Event::Document {
+                            target,
+                            payload: p.payload,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(repeats) = errors.should_log() {
+                        tracing::warn!(broker = %name, error = %e, repeats, "fleet channel: connection failed; retrying");
+                    }
+                    tokio::time::sleep(retry.next_delay()).await;
+                }
+            }
+        }
+    });
+    (client, rx, topics)
+}

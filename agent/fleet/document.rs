@@ -1,0 +1,282 @@
+//! Signed config documents: the envelope that travels over MQTT or sits in a file, Ed25519
+//! signing and verification, and the text forms of the keys.
+//!
+//! The envelope carries the body as a string and the signature covers exactly its bytes, so no
+//! JSON canonicalisation is involved. Ed25519 comes from `ring`, already in the binary under
+//! rustls, so signing adds no dependency.
+//!
+//! This module never hands out a body whose signature it has not checked against a pinned key,
+//! and never decides whether a version may be applied (that is [`super`]'s policy).
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+
+/// Format number of the envelope (`"edgeship_config": 1`).
+pub const FORMAT: u32 = 1;
+/// Largest document accepted (the config text inside is far smaller in practice).
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+const PUBLIC_PREFIX: &str = "ed25519:";
+const PRIVATE_PREFIX: &str = "ed25519-pkcs8:";
+
+/// What is published (retained) on a config topic or written to the local file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub edgeship_config: u32,
+    /// The JSON text of a [`Body`], signed as these exact bytes.
+    pub body: String,
+    /// Base64 Ed25519 signature of `body`.
+    pub signature: String,
+    /// The public key that signed (`ed25519:...`), so an operator can tell which one.
+    pub key: String,
+}
+
+/// What the operator signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Body {
+    /// Must grow with every document; a gateway never applies one not newer than it has seen.
+    pub version: u64,
+    /// Who the document is for: `gateway:<id>` or `group:<name>`.
+    pub target: Target,
+    /// Unix seconds when it was signed (informational).
+    pub issued_at: u64,
+    /// TOML: the sections of the config the fleet sets (routes, destinations, batch, spool
+    /// limits, shutdown_timeout).
+    pub config: String,
+}
+
+/// A gateway or a group of gateways.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Gateway(String),
+    Group(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Gateway(g) => write!(f, "gateway:{g}"),
+            Target::Group(g) => write!(f, "group:{g}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        let level_ok = |t: &str| !t.is_empty() && !t.contains(['/', '+', '#', '\0']);
+        match s.split_once(':') {
+            Some(("gateway", g)) if level_ok(g) => Ok(Target::Gateway(g.into())),
+            Some(("group", g)) if level_ok(g) => Ok(Target::Group(g.into())),
+            _ => Err(format!(
+                "`{s}` is not a target: write gateway:<gateway_id> or group:<group> (one topic level each)"
+            )),
+        }
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Target, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A document whose signature checked out against one of the pinned keys.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub body: Body,
+    /// The envelope as received, to persist as the last known good document.
+    pub envelope: String,
+}
+
+/// Why a document was not accepted as authentic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    #[error("not a config document: {0}")]
+    Malformed(String),
+    #[error("bad signature: no pinned fleet key signed this document (it names key {0})")]
+    Signature(String),
+}
+
+/// `ed25519:<base64 of 32 bytes>` to the key's bytes.
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+    let b64 = text
+        .strip_prefix(PUBLIC_PREFIX)
+        .ok_or_else(|| format!("`{text}` is not a public key: expected {PUBLIC_PREFIX}<base64>"))?;
+    let bytes = B64
+        .decode(b64.trim())
+        .map_err(|e| format!("public key `{text}`: not base64 ({e})"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!(
+            "public key `{text}`: {} bytes, an Ed25519 key has 32",
+            bytes.len()
+        )
+    })
+}
+
+pub fn public_key_text(key: &[u8; 32]) -> String {
+    format!("{PUBLIC_PREFIX}{}", B64.encode(key))
+}
+
+/// A new signing key: the private key file's text and the public key's text.
+pub fn generate_key() -> Result<(String, String), String> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| "generating a key failed")?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| "reading the new key")?;
+    let public: [u8; 32] = pair
+        .public_key()
+        .as_ref()
+        .try_into()
+        .map_err(|_| "public key length")?;
+    Ok((
+        format!("{PRIVATE_PREFIX}{}\n", B64.encode(pkcs8.as_ref())),
+        public_key_text(&public),
+    ))
+}
+
+/// Reads a private key file written by [`generate_key`].
+pub fn read_private_key(path: &Path) -> Result<Ed25519KeyPair, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the signing key {}: {e}", path.display()))?;
+    let b64 = text.trim().strip_prefix(PRIVATE_PREFIX).ok_or_else(|| {
+        format!(
+            "{} is not an edgeship signing key (edgeship fleet keygen writes one)",
+            path.display()
+        )
+    })?;
+    let der = B64
+        .decode(b64)
+        .map_err(|e| format!("signing key {}: not base64 ({e})", path.display()))?;
+    Ed25519KeyPair::from_pkcs8(&der)
+        .map_err(|e| format!("signing key {}: not an Ed25519 key ({e})", path.display()))
+}
+
+/// Signs `body`; the envelope's JSON text.
+pub fn sign(body: &Body, key: &Ed25519KeyPair) -> String {
+    let body_text = serde_json::to_string(body).expect("a body serialises");
+    let signature = key.sign(body_text.as_bytes());
+    let public: [u8; 32] = key.public_key().as_ref().try_into().expect("32-byte key");
+    let envelope = Envelope {
+        edgeship_config: FORMAT,
+        body: body_text,
+        signature: B64.encode(signature.as_ref()),
+        key: public_key_text(&public),
+    };
+    serde_json::to_string_pretty(&envelope).expect("an envelope serialises") + "\n"
+}
+
+/// Parses an envelope and checks its signature against `keys`, then reads the body.
+pub fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(DocError::Malformed(format!(
+            "{} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit",
+            bytes.len()
+        )));
+    }
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| DocError::Malformed("not UTF-8 text".into()))?;
+    let envelope: Envelope =
+        serde_json::from_str(text).map_err(|e| DocError::Malformed(e.to_string()))?;
+    if envelope.edgeship_config != FORMAT {
+        return Err(DocError::Malformed(format!(
+            "format {} (this agent reads format {FORMAT})",
+            envelope.edgeship_config
+        )));
+    }
+    let signature = B64
+        .decode(envelope.signature.trim())
+        .map_err(|_| DocError::Signature(envelope.key.clone()))?;
+    let signed = keys.iter().any(|k| {
+        UnparsedPublicKey::new(&ED25519, k)
+            .verify(envelope.body.as_bytes(), &signature)
+            .is_ok()
+    });
+    if !signed {
+        return Err(DocError::Signature(envelope.key));
+    }
+    let body: Body = serde_json::from_str(&envelope.body)
+        .map_err(|e| DocError::Malformed(format!("signed body: {e}")))?;
+    Ok(Verified {
+        body,
+        envelope: text.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> (Ed25519KeyPair, [u8; 32]) {
+        let (private, public) = generate_key().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, private).unwrap();
+        (
+            read_private_key(&path).unwrap(),
+            parse_public_key(&public).unwrap(),
+        )
+    }
+
+    fn body() -> Body {
+        Body {
+            version: 7,
+            target: "group:plant-a".parse().unwrap(),
+            issued_at: 1,
+            config: "[batch]\nlinger = \"2s\"\n".into(),
+        }
+    }
+
+    #[test]
+    fn signed_documents_verify_with_any_pinned_key_and_nothing_else() {
+        let (k1, p1) = key();
+        let (_, p2) = key();
+        let doc = sign(&body(), &k1);
+        assert_eq!(verify(doc.as_bytes(), &[p2, p1]).unwrap().body, body());
+        assert!(matches!(
+            verify(doc.as_bytes(), &[p2]),
+            Err(DocError::Signature(_))
+        ));
+        // Any change to the signed body breaks the signature.
+        let mut env: Envelope = serde_json::from_str(&doc).unwrap();
+        env.body = env.body.replace("\\\"2s\\\"", "\\\"3s\\\"");
+        assert!(env.body.contains("3s"));
+        let tampered = serde_json::to_string(&env).unwrap();
+        assert!(matches!(
+            verify(tampered.as_bytes(), &[p1]),
+            Err(DocError::Signature(_))
+        ));
+        assert!(matches!(
+            verify(b"{\"edgeship_config\":1}", &[p1]),
+            Err(DocError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn keys_and_targets_have_clear_text_forms() {
+        assert!(parse_public_key("ssh-ed25519 AAAA")
+            .unwrap_err()
+            .contains("expected ed25519:"));
+        assert!(parse_public_key("ed25519:AAAA")
+            .unwrap_err()
+            .contains("3 bytes"));
+        assert_eq!(
+            "gateway:gw-1".parse::<Target>().unwrap(),
+            Target::Gateway("gw-1".into())
+        );
+        assert!("group:a/b".parse::<Target>().is_err());
+        assert!("gw-1".parse::<Target>().is_err());
+    }
+}

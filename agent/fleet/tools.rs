@@ -1,0 +1,298 @@
+//! The operator's side of the fleet push: make a signing key, sign a config document, publish
+//! it (retained) for a gateway or a group, and collect the gateways' status documents.
+//!
+//! These run on the operator's machine, not on gateways; they never need the agent running.
+
+use super::channel::{config_topic, status_topic};
+use super::document::{self, Body, Target};
+use super::Report;
+use crate::config::TlsConfig;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How to reach the broker the gateways' fleet channels use.
+#[derive(Debug, Clone)]
+pub struct BrokerArgs {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `Some` connects over TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+impl BrokerArgs {
+    /// `host`, `host:port` or `[v6]:port`; the port defaults to 1883 (8883 with TLS).
+    pub fn parse(address: &str, tls: Option<TlsConfig>) -> Result<BrokerArgs, String> {
+        let default_port = if tls.is_some() { 8883 } else { 1883 };
+        let (host, port) = match address.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && !p.contains(']') => (
+                h.trim_matches(|c| c == '[' || c == ']').to_string(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("`{address}`: `{p}` is not a port"))?,
+            ),
+            _ => (address.to_string(), default_port),
+        };
+        Ok(BrokerArgs {
+            host,
+            port,
+            username: None,
+            password: None,
+            tls,
+        })
+    }
+
+    fn options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, String> {
+        let mut o = rumqttc::MqttOptions::new(client_id, &self.host, self.port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(2 << 20, 2 << 20);
+        if let Some(user) = &self.username {
+            o.set_credentials(user, self.password.clone().unwrap_or_default());
+        }
+        if let Some(t) = &self.tls {
+            let config = crate::tls::client_config(t).map_err(|e| e.to_string())?;
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
+        Ok(o)
+    }
+}
+
+fn client_id(what: &str) -> String {
+    format!("edgeship-fleet-{what}-{}", std::process::id())
+}
+
+/// Writes a new private key to `out` (mode 0600, never over an existing file) and its public
+/// key to `out.pub`; returns the public key's text for `[fleet] keys`.
+pub fn keygen(out: &Path) -> Result<String, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (private, public) = document::generate_key()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    f.write_all(private.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    let public_file = PathBuf::from(format!("{}.pub", out.display()));
+    std::fs::write(&public_file, format!("{public}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", public_file.display()))?;
+    Ok(public)
+}
+
+/// A minimal local file to check a document against when the operator gives none: one broker,
+/// and a route and destination that a document without its own replace.
+const CHECK_BASE: &str = r#"
+[[broker]]
+host = "localhost"
+[[route]]
+name = "edgeship-check"
+topics = ["edgeship-check"]
+destination = "edgeship-check"
+[destination.edgeship-check]
+type = "directory"
+path = "/nonexistent"
+"#;
+
+/// Signs a config file for `target`: checks it as a gateway would (over `base`, a gateway's
+/// local file, when given), then returns the envelope's text.
+pub fn sign(
+    config: &Path,
+    key: &Path,
+    target: Target,
+    version: Option<u64>,
+    base: Option<&Path>,
+) -> Result<(String, u64), String> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let (base_text, base_name) = match base {
+        Some(b) => (
+            std::fs::read_to_string(b).map_err(|e| format!("cannot read {}: {e}", b.display()))?,
+            b.display().to_string(),
+        ),
+        None => (CHECK_BASE.to_string(), "(no --base)".to_string()),
+    };
+    crate::config::Config::parse_layered(
+        &base_text,
+        &base_name,
+        &text,
+        &config.display().to_string(),
+    )
+    .map_err(|e| e.to_string())?;
+    let key = document::read_private_key(key)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let version = version.unwrap_or(now);
+    if version == 0 {
+        return Err("version 0 is the local file's; use 1 or more".into());
+    }
+    let body = Body {
+        version,
+        target,
+        issued_at: now,
+        config: text,
+    };
+    Ok((document::sign(&body, &key), version))
+}
+
+/// Publishes `payload` retained on `topic` with QoS 1 and waits for the broker's PUBACK.
+async fn publish_retained(
+    broker: &BrokerArgs,
+    topic: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<(), String> {
+    use rumqttc::{Event, Packet};
+    let (client, mut events) = rumqttc::AsyncClient::new(broker.options(&client_id("push"))?, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no PUBACK from {}:{} in {timeout:?}",
+                    broker.host, broker.port
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("broker {}:{}: {e}", broker.host, broker.port)),
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Publishes a signed document on its target's topic (`expect`, if given, must be that
+/// target); returns the topic and version.
+pub async fn push(
+    doc: &Path,
+    expect: Option<&Target>,
+    broker: &BrokerArgs,
+    prefix: &str,
+) -> Result<(String, u64), String> {
+    let bytes = std::fs::read(doc).map_err(|e| format!("cannot read {}: {e}", doc.display()))?;
+    let env: document::Envelope = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not a signed config document ({e})", doc.display()))?;
+    let body: Body = serde_json::from_str(&env.body)
+        .map_err(|e| format!("{}: unreadable body ({e})", doc.display()))?;
+    if let Some(t) = expect {
+        if *t != body.target {
+            return Err(format!(
+                "{} is signed for {}, not {t}; gateways would refuse it (sign it again with --target {t})",
+                doc.display(),
+                body.target
+            ));
+        }
+    }
+    let topic = config_topic(prefix, &body.target);
+    publish_retained(broker, &topic, bytes, Duration::from_secs(10)).await?;
+    Ok((topic, body.version))
+}
+
+/// Removes the retained document of `target` (gateways then fall back to their groups').
+pub async fn clear(target: &Target, broker: &BrokerArgs, prefix: &str) -> Result<String, String> {
+    let topic = config_topic(prefix, target);
+    publish_retained(broker, &topic, Vec::new(), Duration::from_secs(10)).await?;
+    Ok(topic)
+}
+
+/// Collects the status documents published under `prefix` for `wait` after subscribing.
+pub async fn collect_status(
+    broker: &BrokerArgs,
+    prefix: &str,
+    wait: Duration,
+) -> Result<BTreeMap<String, Report>, String> {
+    use rumqttc::{Event, Packet};
+    let (client, mut events) = rumqttc::AsyncClient::new(broker.options(&client_id("status"))?, 10);
+    client
+        .subscribe(status_topic(prefix, "+"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reports = BTreeMap::new();
+    let connect_deadline = Instant::now() + Duration::from_secs(10);
+    let mut until: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = until.unwrap_or_else(|| connect_deadline.into());
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) if until.is_some() => break,
+            Err(_) => {
+                return Err(format!(
+                    "no answer from {}:{} in 10s",
+                    broker.host, broker.port
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("broker {}:{}: {e}", broker.host, broker.port)),
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                until = Some(tokio::time::Instant::now() + wait);
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let gateway = p.topic.rsplit('/').next().unwrap_or("").to_string();
+                match serde_json::from_slice::<Report>(&p.payload) {
+                    Ok(r) => {
+                        reports.insert(gateway, r);
+                    }
+                    Err(e) if !p.payload.is_empty() => {
+                        eprintln!(
+                            "edgeship fleet status: {}: unreadable status ({e})",
+                            p.topic
+                        )
+                    }
+                    Err(_) => {}
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(reports)
+}
+
+/// One line per gateway.
+pub fn render_status(reports: &BTreeMap<String, Report>, now: u64) -> String {
+    let mut out = format!(
+        "{:<24} {:>12} {:>12} {:<12} {:>10} {:>8}  {}\n",
+        "GATEWAY", "VERSION", "PENDING", "STATE", "BACKLOG", "AGE", "LAST ERROR"
+    );
+    for (gw, r) in reports {
+        let error = r
+            .last_error
+            .as_deref()
+            .map(|e| {
+                let v = r
+                    .last_error_version
+                    .map(|v| format!("v{v}: "))
+                    .unwrap_or_default();
+                format!("{v}{e}")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<24} {:>12} {:>12} {:<12} {:>10} {:>7}s  {}\n",
+            gw,
+            r.applied_version,
+            r.pending_version
+                .map(|v| v.to_string())
+                .unwrap_or("-".into()),
+            r.state,
+            r.spool_pending_records,
+            now.saturating_sub(r.updated_at),
+            error
+        ));
+    }
+    out.push_str(&format!("{} gateway(s) answered\n", reports.len()));
+    out
+}
