@@ -69,6 +69,16 @@ pub struct FleetConfig {
     pub health_timeout: Duration,
     /// How often the status document is published besides on every change.
     pub status_interval: Duration,
+    /// Also take documents from an AWS IoT named shadow (desired) and report to it.
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// An AWS IoT Device Shadow carrying the fleet document: `state.desired.edgeship` holds the
+/// signed envelope; the agent reports the applied one and its status under `state.reported`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowConfig {
+    pub thing_name: String,
+    pub name: String,
 }
 
 /// Where AWS credentials come from: the standard chain (environment, profile, container,
@@ -895,7 +905,7 @@ fn fleet_config(
     let health_timeout = raw.health_timeout.map_or(Duration::from_secs(30), |d| d.0);
     if health_timeout < Duration::from_secs(1) {
         return Err(src.error_at(
-            Some(span),
+            Some(span.clone()),
             "fleet.health_timeout",
             "must be at least 1s".into(),
         ));
@@ -913,6 +923,23 @@ fn fleet_config(
         state_dir,
         health_timeout,
         status_interval: raw.status_interval.map_or(Duration::from_secs(60), |d| d.0),
+        shadow: match raw.shadow {
+            Some(sh) => {
+                let shadow = ShadowConfig {
+                    thing_name: sh.thing_name.unwrap_or_else(|| gateway_id.to_string()),
+                    name: sh.name.unwrap_or_else(|| "edgeship".into()),
+                };
+                if !is_topic_level(&shadow.thing_name) || !is_topic_level(&shadow.name) {
+                    return Err(src.error_at(
+                        Some(span),
+                        "fleet.shadow",
+                        "thing_name and name must be single topic levels (no '/', '+', '#')".into(),
+                    ));
+                }
+                Some(shadow)
+            }
+            None => None,
+        },
     })
 }
 

@@ -45,6 +45,15 @@ pub struct RawFleet {
     pub state_dir: Option<String>,
     pub health_timeout: Option<HumanDuration>,
     pub status_interval: Option<HumanDuration>,
+    pub shadow: Option<RawShadow>,
+}
+
+/// `[fleet.shadow]`: the same documents through an AWS IoT named shadow.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    pub name: Option<String>,
+    pub thing_name: Option<String>,
 }
 
 /// What a fleet config document may set: the sections it names replace the local file's.

@@ -6,7 +6,7 @@
 //! It only moves bytes: it never verifies or applies a document ([`super`] does).
 
 use super::document::Target;
-use crate::config::{BrokerConfig, FleetConfig};
+use crate::config::{BrokerConfig, FleetConfig, ShadowConfig};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,43 @@ pub struct Topics {
     pub gateway: String,
     pub groups: Vec<(String, String)>,
     pub status: String,
+    pub shadow: Option<ShadowTopics>,
+}
+
+/// A named AWS IoT shadow's reserved topics (as AWS documents them).
+#[derive(Debug, Clone)]
+pub struct ShadowTopics {
+    pub get: String,
+    pub get_accepted: String,
+    pub delta: String,
+    pub update: String,
+}
+
+impl ShadowTopics {
+    pub fn new(shadow: &ShadowConfig) -> ShadowTopics {
+        let base = format!(
+            "$aws/things/{}/shadow/name/{}",
+            shadow.thing_name, shadow.name
+        );
+        ShadowTopics {
+            get: format!("{base}/get"),
+            get_accepted: format!("{base}/get/accepted"),
+            delta: format!("{base}/update/delta"),
+            update: format!("{base}/update"),
+        }
+    }
+}
+
+/// The key under `state.desired` (and `state.reported`) that holds the signed document.
+pub const SHADOW_KEY: &str = "edgeship";
+/// The key under `state.reported` that holds the status document.
+pub const SHADOW_STATUS_KEY: &str = "edgeship_status";
+
+/// The signed document in a shadow's full state (a `get/accepted` answer), if it has one.
+fn desired_document(shadow: &[u8]) -> Option<Vec<u8>> {
+    let v: serde_json::Value = serde_json::from_slice(shadow).ok()?;
+    let doc = v.get("state")?.get("desired")?.get(SHADOW_KEY)?;
+    (!doc.is_null()).then(|| serde_json::to_vec(doc).expect("a JSON value serialises"))
 }
 
 impl Topics {
@@ -31,6 +68,7 @@ impl Topics {
                 .map(|g| (g.clone(), config_topic(p, &Target::Group(g.clone()))))
                 .collect(),
             status: status_topic(p, gateway_id),
+            shadow: fleet.shadow.as_ref().map(ShadowTopics::new),
         }
     }
 
@@ -120,8 +158,20 @@ pub fn start(
                     filters.extend(t.groups.iter().map(|(_, topic)| {
                         rumqttc::SubscribeFilter::new(topic.clone(), rumqttc::QoS::AtLeastOnce)
                     }));
+                    if let Some(sh) = &t.shadow {
+                        for topic in [&sh.get_accepted, &sh.delta] {
+                            filters.push(rumqttc::SubscribeFilter::new(
+                                topic.clone(),
+                                rumqttc::QoS::AtLeastOnce,
+                            ));
+                        }
+                    }
                     if let Err(e) = sub.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "fleet channel: cannot subscribe");
+                    }
+                    // The shadow's state as it is now (its answer comes on get/accepted).
+                    if let Some(sh) = &t.shadow {
+                        let _ = sub.try_publish(&sh.get, rumqttc::QoS::AtLeastOnce, false, "{}");
                     }
                     tracing::info!(broker = %name, gateway_topic = %t.gateway, groups = t.groups.len(), "fleet channel open");
                     if tx.send(Event::Connected).await.is_err() {
@@ -129,6 +179,26 @@ pub fn start(
                     }
                 }
                 Ok(E::Incoming(Packet::Publish(p))) => {
+                    if let Some(sh) = &t.shadow {
+                        // A delta carries only what changed: ask for the whole document.
+                        if p.topic == sh.delta {
+                            let _ =
+                                sub.try_publish(&sh.get, rumqttc::QoS::AtLeastOnce, false, "{}");
+                            continue;
+                        }
+                        if p.topic == sh.get_accepted {
+                            if let Some(doc) = desired_document(&p.payload) {
+                                let event = Event::Document {
+                                    target: Target::Gateway(gateway.clone()),
+                                    payload: doc.into(),
+                                };
+                                if tx.send(event).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                    }
                     let Some(target) = t.target_of(&p.topic, &gateway) else {
                         continue;
                     };

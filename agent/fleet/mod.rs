@@ -167,14 +167,20 @@ struct Controller {
     live: Live,
     control: mpsc::Sender<Control>,
     report: Report,
-    /// The fleet channel's client and this gateway's status topic.
+    /// The fleet channel's client and this gateway's topics.
     client: rumqttc::AsyncClient,
-    status_topic: String,
+    topics: channel::Topics,
 }
 
 impl Controller {
-    /// Refreshes the report's figures, hands it to `/status`, and publishes it (retained).
+    /// Refreshes the report's figures, hands it to `/status`, and publishes it (retained);
+    /// also to the shadow unless this is only the periodic refresh (each shadow update costs
+    /// the operator messages).
     fn publish_report(&mut self) {
+        self.publish_report_to(true);
+    }
+
+    fn publish_report_to(&mut self, shadow: bool) {
         let s = self.live.spool.stats();
         self.report.spool_pending_records = s.pending_records.load(Relaxed);
         self.report.spool_pending_bytes = s.pending_bytes.load(Relaxed);
@@ -183,9 +189,31 @@ impl Controller {
         let json = serde_json::to_vec(&self.report).expect("report serialises");
         if let Err(e) =
             self.client
-                .try_publish(&self.status_topic, rumqttc::QoS::AtLeastOnce, true, json)
+                .try_publish(&self.topics.status, rumqttc::QoS::AtLeastOnce, true, json)
         {
             tracing::debug!(error = %e, "fleet status not queued (the next one repeats it)");
+        }
+        if let Some(sh) = self.topics.shadow.as_ref().filter(|_| shadow) {
+            // Reported = the document running now: equal to desired once it applied, so the
+            // shadow's delta clears; a refused one leaves the delta, with the reason beside it.
+            let applied = self
+                .state
+                .good
+                .as_deref()
+                .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let update = serde_json::json!({
+                "state": { "reported": {
+                    channel::SHADOW_KEY: applied,
+                    channel::SHADOW_STATUS_KEY: self.report,
+                } }
+            });
+            let _ = self.client.try_publish(
+                &sh.update,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&update).expect("update serialises"),
+            );
         }
     }
 
@@ -454,7 +482,7 @@ pub async fn run(
         live,
         control,
         client,
-        status_topic: topics.status.clone(),
+        topics,
     };
     c.publish_report();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -506,7 +534,7 @@ pub async fn run(
                     tracing::warn!("SIGHUP ignored: [fleet] names no file");
                 }
             }
-            _ = tick.tick() => c.publish_report(),
+            _ = tick.tick() => c.publish_report_to(false),
             _ = c.control.closed() => break,
         }
     }

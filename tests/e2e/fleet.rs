@@ -744,3 +744,254 @@ fn a_group_push_reaches_every_gateway_of_the_group() {
         assert_eq!(a.stop().code(), Some(0));
     }
 }
+
+/// A named shadow on the broker, behaving as AWS IoT documents it: an update merges its
+/// `desired` and `reported` keys (null deletes), is answered on `update/accepted`, and when
+/// desired and reported then differ the difference goes out on `update/delta`; `get` is
+/// answered on `get/accepted` with the whole state.
+struct ShadowService {
+    state: Arc<std::sync::Mutex<(serde_json::Value, serde_json::Value)>>,
+    base: String,
+    port: u16,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn merge(into: &mut serde_json::Value, from: Option<&serde_json::Value>) {
+    let (Some(into), Some(from)) = (into.as_object_mut(), from.and_then(|f| f.as_object())) else {
+        return;
+    };
+    for (k, v) in from {
+        if v.is_null() {
+            into.remove(k);
+        } else {
+            into.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+impl ShadowService {
+    fn start(port: u16, thing: &str, name: &str) -> ShadowService {
+        let base = format!("$aws/things/{thing}/shadow/name/{name}");
+        let state = Arc::new(std::sync::Mutex::new((
+            serde_json::json!({}),
+            serde_json::json!({}),
+        )));
+        let rt = runtime();
+        let (b, s) = (base.clone(), state.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let opts = rumqttc::MqttOptions::new("shadow-service", "127.0.0.1", port);
+            let (c, mut events) = rumqttc::AsyncClient::new(opts, 100);
+            c.subscribe(format!("{b}/update"), rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            c.subscribe(format!("{b}/get"), rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            let mut version = 0u64;
+            let mut subacks = 0;
+            loop {
+                let p = match events.poll().await.unwrap() {
+                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                        subacks += 1;
+                        if subacks == 2 {
+                            let _ = ready_tx.send(());
+                        }
+                        continue;
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => p,
+                    _ => continue,
+                };
+                let full = |(desired, reported): &(serde_json::Value, serde_json::Value)| {
+                    let delta: serde_json::Map<_, _> = desired
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, v)| reported.get(k.as_str()) != Some(v))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    (desired.clone(), reported.clone(), delta)
+                };
+                if p.topic == format!("{b}/update") {
+                    let request: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    version += 1;
+                    let (_, _, delta) = {
+                        let mut st = s.lock().unwrap();
+                        merge(&mut st.0, request["state"].get("desired"));
+                        merge(&mut st.1, request["state"].get("reported"));
+                        full(&st)
+                    };
+                    let accepted =
+                        serde_json::json!({"state": request["state"], "version": version});
+                    c.publish(
+                        format!("{b}/update/accepted"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        accepted.to_string(),
+                    )
+                    .await
+                    .unwrap();
+                    if !delta.is_empty() {
+                        let d = serde_json::json!({"state": delta, "version": version});
+                        c.publish(
+                            format!("{b}/update/delta"),
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            d.to_string(),
+                        )
+                        .await
+                        .unwrap();
+                    }
+                } else if p.topic == format!("{b}/get") {
+                    let (desired, reported, delta) = full(&s.lock().unwrap());
+                    let doc = serde_json::json!({
+                        "state": {"desired": desired, "reported": reported, "delta": delta},
+                        "version": version,
+                    });
+                    c.publish(
+                        format!("{b}/get/accepted"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        doc.to_string(),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the shadow service subscribed");
+        ShadowService {
+            state,
+            base,
+            port,
+            _rt: rt,
+        }
+    }
+
+    /// What an operator's `aws iot-data update-thing-shadow` would send: the document as
+    /// `state.desired.edgeship`.
+    fn desire(&self, document: &Path) {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(document).unwrap()).unwrap();
+        let update = serde_json::json!({"state": {"desired": {"edgeship": doc}}});
+        runtime().block_on(async {
+            let opts = rumqttc::MqttOptions::new("operator-shadow", "127.0.0.1", self.port);
+            let (c, mut events) = rumqttc::AsyncClient::new(opts, 10);
+            c.publish(
+                format!("{}/update", self.base),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                update.to_string(),
+            )
+            .await
+            .unwrap();
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                    events.poll().await.unwrap()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// (desired, reported) as the service holds them.
+    fn state(&self) -> (serde_json::Value, serde_json::Value) {
+        self.state.lock().unwrap().clone()
+    }
+}
+
+/// The same documents through an AWS IoT named shadow: desired -> applied -> reported (the
+/// delta clears); a document with a bad signature stays desired, is not applied, and the
+/// reported status says why.
+#[test]
+fn a_named_device_shadow_delivers_the_document_and_gets_it_reported() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("fleet-shadow-base", 1);
+    rt.block_on(create_stream(&client, "fleet-shadow-alerts", 1));
+    let mosquitto = Mosquitto::start(dir.path());
+    let shadow = ShadowService::start(mosquitto.port, "gw-test", "edgeship");
+    let op = Operator::new(dir.path(), "fleet", mosquitto.port);
+    let endpoint = kinesis.endpoint();
+    let base = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &endpoint,
+        "fleet-shadow-base",
+        "",
+        "",
+    ) + &fleet_section(
+        dir.path(),
+        &[&op.public],
+        "[fleet.shadow]\nname = \"edgeship\"",
+    );
+    let agent = Agent::start(dir.path(), &base);
+    agent.wait_connected(1);
+    wait_report(&agent, "the fleet report", |r| r.state == "running");
+
+    let doc = op.sign(
+        &document_text(
+            &endpoint,
+            "fleet-shadow-base",
+            "200ms",
+            &alerts_route(&endpoint, "fleet-shadow-alerts", "{topic[1]}"),
+        ),
+        "gateway:gw-test",
+        40,
+    );
+    shadow.desire(&doc);
+    let r = wait_report(&agent, "version 40 from the shadow", |r| {
+        r.applied_version == 40
+    });
+    assert_eq!(r.state, "applied");
+    let (desired, reported) = wait_for(
+        "the shadow to report version 40",
+        Duration::from_secs(30),
+        || {
+            let (d, r) = shadow.state();
+            (r["edgeship_status"]["applied_version"] == 40).then_some((d, r))
+        },
+    );
+    assert_eq!(
+        reported["edgeship"], desired["edgeship"],
+        "reported must equal desired once applied (the delta clears)"
+    );
+    rt.block_on(publish_on(mosquitto.port, "alerts/dev-7".into(), 7, 100));
+    let alerts = wait_stream_complete_with(
+        &rt,
+        &client,
+        "fleet-shadow-alerts",
+        Duration::from_secs(60),
+        |t| t.len() >= 100,
+    );
+    assert_exactly(&alerts, "alerts/dev-7", 7, 100);
+
+    // A document signed by a key the gateway does not pin stays desired, never reported.
+    let intruder = Operator::new(dir.path(), "intruder", mosquitto.port);
+    shadow.desire(&intruder.sign(
+        &document_text(&endpoint, "fleet-shadow-base", "300ms", ""),
+        "gateway:gw-test",
+        41,
+    ));
+    let (desired, reported) = wait_for(
+        "the shadow to report the refusal",
+        Duration::from_secs(30),
+        || {
+            let (d, r) = shadow.state();
+            (r["edgeship_status"]["state"] == "refused").then_some((d, r))
+        },
+    );
+    assert_ne!(reported["edgeship"], desired["edgeship"]);
+    assert!(reported["edgeship_status"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("bad signature"));
+    assert_eq!(reported["edgeship_status"]["applied_version"], 40);
+    assert_eq!(report(&agent).unwrap().applied_version, 40);
+}
