@@ -221,9 +221,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     None => (None, None),
                 };
                 let config = start.0.clone();
-                edgeship::pipeline::run(config, rx, shutdown_signal(), move |live| {
-                    if let Some(tx) = tx {
+                edgeship::pipeline::run(config, rx, shutdown_signal(), move |live| match tx {
+                    Some(tx) => {
                         tokio::spawn(edgeship::fleet::run(base, start, live, tx));
+                    }
+                    // `systemctl reload` sends SIGHUP; without a fleet section it must not
+                    // end the process (the default action).
+                    None => {
+                        tokio::spawn(ignore_hangups());
                     }
                 })
                 .await?;
@@ -390,6 +395,15 @@ fn status_doc(
     };
     let acc = edgeship::spool::store::read_accounting_at(&path)?;
     Ok(StatusDoc::from_spool(&path, acc))
+}
+
+async fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(mut hup) = signal(SignalKind::hangup()) {
+        while hup.recv().await.is_some() {
+            tracing::warn!("SIGHUP ignored: there is no [fleet] section, so nothing to reload");
+        }
+    }
 }
 
 async fn shutdown_signal() {
