@@ -518,6 +518,27 @@ fn agent(e: &mut Exposition, live: &Live) {
         "Version of the applied config document (0: the local file).",
         live.config_version.load(Relaxed),
     );
+    let fleet = live.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(f) = fleet {
+        e.family(
+            "edgeship_fleet_documents_total",
+            Kind::Counter,
+            "Fleet config documents by outcome (applied, refused, rolled_back); repeats of the running or an already tried version are not counted.",
+        );
+        for (outcome, n) in [
+            ("applied", f.applied_total),
+            ("refused", f.refused_total),
+            ("rolled_back", f.rolled_back_total),
+        ] {
+            e.sample("edgeship_fleet_documents_total", &[("outcome", outcome)], n);
+        }
+        e.single(
+            "edgeship_fleet_pending_version",
+            Kind::Gauge,
+            "The fleet config version being applied and health-checked now (0: none).",
+            f.pending_version.unwrap_or(0),
+        );
+    }
     if let Some(c) = &live.iot_credentials {
         e.single(
             "edgeship_aws_credentials_fetches_total",

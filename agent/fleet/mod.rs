@@ -55,6 +55,13 @@ pub struct Report {
     pub spool_pending_bytes: u64,
     /// Unix seconds.
     pub updated_at: u64,
+    /// Documents applied, refused and rolled back since the agent started.
+    #[serde(default)]
+    pub applied_total: u64,
+    #[serde(default)]
+    pub refused_total: u64,
+    #[serde(default)]
+    pub rolled_back_total: u64,
 }
 
 /// The local config file as read at start: the base every fleet document is layered over.
@@ -360,6 +367,7 @@ impl Controller {
         match outcome {
             Outcome::Ignored => return false,
             Outcome::Applied => {
+                self.report.applied_total += 1;
                 self.report.state = "applied".into();
                 tracing::info!(
                     version = self.report.applied_version,
@@ -368,11 +376,13 @@ impl Controller {
             }
             Outcome::Refused(version, why) => {
                 tracing::error!(reason = %why, "fleet config refused; the running config is unchanged");
+                self.report.refused_total += 1;
                 self.report.state = "refused".into();
                 self.record_error(version, &why);
             }
             Outcome::RolledBack(why) => {
                 tracing::error!(reason = %why, "fleet config rolled back");
+                self.report.rolled_back_total += 1;
                 self.report.state = "rolled_back".into();
                 self.record_error(Some(self.state.highest_seen), &why);
             }

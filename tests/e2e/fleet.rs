@@ -547,6 +547,16 @@ fn refused_documents_leave_the_running_config_and_say_why() {
         r.applied_version == 15
     });
     assert_eq!(r.state, "applied");
+    let m = agent.scrape();
+    assert_eq!(
+        m.sum("edgeship_fleet_documents_total", &[("outcome", "refused")]),
+        5.0
+    );
+    assert_eq!(
+        m.sum("edgeship_fleet_documents_total", &[("outcome", "applied")]),
+        2.0
+    );
+    assert_eq!(m.sum("edgeship_config_version", &[]), 15.0);
     let acc = agent.accounting().unwrap();
     assert!(acc.balances(), "{acc:?}");
     assert_eq!(agent.stop().code(), Some(0));
@@ -622,6 +632,15 @@ fn an_unreachable_destination_is_rolled_back_and_a_restart_keeps_the_last_good()
     assert_exactly(&contents, &topic_of(2), 2, 200);
     let all = op.status();
     assert_eq!(all["gw-test"].state, "rolled_back", "{all:?}");
+    let m = agent.scrape();
+    assert_eq!(
+        m.sum(
+            "edgeship_fleet_documents_total",
+            &[("outcome", "rolled_back")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("edgeship_config_version", &[]), 20.0);
 
     // Restart: version 20 again; the retained 21 is not tried a second time.
     assert_eq!(agent.stop().code(), Some(0));
