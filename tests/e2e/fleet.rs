@@ -402,6 +402,45 @@ fn a_pushed_route_flows_to_its_new_stream_and_the_old_route_loses_nothing() {
         t.len() >= 600
     });
     assert_exactly(&new, "alerts/dev-901", 901, 100);
+
+    // Version 6 removes the alerts route and raises the spool cap: the agent unsubscribes (new
+    // alerts are not even delivered to it), the spool takes the new cap, the session stays up.
+    let doc = op.sign(
+        &format!(
+            "{}\n[spool]\nmax_bytes = \"256MiB\"\n",
+            document_text(&endpoint, "fleet-old", "100ms", "")
+        ),
+        "gateway:gw-test",
+        6,
+    );
+    op.push(&doc, "gateway:gw-test");
+    wait_report(&agent, "version 6 applied", |r| {
+        r.applied_version == 6 && r.state == "applied"
+    });
+    assert!(agent.log().contains(r#"removed=["alerts/+"]"#));
+    assert!(agent.log().contains("spool limits changed"));
+    rt.block_on(publish_on(mosquitto.port, "alerts/dev-902".into(), 902, 50));
+    // A marker on the telemetry route, published after the alerts.
+    rt.block_on(publish_on(mosquitto.port, topic_of(99), 99, 10));
+    let old = wait_stream_complete_with(&rt, &client, "fleet-old", Duration::from_secs(60), |t| {
+        (0..10).all(|s| t.contains_key(&(topic_of(99), payload(99, s))))
+    });
+    assert_exactly(&old, &topic_of(99), 99, 10);
+    assert!(old.messages.iter().all(|m| !m.topic.starts_with("alerts/")));
+    let new = rt.block_on(read_stream(&client, "fleet-new"));
+    assert_eq!(new.messages.len(), 600, "no alert after version 6");
+    let m = agent.scrape();
+    assert_eq!(m.count("edgeship_spool_max_bytes", &[]), 256 << 20);
+    assert_eq!(
+        m.count("edgeship_records_dropped_total", &[("reason", "no_route")]),
+        0,
+        "unsubscribed: the broker sends no alerts at all"
+    );
+    assert_eq!(
+        m.count("edgeship_mqtt_connections_total", &[("broker", "test")]),
+        1,
+        "the data session stayed up through the apply"
+    );
     let acc = agent.accounting().unwrap();
     assert!(acc.balances(), "{acc:?}");
     assert_eq!(acc.dropped, 0, "{acc:?}");
