@@ -12,6 +12,7 @@ pub mod aws;
 pub mod batcher;
 pub mod config;
 pub mod decode;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod fleet;
 pub mod frame;

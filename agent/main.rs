@@ -55,7 +55,15 @@ enum Command {
     },
     /// Run a self-contained demo: embedded broker, simulated devices, the real pipeline into a
     /// local folder. Needs no cloud account and no installed broker.
+    #[cfg(feature = "demo")]
     Demo(edgeship::demo::DemoArgs),
+    /// Not in this build (a package for gateways): run scripts/demo.sh from the source tree.
+    #[cfg(not(feature = "demo"))]
+    #[command(hide = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// How the fleet tools reach the broker the gateways' fleet channels use.
@@ -281,6 +289,12 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => {
+            eprintln!("edgeship: this build has no demo (packages for gateways leave out its embedded broker); run scripts/demo.sh in the source tree");
+            Ok(ExitCode::from(2))
+        }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => {
             edgeship::logging::init("warn,edgeship=info,rumqttd=off");
             runtime()?.block_on(edgeship::demo::run(args))?;

@@ -41,8 +41,8 @@ lower=${triple//-/_}
 export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
 export "CC_${lower}=$gnu-gcc" "AR_${lower}=$gnu-ar"
 
-echo "==> cargo build --profile dist --target $triple"
-cargo build --locked --profile dist --target "$triple" --bin edgeship
+echo "==> cargo build --profile dist --no-default-features --target $triple"
+cargo build --locked --profile dist --no-default-features --target "$triple" --bin edgeship
 
 bin="${CARGO_TARGET_DIR:-target}/$triple/dist/edgeship"
 version=$("$qemu" -L "/usr/$gnu" "$bin" --version)

@@ -49,6 +49,8 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings"
 cargo clippy --release --all-targets --locked -- -D warnings
+# The packages' feature set (no demo) too.
+cargo clippy --release --lib --bin edgeship --locked --no-default-features -- -D warnings
 echo "==> criterion benchmarks in test mode (each runs once)"
 cargo test --release --locked --bench hot_paths
 echo "==> load program, quick mode (a smoke test: it prints figures and asserts no timings)"
