@@ -195,6 +195,69 @@ fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64) {
     )
 }
 
+/// Publishes `per_device` messages from each of `devices` clients at QoS 1, `total_rate`
+/// messages/s together; returns when all were handed to the broker.
+async fn publish_paced(
+    port: u16,
+    devices: u32,
+    per_device: u32,
+    total_rate: f64,
+    make: fn(u32, u32) -> Vec<u8>,
+    prefix: &'static str,
+) {
+    let interval = Duration::from_secs_f64(f64::from(devices) / total_rate.max(0.1));
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(format!("{prefix}{d}"), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            let (c, mut ev) = rumqttc::AsyncClient::new(opts, 100);
+            // rumqttc reconnects (and resends what is unacked) when polled again after an error.
+            let pump = tokio::spawn(async move {
+                loop {
+                    match ev.poll().await {
+                        Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            });
+            let mut tick = tokio::time::interval(interval);
+            for s in 0..per_device {
+                tick.tick().await;
+                c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, make(d, s))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = c.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Ends the broker's persistent session of `client_id`: a clean-session connect replaces it.
+async fn forget_session(port: u16, client_id: &str) {
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_clean_session(true);
+    let (c, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    loop {
+        match ev.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("forgetting the session of {client_id}: {e}"),
+        }
+    }
+    let _ = c.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while ev.poll().await.is_ok() {}
+    })
+    .await;
+}
+
 fn baseline(rt: &tokio::runtime::Runtime, port: u16, devices: u32, per_device: u32) -> f64 {
     let total = u64::from(devices) * u64::from(per_device);
     let received = Arc::new(AtomicU64::new(0));
@@ -342,37 +405,14 @@ fn main() {
     let per_device_rate = half_rate / f64::from(args.devices);
     let half_per_device = (per_device_rate * half_secs).max(1.0) as u32;
     let half_total = u64::from(half_per_device) * u64::from(args.devices);
-    let interval = Duration::from_secs_f64(1.0 / per_device_rate.max(0.1));
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for d in 0..args.devices {
-            let port = mosquitto.port;
-            tasks.push(tokio::spawn(async move {
-                let mut opts = rumqttc::MqttOptions::new(format!("half-{d}"), "127.0.0.1", port);
-                opts.set_keep_alive(Duration::from_secs(30));
-                let (c, mut ev) = rumqttc::AsyncClient::new(opts, 100);
-                let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
-                let mut tick = tokio::time::interval(interval);
-                for s in 0..half_per_device {
-                    tick.tick().await;
-                    c.publish(
-                        topic_of(d),
-                        rumqttc::QoS::AtLeastOnce,
-                        false,
-                        timed_payload(d, s + 10_000_000),
-                    )
-                    .await
-                    .unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = c.disconnect().await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
+    rt.block_on(publish_paced(
+        mosquitto.port,
+        args.devices,
+        half_per_device,
+        half_rate,
+        |d, s| timed_payload(d, s + 10_000_000),
+        "half-",
+    ));
     wait_for(
         "the half-load messages to be spooled",
         Duration::from_secs(120),
@@ -384,6 +424,10 @@ fn main() {
     );
     assert_eq!(agent.stop().code(), Some(0));
     let half_ack = ack_latency_from_log(&agent.log());
+    // The throughput agent's persistent session would otherwise keep queueing every message
+    // published below for a client that never returns (millions of them: the broker's memory
+    // and CPU, not the agent under test, would set the pace).
+    rt.block_on(forget_session(mosquitto.port, "edgeship-gw-throughput"));
 
     // 4. Backlog: build it with the uplink cut, then drain.
     let backlog_msgs = (args.backlog_mb * 1_000_000 / 200).max(u64::from(args.devices));
@@ -416,11 +460,13 @@ fn main() {
     let pid = agent.pid().unwrap();
     let (build_peak, build_stop) = rss_sampler(pid);
     let build_start = Instant::now();
-    rt.block_on(publish_with(
+    // Published at three quarters of the rate the agent sustained above, so the backlog grows
+    // in the agent's spool (the uplink is cut), not in the broker's queue for the agent.
+    rt.block_on(publish_paced(
         mosquitto.port,
         args.devices,
         backlog_per_device,
-        Arc::new(AtomicU64::new(0)),
+        0.75 * agent_rate,
         payload,
         "bl-",
     ));
