@@ -104,19 +104,21 @@ pub enum Event {
     Document { target: Target, payload: Bytes },
 }
 
-/// MQTT options for a short-lived or control connection with the broker's address, login and
-/// TLS settings.
+/// MQTT options for a control connection (the fleet channel, the operator's tools): clean
+/// session, documents up to 2 MiB, the given login and TLS.
 pub fn options(
-    broker: &BrokerConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
     client_id: &str,
+    (host, port): (&str, u16),
+    keep_alive: Duration,
+    login: Option<(&str, &str)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
-    o.set_keep_alive(broker.keep_alive)
+    let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(keep_alive)
         .set_clean_session(true)
         .set_max_packet_size(2 << 20, 2 << 20);
-    if let Some(user) = &broker.username {
-        o.set_credentials(user, broker.password.clone().unwrap_or_default());
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
     }
     if let Some(t) = tls {
         o.set_transport(rumqttc::Transport::tls_with_config(
@@ -135,8 +137,18 @@ pub fn start(
     gateway_id: &str,
 ) -> (rumqttc::AsyncClient, mpsc::Receiver<Event>, Topics) {
     let topics = Topics::new(fleet, gateway_id);
-    let (client, mut events) =
-        rumqttc::AsyncClient::new(options(broker, tls, &fleet.client_id), 16);
+    let login = broker
+        .username
+        .as_deref()
+        .map(|u| (u, broker.password.as_deref().unwrap_or_default()));
+    let opts = options(
+        &fleet.client_id,
+        (&broker.host, broker.port),
+        broker.keep_alive,
+        login,
+        tls,
+    );
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
     let (tx, rx) = mpsc::channel(16);
     let sub = client.clone();
     let t = topics.clone();

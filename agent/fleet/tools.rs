@@ -45,20 +45,21 @@ impl BrokerArgs {
     }
 
     fn options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, String> {
-        let mut o = rumqttc::MqttOptions::new(client_id, &self.host, self.port);
-        o.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(2 << 20, 2 << 20);
-        if let Some(user) = &self.username {
-            o.set_credentials(user, self.password.clone().unwrap_or_default());
-        }
-        if let Some(t) = &self.tls {
-            let config = crate::tls::client_config(t).map_err(|e| e.to_string())?;
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(config),
-            ));
-        }
-        Ok(o)
+        let tls = match &self.tls {
+            Some(t) => Some(crate::tls::client_config(t).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let login = self
+            .username
+            .as_deref()
+            .map(|u| (u, self.password.as_deref().unwrap_or_default()));
+        Ok(super::channel::options(
+            client_id,
+            (&self.host, self.port),
+            Duration::from_secs(30),
+            login,
+            tls,
+        ))
     }
 }
 

@@ -338,7 +338,7 @@ fn reconcile_subscriptions(
 pub async fn run(
     config: BrokerConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-    plan: watch::Receiver<Arc<SourcePlan>>,
+    mut plan: watch::Receiver<Arc<SourcePlan>>,
     spool: SpoolHandle,
     stats: Arc<SourceStats>,
     mut stop: watch::Receiver<bool>,
@@ -360,6 +360,7 @@ pub async fn run(
             }
         })
     };
+    let mut router = plan.borrow_and_update().router.clone();
     let reconciler = reconcile_subscriptions(
         config.name.clone(),
         client.clone(),
@@ -409,7 +410,10 @@ pub async fn run(
                 stats
                     .payload_bytes
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                let router = plan.borrow().router.clone();
+                // A config change swaps the router; checking for one is one atomic load.
+                if plan.has_changed().unwrap_or(false) {
+                    router = plan.borrow_and_update().router.clone();
+                }
                 let disposition = router.classify(&topic, payload.len());
                 match &disposition {
                     Disposition::Dropped { reason, .. } => {

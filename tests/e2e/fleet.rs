@@ -578,6 +578,35 @@ fn refused_documents_leave_the_running_config_and_say_why() {
         said.contains("bad.toml:2:14: field `batch.zstd_level`"),
         "{said}"
     );
+    // A document that only fits a gateway's own file: checked against it with --base.
+    let partial = dir.path().join("partial.toml");
+    std::fs::write(
+        &partial,
+        "[[route]]\nname = \"more\"\ntopics = [\"more/+\"]\ndestination = \"stream\"\n",
+    )
+    .unwrap();
+    let sign_partial = |base: Option<&Path>| {
+        let mut c = edgeship();
+        c.args(["fleet", "sign"])
+            .arg(&partial)
+            .arg("--key")
+            .arg(&op.key)
+            .args(["--target", gw]);
+        if let Some(b) = base {
+            c.arg("--base").arg(b);
+        }
+        c.output().unwrap()
+    };
+    let out = sign_partial(None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("names destination `stream`, which is not defined"),
+        "{out:?}"
+    );
+    let out = sign_partial(Some(&agent.config_path));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"signature\""));
 
     // SIGHUP reads the file again: version 15 applies.
     std::fs::copy(op.sign(&good("150ms"), gw, 15), &file).unwrap();
@@ -798,6 +827,25 @@ fn a_group_push_reaches_every_gateway_of_the_group() {
         .1
         .log()
         .contains("group config not applied: this gateway's own config wins"));
+    // Clearing gw-b's own document: it follows the group again from its next version.
+    let out = edgeship()
+        .args([
+            "fleet",
+            "push",
+            "--clear",
+            "--target",
+            "gateway:gw-b",
+            "--broker",
+        ])
+        .arg(format!("127.0.0.1:{}", mosquitto.port))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    op.push(&group_doc(33, "130ms"), "group:plant");
+    for (gw, a) in &agents[..2] {
+        let r = wait_report(a, "group version 33", |r| r.applied_version == 33);
+        assert_eq!(r.applied_target.as_deref(), Some("group:plant"), "{gw}");
+    }
     for (_, a) in &mut agents {
         assert_eq!(a.stop().code(), Some(0));
     }
