@@ -170,7 +170,6 @@ struct Controller {
     slots: BTreeMap<Target, Verified>,
     /// What runs now and is known good, to return to after a failed health check.
     good_config: Config,
-    good_target: Option<String>,
     live: Live,
     control: mpsc::Sender<Control>,
     report: Report,
@@ -328,10 +327,9 @@ impl Controller {
                 self.state.good_version = v;
                 self.save_state();
                 self.good_config = config;
-                self.good_target = Some(doc.body.target.to_string());
                 self.live.config_version.store(v, Relaxed);
                 self.report.applied_version = v;
-                self.report.applied_target = self.good_target.clone();
+                self.report.applied_target = Some(doc.body.target.to_string());
                 Outcome::Applied
             }
             Err(why) => {
@@ -479,7 +477,6 @@ pub async fn run(
             last_error_version: state.last_error_version,
             ..Report::default()
         },
-        good_target: doc.as_ref().map(|d| d.body.target.to_string()),
         state: State {
             good_version: version,
             ..state

@@ -280,10 +280,10 @@ fn assert_exactly(contents: &StreamContents, topic: &str, device: u32, n: u32) {
     );
 }
 
-/// A push that adds a route, applied while 20,000 messages flow on the old route and with a
+/// A push that adds a route, applied while devices publish steadily on the old route and with a
 /// batch change that replaces the old route's shipper: the new topic's messages reach the new
-/// stream, the old stream holds every old message exactly once, and after a restart the agent
-/// runs the pushed config.
+/// stream, the old stream holds every old message exactly once, after a restart the agent runs
+/// the pushed config, and a later version removes the route again (unsubscribed).
 #[test]
 fn a_pushed_route_flows_to_its_new_stream_and_the_old_route_loses_nothing() {
     let Rig {
@@ -448,7 +448,8 @@ fn a_pushed_route_flows_to_its_new_stream_and_the_old_route_loses_nothing() {
 
 /// Documents with a bad signature, for another target, an old version, an unknown field or an
 /// invalid value are refused and reported (agent /status and the retained status document),
-/// and the running config stays; a signed file is read at start and again on SIGHUP.
+/// and the running config stays; a signed file is read at start and again on SIGHUP; during a
+/// key rotation (two keys pinned) documents signed by either key apply.
 #[test]
 fn refused_documents_leave_the_running_config_and_say_why() {
     let Rig {
@@ -460,6 +461,7 @@ fn refused_documents_leave_the_running_config_and_say_why() {
     let mosquitto = Mosquitto::start(dir.path());
     let op = Operator::new(dir.path(), "fleet", mosquitto.port);
     let intruder = Operator::new(dir.path(), "intruder", mosquitto.port);
+    let retiring = Operator::new(dir.path(), "retiring", mosquitto.port);
     let endpoint = kinesis.endpoint();
     let good = |linger: &str| document_text(&endpoint, "fleet-refuse", linger, "");
     // Version 10 comes from the local file at start.
@@ -474,7 +476,7 @@ fn refused_documents_leave_the_running_config_and_say_why() {
         "",
     ) + &fleet_section(
         dir.path(),
-        &[&op.public],
+        &[&retiring.public, &op.public],
         &format!("file = \"{}\"", file.display()),
     );
     let mut agent = Agent::start(dir.path(), &base);
@@ -625,6 +627,12 @@ fn refused_documents_leave_the_running_config_and_say_why() {
         2.0
     );
     assert_eq!(m.sum("edgeship_config_version", &[]), 15.0);
+    // The other pinned key (the one being retired) still signs valid documents.
+    op.push(&retiring.sign(&good("250ms"), gw, 16), gw);
+    let r = wait_report(&agent, "version 16 signed by the second pinned key", |r| {
+        r.applied_version == 16
+    });
+    assert_eq!(r.state, "applied");
     let acc = agent.accounting().unwrap();
     assert!(acc.balances(), "{acc:?}");
     assert_eq!(agent.stop().code(), Some(0));
