@@ -29,3 +29,4 @@ pub mod source;
 pub mod spool;
 pub mod status;
 pub mod tls;
+pub mod uplink;

@@ -25,6 +25,7 @@ use crate::logging::Repeated;
 use crate::pacing::{Pacer, ShardLimits};
 use crate::sink::{is_throttle, Entry, Sink};
 use crate::spool::SpoolHandle;
+use crate::uplink::Uplink;
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +73,8 @@ pub struct ShipperStats {
     pub shards: Mutex<BTreeMap<Arc<str>, ShardCounters>>,
     /// The last failure, for status.
     pub last_error: Mutex<Option<String>>,
+    /// The uplink's measured rate to this destination, bytes per second; 0 until measured.
+    pub uplink_rate: AtomicU64,
     /// The record size limit the destination itself enforces, learned from a refusal, when
     /// it is below the configured `max_record_bytes`; 0 until then.
     pub learned_record_limit: AtomicU64,
@@ -221,6 +224,7 @@ impl Shipper {
         let mut paced = false;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut pacer = Pacer::new(self.shard_limits);
+        let mut uplink = Uplink::new();
         let mut failing = Repeated::new(Duration::from_secs(60));
         let mut exhausted = false;
         loop {
@@ -318,7 +322,7 @@ impl Shipper {
                 retry_at = None;
                 paced = false;
                 match self
-                    .send_one_call(&mut queue, limits, &mut pacer, &mut failing)
+                    .send_one_call(&mut queue, limits, &mut pacer, &mut uplink, &mut failing)
                     .await
                 {
                     Sent::AllAccepted | Sent::Partly => backoff.reset(),
@@ -366,9 +370,15 @@ impl Shipper {
         queue: &mut VecDeque<Pending>,
         limits: CallLimits,
         pacer: &mut Pacer,
+        uplink: &mut Uplink,
         failing: &mut Repeated,
     ) -> Sent {
         let now = Instant::now();
+        // Calls shrink to what the uplink carries in a few seconds.
+        let limits = CallLimits {
+            max_bytes: uplink.call_bytes(limits.max_bytes),
+            ..limits
+        };
         let (mut picked, mut bytes) = (Vec::new(), 0usize);
         let mut earliest: Option<Instant> = None;
         for (i, p) in queue.iter().enumerate() {
@@ -413,7 +423,17 @@ impl Shipper {
         stats.calls.fetch_add(1, Ordering::Relaxed);
         let retried = call.iter().filter(|p| p.attempts > 0).count() as u64;
         stats.entries_retried.fetch_add(retried, Ordering::Relaxed);
-        match self.sink.put(&entries).await {
+        let timeout = uplink.timeout(bytes);
+        let started = Instant::now();
+        let result = self.sink.put(&entries, timeout).await;
+        match &result {
+            Err(e) if e.code == "Timeout" => uplink.timed_out(bytes, started.elapsed()),
+            _ => uplink.answered(bytes, started.elapsed()),
+        }
+        if let Some(rate) = uplink.rate() {
+            stats.uplink_rate.store(rate as u64, Ordering::Relaxed);
+        }
+        match result {
             Ok(outcomes) => {
                 let now = now_ms();
                 let mut delivered = Vec::new();

@@ -300,7 +300,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         );
     }
     type Read = fn(&crate::shipper::ShipperStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 9] = [
+    let families: [(&str, Kind, &str, Read); 10] = [
         (
             "edgeship_destination_calls_total",
             Kind::Counter,
@@ -336,6 +336,12 @@ fn destinations(e: &mut Exposition, live: &Live) {
             Kind::Gauge,
             "Encoded frame bytes held in memory, waiting to be sent or resent.",
             |s| s.queued_bytes.load(Relaxed),
+        ),
+        (
+            "edgeship_destination_uplink_bytes_per_second",
+            Kind::Gauge,
+            "Measured rate at which calls reach the destination (sets call sizes and timeouts); 0 until measured.",
+            |s| s.uplink_rate.load(Relaxed),
         ),
         (
             "edgeship_destination_learned_record_limit_bytes",

@@ -12,6 +12,12 @@ use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Re
 use aws_credential_types::provider::SharedCredentialsProvider;
 use std::time::Duration;
 
+/// Longest wait for a connection to an AWS endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest attempt of a small call (reads, discovery). Calls that carry data set their own,
+/// from their size and the measured uplink rate (see `crate::uplink`).
+pub const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where the agent's AWS credentials come from.
 #[derive(Clone, Default)]
 pub struct Credentials {
@@ -52,8 +58,8 @@ pub async fn sdk_config(
         .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(30))
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(SMALL_CALL_TIMEOUT)
                 .build(),
         );
     if let Some(region) = region {

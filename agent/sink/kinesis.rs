@@ -224,7 +224,11 @@ impl KinesisSink {
         });
     }
 
-    pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
+    pub async fn put(
+        &self,
+        entries: &[&Entry],
+        timeout: Duration,
+    ) -> Result<Vec<Outcome>, SinkError> {
         let mut request = self.client.put_records().stream_name(&self.stream);
         for e in entries {
             let (partition_key, hash_key) = super::split_key(&e.key);
@@ -242,7 +246,21 @@ impl KinesisSink {
                 })?;
             request = request.records(entry);
         }
-        let response = request.send().await.map_err(|err| self.sdk_error(err))?;
+        // The attempt timeout follows the call's size and the measured uplink (the client's
+        // own is for small calls); the override replaces the whole timeout config.
+        let response = request
+            .customize()
+            .config_override(
+                aws_sdk_kinesis::Config::builder().timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .connect_timeout(crate::aws::CONNECT_TIMEOUT)
+                        .operation_attempt_timeout(timeout)
+                        .build(),
+                ),
+            )
+            .send()
+            .await
+            .map_err(|err| self.sdk_error(err))?;
         let results = response.records();
         if results.len() != entries.len() {
             return Err(self.error(
@@ -326,7 +344,7 @@ impl KinesisSink {
             }
             SdkError::TimeoutError(_) => (
                 "Timeout".to_string(),
-                format!("PutRecords to stream {}: timed out", self.stream),
+                format!("PutRecords to stream {}: no answer in time", self.stream),
                 true,
             ),
             SdkError::DispatchFailure(d) => (

@@ -129,10 +129,15 @@ impl Sink {
         }
     }
 
-    /// Sends entries; the result has one outcome per entry, in order.
-    pub async fn put(&self, entries: &[&Entry]) -> Result<Vec<Outcome>, SinkError> {
+    /// Sends entries; the result has one outcome per entry, in order. A call with no answer
+    /// within `timeout` fails with the code `Timeout`.
+    pub async fn put(
+        &self,
+        entries: &[&Entry],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Outcome>, SinkError> {
         match self {
-            Sink::Kinesis(k) => k.put(entries).await,
+            Sink::Kinesis(k) => k.put(entries, timeout).await,
             Sink::Directory(d) => d.put(entries).await,
         }
     }

@@ -421,8 +421,45 @@ pub struct Uplink {
     generation: Arc<AtomicU64>,
 }
 
+/// Paces the bytes of one direction of a [`Uplink`] to a rate, over all its connections.
+struct Pace {
+    bytes_per_sec: f64,
+    /// When the link is free to carry the next byte.
+    free_at: Mutex<std::time::Instant>,
+}
+
+impl Pace {
+    /// Waits until `n` more bytes may pass.
+    fn take(&self, n: usize) {
+        let done = {
+            let mut free = self.free_at.lock().unwrap();
+            let start = (*free).max(std::time::Instant::now());
+            *free = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+            *free
+        };
+        std::thread::sleep(done.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
 impl Uplink {
     pub fn start(target: u16) -> Uplink {
+        Uplink::start_paced(target, None)
+    }
+
+    /// A link that carries at most `bytes_per_sec` each way (a cellular uplink).
+    pub fn start_limited(target: u16, bytes_per_sec: u32) -> Uplink {
+        Uplink::start_paced(target, Some(f64::from(bytes_per_sec)))
+    }
+
+    fn start_paced(target: u16, rate: Option<f64>) -> Uplink {
+        let paces: [Option<Arc<Pace>>; 2] = std::array::from_fn(|_| {
+            rate.map(|bytes_per_sec| {
+                Arc::new(Pace {
+                    bytes_per_sec,
+                    free_at: Mutex::new(std::time::Instant::now()),
+                })
+            })
+        });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
@@ -439,15 +476,19 @@ impl Uplink {
                     continue;
                 };
                 let born = g.load(Ordering::SeqCst);
-                for (mut from, mut to) in [
+                for ((mut from, mut to), pace) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
-                ] {
+                ]
+                .into_iter()
+                .zip(paces.clone())
+                {
                     let (g, d) = (g.clone(), d.clone());
                     std::thread::spawn(move || {
                         from.set_read_timeout(Some(Duration::from_millis(100)))
                             .unwrap();
-                        let mut buf = [0u8; 64 * 1024];
+                        // Paced links move small chunks, so the rate holds within a second.
+                        let mut buf = vec![0u8; if pace.is_some() { 1024 } else { 64 * 1024 }];
                         loop {
                             if d.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
                                 break;
@@ -455,6 +496,9 @@ impl Uplink {
                             match from.read(&mut buf) {
                                 Ok(0) => break,
                                 Ok(n) => {
+                                    if let Some(p) = &pace {
+                                        p.take(n);
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
