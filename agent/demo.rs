@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use crate::frame;
-use crate::pipeline::{self, Live};
+use crate::pipeline;
 use anyhow::{bail, Context};
 use std::collections::HashSet;
 use std::io::Write;
@@ -20,19 +20,19 @@ use std::time::{Duration, Instant};
 pub struct DemoArgs {
     /// Simulated devices, each its own MQTT client.
     #[arg(long, default_value_t = 20)]
-    pub devices: u32,
+    pub(crate) devices: u32,
     /// Messages per second per device.
     #[arg(long, default_value_t = 50)]
-    pub rate: u32,
+    pub(crate) rate: u32,
     /// How long the devices publish.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Folder for the spool and the frames (default: a new folder under /tmp).
     #[arg(long)]
-    pub dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, crate::config::units::UnitError> {
     crate::config::units::HumanDuration::parse(s).map(|d| d.0)
 }
 
@@ -110,7 +110,7 @@ path = "{frames}"
 }
 
 /// One realistic telemetry message (about 200 bytes of JSON).
-pub fn telemetry(device: &str, seq: u64, ts_ms: u64) -> String {
+pub(crate) fn telemetry(device: &str, seq: u64, ts_ms: u64) -> String {
     let phase = (seq as f64) / 30.0;
     format!(
         r#"{{"device":"{device}","seq":{seq},"ts":{ts_ms},"temp_c":{:.2},"humidity_pct":{:.1},"pressure_kpa":{:.2},"vibration_mm_s":{:.3},"battery_v":{:.2},"status":"ok","fw":"2.4.1"}}"#,
@@ -140,9 +140,7 @@ async fn device(
         let mut seq = 0u64;
         while Instant::now() < until {
             tick.tick().await;
-            let ts = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let ts = crate::clock::now_ms();
             client
                 .publish(
                     &topic,
@@ -204,19 +202,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  while it runs: curl http://{admin}/metrics   (or /readyz, /status)");
     }
 
-    let (live_tx, live_rx) = tokio::sync::oneshot::channel::<Live>();
+    let pipeline = pipeline::start(config).await?;
+    let live = pipeline.live();
+    let admin = crate::app::serve_admin(&live).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let pipeline = tokio::spawn(pipeline::run(
-        config,
-        None,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |live| {
-            let _ = live_tx.send(live);
-        },
-    ));
-    let live = live_rx.await.context("the pipeline did not start")?;
+    let pipeline = tokio::spawn(pipeline.run(None, async {
+        let _ = stop_rx.await;
+    }));
     // Wait for the agent's session so no early message is published before it subscribed.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !live
@@ -286,6 +278,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     let accounting = pipeline.await??;
+    if let Some(admin) = admin {
+        admin.abort();
+    }
 
     // Verify: decode every frame written and compare with what the devices published.
     let mut ids = HashSet::new();

@@ -69,7 +69,7 @@ fn syslog_priority(level: &tracing::Level) -> u8 {
 
 /// Lets the first occurrence of a repeating condition through, then at most one line per
 /// `every`, carrying how many occurrences were not logged in between.
-pub struct Repeated {
+pub(crate) struct Repeated {
     every: Duration,
     last: Option<Instant>,
     suppressed: u64,
@@ -77,7 +77,7 @@ pub struct Repeated {
 }
 
 impl Repeated {
-    pub fn new(every: Duration) -> Repeated {
+    pub(crate) fn new(every: Duration) -> Repeated {
         Repeated {
             every,
             last: None,
@@ -87,7 +87,7 @@ impl Repeated {
     }
 
     /// Records an occurrence; `Some(suppressed_since_last_line)` when it should be logged.
-    pub fn should_log(&mut self) -> Option<u64> {
+    pub(crate) fn should_log(&mut self) -> Option<u64> {
         self.occurrences += 1;
         let now = Instant::now();
         match self.last {
@@ -103,7 +103,7 @@ impl Repeated {
     }
 
     /// Ends the condition: calls `f` with the number of occurrences if there were any.
-    pub fn recovered(&mut self, f: impl FnOnce(u64)) {
+    pub(crate) fn recovered(&mut self, f: impl FnOnce(u64)) {
         if self.occurrences > 0 {
             f(self.occurrences);
         }

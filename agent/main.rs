@@ -93,7 +93,7 @@ struct BrokerOpts {
 impl BrokerOpts {
     fn broker(&self) -> anyhow::Result<edgeship::fleet::tools::BrokerArgs> {
         let tls =
-            (self.ca_file.is_some() || self.cert.is_some()).then(|| edgeship::config::TlsConfig {
+            (self.ca_file.is_some() || self.cert.is_some()).then(|| edgeship::tls::TlsConfig {
                 ca_file: self.ca_file.clone(),
                 client_cert: self.cert.clone(),
                 client_key: self.key.clone(),
@@ -163,7 +163,7 @@ enum FleetCommand {
     },
 }
 
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+fn parse_duration(text: &str) -> Result<std::time::Duration, edgeship::config::units::UnitError> {
     edgeship::config::units::HumanDuration::parse(text).map(|d| d.0)
 }
 
@@ -216,32 +216,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             edgeship::logging::init("info,aws_config=error");
             let base = edgeship::fleet::Base::load(&config)?;
-            runtime()?.block_on(async {
-                let start = edgeship::fleet::startup(&base);
-                let control = if base.config.fleet.is_some() {
-                    let (tx, rx) = tokio::sync::mpsc::channel(4);
-                    Some((tx, rx))
-                } else {
-                    None
-                };
-                let (tx, rx) = match control {
-                    Some((tx, rx)) => (Some(tx), Some(rx)),
-                    None => (None, None),
-                };
-                let config = start.0.clone();
-                edgeship::pipeline::run(config, rx, shutdown_signal(), move |live| match tx {
-                    Some(tx) => {
-                        tokio::spawn(edgeship::fleet::run(base, start, live, tx));
-                    }
-                    // `systemctl reload` sends SIGHUP; without a fleet section it must not
-                    // end the process (the default action).
-                    None => {
-                        tokio::spawn(ignore_hangups());
-                    }
-                })
-                .await?;
-                Ok(ExitCode::SUCCESS)
-            })
+            runtime()?.block_on(edgeship::app::run(base, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Fleet { command } => fleet(command),
         Command::Config {
@@ -250,7 +226,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             .map_err(|e| e.to_string())
             .and_then(|c| {
                 // The files it names too: a key others can read fails here, not at start.
-                edgeship::tls::check_files(&c)
+                c.check_files()
                     .map(|()| c)
                     .map_err(|e| format!("{}: {e}", file.display()))
             }) {
@@ -373,10 +349,10 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                print!("{}", tools::render_status(&reports, now));
+                print!(
+                    "{}",
+                    tools::render_status(&reports, edgeship::clock::now_secs())
+                );
             }
         }
     }
@@ -397,7 +373,12 @@ fn status_doc(
                 if addr.ip().is_unspecified() {
                     addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
                 }
-                match fetch(addr, std::time::Duration::from_secs(3)) {
+                let answer = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?
+                    .block_on(fetch(addr, std::time::Duration::from_secs(3)));
+                match answer {
                     Ok(doc) => return Ok(doc),
                     Err(e) => eprintln!(
                         "edgeship: no answer from the agent at http://{addr}/status ({e}); reading the spool file"
@@ -409,15 +390,6 @@ fn status_doc(
     };
     let acc = edgeship::spool::store::read_accounting_at(&path)?;
     Ok(StatusDoc::from_spool(&path, acc))
-}
-
-async fn ignore_hangups() {
-    use tokio::signal::unix::{signal, SignalKind};
-    if let Ok(mut hup) = signal(SignalKind::hangup()) {
-        while hup.recv().await.is_some() {
-            tracing::warn!("SIGHUP ignored: there is no [fleet] section, so nothing to reload");
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 const BUCKETS: usize = 4 * 26 + 2;
 
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -58,21 +58,21 @@ fn upper_bound_us(bucket: usize) -> u64 {
 
 /// A percentile summary, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Summary {
-    pub count: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
-    pub mean_us: u64,
+pub(crate) struct Summary {
+    pub(crate) count: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) max_us: u64,
+    pub(crate) mean_us: u64,
 }
 
 /// Cumulative counts at the exported bucket bounds, for a Prometheus histogram.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Cumulative {
+pub(crate) struct Cumulative {
     /// (upper bound in seconds, observations below it), ascending; `+Inf` is `count`.
-    pub buckets: Vec<(f64, u64)>,
-    pub count: u64,
-    pub sum_seconds: f64,
+    pub(crate) buckets: Vec<(f64, u64)>,
+    pub(crate) count: u64,
+    pub(crate) sum_seconds: f64,
 }
 
 /// Exported bounds are 2^k microseconds for k in this range (16 us to about 67 s): each is an
@@ -80,12 +80,12 @@ pub struct Cumulative {
 const EXPORTED_POWERS: std::ops::RangeInclusive<usize> = 4..=26;
 
 impl Histogram {
-    pub fn record(&self, d: Duration) {
+    pub(crate) fn record(&self, d: Duration) {
         self.record_n(d, 1);
     }
 
     /// Records `n` observations of the same value (e.g. the records of one block).
-    pub fn record_n(&self, d: Duration, n: u64) {
+    pub(crate) fn record_n(&self, d: Duration, n: u64) {
         if n == 0 {
             return;
         }
@@ -99,7 +99,7 @@ impl Histogram {
 
     /// Counts below each exported bound (values are whole microseconds, so "below 2^k us" is
     /// "at most 2^k - 1 us").
-    pub fn cumulative(&self) -> Cumulative {
+    pub(crate) fn cumulative(&self) -> Cumulative {
         let counts: Vec<u64> = self
             .buckets
             .iter()
@@ -124,7 +124,7 @@ impl Histogram {
         }
     }
 
-    pub fn summary(&self) -> Summary {
+    pub(crate) fn summary(&self) -> Summary {
         let counts: Vec<u64> = self
             .buckets
             .iter()

@@ -4,11 +4,10 @@
 //!
 //! Formatting and a small loopback HTTP GET; this module never changes the agent's state.
 
-use crate::pipeline::Live;
+use crate::live::Live;
 use crate::spool::Accounting;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
-use std::io::{Read, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,80 +15,74 @@ use std::time::Duration;
 
 /// One readiness check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Check {
-    pub name: String,
-    pub ok: bool,
-    pub detail: String,
+pub(crate) struct Check {
+    pub(crate) name: String,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusDoc {
     /// "agent" (from the running agent) or "spool" (read from the file; agent stopped).
-    pub source: String,
-    pub agent_version: String,
-    pub gateway_id: Option<String>,
-    pub config_version: Option<u64>,
-    pub uptime_seconds: Option<u64>,
-    pub ready: Option<bool>,
-    pub checks: Vec<Check>,
-    pub spool: SpoolStatus,
-    pub brokers: Vec<BrokerStatus>,
-    pub destinations: Vec<DestinationStatus>,
+    pub(crate) source: String,
+    pub(crate) agent_version: String,
+    pub(crate) gateway_id: Option<String>,
+    pub(crate) config_version: Option<u64>,
+    pub(crate) uptime_seconds: Option<u64>,
+    pub(crate) ready: Option<bool>,
+    pub(crate) checks: Vec<Check>,
+    pub(crate) spool: SpoolStatus,
+    pub(crate) brokers: Vec<BrokerStatus>,
+    pub(crate) destinations: Vec<DestinationStatus>,
     /// The fleet config push's report, when `[fleet]` is configured.
     #[serde(default)]
-    pub fleet: Option<crate::fleet::Report>,
+    pub fleet: Option<crate::live::FleetReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SpoolStatus {
-    pub path: String,
-    pub accounting: Accounting,
-    pub balances: bool,
-    pub oldest_pending_age_seconds: Option<f64>,
-    pub file_bytes: Option<u64>,
-    pub disk_free_bytes: Option<u64>,
-    pub max_bytes: Option<u64>,
+pub(crate) struct SpoolStatus {
+    pub(crate) path: String,
+    pub(crate) accounting: Accounting,
+    pub(crate) balances: bool,
+    pub(crate) oldest_pending_age_seconds: Option<f64>,
+    pub(crate) file_bytes: Option<u64>,
+    pub(crate) disk_free_bytes: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BrokerStatus {
-    pub name: String,
-    pub connected: bool,
-    pub connections: u64,
-    pub connection_errors: u64,
-    pub messages: u64,
-    pub unacked: u64,
+pub(crate) struct BrokerStatus {
+    pub(crate) name: String,
+    pub(crate) connected: bool,
+    pub(crate) connections: u64,
+    pub(crate) connection_errors: u64,
+    pub(crate) messages: u64,
+    pub(crate) unacked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DestinationStatus {
-    pub name: String,
-    pub records_accepted: u64,
-    pub entries_accepted: u64,
-    pub entries_throttled: u64,
-    pub entries_failed: u64,
-    pub failing: bool,
-    pub last_success_age_seconds: Option<f64>,
-    pub last_error: Option<String>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+pub(crate) struct DestinationStatus {
+    pub(crate) name: String,
+    pub(crate) records_accepted: u64,
+    pub(crate) entries_accepted: u64,
+    pub(crate) entries_throttled: u64,
+    pub(crate) entries_failed: u64,
+    pub(crate) failing: bool,
+    pub(crate) last_success_age_seconds: Option<f64>,
+    pub(crate) last_error: Option<String>,
 }
 
 impl StatusDoc {
-    pub fn from_live(live: &Live, checks: Vec<Check>) -> StatusDoc {
+    pub(crate) fn from_live(live: &Live, checks: Vec<Check>) -> StatusDoc {
         let committed = live.spool.stats().committed();
         let accounting = committed.accounting();
         let config = live.config();
         let path = &config.spool.path;
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         StatusDoc {
             source: "agent".into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            fleet: live.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            fleet: live.fleet_report(),
             gateway_id: Some(config.gateway_id.clone()),
             config_version: Some(live.config_version.load(Relaxed)),
             uptime_seconds: live.started.elapsed().ok().map(|d| d.as_secs()),
@@ -102,8 +95,8 @@ impl StatusDoc {
                 oldest_pending_age_seconds: committed
                     .oldest_pending_ms
                     .map(|ms| now.saturating_sub(ms) as f64 / 1000.0),
-                file_bytes: crate::admin::process::spool_file_bytes(path),
-                disk_free_bytes: crate::admin::process::disk_free_bytes(path),
+                file_bytes: crate::process::spool_file_bytes(path),
+                disk_free_bytes: crate::process::disk_free_bytes(path),
                 max_bytes: Some(config.spool.max_bytes),
             },
             brokers: live
@@ -155,8 +148,8 @@ impl StatusDoc {
                 balances: accounting.balances(),
                 accounting,
                 oldest_pending_age_seconds: None,
-                file_bytes: crate::admin::process::spool_file_bytes(path),
-                disk_free_bytes: crate::admin::process::disk_free_bytes(path),
+                file_bytes: crate::process::spool_file_bytes(path),
+                disk_free_bytes: crate::process::disk_free_bytes(path),
                 max_bytes: None,
             },
             brokers: Vec::new(),
@@ -299,43 +292,39 @@ pub fn render(doc: &StatusDoc) -> String {
     s
 }
 
-/// GETs `path` from the agent's admin endpoint; the body if the answer is 200.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut response = Vec::new();
-    stream
-        .take(64 << 20)
-        .read_to_end(&mut response)
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8(response).map_err(|_| "the answer is not UTF-8".to_string())?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("the answer has no HTTP header")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("HTTP {status}: {}", body.trim()));
-    }
-    if head
-        .lines()
-        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"))
-    {
-        return Err("unexpected chunked answer".into());
-    }
-    Ok(body.to_string())
+/// Why the running agent's status could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP {status}: {text}")]
+    Status { status: u16, text: String },
+    #[error("cannot read the status document: {0}")]
+    Document(#[from] serde_json::Error),
 }
 
 /// The status document of the agent listening at `addr`.
-pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusDoc, String> {
-    let body = http_get(addr, "/status", timeout)?;
-    serde_json::from_str(&body).map_err(|e| format!("cannot read the status document: {e}"))
+pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusDoc, FetchError> {
+    let get = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(FetchError::Connect)?;
+        Ok::<_, FetchError>(
+            crate::http::get(stream, &addr.to_string(), "/status", &[], 64 << 20).await?,
+        )
+    };
+    let answer = tokio::time::timeout(timeout, get)
+        .await
+        .map_err(|_| FetchError::Timeout(timeout))??;
+    if answer.status != 200 {
+        return Err(FetchError::Status {
+            status: answer.status,
+            text: answer.text(200).trim().to_string(),
+        });
+    }
+    Ok(serde_json::from_slice(&answer.body)?)
 }

@@ -7,11 +7,21 @@
 //! back to a weaker connection (no TLS, no client certificate, no verification) when a file is
 //! missing or wrong: that is an error that stops the start.
 
-use crate::config::TlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// TLS client settings: PEM files, read when the agent starts (and by `config validate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// CA certificates that may sign the server's certificate; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// ALPN protocol names to offer (AWS IoT Core on port 443: `x-amzn-mqtt-ca`).
+    pub alpn: Vec<String>,
+}
 
 /// A TLS file that cannot be used, with the file named and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -19,35 +29,14 @@ use std::sync::Arc;
 pub struct TlsError(String);
 
 impl TlsError {
-    pub fn new(message: String) -> TlsError {
-        TlsError(message)
+    pub(crate) fn not_a_host_name(host: &str) -> TlsError {
+        TlsError(format!("`{host}` is not a host name"))
     }
-}
 
-/// The TLS client config of each broker, in config order (`None`: plain MQTT). Reads their
-/// files now, so the agent refuses to start on a bad one.
-pub fn broker_configs(
-    config: &crate::config::Config,
-) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, TlsError> {
-    config
-        .brokers
-        .iter()
-        .map(|b| match &b.tls {
-            Some(t) => client_config(t)
-                .map(Some)
-                .map_err(|e| TlsError(format!("broker `{}` TLS: {e}", b.name))),
-            None => Ok(None),
-        })
-        .collect()
-}
-
-/// Reads every TLS file the config names, as the agent would at start (`config validate`).
-pub fn check_files(config: &crate::config::Config) -> Result<(), TlsError> {
-    broker_configs(config)?;
-    if let Some(iot) = &config.aws.iot_credentials {
-        client_config(&iot.tls).map_err(|e| TlsError(format!("aws.iot_credentials: {e}")))?;
+    /// The same error, said of `what` (a broker, a credentials provider).
+    pub(crate) fn context(self, what: &str) -> TlsError {
+        TlsError(format!("{what}: {}", self.0))
     }
-    Ok(())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -73,7 +62,7 @@ fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>,
 }
 
 /// Refuses a key file that users other than its owner and group can read or write.
-pub fn check_key_permissions(path: &Path) -> Result<(), TlsError> {
+pub(crate) fn check_key_permissions(path: &Path) -> Result<(), TlsError> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| TlsError(format!("cannot read private key {}: {e}", path.display())))?;
@@ -108,7 +97,7 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Builds the client config for `tls`: its CA file (or the system's roots), its client
 /// certificate and key if set, its ALPN names. Reads every file now, so a bad one stops the
 /// start with its name rather than failing each connection later.
-pub fn client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub(crate) fn client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match &tls.ca_file {
         Some(path) => {
@@ -178,7 +167,7 @@ fn find_rustls_error<'a>(
 
 /// Explains a failed TLS connection in terms of the config's files, or `None` when `err` is
 /// not a TLS error (plain I/O, MQTT) and its own text says enough.
-pub fn explain(err: &(dyn std::error::Error + 'static), tls: &TlsConfig) -> Option<String> {
+pub(crate) fn explain(err: &(dyn std::error::Error + 'static), tls: &TlsConfig) -> Option<String> {
     use rustls::{AlertDescription as A, CertificateError as C};
     let e = find_rustls_error(err)?;
     let ca = match &tls.ca_file {

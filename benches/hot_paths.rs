@@ -5,10 +5,10 @@
 //! `cargo bench --bench hot_paths` (add `-- frame` etc. to pick one group).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgeship::batcher::Batcher;
 use edgeship::config::SyncLevel;
 use edgeship::frame;
-use edgeship::shard::{even_ranges, ShardMap};
+use edgeship::ship::batcher::Batcher;
+use edgeship::sink::kinesis::shard::{even_ranges, ShardMap};
 use edgeship::spool::store::{NewRecord, Store};
 use edgeship::spool::BlockMeta;
 use std::hint::black_box;

@@ -47,6 +47,8 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+echo "==> no import cycles among the agent's modules"
+python3 scripts/module-cycles.py
 echo "==> cargo clippy -D warnings"
 cargo clippy --release --all-targets --locked -- -D warnings
 # The packages' feature set (no demo) too.

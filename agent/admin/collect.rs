@@ -6,23 +6,18 @@
 //! error codes (both bounded); never a device id or a topic.
 
 use super::exposition::{Exposition, Kind};
-use super::process;
-use crate::config::DestinationConfig;
-use crate::pipeline::Live;
+use crate::live::Live;
+use crate::process;
+use crate::sink::DestinationConfig;
+use crate::spool::Counter;
 use std::sync::atomic::Ordering::Relaxed;
-
-fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// The destination a route's records go to ("" for messages no route took).
 fn destination_of<'a>(config: &'a crate::config::Config, route: &str) -> &'a str {
     config.route(route).map_or("", |r| r.destination.as_str())
 }
 
-pub fn render(live: &Live) -> String {
+pub(crate) fn render(live: &Live) -> String {
     let mut e = Exposition::default();
     accounting(&mut e, live);
     spool(&mut e, live);
@@ -43,12 +38,12 @@ fn accounting(e: &mut Exposition, live: &Live) {
     for (name, counter, help) in [
         (
             "edgeship_records_received_total",
-            "received",
+            Counter::Received,
             "Messages committed to the spool (every outcome starts here), by route.",
         ),
         (
             "edgeship_records_delivered_total",
-            "delivered",
+            Counter::Delivered,
             "Records their destination accepted, by route.",
         ),
     ] {
@@ -67,11 +62,11 @@ fn accounting(e: &mut Exposition, live: &Live) {
         "Messages dropped, by route and reason (no_route, oversize, spool_full, corrupt). Nothing else is ever dropped.",
     );
     for ((route, counter), value) in &c.counters {
-        if let Some(reason) = counter.strip_prefix("dropped_") {
+        if let Counter::Dropped(reason) = counter {
             let labels = [
                 ("route", route.as_str()),
                 ("destination", destination_of(&config, route)),
-                ("reason", reason),
+                ("reason", reason.as_str()),
             ];
             e.sample("edgeship_records_dropped_total", &labels, *value);
         }
@@ -102,9 +97,9 @@ fn accounting(e: &mut Exposition, live: &Live) {
         ];
         e.sample("edgeship_spool_pending_bytes", &labels, bytes);
     }
-    let age = c
-        .oldest_pending_ms
-        .map_or(0.0, |ms| (now_secs() - ms as f64 / 1000.0).max(0.0));
+    let age = c.oldest_pending_ms.map_or(0.0, |ms| {
+        (crate::clock::now_secs_f64() - ms as f64 / 1000.0).max(0.0)
+    });
     e.single(
         "edgeship_spool_oldest_pending_age_seconds",
         Kind::Gauge,
@@ -200,7 +195,7 @@ fn spool(e: &mut Exposition, live: &Live) {
 
 fn mqtt(e: &mut Exposition, live: &Live) {
     type Read = fn(&crate::source::mqtt::SourceStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 9] = [
+    let families: [(&str, Kind, &str, Read); 10] = [
         (
             "edgeship_mqtt_connected",
             Kind::Gauge,
@@ -236,6 +231,12 @@ fn mqtt(e: &mut Exposition, live: &Live) {
             Kind::Counter,
             "Topic filters the broker refused.",
             |s| s.subscriptions_refused.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_stale_acks_total",
+            Kind::Counter,
+            "Acks not written because their message came in on a session the broker did not keep (it sends the message again).",
+            |s| s.stale_acks.load(Relaxed),
         ),
         (
             "edgeship_mqtt_messages_received_total",
@@ -281,10 +282,11 @@ fn destinations(e: &mut Exposition, live: &Live) {
         Some(DestinationConfig::Kinesis(k)) => k.stream.clone(),
         _ => String::new(),
     };
-    let kind = |name: &str| match live.config().destinations.get(name) {
-        Some(DestinationConfig::Kinesis(_)) => "kinesis",
-        Some(DestinationConfig::Directory { .. }) => "directory",
-        None => "",
+    let kind = |name: &str| {
+        live.config()
+            .destinations
+            .get(name)
+            .map_or("", DestinationConfig::kind)
     };
     e.family(
         "edgeship_destination_info",
@@ -299,7 +301,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
             1u64,
         );
     }
-    type Read = fn(&crate::shipper::ShipperStats) -> u64;
+    type Read = fn(&crate::ship::stats::ShipperStats) -> u64;
     let families: [(&str, Kind, &str, Read); 10] = [
         (
             "edgeship_destination_calls_total",
@@ -446,7 +448,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         );
     }
     // Per shard, for destinations with shards (Kinesis). Closed shards stay until restart.
-    type Shard = fn(&crate::shipper::ShardCounters) -> u64;
+    type Shard = fn(&crate::ship::stats::ShardCounters) -> u64;
     let per_shard: [(&str, &str, Shard); 3] = [
         (
             "edgeship_kinesis_shard_records_total",
@@ -524,7 +526,7 @@ fn agent(e: &mut Exposition, live: &Live) {
         "Version of the applied config document (0: the local file).",
         live.config_version.load(Relaxed),
     );
-    let fleet = live.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let fleet = live.fleet_report();
     if let Some(f) = fleet {
         e.family(
             "edgeship_fleet_documents_total",
@@ -589,10 +591,7 @@ fn agent(e: &mut Exposition, live: &Live) {
             "process_start_time_seconds",
             Kind::Gauge,
             "Start time of the process since the Unix epoch in seconds.",
-            live.started
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs_f64()),
+            Some(crate::clock::unix_ms(live.started) as f64 / 1000.0),
         ),
         (
             "process_open_fds",

@@ -9,7 +9,7 @@ use crate::metrics::Cumulative;
 use std::fmt::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
@@ -27,12 +27,12 @@ impl Kind {
 
 /// Accumulates one scrape's text.
 #[derive(Default)]
-pub struct Exposition {
+pub(crate) struct Exposition {
     out: String,
 }
 
 /// A sample value: counters and most gauges are integers, the rest floats.
-pub trait Value {
+pub(crate) trait Value {
     fn write_to(&self, out: &mut String);
 }
 
@@ -86,14 +86,19 @@ fn write_labels(out: &mut String, labels: &[(&str, &str)], extra: Option<(&str, 
 
 impl Exposition {
     /// Starts a family. Its samples must follow before the next family starts.
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
+    pub(crate) fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {}", kind.as_str());
         self
     }
 
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Value) -> &mut Self {
+    pub(crate) fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl Value,
+    ) -> &mut Self {
         self.out.push_str(name);
         write_labels(&mut self.out, labels, None);
         self.out.push(' ');
@@ -103,12 +108,23 @@ impl Exposition {
     }
 
     /// A one-sample family.
-    pub fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Value) -> &mut Self {
+    pub(crate) fn single(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        value: impl Value,
+    ) -> &mut Self {
         self.family(name, kind, help).sample(name, &[], value)
     }
 
     /// The `_bucket`, `_sum` and `_count` samples of one histogram series.
-    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Cumulative) -> &mut Self {
+    pub(crate) fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        h: &Cumulative,
+    ) -> &mut Self {
         let bucket = format!("{name}_bucket");
         for (le, count) in &h.buckets {
             let le = le.to_string();
@@ -123,7 +139,7 @@ impl Exposition {
         self.sample(&format!("{name}_count"), labels, h.count)
     }
 
-    pub fn finish(self) -> String {
+    pub(crate) fn finish(self) -> String {
         self.out
     }
 }

@@ -5,28 +5,31 @@
 //! destination either accepts calls or its backlog is still small (under half the spool cap),
 //! so a short uplink outage does not flap a fleet monitor. Checks only read live figures.
 
-use crate::pipeline::Live;
+use crate::live::Live;
 use crate::status::Check;
 use std::sync::atomic::Ordering::Relaxed;
 
-pub fn alive(live: &Live) -> bool {
+pub(crate) fn alive(live: &Live) -> bool {
     !live.spool.stats().stopped.load(Relaxed)
 }
 
-pub fn readiness(live: &Live) -> Vec<Check> {
+pub(crate) fn readiness(live: &Live) -> Vec<Check> {
     let mut checks = Vec::new();
     for (name, s) in &live.sources {
-        let ok = s.connected.load(Relaxed);
+        let connected = s.connected.load(Relaxed);
+        let subscribed = s.subscriptions_settled();
         checks.push(Check {
             name: format!("broker {name}"),
-            ok,
-            detail: if ok {
-                "connected".into()
-            } else {
+            ok: connected && subscribed,
+            detail: if !connected {
                 format!(
                     "not connected ({} failed attempts so far)",
                     s.connection_errors.load(Relaxed)
                 )
+            } else if !subscribed {
+                "connected; the broker has not granted the subscriptions yet".into()
+            } else {
+                "connected".into()
             },
         });
     }

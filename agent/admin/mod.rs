@@ -7,11 +7,10 @@
 //! only read live figures; this module must never block the pipeline or change its state.
 
 mod collect;
-pub mod exposition;
-pub mod health;
-pub mod process;
+pub(crate) mod exposition;
+pub(crate) mod health;
 
-use crate::pipeline::Live;
+use crate::live::Live;
 use crate::status::StatusDoc;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -23,11 +22,11 @@ use std::time::Duration;
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
 
-pub use collect::render as render_metrics;
+pub(crate) use collect::render as render_metrics;
 
 /// Binds `addr` and serves until the returned task is aborted. Returns the bound address
 /// (useful with port 0).
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     live: Live,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

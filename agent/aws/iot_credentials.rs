@@ -10,18 +10,30 @@
 //! It must never log or expose the secret key or session token, and never send a request
 //! without the client certificate.
 
-use crate::config::IotCredentialsConfig;
+use crate::backoff::Backoff;
 use crate::logging::Repeated;
-use crate::shipper::Backoff;
+use crate::tls::TlsConfig;
 use aws_credential_types::provider::{error::CredentialsError, future, ProvideCredentials};
 use aws_credential_types::Credentials;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
 use rustls::pki_types::ServerName;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+/// The AWS IoT credentials provider: temporary credentials for a role alias, fetched over
+/// mutual TLS with the device's certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct IotCredentialsConfig {
+    /// `https://host[:port]`: the account's credentials endpoint
+    /// (`aws iot describe-endpoint --endpoint-type iot:CredentialProvider`).
+    pub(crate) endpoint: String,
+    pub(crate) role_alias: String,
+    /// Sent as `x-amzn-iot-thingname`; the thing the certificate is attached to.
+    pub(crate) thing_name: String,
+    /// Certificate and key (required), CA bundle for the endpoint.
+    pub(crate) tls: TlsConfig,
+}
 
 /// How long one fetch (connect, handshake, answer) may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,15 +42,15 @@ const EXPIRY_SLACK: Duration = Duration::from_secs(10);
 
 /// Live figures of the provider, for metrics.
 #[derive(Debug, Default)]
-pub struct CredentialStats {
-    pub fetches: AtomicU64,
-    pub fetch_errors: AtomicU64,
+pub(crate) struct CredentialStats {
+    pub(crate) fetches: AtomicU64,
+    pub(crate) fetch_errors: AtomicU64,
     /// Unix seconds at which the current credentials expire; 0 before the first fetch.
-    pub expires_unix: AtomicU64,
+    pub(crate) expires_unix: AtomicU64,
 }
 
 #[derive(Clone)]
-pub struct IotCredentials {
+pub(crate) struct IotCredentials {
     inner: Arc<Inner>,
 }
 
@@ -104,9 +116,32 @@ fn refresh_point(now: Instant, expires: SystemTime) -> Instant {
     now + (lifetime - margin)
 }
 
+/// Why credentials could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("connecting to {host}:{port}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    /// The handshake or the server refused the device certificate; explained against the
+    /// configured files when possible.
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Http(crate::http::HttpError),
+    #[error("HTTP {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error("the answer is not the credentials document: {0}")]
+    Answer(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// The endpoint's answer: `{"credentials": {"accessKeyId", "secretAccessKey", "sessionToken",
 /// "expiration"}}`.
-fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), String> {
+fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), FetchError> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Creds {
@@ -119,8 +154,7 @@ fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), String> {
     struct Answer {
         credentials: Creds,
     }
-    let a: Answer = serde_json::from_slice(body)
-        .map_err(|e| format!("the answer is not the credentials document: {e}"))?;
+    let a: Answer = serde_json::from_slice(body).map_err(|e| FetchError::Answer(e.to_string()))?;
     let expires = aws_smithy_types::DateTime::from_str(
         &a.credentials.expiration,
         aws_smithy_types::date_time::Format::DateTime,
@@ -128,10 +162,10 @@ fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), String> {
     .ok()
     .and_then(|d| SystemTime::try_from(d).ok())
     .ok_or_else(|| {
-        format!(
+        FetchError::Answer(format!(
             "expiration `{}` is not an RFC 3339 time",
             a.credentials.expiration
-        )
+        ))
     })?;
     let credentials = Credentials::new(
         a.credentials.access_key_id,
@@ -146,13 +180,13 @@ fn parse_answer(body: &[u8]) -> Result<(Credentials, SystemTime), String> {
 impl IotCredentials {
     /// Reads the certificate and key (refusing a world-readable key) and starts the background
     /// fetch-and-refresh task. Needs a tokio runtime.
-    pub fn start(config: &IotCredentialsConfig) -> Result<IotCredentials, crate::tls::TlsError> {
+    pub(crate) fn start(
+        config: &IotCredentialsConfig,
+    ) -> Result<IotCredentials, crate::tls::TlsError> {
         let tls = crate::tls::client_config(&config.tls)?;
         let (host, port) = host_port(&config.endpoint);
         let server_name = ServerName::try_from(host.clone()).map_err(|_| {
-            crate::tls::TlsError::new(format!(
-                "aws.iot_credentials.endpoint: `{host}` is not a host name"
-            ))
+            crate::tls::TlsError::not_a_host_name(&host).context("aws.iot_credentials.endpoint")
         })?;
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -173,7 +207,7 @@ impl IotCredentials {
         Ok(IotCredentials { inner })
     }
 
-    pub fn stats(&self) -> Arc<CredentialStats> {
+    pub(crate) fn stats(&self) -> Arc<CredentialStats> {
         self.inner.stats.clone()
     }
 }
@@ -249,66 +283,64 @@ impl Inner {
                         "cannot get AWS credentials from the AWS IoT credentials provider"
                     );
                 }
-                st.last_error = Some(e);
+                st.last_error = Some(e.to_string());
                 st.cached_or_error()
             }
         }
     }
 
-    async fn fetch(&self) -> Result<(Credentials, SystemTime), String> {
+    async fn fetch(&self) -> Result<(Credentials, SystemTime), FetchError> {
         match tokio::time::timeout(FETCH_TIMEOUT, self.fetch_once()).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
+            Err(_) => Err(FetchError::Timeout(FETCH_TIMEOUT)),
         }
     }
 
-    async fn fetch_once(&self) -> Result<(Credentials, SystemTime), String> {
+    async fn fetch_once(&self) -> Result<(Credentials, SystemTime), FetchError> {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("connecting to {}:{}: {e}", self.host, self.port))?;
+            .map_err(|source| FetchError::Connect {
+                host: self.host.clone(),
+                port: self.port,
+                source,
+            })?;
         let stream = self
             .connector
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| match crate::tls::explain(&e, &self.config.tls) {
-                Some(why) => format!("TLS: {why}"),
-                None => format!("TLS: {e}"),
+            .map_err(|e| {
+                FetchError::Tls(match crate::tls::explain(&e, &self.config.tls) {
+                    Some(why) => why,
+                    None => e.to_string(),
+                })
             })?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("HTTP: {e}"))?;
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::get(format!(
-            "/role-aliases/{}/credentials",
-            self.config.role_alias
-        ))
-        .header(hyper::header::HOST, self.host.as_str())
-        .header("x-amzn-iot-thingname", self.config.thing_name.as_str())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("HTTP request: {e}"))?;
-        let answer = sender.send_request(request).await.map_err(|e| {
+        let answer = crate::http::get(
+            stream,
+            &self.host,
+            &format!("/role-aliases/{}/credentials", self.config.role_alias),
+            &[("x-amzn-iot-thingname", self.config.thing_name.as_str())],
+            64 << 10,
+        )
+        .await
+        .map_err(|e| {
             // A server that refuses the client certificate in TLS 1.3 says so here.
-            let why = std::error::Error::source(&e)
-                .and_then(|s| crate::tls::explain(s, &self.config.tls));
+            let why = match &e {
+                crate::http::HttpError::Request(h) => std::error::Error::source(h)
+                    .and_then(|s| crate::tls::explain(s, &self.config.tls)),
+                _ => None,
+            };
             match why {
-                Some(why) => format!("TLS: {why}"),
-                None => format!("HTTP: {e}"),
+                Some(why) => FetchError::Tls(why),
+                None => FetchError::Http(e),
             }
         })?;
-        let status = answer.status();
-        let body = Limited::new(answer.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        driver.abort();
-        if !status.is_success() {
+        let (status, body) = (answer.status, answer.body);
+        if !(200..300).contains(&status) {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
-            return Err(format!("HTTP {status}: {message}"));
+            return Err(FetchError::Refused { status, message });
         }
         parse_answer(&body)
     }

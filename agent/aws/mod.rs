@@ -5,35 +5,41 @@
 //! It must never log credentials, and never let the SDK retry on its own: the shipper decides
 //! what is resent.
 
-pub mod iot_credentials;
+pub(crate) mod iot_credentials;
 
-use crate::config::AwsConfig;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
 use aws_credential_types::provider::SharedCredentialsProvider;
 use std::time::Duration;
 
 /// Longest wait for a connection to an AWS endpoint.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest attempt of a small call (reads, discovery). Calls that carry data set their own,
 /// from their size and the measured uplink rate (see `crate::uplink`).
-pub const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where AWS credentials come from: the standard chain (environment, profile, container,
+/// IMDS) unless `iot_credentials` is set.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AwsConfig {
+    pub(crate) iot_credentials: Option<iot_credentials::IotCredentialsConfig>,
+}
 
 /// Where the agent's AWS credentials come from.
 #[derive(Clone, Default)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// `None`: the SDK's standard chain.
-    pub provider: Option<SharedCredentialsProvider>,
+    pub(crate) provider: Option<SharedCredentialsProvider>,
     /// The AWS IoT provider's figures, when it is the source.
-    pub iot_stats: Option<std::sync::Arc<iot_credentials::CredentialStats>>,
+    pub(crate) iot_stats: Option<std::sync::Arc<iot_credentials::CredentialStats>>,
 }
 
 /// The credentials provider the config names, started (the IoT provider fetches its first
 /// credentials in the background at once).
-pub fn credentials(config: &AwsConfig) -> Result<Credentials, crate::tls::TlsError> {
+pub(crate) fn credentials(config: &AwsConfig) -> Result<Credentials, crate::tls::TlsError> {
     Ok(match &config.iot_credentials {
         Some(iot) => {
             let provider = iot_credentials::IotCredentials::start(iot)
-                .map_err(|e| crate::tls::TlsError::new(format!("aws.iot_credentials: {e}")))?;
+                .map_err(|e| e.context("aws.iot_credentials"))?;
             Credentials {
                 iot_stats: Some(provider.stats()),
                 provider: Some(SharedCredentialsProvider::new(provider)),
@@ -41,6 +47,27 @@ pub fn credentials(config: &AwsConfig) -> Result<Credentials, crate::tls::TlsErr
         }
         None => Credentials::default(),
     })
+}
+
+/// A failed SDK call in words: the innermost causes joined (e.g. `io error: Connection
+/// refused (os error 111)`), never a Debug dump of the SDK's error types.
+pub(crate) fn describe_sdk_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut causes: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        // Wrappers repeat their source's text or say nothing ("dispatch failure").
+        if !text.is_empty() && !causes.iter().any(|c| c.contains(&text)) {
+            causes.push(text);
+        }
+        next = e.source();
+    }
+    // The innermost causes say what happened; the outer ones only how it was called.
+    causes.retain(|t| !matches!(t.as_str(), "dispatch failure" | "other" | "io error"));
+    match causes.len() {
+        0 => err.to_string(),
+        n => causes[n.saturating_sub(2)..].join(": "),
+    }
 }
 
 /// Loads the AWS config the way every AWS client of the agent does.

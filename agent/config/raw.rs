@@ -5,55 +5,56 @@
 //! these structs into the typed [`super::Config`]. Keep defaults out of this module too.
 
 use super::units::{ByteSize, HumanDuration};
+use crate::frame::encoder::FrameFormat;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::Spanned;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub gateway_id: Option<Spanned<String>>,
-    pub shutdown_timeout: Option<HumanDuration>,
+pub(crate) struct RawConfig {
+    pub(crate) gateway_id: Option<Spanned<String>>,
+    pub(crate) shutdown_timeout: Option<HumanDuration>,
     #[serde(default)]
-    pub spool: RawSpool,
+    pub(crate) spool: RawSpool,
     #[serde(default)]
-    pub batch: RawBatch,
+    pub(crate) batch: RawBatch,
     #[serde(default)]
-    pub broker: Vec<RawBroker>,
+    pub(crate) broker: Vec<RawBroker>,
     #[serde(default)]
-    pub route: Vec<RawRoute>,
+    pub(crate) route: Vec<RawRoute>,
     #[serde(default)]
-    pub destination: BTreeMap<String, Spanned<RawDestination>>,
+    pub(crate) destination: BTreeMap<String, Spanned<RawDestination>>,
     #[serde(default)]
-    pub admin: RawAdmin,
+    pub(crate) admin: RawAdmin,
     #[serde(default)]
-    pub aws: RawAws,
-    pub fleet: Option<Spanned<RawFleet>>,
+    pub(crate) aws: RawAws,
+    pub(crate) fleet: Option<Spanned<RawFleet>>,
 }
 
 /// `[fleet]`: where signed config documents come from (local file only).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawFleet {
+pub(crate) struct RawFleet {
     /// Public keys allowed to sign config documents, `ed25519:<base64>`.
-    pub keys: Spanned<Vec<String>>,
-    pub groups: Option<Vec<String>>,
-    pub topic_prefix: Option<Spanned<String>>,
-    pub broker: Option<Spanned<String>>,
-    pub client_id: Option<String>,
-    pub file: Option<String>,
-    pub state_dir: Option<String>,
-    pub health_timeout: Option<HumanDuration>,
-    pub status_interval: Option<HumanDuration>,
-    pub shadow: Option<RawShadow>,
+    pub(crate) keys: Spanned<Vec<String>>,
+    pub(crate) groups: Option<Vec<String>>,
+    pub(crate) topic_prefix: Option<Spanned<String>>,
+    pub(crate) broker: Option<Spanned<String>>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) file: Option<String>,
+    pub(crate) state_dir: Option<String>,
+    pub(crate) health_timeout: Option<HumanDuration>,
+    pub(crate) status_interval: Option<HumanDuration>,
+    pub(crate) shadow: Option<RawShadow>,
 }
 
 /// `[fleet.shadow]`: the same documents through an AWS IoT named shadow.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawShadow {
-    pub name: Option<String>,
-    pub thing_name: Option<String>,
+pub(crate) struct RawShadow {
+    pub(crate) name: Option<String>,
+    pub(crate) thing_name: Option<String>,
 }
 
 /// What a fleet config document may set: the sections it names replace the local file's.
@@ -61,68 +62,68 @@ pub struct RawShadow {
 /// local, so a pushed document can neither cut the gateway off nor change who may sign.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPushed {
-    pub shutdown_timeout: Option<HumanDuration>,
-    pub spool: Option<RawSpoolLimits>,
-    pub batch: Option<RawBatch>,
-    pub route: Option<Vec<RawRoute>>,
-    pub destination: Option<BTreeMap<String, Spanned<RawDestination>>>,
+pub(crate) struct RawPushed {
+    pub(crate) shutdown_timeout: Option<HumanDuration>,
+    pub(crate) spool: Option<RawSpoolLimits>,
+    pub(crate) batch: Option<RawBatch>,
+    pub(crate) route: Option<Vec<RawRoute>>,
+    pub(crate) destination: Option<BTreeMap<String, Spanned<RawDestination>>>,
 }
 
 /// The spool settings a fleet document may change (not its file or sync level).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawSpoolLimits {
-    pub max_bytes: Option<ByteSize>,
-    pub full_policy: Option<FullPolicy>,
-    pub max_dead_letters: Option<u64>,
-    pub commit_interval: Option<HumanDuration>,
+pub(crate) struct RawSpoolLimits {
+    pub(crate) max_bytes: Option<ByteSize>,
+    pub(crate) full_policy: Option<FullPolicy>,
+    pub(crate) max_dead_letters: Option<u64>,
+    pub(crate) commit_interval: Option<HumanDuration>,
 }
 
 /// `[aws]`: how the agent gets AWS credentials (the standard chain unless a source is named).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAws {
-    pub iot_credentials: Option<Spanned<RawIotCredentials>>,
+pub(crate) struct RawAws {
+    pub(crate) iot_credentials: Option<Spanned<RawIotCredentials>>,
 }
 
 /// `[aws.iot_credentials]`: the AWS IoT credentials provider (device certificate + role alias).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIotCredentials {
-    pub endpoint: String,
-    pub role_alias: String,
-    pub thing_name: Option<String>,
-    pub cert: String,
-    pub key: String,
-    pub ca_file: Option<String>,
+pub(crate) struct RawIotCredentials {
+    pub(crate) endpoint: String,
+    pub(crate) role_alias: String,
+    pub(crate) thing_name: Option<String>,
+    pub(crate) cert: String,
+    pub(crate) key: String,
+    pub(crate) ca_file: Option<String>,
 }
 
 /// `[broker.tls]`: TLS to the broker; its presence turns TLS on.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub ca_file: Option<String>,
-    pub client_cert: Option<String>,
-    pub client_key: Option<String>,
-    pub alpn: Option<Vec<String>>,
+pub(crate) struct RawTls {
+    pub(crate) ca_file: Option<String>,
+    pub(crate) client_cert: Option<String>,
+    pub(crate) client_key: Option<String>,
+    pub(crate) alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    pub listen: Option<Spanned<String>>,
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawSpool {
-    pub path: Option<String>,
-    pub max_bytes: Option<ByteSize>,
-    pub full_policy: Option<FullPolicy>,
-    pub sync: Option<SyncLevel>,
-    pub max_dead_letters: Option<u64>,
-    pub commit_interval: Option<HumanDuration>,
+pub(crate) struct RawSpool {
+    pub(crate) path: Option<String>,
+    pub(crate) max_bytes: Option<ByteSize>,
+    pub(crate) full_policy: Option<FullPolicy>,
+    pub(crate) sync: Option<SyncLevel>,
+    pub(crate) max_dead_letters: Option<u64>,
+    pub(crate) commit_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -148,31 +149,31 @@ pub enum SyncLevel {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBatch {
-    pub linger: Option<HumanDuration>,
-    pub frame_bytes: Option<ByteSize>,
-    pub zstd_level: Option<Spanned<i32>>,
-    pub max_message_bytes: Option<ByteSize>,
-    pub max_call_bytes: Option<ByteSize>,
+pub(crate) struct RawBatch {
+    pub(crate) linger: Option<HumanDuration>,
+    pub(crate) frame_bytes: Option<ByteSize>,
+    pub(crate) zstd_level: Option<Spanned<i32>>,
+    pub(crate) max_message_bytes: Option<ByteSize>,
+    pub(crate) max_call_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBroker {
-    pub name: Option<String>,
-    pub host: Spanned<String>,
-    pub port: Option<u16>,
-    pub protocol: Option<MqttProtocol>,
-    pub client_id: Option<Spanned<String>>,
-    pub keep_alive: Option<HumanDuration>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub max_unacked: Option<Spanned<u32>>,
-    pub max_packet_bytes: Option<ByteSize>,
+pub(crate) struct RawBroker {
+    pub(crate) name: Option<String>,
+    pub(crate) host: Spanned<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) protocol: Option<MqttProtocol>,
+    pub(crate) client_id: Option<Spanned<String>>,
+    pub(crate) keep_alive: Option<HumanDuration>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) max_unacked: Option<Spanned<u32>>,
+    pub(crate) max_packet_bytes: Option<ByteSize>,
     /// Topic filters to subscribe to instead of the routes' filters (e.g. "#" to see, and
     /// count, what no route takes).
-    pub subscribe: Option<Spanned<Vec<String>>>,
-    pub tls: Option<Spanned<RawTls>>,
+    pub(crate) subscribe: Option<Spanned<Vec<String>>>,
+    pub(crate) tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -185,31 +186,19 @@ pub enum MqttProtocol {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    pub name: Spanned<String>,
-    pub topics: Spanned<Vec<String>>,
-    pub destination: Spanned<String>,
-    pub partition_key: Option<Spanned<String>>,
-    pub explicit_hash_key: Option<Spanned<String>>,
-    pub qos: Option<Spanned<u8>>,
-    pub format: Option<FrameFormat>,
-}
-
-/// How a route's records are packed into destination records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FrameFormat {
-    /// edgeship's frame (FORMAT.md): zstd-compressed, every record's id, topic and time.
-    #[default]
-    Edgeship,
-    /// The Kinesis Producer Library's aggregated record: payloads as they are, readable by
-    /// the KCL and the Lambda deaggregation modules; not compressed.
-    Kpl,
+pub(crate) struct RawRoute {
+    pub(crate) name: Spanned<String>,
+    pub(crate) topics: Spanned<Vec<String>>,
+    pub(crate) destination: Spanned<String>,
+    pub(crate) partition_key: Option<Spanned<String>>,
+    pub(crate) explicit_hash_key: Option<Spanned<String>>,
+    pub(crate) qos: Option<Spanned<u8>>,
+    pub(crate) format: Option<FrameFormat>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawDestination {
+pub(crate) enum RawDestination {
     Kinesis {
         stream: String,
         region: Option<String>,

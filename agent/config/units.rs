@@ -9,20 +9,38 @@ use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
 
+/// A size or a duration that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("`{0}` is not a size; write e.g. \"512MiB\", \"64KiB\" or 1048576")]
+    NotASize(String),
+    #[error("unknown size unit `{unit}` in `{text}`; use B, KB, KiB, MB, MiB, GB or GiB")]
+    SizeUnit { unit: String, text: String },
+    #[error("`{0}` is not a duration; write e.g. \"250ms\", \"30s\" or \"5m\"")]
+    NotADuration(String),
+    #[error("duration `{0}` needs a unit: ms, s, m, h or d")]
+    NoDurationUnit(String),
+    #[error("unknown duration unit `{unit}` in `{text}`; use ms, s, m, h or d")]
+    DurationUnit { unit: String, text: String },
+    #[error("{what} `{text}` is out of range")]
+    OutOfRange { what: &'static str, text: String },
+}
+
 /// A size in bytes, written as an integer or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
+pub(crate) struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(text: &str) -> Result<ByteSize, String> {
+    pub(crate) fn parse(text: &str) -> Result<ByteSize, UnitError> {
         let text = text.trim();
         let split = text
             .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
             .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
-        let number: f64 = number.replace('_', "").parse().map_err(|_| {
-            format!("`{text}` is not a size; write e.g. \"512MiB\", \"64KiB\" or 1048576")
-        })?;
+        let number: f64 = number
+            .replace('_', "")
+            .parse()
+            .map_err(|_| UnitError::NotASize(text.to_string()))?;
         let multiplier: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" | "kB" => 1_000,
@@ -32,19 +50,23 @@ impl ByteSize {
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
             other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{text}`; use B, KB, KiB, MB, MiB, GB or GiB"
-                ))
+                return Err(UnitError::SizeUnit {
+                    unit: other.to_string(),
+                    text: text.to_string(),
+                })
             }
         };
         let bytes = number * multiplier as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("size `{text}` is out of range"));
+            return Err(UnitError::OutOfRange {
+                what: "size",
+                text: text.to_string(),
+            });
         }
         Ok(ByteSize(bytes.round() as u64))
     }
 
-    pub fn bytes(self) -> u64 {
+    pub(crate) fn bytes(self) -> u64 {
         self.0
     }
 }
@@ -93,31 +115,35 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
-    pub fn parse(text: &str) -> Result<HumanDuration, String> {
+    pub fn parse(text: &str) -> Result<HumanDuration, UnitError> {
         let text = text.trim();
         let split = text
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
-        let number: f64 = number.parse().map_err(|_| {
-            format!("`{text}` is not a duration; write e.g. \"250ms\", \"30s\" or \"5m\"")
-        })?;
+        let number: f64 = number
+            .parse()
+            .map_err(|_| UnitError::NotADuration(text.to_string()))?;
         let seconds = match unit.trim() {
             "ms" => number / 1000.0,
             "s" => number,
             "m" => number * 60.0,
             "h" => number * 3600.0,
             "d" => number * 86400.0,
-            "" => return Err(format!("duration `{text}` needs a unit: ms, s, m, h or d")),
+            "" => return Err(UnitError::NoDurationUnit(text.to_string())),
             other => {
-                return Err(format!(
-                    "unknown duration unit `{other}` in `{text}`; use ms, s, m, h or d"
-                ))
+                return Err(UnitError::DurationUnit {
+                    unit: other.to_string(),
+                    text: text.to_string(),
+                })
             }
         };
         Duration::try_from_secs_f64(seconds)
             .map(HumanDuration)
-            .map_err(|_| format!("duration `{text}` is out of range"))
+            .map_err(|_| UnitError::OutOfRange {
+                what: "duration",
+                text: text.to_string(),
+            })
     }
 }
 
@@ -151,6 +177,7 @@ mod tests {
         assert_eq!(ByteSize::parse("1_000").unwrap().bytes(), 1000);
         assert!(ByteSize::parse("12 parsecs")
             .unwrap_err()
+            .to_string()
             .contains("unknown size unit"));
         assert!(ByteSize::parse("MiB").is_err());
     }
@@ -167,6 +194,7 @@ mod tests {
         );
         assert!(HumanDuration::parse("30")
             .unwrap_err()
+            .to_string()
             .contains("needs a unit"));
         assert!(HumanDuration::parse("3 fortnights").is_err());
     }

@@ -14,24 +14,24 @@ use tokio::sync::mpsc;
 
 /// The topics of one gateway.
 #[derive(Debug, Clone)]
-pub struct Topics {
-    pub gateway: String,
-    pub groups: Vec<(String, String)>,
-    pub status: String,
-    pub shadow: Option<ShadowTopics>,
+pub(crate) struct Topics {
+    pub(crate) gateway: String,
+    pub(crate) groups: Vec<(String, String)>,
+    pub(crate) status: String,
+    pub(crate) shadow: Option<ShadowTopics>,
 }
 
 /// A named AWS IoT shadow's reserved topics (as AWS documents them).
 #[derive(Debug, Clone)]
-pub struct ShadowTopics {
-    pub get: String,
-    pub get_accepted: String,
-    pub delta: String,
-    pub update: String,
+pub(crate) struct ShadowTopics {
+    pub(crate) get: String,
+    pub(crate) get_accepted: String,
+    pub(crate) delta: String,
+    pub(crate) update: String,
 }
 
 impl ShadowTopics {
-    pub fn new(shadow: &ShadowConfig) -> ShadowTopics {
+    pub(crate) fn new(shadow: &ShadowConfig) -> ShadowTopics {
         let base = format!(
             "$aws/things/{}/shadow/name/{}",
             shadow.thing_name, shadow.name
@@ -46,9 +46,9 @@ impl ShadowTopics {
 }
 
 /// The key under `state.desired` (and `state.reported`) that holds the signed document.
-pub const SHADOW_KEY: &str = "edgeship";
+pub(crate) const SHADOW_KEY: &str = "edgeship";
 /// The key under `state.reported` that holds the status document.
-pub const SHADOW_STATUS_KEY: &str = "edgeship_status";
+pub(crate) const SHADOW_STATUS_KEY: &str = "edgeship_status";
 
 /// The signed document in a shadow's full state (a `get/accepted` answer), if it has one.
 fn desired_document(shadow: &[u8]) -> Option<Vec<u8>> {
@@ -58,7 +58,7 @@ fn desired_document(shadow: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl Topics {
-    pub fn new(fleet: &FleetConfig, gateway_id: &str) -> Topics {
+    pub(crate) fn new(fleet: &FleetConfig, gateway_id: &str) -> Topics {
         let p = &fleet.topic_prefix;
         Topics {
             gateway: config_topic(p, &Target::Gateway(gateway_id.into())),
@@ -85,19 +85,19 @@ impl Topics {
 }
 
 /// Where documents for `target` are published (retained).
-pub fn config_topic(prefix: &str, target: &Target) -> String {
+pub(crate) fn config_topic(prefix: &str, target: &Target) -> String {
     match target {
         Target::Gateway(g) => format!("{prefix}/config/gateway/{g}"),
         Target::Group(g) => format!("{prefix}/config/group/{g}"),
     }
 }
 
-pub fn status_topic(prefix: &str, gateway_id: &str) -> String {
+pub(crate) fn status_topic(prefix: &str, gateway_id: &str) -> String {
     format!("{prefix}/status/{gateway_id}")
 }
 
 /// What the channel hands to the controller.
-pub enum Event {
+pub(crate) enum Event {
     /// (Re)connected and subscribed: time to publish the status.
     Connected,
     /// A retained or new message on a config topic (empty: the document was cleared).
@@ -106,7 +106,7 @@ pub enum Event {
 
 /// MQTT options for a control connection (the fleet channel, the operator's tools): clean
 /// session, documents up to 2 MiB, the given login and TLS.
-pub fn options(
+pub(crate) fn options(
     client_id: &str,
     (host, port): (&str, u16),
     keep_alive: Duration,
@@ -130,7 +130,7 @@ pub fn options(
 
 /// Starts the channel; events arrive on the returned receiver, statuses go out through the
 /// returned client.
-pub fn start(
+pub(crate) fn start(
     broker: &BrokerConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     fleet: &FleetConfig,
@@ -158,7 +158,7 @@ pub fn start(
         use rumqttc::{Event as E, Packet};
         let mut errors = crate::logging::Repeated::new(Duration::from_secs(60));
         let mut retry =
-            crate::shipper::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+            crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         loop {
             match events.poll().await {
                 Ok(E::Incoming(Packet::ConnAck(_))) => {

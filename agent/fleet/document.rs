@@ -15,25 +15,27 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 
-/// Format number of the envelope (`"edgeship_config": 1`).
-pub const FORMAT: u32 = 1;
-/// Largest document accepted (the config text inside is far smaller in practice).
-pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+use super::error::FleetError;
+pub(crate) use crate::config::fleet::public_key_text;
 
-const PUBLIC_PREFIX: &str = "ed25519:";
+/// Format number of the envelope (`"edgeship_config": 1`).
+pub(crate) const FORMAT: u32 = 1;
+/// Largest document accepted (the config text inside is far smaller in practice).
+pub(crate) const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
 const PRIVATE_PREFIX: &str = "ed25519-pkcs8:";
 
 /// What is published (retained) on a config topic or written to the local file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Envelope {
-    pub edgeship_config: u32,
+pub(crate) struct Envelope {
+    pub(crate) edgeship_config: u32,
     /// The JSON text of a [`Body`], signed as these exact bytes.
-    pub body: String,
+    pub(crate) body: String,
     /// Base64 Ed25519 signature of `body`.
-    pub signature: String,
+    pub(crate) signature: String,
     /// The public key that signed (`ed25519:...`), so an operator can tell which one.
-    pub key: String,
+    pub(crate) key: String,
 }
 
 /// What the operator signed.
@@ -67,16 +69,21 @@ impl fmt::Display for Target {
     }
 }
 
+/// Text that is not a target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not a target: write gateway:<gateway_id> or group:<group> (one topic level each)"
+)]
+pub struct BadTarget(String);
+
 impl std::str::FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Target, String> {
+    type Err = BadTarget;
+    fn from_str(s: &str) -> Result<Target, BadTarget> {
         let level_ok = |t: &str| !t.is_empty() && !t.contains(['/', '+', '#', '\0']);
         match s.split_once(':') {
             Some(("gateway", g)) if level_ok(g) => Ok(Target::Gateway(g.into())),
             Some(("group", g)) if level_ok(g) => Ok(Target::Group(g.into())),
-            _ => Err(format!(
-                "`{s}` is not a target: write gateway:<gateway_id> or group:<group> (one topic level each)"
-            )),
+            _ => Err(BadTarget(s.to_string())),
         }
     }
 }
@@ -96,51 +103,31 @@ impl<'de> Deserialize<'de> for Target {
 
 /// A document whose signature checked out against one of the pinned keys.
 #[derive(Debug, Clone)]
-pub struct Verified {
-    pub body: Body,
+pub(crate) struct Verified {
+    pub(crate) body: Body,
     /// The envelope as received, to persist as the last known good document.
-    pub envelope: String,
+    pub(crate) envelope: String,
 }
 
 /// Why a document was not accepted as authentic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DocError {
+pub(crate) enum DocError {
     #[error("not a config document: {0}")]
     Malformed(String),
     #[error("bad signature: no pinned fleet key signed this document (it names key {0})")]
     Signature(String),
 }
 
-/// `ed25519:<base64 of 32 bytes>` to the key's bytes.
-pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
-    let b64 = text
-        .strip_prefix(PUBLIC_PREFIX)
-        .ok_or_else(|| format!("`{text}` is not a public key: expected {PUBLIC_PREFIX}<base64>"))?;
-    let bytes = B64
-        .decode(b64.trim())
-        .map_err(|e| format!("public key `{text}`: not base64 ({e})"))?;
-    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-        format!(
-            "public key `{text}`: {} bytes, an Ed25519 key has 32",
-            bytes.len()
-        )
-    })
-}
-
-pub fn public_key_text(key: &[u8; 32]) -> String {
-    format!("{PUBLIC_PREFIX}{}", B64.encode(key))
-}
-
 /// A new signing key: the private key file's text and the public key's text.
-pub fn generate_key() -> Result<(String, String), String> {
+pub(crate) fn generate_key() -> Result<(String, String), FleetError> {
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| "generating a key failed")?;
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| "reading the new key")?;
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| FleetError::KeyGeneration)?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| FleetError::KeyGeneration)?;
     let public: [u8; 32] = pair
         .public_key()
         .as_ref()
         .try_into()
-        .map_err(|_| "public key length")?;
+        .map_err(|_| FleetError::KeyGeneration)?;
     Ok((
         format!("{PRIVATE_PREFIX}{}\n", B64.encode(pkcs8.as_ref())),
         public_key_text(&public),
@@ -148,20 +135,22 @@ pub fn generate_key() -> Result<(String, String), String> {
 }
 
 /// Reads a private key file written by [`generate_key`].
-pub fn read_private_key(path: &Path) -> Result<Ed25519KeyPair, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the signing key {}: {e}", path.display()))?;
+pub fn read_private_key(path: &Path) -> Result<Ed25519KeyPair, FleetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let b64 = text.trim().strip_prefix(PRIVATE_PREFIX).ok_or_else(|| {
-        format!(
-            "{} is not an edgeship signing key (edgeship fleet keygen writes one)",
-            path.display()
+        FleetError::invalid(
+            path,
+            "not an edgeship signing key (edgeship fleet keygen writes one)",
         )
     })?;
     let der = B64
         .decode(b64)
-        .map_err(|e| format!("signing key {}: not base64 ({e})", path.display()))?;
+        .map_err(|e| FleetError::invalid(path, format!("signing key: not base64 ({e})")))?;
     Ed25519KeyPair::from_pkcs8(&der)
-        .map_err(|e| format!("signing key {}: not an Ed25519 key ({e})", path.display()))
+        .map_err(|e| FleetError::invalid(path, format!("signing key: not an Ed25519 key ({e})")))
 }
 
 /// Signs `body`; the envelope's JSON text.
@@ -179,7 +168,7 @@ pub fn sign(body: &Body, key: &Ed25519KeyPair) -> String {
 }
 
 /// Parses an envelope and checks its signature against `keys`, then reads the body.
-pub fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
+pub(crate) fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
     if bytes.len() > MAX_DOCUMENT_BYTES {
         return Err(DocError::Malformed(format!(
             "{} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit",
@@ -218,6 +207,7 @@ pub fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::fleet::parse_public_key;
 
     fn key() -> (Ed25519KeyPair, [u8; 32]) {
         let (private, public) = generate_key().unwrap();
@@ -268,9 +258,11 @@ mod tests {
     fn keys_and_targets_have_clear_text_forms() {
         assert!(parse_public_key("ssh-ed25519 AAAA")
             .unwrap_err()
+            .to_string()
             .contains("expected ed25519:"));
         assert!(parse_public_key("ed25519:AAAA")
             .unwrap_err()
+            .to_string()
             .contains("3 bytes"));
         assert_eq!(
             "gateway:gw-1".parse::<Target>().unwrap(),

@@ -18,15 +18,17 @@
 //! This module never applies a document whose signature it has not checked, and never
 //! changes the local file.
 
-pub mod channel;
+pub(crate) mod channel;
 pub mod document;
-pub mod state;
+pub(crate) mod error;
+pub(crate) mod state;
 pub mod tools;
 
 use crate::config::{Config, ConfigError, FleetConfig};
-use crate::pipeline::{Control, Live};
+use crate::live::{FleetReport, FleetState, Live};
+use crate::pipeline::Control;
 use document::{Target, Verified};
-use serde::{Deserialize, Serialize};
+use error::FleetError;
 use state::State;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,42 +36,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// The status document: published retained on `{prefix}/status/{gateway}`, shown by
-/// `edgeship status` and collected by `edgeship fleet status`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    pub gateway: String,
-    pub agent_version: String,
-    pub groups: Vec<String>,
-    /// Version running now (0: the local file alone) and what it was signed for.
-    pub applied_version: u64,
-    pub applied_target: Option<String>,
-    /// A version being applied and health-checked right now.
-    pub pending_version: Option<u64>,
-    /// `running`, `applying`, `applied`, `refused` or `rolled_back`: the last thing that
-    /// happened.
-    pub state: String,
-    pub last_error: Option<String>,
-    pub last_error_version: Option<u64>,
-    pub spool_pending_records: u64,
-    pub spool_pending_bytes: u64,
-    /// Unix seconds.
-    pub updated_at: u64,
-    /// Documents applied, refused and rolled back since the agent started.
-    #[serde(default)]
-    pub applied_total: u64,
-    #[serde(default)]
-    pub refused_total: u64,
-    #[serde(default)]
-    pub rolled_back_total: u64,
-}
-
 /// The local config file as read at start: the base every fleet document is layered over.
 #[derive(Debug, Clone)]
 pub struct Base {
-    pub file: PathBuf,
-    pub text: String,
-    pub config: Config,
+    pub(crate) file: PathBuf,
+    pub(crate) text: String,
+    pub(crate) config: Config,
 }
 
 impl Base {
@@ -98,12 +70,6 @@ impl Base {
     }
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Whether `target` addresses this gateway.
 fn addresses(fleet: &FleetConfig, gateway: &str, target: &Target) -> bool {
     match target {
@@ -114,7 +80,7 @@ fn addresses(fleet: &FleetConfig, gateway: &str, target: &Target) -> bool {
 
 /// What the agent starts with: the last known good document over the local file when there
 /// is one (and it still verifies and validates), else the local file alone; with its version.
-pub fn startup(base: &Base) -> (Config, u64, Option<Verified>) {
+pub(crate) fn startup(base: &Base) -> (Config, u64, Option<Verified>) {
     let Some(fleet) = &base.config.fleet else {
         return (base.config.clone(), 0, None);
     };
@@ -172,7 +138,7 @@ struct Controller {
     good_config: Config,
     live: Live,
     control: mpsc::Sender<Control>,
-    report: Report,
+    report: FleetReport,
     /// The fleet channel's client and this gateway's topics.
     client: rumqttc::AsyncClient,
     topics: channel::Topics,
@@ -190,7 +156,7 @@ impl Controller {
         let s = self.live.spool.stats();
         self.report.spool_pending_records = s.pending_records.load(Relaxed);
         self.report.spool_pending_bytes = s.pending_bytes.load(Relaxed);
-        self.report.updated_at = now_secs();
+        self.report.updated_at = crate::clock::now_secs();
         *self.live.fleet.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.report.clone());
         let json = serde_json::to_vec(&self.report).expect("report serialises");
         if let Err(e) =
@@ -311,7 +277,7 @@ impl Controller {
             Ok(c) => c,
             Err(e) => return Outcome::Refused(Some(v), format!("version {v} is invalid: {e}")),
         };
-        self.report.state = "applying".into();
+        self.report.state = FleetState::Applying;
         self.report.pending_version = Some(v);
         self.publish_report();
         tracing::info!(version = v, target = %doc.body.target, "applying fleet config");
@@ -347,7 +313,7 @@ impl Controller {
         }
     }
 
-    async fn apply(&self, config: Config) -> Result<(), String> {
+    async fn apply(&self, config: Config) -> Result<(), FleetError> {
         let (reply, answer) = oneshot::channel();
         self.control
             .send(Control::Apply {
@@ -355,10 +321,8 @@ impl Controller {
                 reply,
             })
             .await
-            .map_err(|_| "the pipeline has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the pipeline has stopped".to_string())?
+            .map_err(|_| FleetError::PipelineStopped)?;
+        Ok(answer.await.map_err(|_| FleetError::PipelineStopped)??)
     }
 
     fn conclude(&mut self, outcome: Outcome) -> bool {
@@ -366,7 +330,7 @@ impl Controller {
             Outcome::Ignored => return false,
             Outcome::Applied => {
                 self.report.applied_total += 1;
-                self.report.state = "applied".into();
+                self.report.state = FleetState::Applied;
                 tracing::info!(
                     version = self.report.applied_version,
                     "fleet config applied and healthy"
@@ -375,13 +339,13 @@ impl Controller {
             Outcome::Refused(version, why) => {
                 tracing::error!(reason = %why, "fleet config refused; the running config is unchanged");
                 self.report.refused_total += 1;
-                self.report.state = "refused".into();
+                self.report.state = FleetState::Refused;
                 self.record_error(version, &why);
             }
             Outcome::RolledBack(why) => {
                 tracing::error!(reason = %why, "fleet config rolled back");
                 self.report.rolled_back_total += 1;
-                self.report.state = "rolled_back".into();
+                self.report.state = FleetState::RolledBack;
                 self.record_error(Some(self.state.highest_seen), &why);
             }
         }
@@ -391,7 +355,7 @@ impl Controller {
 
 /// Polls until every broker is connected with the subscriptions the config asks for granted,
 /// and every destination answers; or the deadline.
-pub async fn healthy(live: &Live, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn healthy(live: &Live, timeout: Duration) -> Result<(), FleetError> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut failures = Vec::new();
@@ -406,7 +370,12 @@ pub async fn healthy(live: &Live, timeout: Duration) -> Result<(), String> {
         }
         for d in live.destinations() {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left.max(Duration::from_millis(100)), d.sink.probe()).await {
+            match tokio::time::timeout(
+                left.max(Duration::from_millis(100)),
+                crate::sink::call::Destination::probe(&*d.sink),
+            )
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failures.push(format!("destination {}: {e}", d.name)),
                 Err(_) => failures.push(format!("destination {}: no answer in time", d.name)),
@@ -416,7 +385,7 @@ pub async fn healthy(live: &Live, timeout: Duration) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(failures.join("; "));
+            return Err(FleetError::Unhealthy(failures));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -437,7 +406,7 @@ fn read_file(path: &Path) -> Result<(Target, Vec<u8>), String> {
 /// Runs the fleet channel until the pipeline stops: receives documents, applies them through
 /// `control`, publishes the status. `running` is the config and document the agent started
 /// with (see [`startup`]).
-pub async fn run(
+pub(crate) async fn run(
     base: Base,
     running: (Config, u64, Option<Verified>),
     live: Live,
@@ -456,7 +425,7 @@ pub async fn run(
         .iter()
         .position(|b| b.name == fleet.broker)
         .expect("validated: the fleet broker exists");
-    let tls = match crate::tls::broker_configs(&base.config) {
+    let tls = match base.config.broker_tls() {
         Ok(mut list) => list.swap_remove(broker),
         Err(e) => {
             tracing::error!(error = %e, "fleet channel: TLS files unusable; no fleet channel");
@@ -466,16 +435,16 @@ pub async fn run(
     let (client, mut events, topics) =
         channel::start(&base.config.brokers[broker], tls, &fleet, &gateway);
     let mut c = Controller {
-        report: Report {
+        report: FleetReport {
             gateway: gateway.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             groups: fleet.groups.clone(),
             applied_version: version,
             applied_target: doc.as_ref().map(|d| d.body.target.to_string()),
-            state: "running".into(),
+            state: FleetState::Running,
             last_error: state.last_error.clone(),
             last_error_version: state.last_error_version,
-            ..Report::default()
+            ..FleetReport::default()
         },
         state: State {
             good_version: version,

@@ -4,6 +4,7 @@
 //! It must never record a document as good before its health check passed, and never lower
 //! the highest version seen (that is what stops a replayed old document).
 
+use super::error::FleetError;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,37 +12,37 @@ use std::path::{Path, PathBuf};
 const FILE: &str = "fleet-state.json";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
+pub(crate) struct State {
     /// The envelope of the last document applied whose health check passed.
-    pub good: Option<String>,
+    pub(crate) good: Option<String>,
     /// Its version (0: the local file alone).
-    pub good_version: u64,
+    pub(crate) good_version: u64,
     /// Highest version of an authentic document this gateway has tried or refused as
     /// invalid: nothing at or below it is applied again.
-    pub highest_seen: u64,
+    pub(crate) highest_seen: u64,
     /// The last document that failed, and why (reported in the status).
-    pub last_error: Option<String>,
-    pub last_error_version: Option<u64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_version: Option<u64>,
 }
 
-pub fn path(dir: &Path) -> PathBuf {
+pub(crate) fn path(dir: &Path) -> PathBuf {
     dir.join(FILE)
 }
 
 impl State {
     /// Reads the state; a missing file is a fresh gateway. A file that cannot be read as state
     /// is an error for the caller to report (it is not silently replaced).
-    pub fn load(dir: &Path) -> Result<State, String> {
+    pub(crate) fn load(dir: &Path) -> Result<State, FleetError> {
         let file = path(dir);
         match std::fs::read(&file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not a fleet state file ({e})", file.display())),
+                .map_err(|e| FleetError::invalid(&file, format!("not a fleet state file ({e})"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", file.display())),
+            Err(source) => Err(FleetError::Read { path: file, source }),
         }
     }
 
-    pub fn save(&self, dir: &Path) -> Result<(), String> {
+    pub(crate) fn save(&self, dir: &Path) -> Result<(), FleetError> {
         let file = path(dir);
         let tmp = dir.join(format!("{FILE}.tmp"));
         let write = || -> std::io::Result<()> {
@@ -57,7 +58,7 @@ impl State {
             // The rename itself must survive a power cut.
             std::fs::File::open(dir)?.sync_all()
         };
-        write().map_err(|e| format!("cannot write {}: {e}", file.display()))
+        write().map_err(|source| FleetError::Write { path: file, source })
     }
 }
 
@@ -81,6 +82,7 @@ mod tests {
         std::fs::write(path(dir.path()), "nonsense").unwrap();
         assert!(State::load(dir.path())
             .unwrap_err()
+            .to_string()
             .contains("not a fleet state file"));
     }
 }

@@ -5,8 +5,9 @@
 
 use super::channel::{config_topic, status_topic};
 use super::document::{self, Body, Target};
-use super::Report;
-use crate::config::TlsConfig;
+use super::error::FleetError;
+use crate::live::FleetReport as Report;
+use crate::tls::TlsConfig;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,23 +16,24 @@ use std::time::{Duration, Instant};
 /// How to reach the broker the gateways' fleet channels use.
 #[derive(Debug, Clone)]
 pub struct BrokerArgs {
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
     /// `Some` connects over TLS.
-    pub tls: Option<TlsConfig>,
+    pub(crate) tls: Option<TlsConfig>,
 }
 
 impl BrokerArgs {
     /// `host`, `host:port` or `[v6]:port`; the port defaults to 1883 (8883 with TLS).
-    pub fn parse(address: &str, tls: Option<TlsConfig>) -> Result<BrokerArgs, String> {
+    pub fn parse(address: &str, tls: Option<TlsConfig>) -> Result<BrokerArgs, FleetError> {
         let default_port = if tls.is_some() { 8883 } else { 1883 };
         let (host, port) = match address.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && !p.contains(']') => (
                 h.trim_matches(|c| c == '[' || c == ']').to_string(),
-                p.parse::<u16>()
-                    .map_err(|_| format!("`{address}`: `{p}` is not a port"))?,
+                p.parse::<u16>().map_err(|_| {
+                    FleetError::Refused(format!("`{address}`: `{p}` is not a port"))
+                })?,
             ),
             _ => (address.to_string(), default_port),
         };
@@ -44,9 +46,9 @@ impl BrokerArgs {
         })
     }
 
-    fn options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, String> {
+    fn options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, FleetError> {
         let tls = match &self.tls {
-            Some(t) => Some(crate::tls::client_config(t).map_err(|e| e.to_string())?),
+            Some(t) => Some(crate::tls::client_config(t)?),
             None => None,
         };
         let login = self
@@ -63,13 +65,22 @@ impl BrokerArgs {
     }
 }
 
+impl BrokerArgs {
+    fn error(&self, why: impl ToString) -> FleetError {
+        FleetError::Broker {
+            address: format!("{}:{}", self.host, self.port),
+            why: why.to_string(),
+        }
+    }
+}
+
 fn client_id(what: &str) -> String {
     format!("edgeship-fleet-{what}-{}", std::process::id())
 }
 
 /// Writes a new private key to `out` (mode 0600, never over an existing file) and its public
 /// key to `out.pub`; returns the public key's text for `[fleet] keys`.
-pub fn keygen(out: &Path) -> Result<String, String> {
+pub fn keygen(out: &Path) -> Result<String, FleetError> {
     use std::os::unix::fs::OpenOptionsExt;
     let (private, public) = document::generate_key()?;
     let mut f = std::fs::OpenOptions::new()
@@ -77,13 +88,21 @@ pub fn keygen(out: &Path) -> Result<String, String> {
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        .map_err(|source| FleetError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
     f.write_all(private.as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        .map_err(|source| FleetError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
     let public_file = PathBuf::from(format!("{}.pub", out.display()));
-    std::fs::write(&public_file, format!("{public}\n"))
-        .map_err(|e| format!("cannot write {}: {e}", public_file.display()))?;
+    std::fs::write(&public_file, format!("{public}\n")).map_err(|source| FleetError::Write {
+        path: public_file.clone(),
+        source,
+    })?;
     Ok(public)
 }
 
@@ -109,14 +128,16 @@ pub fn sign(
     target: Target,
     version: Option<u64>,
     base: Option<&Path>,
-) -> Result<(String, u64), String> {
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+) -> Result<(String, u64), FleetError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| FleetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let text = read(config)?;
     let (base_text, base_name) = match base {
-        Some(b) => (
-            std::fs::read_to_string(b).map_err(|e| format!("cannot read {}: {e}", b.display()))?,
-            b.display().to_string(),
-        ),
+        Some(b) => (read(b)?, b.display().to_string()),
         None => (CHECK_BASE.to_string(), "(no --base)".to_string()),
     };
     crate::config::Config::parse_layered(
@@ -124,15 +145,14 @@ pub fn sign(
         &base_name,
         &text,
         &config.display().to_string(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let key = document::read_private_key(key)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::now_secs();
     let version = version.unwrap_or(now);
     if version == 0 {
-        return Err("version 0 is the local file's; use 1 or more".into());
+        return Err(FleetError::Refused(
+            "version 0 is the local file's; use 1 or more".into(),
+        ));
     }
     let body = Body {
         version,
@@ -149,23 +169,18 @@ async fn publish_retained(
     topic: &str,
     payload: Vec<u8>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), FleetError> {
     use rumqttc::{Event, Packet};
     let (client, mut events) = rumqttc::AsyncClient::new(broker.options(&client_id("push"))?, 10);
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| broker.error(e))?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, events.poll()).await {
-            Err(_) => {
-                return Err(format!(
-                    "no PUBACK from {}:{} in {timeout:?}",
-                    broker.host, broker.port
-                ))
-            }
-            Ok(Err(e)) => return Err(format!("broker {}:{}: {e}", broker.host, broker.port)),
+            Err(_) => return Err(broker.error(format!("no PUBACK in {timeout:?}"))),
+            Ok(Err(e)) => return Err(broker.error(e)),
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
             Ok(Ok(_)) => {}
         }
@@ -185,19 +200,22 @@ pub async fn push(
     expect: Option<&Target>,
     broker: &BrokerArgs,
     prefix: &str,
-) -> Result<(String, u64), String> {
-    let bytes = std::fs::read(doc).map_err(|e| format!("cannot read {}: {e}", doc.display()))?;
+) -> Result<(String, u64), FleetError> {
+    let bytes = std::fs::read(doc).map_err(|source| FleetError::Read {
+        path: doc.to_path_buf(),
+        source,
+    })?;
     let env: document::Envelope = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{}: not a signed config document ({e})", doc.display()))?;
+        .map_err(|e| FleetError::invalid(doc, format!("not a signed config document ({e})")))?;
     let body: Body = serde_json::from_str(&env.body)
-        .map_err(|e| format!("{}: unreadable body ({e})", doc.display()))?;
+        .map_err(|e| FleetError::invalid(doc, format!("unreadable body ({e})")))?;
     if let Some(t) = expect {
         if *t != body.target {
-            return Err(format!(
+            return Err(FleetError::Refused(format!(
                 "{} is signed for {}, not {t}; gateways would refuse it (sign it again with --target {t})",
                 doc.display(),
                 body.target
-            ));
+            )));
         }
     }
     let topic = config_topic(prefix, &body.target);
@@ -206,7 +224,11 @@ pub async fn push(
 }
 
 /// Removes the retained document of `target` (gateways then fall back to their groups').
-pub async fn clear(target: &Target, broker: &BrokerArgs, prefix: &str) -> Result<String, String> {
+pub async fn clear(
+    target: &Target,
+    broker: &BrokerArgs,
+    prefix: &str,
+) -> Result<String, FleetError> {
     let topic = config_topic(prefix, target);
     publish_retained(broker, &topic, Vec::new(), Duration::from_secs(10)).await?;
     Ok(topic)
@@ -217,13 +239,13 @@ pub async fn collect_status(
     broker: &BrokerArgs,
     prefix: &str,
     wait: Duration,
-) -> Result<BTreeMap<String, Report>, String> {
+) -> Result<BTreeMap<String, Report>, FleetError> {
     use rumqttc::{Event, Packet};
     let (client, mut events) = rumqttc::AsyncClient::new(broker.options(&client_id("status"))?, 10);
     client
         .subscribe(status_topic(prefix, "+"), rumqttc::QoS::AtLeastOnce)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| broker.error(e))?;
     let mut reports = BTreeMap::new();
     let connect_deadline = Instant::now() + Duration::from_secs(10);
     let mut until: Option<tokio::time::Instant> = None;
@@ -231,13 +253,8 @@ pub async fn collect_status(
         let deadline = until.unwrap_or_else(|| connect_deadline.into());
         match tokio::time::timeout_at(deadline, events.poll()).await {
             Err(_) if until.is_some() => break,
-            Err(_) => {
-                return Err(format!(
-                    "no answer from {}:{} in 10s",
-                    broker.host, broker.port
-                ))
-            }
-            Ok(Err(e)) => return Err(format!("broker {}:{}: {e}", broker.host, broker.port)),
+            Err(_) => return Err(broker.error("no answer in 10s")),
+            Ok(Err(e)) => return Err(broker.error(e)),
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
                 until = Some(tokio::time::Instant::now() + wait);
             }

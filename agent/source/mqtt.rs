@@ -29,33 +29,51 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Live figures of one broker connection.
 #[derive(Debug, Default)]
-pub struct SourceStats {
-    pub connected: AtomicBool,
-    pub connects: AtomicU64,
-    pub connection_errors: AtomicU64,
-    pub messages: AtomicU64,
-    pub payload_bytes: AtomicU64,
+pub(crate) struct SourceStats {
+    pub(crate) connected: AtomicBool,
+    pub(crate) connects: AtomicU64,
+    pub(crate) connection_errors: AtomicU64,
+    pub(crate) messages: AtomicU64,
+    pub(crate) payload_bytes: AtomicU64,
     /// From reading a QoS 1/2 message off the connection to handing its ack to the client:
     /// the spool commit is most of it.
-    pub ack_latency: crate::metrics::Histogram,
+    pub(crate) ack_latency: crate::metrics::Histogram,
     /// QoS 1/2 messages received whose ack has not been handed to the client yet, and the
     /// most seen at once: the broker's window in practice.
-    pub unacked: AtomicU64,
-    pub max_unacked_seen: AtomicU64,
+    pub(crate) unacked: AtomicU64,
+    pub(crate) max_unacked_seen: AtomicU64,
     /// Topic filters the broker granted in its last SUBACK, and filters it refused (ever).
-    pub subscriptions: AtomicU64,
-    pub subscriptions_refused: AtomicU64,
+    pub(crate) subscriptions: AtomicU64,
+    pub(crate) subscriptions_refused: AtomicU64,
     /// SUBSCRIBE packets sent on the current connection, and SUBACKs received for them: equal
     /// once the broker granted (or refused) every filter asked for, e.g. after a config change.
-    pub subscribes_sent: AtomicU64,
-    pub subacks: AtomicU64,
+    pub(crate) subscribes_sent: AtomicU64,
+    pub(crate) subacks: AtomicU64,
+    /// Acks not written because their message came in on an earlier session that the broker
+    /// did not keep (the broker sends those messages again).
+    pub(crate) stale_acks: AtomicU64,
+    /// The session messages arrive on now: a new number at every connection whose session
+    /// the broker did not keep.
+    pub(crate) session: AtomicU64,
 }
 
 impl SourceStats {
     /// Whether every subscription asked for on this connection has been answered.
-    pub fn subscriptions_settled(&self) -> bool {
+    pub(crate) fn subscriptions_settled(&self) -> bool {
         self.subacks.load(Ordering::Relaxed) >= self.subscribes_sent.load(Ordering::Relaxed)
     }
+}
+
+/// What went wrong with a broker session.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The connection failed or dropped; TLS failures are explained against the broker's
+    /// files.
+    #[error("{0}")]
+    Connection(String),
+    /// The MQTT client did not take a request (its channel is closed or full).
+    #[error("the MQTT client did not take the request: {0}")]
+    Request(String),
 }
 
 /// A message or a session change, the same for both protocol versions.
@@ -172,11 +190,15 @@ fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Cl
 impl EventLoop {
     /// Polls the connection once. Cancel-safe enough for shutdown: a dropped poll can lose
     /// at most a message that was never acked, which the broker redelivers.
-    async fn next(&mut self, config: &BrokerConfig) -> Result<SessionEvent, String> {
+    async fn next(&mut self, config: &BrokerConfig) -> Result<SessionEvent, SessionError> {
         match self {
             EventLoop::V4(e) => {
                 use rumqttc::{Event, Packet};
-                match e.poll().await.map_err(|err| describe(&err, config))? {
+                match e
+                    .poll()
+                    .await
+                    .map_err(|err| SessionError::Connection(describe(&err, config)))?
+                {
                     Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
                         session_present: a.session_present,
                     }),
@@ -203,7 +225,11 @@ impl EventLoop {
             EventLoop::V5(e) => {
                 use rumqttc::v5::mqttbytes::v5::Packet;
                 use rumqttc::v5::Event;
-                match e.poll().await.map_err(|err| describe(&err, config))? {
+                match e
+                    .poll()
+                    .await
+                    .map_err(|err| SessionError::Connection(describe(&err, config)))?
+                {
                     Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
                         session_present: a.session_present,
                     }),
@@ -233,7 +259,7 @@ impl EventLoop {
 }
 
 impl Client {
-    fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+    fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), SessionError> {
         match self {
             Client::V4(c) => c
                 .try_subscribe_many(
@@ -241,30 +267,36 @@ impl Client {
                         .iter()
                         .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(*q))),
                 )
-                .map_err(|e| e.to_string()),
+                .map_err(|e| SessionError::Request(e.to_string())),
             Client::V5(c) => c
                 .try_subscribe_many(
                     filters.iter().map(|(f, q)| {
                         rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos_v5(*q))
                     }),
                 )
-                .map_err(|e| e.to_string()),
+                .map_err(|e| SessionError::Request(e.to_string())),
         }
     }
 
-    fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+    fn unsubscribe(&self, filter: &str) -> Result<(), SessionError> {
         match self {
-            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_unsubscribe(filter)
+                .map_err(|e| SessionError::Request(e.to_string())),
+            Client::V5(c) => c
+                .try_unsubscribe(filter)
+                .map_err(|e| SessionError::Request(e.to_string())),
         }
     }
 
-    async fn ack(&self, token: AckToken) -> Result<(), String> {
+    async fn ack(&self, token: AckToken) -> Result<(), SessionError> {
         match self {
             Client::V4(c) => {
                 let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
                 p.pkid = token.pkid;
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.ack(&p)
+                    .await
+                    .map_err(|e| SessionError::Request(e.to_string()))
             }
             Client::V5(c) => {
                 let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
@@ -274,23 +306,23 @@ impl Client {
                     None,
                 );
                 p.pkid = token.pkid;
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.ack(&p)
+                    .await
+                    .map_err(|e| SessionError::Request(e.to_string()))
             }
         }
     }
 
     fn disconnect(&self) {
         let _ = match self {
-            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_disconnect()
+                .map_err(|e| SessionError::Request(e.to_string())),
+            Client::V5(c) => c
+                .try_disconnect()
+                .map_err(|e| SessionError::Request(e.to_string())),
         };
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Follows the plan's topic filters: subscribes to added ones and unsubscribes from removed
@@ -317,8 +349,13 @@ fn reconcile_subscriptions(
                 .collect();
             if !added.is_empty() {
                 stats.subscribes_sent.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = client.subscribe(&added) {
-                    tracing::error!(broker = %name, error = %e, "cannot queue subscriptions");
+                // The client's channel may be full of acks for a while: try until it takes it.
+                let mut logged = false;
+                while let Err(e) = client.subscribe(&added) {
+                    if !std::mem::replace(&mut logged, true) {
+                        tracing::warn!(broker = %name, error = %e, "cannot queue the new subscriptions yet; trying again");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
             for t in &removed {
@@ -335,7 +372,7 @@ fn reconcile_subscriptions(
 }
 
 /// Runs one broker session until `stop` turns true, routing with the current `plan`.
-pub async fn run(
+pub(crate) async fn run(
     config: BrokerConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     mut plan: watch::Receiver<Arc<SourcePlan>>,
@@ -352,11 +389,15 @@ pub async fn run(
         let stats = stats.clone();
         tokio::spawn(async move {
             while let Some(token) = ack_rx.recv().await {
+                stats.unacked.fetch_sub(1, Ordering::Relaxed);
+                if token.session != stats.session.load(Ordering::Relaxed) {
+                    stats.stale_acks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if client.ack(token).await.is_err() {
                     break;
                 }
                 stats.ack_latency.record(token.received.elapsed());
-                stats.unacked.fetch_sub(1, Ordering::Relaxed);
             }
         })
     };
@@ -371,29 +412,53 @@ pub async fn run(
     let mut errors = Repeated::new(Duration::from_secs(60));
     let mut unrouted = Repeated::new(Duration::from_secs(60));
     let mut oversize = Repeated::new(Duration::from_secs(60));
+    let mut subscribe_errors = Repeated::new(Duration::from_secs(60));
     let mut retry =
-        crate::shipper::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    // When to (try to) queue the session's SUBSCRIBE again, until the client takes it.
+    let mut subscribe_due: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(due) = subscribe_due.filter(|d| *d <= tokio::time::Instant::now()) {
+            let filters = plan.borrow().filters.clone();
+            match client.subscribe(&filters) {
+                Ok(()) => subscribe_due = None,
+                Err(e) => {
+                    if let Some(repeats) = subscribe_errors.should_log() {
+                        tracing::warn!(broker = %config.name, error = %e, repeats, "cannot queue the subscriptions yet; trying again");
+                    }
+                    subscribe_due = Some(due + Duration::from_millis(100));
+                }
+            }
+        }
         let event = tokio::select! {
-            // Cancel-safe: see `EventLoop::next`.
+            // Cancel-safe: see `EventLoop::next`; a timer.
             e = events.next(&config) => e,
+            _ = async {
+                match subscribe_due {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => continue,
             _ = stop.changed() => break,
         };
         match event {
             Ok(SessionEvent::Connected { session_present }) => {
                 stats.connected.store(true, Ordering::Relaxed);
                 stats.connects.fetch_add(1, Ordering::Relaxed);
+                if !session_present {
+                    // The broker kept nothing: acks of earlier messages must not be written
+                    // on this session (their packet ids would name other messages).
+                    stats.session.fetch_add(1, Ordering::Relaxed);
+                }
                 retry.reset();
                 errors.recovered(|n| tracing::info!(broker = %config.name, address = %broker, after_errors = n, "reconnected"));
                 tracing::info!(broker = %config.name, address = %broker, session_present, "connected");
-                let filters = plan.borrow().filters.clone();
-                // A new connection: only this SUBSCRIBE is outstanding.
+                // A new connection: only this SUBSCRIBE is outstanding. Queued until the
+                // client takes it (its channel may be full of acks).
                 stats
                     .subscribes_sent
                     .store(stats.subacks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-                if let Err(e) = client.subscribe(&filters) {
-                    tracing::error!(broker = %config.name, error = %e, "cannot queue subscriptions");
-                }
+                subscribe_due = Some(tokio::time::Instant::now());
             }
             Ok(SessionEvent::Message {
                 topic,
@@ -418,12 +483,12 @@ pub async fn run(
                 match &disposition {
                     Disposition::Dropped { reason, .. } => {
                         if let Some(repeats) = unrouted.should_log() {
-                            tracing::warn!(broker = %config.name, %topic, reason, repeats, "message dropped: no route matches its topic (counted)");
+                            tracing::warn!(broker = %config.name, %topic, %reason, repeats, "message dropped: no route matches its topic (counted)");
                         }
                     }
                     Disposition::DeadLetter { route, reason } => {
                         if let Some(repeats) = oversize.should_log() {
-                            tracing::warn!(broker = %config.name, %topic, %route, bytes = payload.len(), reason, repeats, "message dead-lettered (counted; kept in the spool's dead_letters table)");
+                            tracing::warn!(broker = %config.name, %topic, %route, bytes = payload.len(), %reason, repeats, "message dead-lettered (counted; kept in the spool's dead_letters table)");
                         }
                     }
                     Disposition::Record { .. } => {}
@@ -438,6 +503,7 @@ pub async fn run(
                         AckToken {
                             qos,
                             pkid,
+                            session: stats.session.load(Ordering::Relaxed),
                             received,
                         },
                     )
@@ -445,7 +511,7 @@ pub async fn run(
                 let incoming = Incoming {
                     topic,
                     payload,
-                    ts_ms: now_ms(),
+                    ts_ms: crate::clock::now_ms(),
                     disposition,
                     after_commit: AfterCommit {
                         ack,
@@ -472,6 +538,7 @@ pub async fn run(
             Err(e) => {
                 stats.connected.store(false, Ordering::Relaxed);
                 stats.subscriptions.store(0, Ordering::Relaxed);
+                subscribe_due = None;
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(repeats) = errors.should_log() {
                     tracing::warn!(broker = %config.name, address = %broker, error = %e, repeats, "MQTT connection failed; retrying");

@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-pub use store::{Accounting, BlockMeta, SpoolError};
+pub use store::{Accounting, BlockMeta, Counter, DropReason, SpoolError};
 use store::{NewRecord, Store};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 
@@ -40,22 +40,25 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 const MAX_GROUP: usize = 8192;
 /// Largest uncompressed block; far below any destination's record limit, so one block always
 /// fits in one frame.
-pub const BLOCK_RAW_MAX: usize = 256 << 10;
+pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
 
 /// What the source needs back to ack one MQTT message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
-    pub qos: u8,
-    pub pkid: u16,
+pub(crate) struct AckToken {
+    pub(crate) qos: u8,
+    pub(crate) pkid: u16,
+    /// The session the message came in on: an ack is written only on that session (a
+    /// packet id of a fresh session names another message).
+    pub(crate) session: u64,
     /// When the message was read from the connection, for the ack-latency histogram.
-    pub received: std::time::Instant,
+    pub(crate) received: std::time::Instant,
 }
 
 /// Released only after the message's outcome is committed.
 #[derive(Default)]
-pub struct AfterCommit {
-    pub ack: Option<(mpsc::UnboundedSender<AckToken>, AckToken)>,
-    pub permit: Option<OwnedSemaphorePermit>,
+pub(crate) struct AfterCommit {
+    pub(crate) ack: Option<(mpsc::UnboundedSender<AckToken>, AckToken)>,
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
 }
 
 impl AfterCommit {
@@ -64,47 +67,43 @@ impl AfterCommit {
             // The source may have shut down; its broker session redelivers what was not acked.
             let _ = tx.send(token);
         }
+        // The source may read one more message.
+        drop(self.permit);
     }
 }
 
 /// What becomes of a received message.
 #[derive(Debug, Clone)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Spool it as a record of `route`, partitioned by `key`.
     Record { route: Arc<str>, key: String },
     /// Keep it in the dead-letter table and count it as dropped for `reason`.
-    DeadLetter {
-        route: Arc<str>,
-        reason: &'static str,
-    },
+    DeadLetter { route: Arc<str>, reason: DropReason },
     /// Count it as dropped for `reason`; nothing is stored.
-    Dropped {
-        route: Arc<str>,
-        reason: &'static str,
-    },
+    Dropped { route: Arc<str>, reason: DropReason },
 }
 
-pub struct Incoming {
-    pub topic: String,
-    pub payload: Bytes,
-    pub ts_ms: u64,
-    pub disposition: Disposition,
-    pub after_commit: AfterCommit,
+pub(crate) struct Incoming {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) ts_ms: u64,
+    pub(crate) disposition: Disposition,
+    pub(crate) after_commit: AfterCommit,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// The spool settings that may change while it runs (not its file or sync level).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SpoolLimits {
-    pub max_bytes: u64,
-    pub full_policy: FullPolicy,
-    pub max_dead_letters: u64,
-    pub commit_interval: Duration,
+pub(crate) struct SpoolLimits {
+    pub(crate) max_bytes: u64,
+    pub(crate) full_policy: FullPolicy,
+    pub(crate) max_dead_letters: u64,
+    pub(crate) commit_interval: Duration,
 }
 
 impl SpoolLimits {
-    pub fn of(config: &SpoolConfig) -> SpoolLimits {
+    pub(crate) fn of(config: &SpoolConfig) -> SpoolLimits {
         SpoolLimits {
             max_bytes: config.max_bytes,
             full_policy: config.full_policy,
@@ -132,6 +131,8 @@ enum Command {
     Release {
         ids: Vec<i64>,
     },
+    /// The accounting as committed (unit tests: the agent reads committed figures).
+    #[cfg(test)]
     Accounting {
         reply: Reply<Accounting>,
     },
@@ -143,28 +144,28 @@ enum Command {
 
 /// Live figures, updated after every commit; cheap to read from any thread.
 #[derive(Debug, Default)]
-pub struct SpoolStats {
-    pub received: AtomicU64,
-    pub delivered: AtomicU64,
-    pub dropped: AtomicU64,
-    pub pending_records: AtomicU64,
-    pub pending_bytes: AtomicU64,
+pub(crate) struct SpoolStats {
+    pub(crate) received: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) pending_records: AtomicU64,
+    pub(crate) pending_bytes: AtomicU64,
     /// Uncompressed bytes of records appended, and what they took in the spool.
-    pub appended_raw_bytes: AtomicU64,
-    pub appended_stored_bytes: AtomicU64,
-    pub commits: AtomicU64,
+    pub(crate) appended_raw_bytes: AtomicU64,
+    pub(crate) appended_stored_bytes: AtomicU64,
+    pub(crate) commits: AtomicU64,
     /// Transactions that failed (disk full, I/O error) and were retried.
-    pub commit_failures: AtomicU64,
+    pub(crate) commit_failures: AtomicU64,
     /// How long each commit took (the fsync, at sync levels that sync).
-    pub commit_latency: crate::metrics::Histogram,
+    pub(crate) commit_latency: crate::metrics::Histogram,
     /// False from a failed commit until the next one succeeds.
-    pub writable: AtomicBool,
+    pub(crate) writable: AtomicBool,
     /// True while appends are parked because the spool is full (policy `block`).
-    pub full: AtomicBool,
+    pub(crate) full: AtomicBool,
     /// Per-route counters and pending figures as of the last commit.
-    pub committed: Arc<std::sync::Mutex<store::Committed>>,
+    pub(crate) committed: Arc<std::sync::Mutex<store::Committed>>,
     /// Set when the spool thread has ended (closed, or died).
-    pub stopped: AtomicBool,
+    pub(crate) stopped: AtomicBool,
 }
 
 /// Marks the spool stopped when the thread ends, however it ends.
@@ -178,7 +179,7 @@ impl Drop for StoppedOnDrop {
 
 impl SpoolStats {
     /// A copy of the committed figures (a few small maps).
-    pub fn committed(&self) -> store::Committed {
+    pub(crate) fn committed(&self) -> store::Committed {
         self.committed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -188,31 +189,29 @@ impl SpoolStats {
 
 /// A cheap, clonable handle to the spool thread.
 #[derive(Clone)]
-pub struct SpoolHandle {
+pub(crate) struct SpoolHandle {
     tx: Sender<Command>,
     stats: Arc<SpoolStats>,
     committed: watch::Receiver<u64>,
 }
 
-fn closed() -> String {
-    "the spool thread has stopped".to_string()
+fn closed<T>(_: T) -> SpoolError {
+    SpoolError::Stopped
 }
 
 impl SpoolHandle {
     /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
-    pub fn append(&self, incoming: Incoming) -> Result<(), String> {
-        self.tx
-            .send(Command::Append(incoming))
-            .map_err(|_| closed())
+    pub(crate) fn append(&self, incoming: Incoming) -> Result<(), SpoolError> {
+        self.tx.send(Command::Append(incoming)).map_err(closed)
     }
 
     /// Up to `limit` blocks of `routes` with ids above `after`, oldest first (metadata only).
-    pub async fn lease(
+    pub(crate) async fn lease(
         &self,
         routes: Arc<[String]>,
         after: i64,
         limit: usize,
-    ) -> Result<Vec<BlockMeta>, String> {
+    ) -> Result<Vec<BlockMeta>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Lease {
@@ -221,67 +220,65 @@ impl SpoolHandle {
                 limit,
                 reply,
             })
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
     }
 
     /// The uncompressed bodies of these blocks, in the order asked, now in flight (safe from
     /// `drop_oldest`) until delivered or released; a block that is gone (evicted, or
     /// quarantined as corrupt) is left out.
-    pub async fn read(&self, ids: Vec<i64>) -> Result<Vec<(BlockMeta, Vec<u8>)>, String> {
+    pub(crate) async fn read(
+        &self,
+        ids: Vec<i64>,
+    ) -> Result<Vec<(BlockMeta, Vec<u8>)>, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Read { ids, reply })
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        self.tx.send(Command::Read { ids, reply }).map_err(closed)?;
+        rx.await.map_err(closed)?
     }
 
     /// The destination accepted these blocks: delete them and count them delivered.
-    pub fn delivered(&self, ids: Vec<i64>) -> Result<(), String> {
-        self.tx
-            .send(Command::Delivered { ids })
-            .map_err(|_| closed())
+    pub(crate) fn delivered(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
+        self.tx.send(Command::Delivered { ids }).map_err(closed)
     }
 
     /// These blocks will not be shipped by this shipper after all (it is stopping).
-    pub fn release(&self, ids: Vec<i64>) -> Result<(), String> {
-        self.tx.send(Command::Release { ids }).map_err(|_| closed())
+    pub(crate) fn release(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
+        self.tx.send(Command::Release { ids }).map_err(closed)
     }
 
-    pub async fn accounting(&self) -> Result<Accounting, String> {
+    #[cfg(test)]
+    pub(crate) async fn accounting(&self) -> Result<Accounting, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Accounting { reply })
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
     }
 
     /// Asks the spool thread to commit what is queued and stop. Handles still held elsewhere
     /// get "spool stopped" errors from then on.
     /// Applies new limits from the next turn on.
-    pub fn set_limits(&self, limits: SpoolLimits) -> Result<(), String> {
-        self.tx
-            .send(Command::Limits(limits))
-            .map_err(|_| "the spool has stopped".to_string())
+    pub(crate) fn set_limits(&self, limits: SpoolLimits) -> Result<(), SpoolError> {
+        self.tx.send(Command::Limits(limits)).map_err(closed)
     }
 
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let _ = self.tx.send(Command::Close);
     }
 
-    pub fn stats(&self) -> &Arc<SpoolStats> {
+    pub(crate) fn stats(&self) -> &Arc<SpoolStats> {
         &self.stats
     }
 
     /// Changes after every commit that added blocks.
-    pub fn commits(&self) -> watch::Receiver<u64> {
+    pub(crate) fn commits(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
 }
 
 /// Opens the spool and starts its thread. The thread ends after [`SpoolHandle::close`] or when
 /// every handle is dropped, after a final commit, returning the accounting as committed.
-pub fn start(
+pub(crate) fn start(
     config: &SpoolConfig,
 ) -> Result<
     (
@@ -416,6 +413,7 @@ impl Worker {
             let turn_started = std::time::Instant::now();
             let mut next = first;
             let mut taken = 0;
+            #[cfg(test)]
             let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
             while let Some(cmd) = next.take() {
                 taken += 1;
@@ -436,10 +434,7 @@ impl Worker {
                         limit,
                         reply,
                     } => {
-                        let r = self
-                            .store
-                            .list_blocks(after, &routes, limit, &delivering)
-                            .map_err(|e| e.to_string());
+                        let r = self.store.list_blocks(after, &routes, limit, &delivering);
                         let _ = reply.send(r);
                     }
                     Command::Read { mut ids, reply } => {
@@ -447,6 +442,7 @@ impl Worker {
                         let _ = reply.send(self.read_blocks(&ids));
                     }
                     // Answered after this turn's writes, so it sees the commands sent before it.
+                    #[cfg(test)]
                     Command::Accounting { reply } => accounting_replies.push(reply),
                     Command::Limits(l) => {
                         tracing::info!(max_bytes = l.max_bytes, policy = ?l.full_policy, "spool limits changed");
@@ -484,8 +480,9 @@ impl Worker {
                     }
                 }
             }
+            #[cfg(test)]
             for reply in accounting_replies {
-                let _ = reply.send(self.store.accounting().map_err(|e| e.to_string()));
+                let _ = reply.send(self.store.accounting());
             }
         }
         if !self.parked.is_empty() {
@@ -562,7 +559,7 @@ impl Worker {
         }
     }
 
-    fn read_blocks(&mut self, ids: &[i64]) -> Result<Vec<(BlockMeta, Vec<u8>)>, String> {
+    fn read_blocks(&mut self, ids: &[i64]) -> Result<Vec<(BlockMeta, Vec<u8>)>, SpoolError> {
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
             match self.store.read_block(id) {
@@ -579,7 +576,7 @@ impl Worker {
                     );
                     self.publish_totals();
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -639,14 +636,14 @@ impl Worker {
                         route,
                         incoming.ts_ms,
                         &incoming.topic,
-                        reason,
+                        *reason,
                         &incoming.payload,
                         self.max_dead_letters,
                     )?;
                 }
                 Disposition::Dropped { route, reason } => {
                     fx.dropped += 1;
-                    self.store.drop_message(route, reason);
+                    self.store.drop_message(route, *reason);
                 }
             }
         }
@@ -746,6 +743,7 @@ mod tests {
                     AckToken {
                         qos: 1,
                         pkid,
+                        session: 0,
                         received: std::time::Instant::now(),
                     },
                 )),

@@ -43,12 +43,83 @@ pub enum SpoolError {
     },
     #[error("spool block {id} is corrupt: {reason}")]
     CorruptBlock { id: i64, reason: String },
+    #[error("the spool thread has stopped")]
+    Stopped,
 }
 
 impl SpoolError {
     /// True when the disk is full: the caller applies the full-spool policy and retries.
-    pub fn is_disk_full(&self) -> bool {
+    pub(crate) fn is_disk_full(&self) -> bool {
         matches!(self, SpoolError::Sqlite { source, .. } if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
+    }
+}
+
+/// Why a message or record was dropped. Every drop is counted under one of these; the
+/// `counters` table names them `dropped_<reason>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// No route's topic filter matches the message's topic.
+    NoRoute,
+    /// The message is larger than `max_message_bytes` (kept as a dead letter).
+    Oversize,
+    /// Evicted by the `drop_oldest` policy to make room.
+    SpoolFull,
+    /// Its spool block could not be read back (quarantined).
+    Corrupt,
+}
+
+impl DropReason {
+    pub(crate) const ALL: [DropReason; 4] = [
+        DropReason::NoRoute,
+        DropReason::Oversize,
+        DropReason::SpoolFull,
+        DropReason::Corrupt,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::Oversize => "oversize",
+            DropReason::SpoolFull => "spool_full",
+            DropReason::Corrupt => "corrupt",
+        }
+    }
+
+    fn parse(text: &str) -> Option<DropReason> {
+        DropReason::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One accounting term of a route: `received = delivered + dropped + pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counter {
+    Received,
+    Delivered,
+    Dropped(DropReason),
+}
+
+impl Counter {
+    /// Its name in the `counters` table.
+    fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Counter::Received => "received".into(),
+            Counter::Delivered => "delivered".into(),
+            Counter::Dropped(reason) => format!("dropped_{}", reason.as_str()).into(),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Counter> {
+        match name {
+            "received" => Some(Counter::Received),
+            "delivered" => Some(Counter::Delivered),
+            other => DropReason::parse(other.strip_prefix("dropped_")?).map(Counter::Dropped),
+        }
     }
 }
 
@@ -81,7 +152,7 @@ pub struct Accounting {
     pub pending: u64,
     pub pending_bytes: u64,
     pub dead_letters: u64,
-    pub quarantined_blocks: u64,
+    pub(crate) quarantined_blocks: u64,
 }
 
 impl Accounting {
@@ -94,30 +165,30 @@ impl Accounting {
 /// The spool's figures as of the last commit, shared with readers on other threads (metrics,
 /// status) so they never wait for the spool thread or query the file.
 #[derive(Debug, Clone, Default)]
-pub struct Committed {
-    /// (route, counter name) -> value, as in the `counters` table (without `next_seq`).
-    pub counters: BTreeMap<(String, String), u64>,
+pub(crate) struct Committed {
+    /// (route, counter) -> value, as in the `counters` table.
+    pub(crate) counters: BTreeMap<(String, Counter), u64>,
     /// route -> (records, stored bytes) still spooled.
-    pub pending: BTreeMap<String, (u64, u64)>,
-    pub dead_letters: u64,
-    pub quarantined_blocks: u64,
+    pub(crate) pending: BTreeMap<String, (u64, u64)>,
+    pub(crate) dead_letters: u64,
+    pub(crate) quarantined_blocks: u64,
     /// Receipt time (ms since the Unix epoch) of the oldest spooled record.
-    pub oldest_pending_ms: Option<u64>,
+    pub(crate) oldest_pending_ms: Option<u64>,
 }
 
 impl Committed {
     /// The same terms [`read_accounting_at`] reads from the file.
-    pub fn accounting(&self) -> Accounting {
+    pub(crate) fn accounting(&self) -> Accounting {
         let mut acc = Accounting::default();
-        for ((_, name), value) in &self.counters {
-            match name.as_str() {
-                "received" => acc.received += value,
-                "delivered" => acc.delivered += value,
-                other => {
-                    if let Some(reason) = other.strip_prefix("dropped_") {
-                        acc.dropped += value;
-                        *acc.dropped_by_reason.entry(reason.to_string()).or_insert(0) += value;
-                    }
+        for ((_, counter), value) in &self.counters {
+            match counter {
+                Counter::Received => acc.received += value,
+                Counter::Delivered => acc.delivered += value,
+                Counter::Dropped(reason) => {
+                    acc.dropped += value;
+                    *acc.dropped_by_reason
+                        .entry(reason.as_str().to_string())
+                        .or_insert(0) += value;
                 }
             }
         }
@@ -131,9 +202,9 @@ impl Committed {
     }
 
     /// A counter of one route, 0 if it never moved.
-    pub fn counter(&self, route: &str, name: &str) -> u64 {
+    pub(crate) fn counter(&self, route: &str, counter: Counter) -> u64 {
         self.counters
-            .get(&(route.to_string(), name.to_string()))
+            .get(&(route.to_string(), counter))
             .copied()
             .unwrap_or(0)
     }
@@ -153,13 +224,13 @@ pub struct Store {
     committed: Arc<Mutex<Committed>>,
     compressor: zstd::bulk::Compressor<'static>,
     /// Counter changes of the open transaction, written just before commit.
-    counter_deltas: HashMap<(String, String), i64>,
+    counter_deltas: HashMap<(String, Counter), i64>,
 }
 
 /// What opening found: a corrupt file moved aside is reported, never silently replaced.
 #[derive(Debug, Default)]
 pub struct OpenReport {
-    pub quarantined_file: Option<PathBuf>,
+    pub(crate) quarantined_file: Option<PathBuf>,
 }
 
 /// Creates the spool file readable and writable by its owner only (records are data the
@@ -201,9 +272,7 @@ impl Store {
                     Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
                 ) =>
             {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let stamp = crate::clock::now_secs();
                 let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
                 let _ = std::fs::rename(path, &aside);
                 for suffix in ["-wal", "-shm"] {
@@ -316,7 +385,14 @@ impl Store {
                 .map_err(err)?;
             for row in rows {
                 let (route, name, value) = row.map_err(err)?;
-                counters.insert((route, name), value.max(0) as u64);
+                match Counter::parse(&name) {
+                    Some(counter) => {
+                        counters.insert((route, counter), value.max(0) as u64);
+                    }
+                    None => {
+                        tracing::warn!(%route, counter = %name, "the spool holds a counter this build does not know; left out of the figures")
+                    }
+                }
             }
         }
         let compressor = zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid");
@@ -339,7 +415,7 @@ impl Store {
     }
 
     /// The figures of the last commit, for other threads.
-    pub fn committed(&self) -> Arc<Mutex<Committed>> {
+    pub(crate) fn committed(&self) -> Arc<Mutex<Committed>> {
         self.committed.clone()
     }
 
@@ -362,7 +438,7 @@ impl Store {
 
     /// Publishes the committed figures: `counters` replaces the totals (at open), otherwise
     /// the deltas of the transaction that just committed are added.
-    fn publish(&mut self, counters: Option<BTreeMap<(String, String), u64>>) {
+    fn publish(&mut self, counters: Option<BTreeMap<(String, Counter), u64>>) {
         let oldest: Option<i64> = self
             .conn
             .prepare_cached("SELECT created_ms FROM blocks ORDER BY id LIMIT 1")
@@ -372,8 +448,8 @@ impl Store {
         match counters {
             Some(all) => c.counters = all,
             None => {
-                for ((route, name), delta) in &self.counter_deltas {
-                    let v = c.counters.entry((route.clone(), name.clone())).or_insert(0);
+                for ((route, counter), delta) in &self.counter_deltas {
+                    let v = c.counters.entry((route.clone(), *counter)).or_insert(0);
                     *v = v.saturating_add_signed(*delta);
                 }
             }
@@ -391,17 +467,11 @@ impl Store {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    pub fn pending_records(&self) -> u64 {
+    pub(crate) fn pending_records(&self) -> u64 {
         self.pending_records
     }
-    pub fn pending_bytes(&self) -> u64 {
+    pub(crate) fn pending_bytes(&self) -> u64 {
         self.pending_bytes
-    }
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
     }
 
     pub fn begin(&mut self) -> Result<(), SpoolError> {
@@ -418,9 +488,9 @@ impl Store {
                 "INSERT INTO counters (route, name, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (route, name) DO UPDATE SET value = value + excluded.value",
             )?;
-            for ((route, name), delta) in &self.counter_deltas {
+            for ((route, counter), delta) in &self.counter_deltas {
                 if *delta != 0 {
-                    stmt.execute(params![route, name, delta])?;
+                    stmt.execute(params![route, counter.name(), delta])?;
                 }
             }
             self.conn
@@ -440,7 +510,7 @@ impl Store {
 
     /// Undoes the open transaction; the caller must also forget what it did in memory, which
     /// is why [`Store::reload_totals`] exists.
-    pub fn rollback(&mut self) {
+    pub(crate) fn rollback(&mut self) {
         self.counter_deltas.clear();
         let _ = self.conn.execute_batch("ROLLBACK");
         let _ = self.reload_totals();
@@ -486,10 +556,10 @@ impl Store {
     }
 
     /// Adds `delta` to a counter within the open transaction.
-    pub fn count(&mut self, route: &str, name: &str, delta: u64) {
+    pub(crate) fn count(&mut self, route: &str, counter: Counter, delta: u64) {
         *self
             .counter_deltas
-            .entry((route.to_string(), name.to_string()))
+            .entry((route.to_string(), counter))
             .or_insert(0) += delta as i64;
     }
 
@@ -534,17 +604,17 @@ impl Store {
             .map_err(|e| self.err(e))?;
         self.next_seq += records.len() as u64;
         self.add_pending(route, records.len() as u64, data.len() as u64);
-        self.count(route, "received", records.len() as u64);
+        self.count(route, Counter::Received, records.len() as u64);
         Ok(meta)
     }
 
     /// Keeps a message that cannot become a record; counted as received and dropped.
-    pub fn dead_letter(
+    pub(crate) fn dead_letter(
         &mut self,
         route: &str,
         ts_ms: u64,
         topic: &str,
-        reason: &str,
+        reason: DropReason,
         payload: &[u8],
         cap: u64,
     ) -> Result<(), SpoolError> {
@@ -552,7 +622,7 @@ impl Store {
         let kept = &payload[..payload.len().min(KEEP)];
         self.conn
             .prepare_cached("INSERT INTO dead_letters (ts_ms, route, topic, reason, size, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-            .and_then(|mut s| s.execute(params![ts_ms as i64, route, topic, reason, payload.len() as i64, kept]))
+            .and_then(|mut s| s.execute(params![ts_ms as i64, route, topic, reason.as_str(), payload.len() as i64, kept]))
             .map_err(|e| self.err(e))?;
         self.dead_letters += 1;
         if self.dead_letters > cap {
@@ -565,19 +635,19 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             self.dead_letters = cap;
         }
-        self.count(route, "received", 1);
-        self.count(route, &format!("dropped_{reason}"), 1);
+        self.count(route, Counter::Received, 1);
+        self.count(route, Counter::Dropped(reason), 1);
         Ok(())
     }
 
     /// Counts a message dropped before it became a record (e.g. no route matched).
-    pub fn drop_message(&mut self, route: &str, reason: &str) {
-        self.count(route, "received", 1);
-        self.count(route, &format!("dropped_{reason}"), 1);
+    pub(crate) fn drop_message(&mut self, route: &str, reason: DropReason) {
+        self.count(route, Counter::Received, 1);
+        self.count(route, Counter::Dropped(reason), 1);
     }
 
     /// Blocks after `after` (by id) of the given routes, oldest first.
-    pub fn list_blocks(
+    pub(crate) fn list_blocks(
         &self,
         after: i64,
         routes: &[String],
@@ -619,7 +689,10 @@ impl Store {
 
     /// The uncompressed record body of a block. A block that fails to decode is moved to
     /// `quarantine`, counted as dropped `corrupt`, and reported as [`SpoolError::CorruptBlock`].
-    pub fn read_block(&mut self, id: i64) -> Result<Option<(BlockMeta, Vec<u8>)>, SpoolError> {
+    pub(crate) fn read_block(
+        &mut self,
+        id: i64,
+    ) -> Result<Option<(BlockMeta, Vec<u8>)>, SpoolError> {
         let row = self
             .conn
             .prepare_cached(
@@ -669,17 +742,21 @@ impl Store {
             u64::from(meta.stored_bytes),
         );
         self.quarantined_blocks += 1;
-        self.count(&meta.route, "dropped_corrupt", u64::from(meta.records));
+        self.count(
+            &meta.route,
+            Counter::Dropped(DropReason::Corrupt),
+            u64::from(meta.records),
+        );
         self.commit()
     }
 
     /// Removes a block whose records the destination accepted; counts them as delivered.
     pub fn deliver_block(&mut self, id: i64) -> Result<Option<(String, u32)>, SpoolError> {
-        self.remove_block(id, "delivered")
+        self.remove_block(id, Counter::Delivered)
     }
 
     /// Removes the oldest block not in `skip`, counting its records as dropped `spool_full`.
-    pub fn evict_oldest(
+    pub(crate) fn evict_oldest(
         &mut self,
         skip: &std::collections::HashSet<i64>,
     ) -> Result<Option<(String, u32)>, SpoolError> {
@@ -703,7 +780,7 @@ impl Store {
         };
         drop(stmt);
         match victim {
-            Some(id) => self.remove_block(id, "dropped_spool_full"),
+            Some(id) => self.remove_block(id, Counter::Dropped(DropReason::SpoolFull)),
             None => Ok(None),
         }
     }
@@ -711,7 +788,7 @@ impl Store {
     fn remove_block(
         &mut self,
         id: i64,
-        counter: &str,
+        counter: Counter,
     ) -> Result<Option<(String, u32)>, SpoolError> {
         let row: Option<(String, u32, i64)> = self
             .conn
@@ -731,7 +808,7 @@ impl Store {
     }
 
     /// The accounting terms as committed.
-    pub fn accounting(&self) -> Result<Accounting, SpoolError> {
+    pub(crate) fn accounting(&self) -> Result<Accounting, SpoolError> {
         read_accounting(&self.conn).map_err(|e| self.err(e))
     }
 }
@@ -756,15 +833,15 @@ fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     for row in rows {
         let (name, value) = row?;
         let value = value.max(0) as u64;
-        match name.as_str() {
-            "received" => acc.received = value,
-            "delivered" => acc.delivered = value,
-            other => {
-                if let Some(reason) = other.strip_prefix("dropped_") {
-                    acc.dropped += value;
-                    acc.dropped_by_reason.insert(reason.to_string(), value);
-                }
+        match Counter::parse(&name) {
+            Some(Counter::Received) => acc.received = value,
+            Some(Counter::Delivered) => acc.delivered = value,
+            Some(Counter::Dropped(reason)) => {
+                acc.dropped += value;
+                acc.dropped_by_reason
+                    .insert(reason.as_str().to_string(), value);
             }
+            None => {}
         }
     }
     let (pending, bytes): (i64, i64) = conn.query_row(
@@ -837,7 +914,7 @@ mod tests {
         let b = s
             .append_block("r", "k", &[rec("t/3", b"three")], &mut body)
             .unwrap();
-        s.drop_message("", "no_route");
+        s.drop_message("", DropReason::NoRoute);
         s.commit().unwrap();
         assert_eq!((a.id, b.id), (1, 3));
         let (meta, raw) = s.read_block(a.id).unwrap().unwrap();

@@ -167,7 +167,7 @@ fn kpl_records_are_read_by_the_aws_deaggregator() {
     assert!(contents
         .raw_records
         .iter()
-        .all(|r| r.starts_with(&edgeship::kpl::MAGIC)));
+        .all(|r| r.starts_with(&edgeship::frame::kpl::MAGIC)));
 
     let b64 = base64::engine::general_purpose::STANDARD;
     let input: String = contents

@@ -5,7 +5,7 @@
 
 use crate::support::*;
 use edgeship::fleet::document::{self, Body};
-use edgeship::fleet::Report;
+use edgeship::live::FleetReport as Report;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};

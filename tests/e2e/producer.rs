@@ -345,7 +345,7 @@ fn a_hot_shard_slows_only_its_own_records() {
     } = rig(stream, 4);
     let mosquitto = Mosquitto::start(dir.path());
     let ranges = rt.block_on(shard_ranges(&client, stream));
-    let map = edgeship::shard::ShardMap::new(
+    let map = edgeship::sink::kinesis::shard::ShardMap::new(
         ranges
             .iter()
             .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
@@ -618,7 +618,7 @@ fn explicit_hash_keys_choose_the_shard() {
             })
     });
     let ranges = rt.block_on(shard_ranges(&client, stream));
-    let map = edgeship::shard::ShardMap::new(
+    let map = edgeship::sink::kinesis::shard::ShardMap::new(
         ranges
             .iter()
             .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
@@ -641,7 +641,7 @@ fn explicit_hash_keys_choose_the_shard() {
                 "telemetry keeps the gateway as partition key"
             );
             let expected = map
-                .shard_id_for_hash(edgeship::shard::hash_key(device))
+                .shard_id_for_hash(edgeship::key::hash_key(device))
                 .unwrap();
             assert_eq!(shard.as_str(), &*expected, "{device} on the wrong shard");
             shards_used.insert(shard.clone());
@@ -654,8 +654,8 @@ fn explicit_hash_keys_choose_the_shard() {
     );
     // The KPL aggregates carry the explicit hash key for the KCL's shard filter.
     for raw in &contents.raw_records {
-        if raw.starts_with(&edgeship::kpl::MAGIC) {
-            for u in edgeship::kpl::decode(raw).unwrap() {
+        if raw.starts_with(&edgeship::frame::kpl::MAGIC) {
+            for u in edgeship::frame::kpl::decode(raw).unwrap() {
                 assert_eq!(u.explicit_hash_key.as_deref(), Some("0"));
             }
         }

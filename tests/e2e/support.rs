@@ -352,7 +352,7 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                     .approximate_arrival_timestamp()
                     .and_then(|t| t.to_millis().ok())
                     .unwrap_or(0) as u64;
-                let f = if data.starts_with(&edgeship::kpl::MAGIC) {
+                let f = if data.starts_with(&edgeship::frame::kpl::MAGIC) {
                     kpl_as_frame(data)
                 } else {
                     frame::decode_frame(data).expect("every record in the stream is a valid frame")
@@ -386,8 +386,9 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
 /// A KPL aggregate read with edgeship's own decoder, as the frame it was built from (the id,
 /// topic and receipt time travel as tags).
 fn kpl_as_frame(data: &[u8]) -> frame::Frame {
-    let users = edgeship::kpl::decode(data).expect("every KPL record in the stream is valid");
-    let tag = |u: &edgeship::kpl::UserRecord, k: &str| {
+    let users =
+        edgeship::frame::kpl::decode(data).expect("every KPL record in the stream is valid");
+    let tag = |u: &edgeship::frame::kpl::UserRecord, k: &str| {
         u.tags
             .iter()
             .find(|(key, _)| key == k)

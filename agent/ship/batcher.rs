@@ -1,11 +1,10 @@
-//! Batching: which spooled blocks travel together in one frame, and which frames together in
-//! one destination call.
+//! Batching: which spooled blocks travel together in one frame.
 //!
 //! Pure bookkeeping over block metadata: no data, no I/O, no clock of its own (callers pass
 //! `now_ms`), so every limit is unit-tested. A frame holds whole blocks of one (route,
 //! partition key); it closes when the next block would pass the raw-size target or when its
-//! oldest record has waited `linger`. A call takes ready entries up to the destination's
-//! entry-count and byte limits.
+//! oldest record has waited `linger`. Which frames make a call is the shipper's state's
+//! business (`ship::state`).
 
 use crate::spool::BlockMeta;
 use std::collections::VecDeque;
@@ -14,13 +13,13 @@ use std::time::Duration;
 /// Blocks planned into one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FramePlan {
-    pub route: String,
-    pub key: String,
-    pub blocks: Vec<BlockMeta>,
-    pub raw_bytes: u64,
-    pub records: u64,
+    pub(crate) route: String,
+    pub(crate) key: String,
+    pub(crate) blocks: Vec<BlockMeta>,
+    pub(crate) raw_bytes: u64,
+    pub(crate) records: u64,
     /// Creation time of the oldest record in the frame (unix ms).
-    pub oldest_ms: u64,
+    pub(crate) oldest_ms: u64,
 }
 
 impl FramePlan {
@@ -35,24 +34,6 @@ impl FramePlan {
         }
     }
 
-    /// Splits a plan of two or more blocks into two halves by block count.
-    pub fn split(mut self) -> (FramePlan, FramePlan) {
-        assert!(
-            self.blocks.len() >= 2,
-            "a single-block frame cannot be split"
-        );
-        let tail = self.blocks.split_off(self.blocks.len() / 2);
-        let rebuild = |blocks: Vec<BlockMeta>| {
-            let mut it = blocks.into_iter();
-            let mut plan = FramePlan::new(it.next().expect("non-empty half"));
-            for b in it {
-                plan.add(b);
-            }
-            plan
-        };
-        (rebuild(self.blocks), rebuild(tail))
-    }
-
     fn add(&mut self, block: BlockMeta) {
         self.raw_bytes += u64::from(block.raw_bytes);
         self.records += u64::from(block.records);
@@ -60,7 +41,7 @@ impl FramePlan {
         self.blocks.push(block);
     }
 
-    pub fn block_ids(&self) -> Vec<i64> {
+    pub(crate) fn block_ids(&self) -> Vec<i64> {
         self.blocks.iter().map(|b| b.id).collect()
     }
 }
@@ -125,7 +106,7 @@ impl Batcher {
     }
 
     /// When the next open frame becomes due (unix ms), if any.
-    pub fn next_due_ms(&self) -> Option<u64> {
+    pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.open.iter().map(|f| f.oldest_ms + self.linger_ms).min()
     }
 
@@ -135,7 +116,7 @@ impl Batcher {
 
     /// The oldest ready frame that `ok` accepts (for example: whose shard has room), leaving
     /// the others in their order.
-    pub fn take_ready_where(
+    pub(crate) fn take_ready_where(
         &mut self,
         mut ok: impl FnMut(&FramePlan) -> bool,
     ) -> Option<FramePlan> {
@@ -144,12 +125,13 @@ impl Batcher {
     }
 
     /// Raw bytes planned but not yet taken.
-    pub fn planned_raw_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn planned_raw_bytes(&self) -> u64 {
         self.planned_raw_bytes_where(|_| true)
     }
 
     /// Raw bytes planned but not yet taken, of frames `ok` accepts.
-    pub fn planned_raw_bytes_where(&self, mut ok: impl FnMut(&FramePlan) -> bool) -> u64 {
+    pub(crate) fn planned_raw_bytes_where(&self, mut ok: impl FnMut(&FramePlan) -> bool) -> u64 {
         self.open
             .iter()
             .chain(self.ready.iter())
@@ -160,7 +142,7 @@ impl Batcher {
 
     /// Blocks planned but not yet taken: what the plans hold in memory is about 100 bytes
     /// each.
-    pub fn planned_blocks(&self) -> usize {
+    pub(crate) fn planned_blocks(&self) -> usize {
         self.open
             .iter()
             .chain(self.ready.iter())
@@ -168,12 +150,13 @@ impl Batcher {
             .sum()
     }
 
-    pub fn has_ready(&self) -> bool {
+    #[cfg(test)]
+    fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
     /// Every block id still held, for giving leases back.
-    pub fn drain_block_ids(&mut self) -> Vec<i64> {
+    pub(crate) fn drain_block_ids(&mut self) -> Vec<i64> {
         let ids = self
             .open
             .iter()
@@ -184,40 +167,6 @@ impl Batcher {
         self.ready.clear();
         ids
     }
-}
-
-/// Limits of one destination call.
-#[derive(Debug, Clone, Copy)]
-pub struct CallLimits {
-    pub max_entries: usize,
-    /// Sum of data and partition-key bytes per call.
-    pub max_bytes: usize,
-}
-
-/// Kinesis PutRecords: at most 500 entries and 5 MiB including partition keys.
-pub const KINESIS_CALL: CallLimits = CallLimits {
-    max_entries: 500,
-    max_bytes: 5 << 20,
-};
-
-/// Size an entry counts against a call's byte limit.
-pub fn entry_cost(data_len: usize, key_len: usize) -> usize {
-    data_len + key_len
-}
-
-/// How many entries from the front of `costs` fit in one call (at least one, so an entry that
-/// alone meets the limit still goes; the frame builder keeps every entry under it).
-pub fn call_size(costs: impl IntoIterator<Item = usize>, limits: CallLimits) -> usize {
-    let mut n = 0;
-    let mut bytes = 0;
-    for cost in costs {
-        if n == limits.max_entries || (n > 0 && bytes + cost > limits.max_bytes) {
-            break;
-        }
-        n += 1;
-        bytes += cost;
-    }
-    n
 }
 
 #[cfg(test)]
@@ -281,31 +230,5 @@ mod tests {
         b.close_due(1_500, true);
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
         assert_eq!(b.planned_raw_bytes(), 0);
-    }
-
-    #[test]
-    fn split_keeps_every_block_once() {
-        let mut plan = FramePlan::new(block(1, "a", 100, 5));
-        for id in 2..=5 {
-            plan.add(block(id, "a", 100, 5 - id as u64));
-        }
-        let (l, r) = plan.split();
-        assert_eq!(l.block_ids(), vec![1, 2]);
-        assert_eq!(r.block_ids(), vec![3, 4, 5]);
-        assert_eq!(l.records + r.records, 5);
-        assert_eq!(r.oldest_ms, 0);
-    }
-
-    #[test]
-    fn calls_respect_entry_and_byte_limits() {
-        assert_eq!(call_size(vec![1; 600], KINESIS_CALL), 500);
-        let mib = 1 << 20;
-        assert_eq!(call_size(vec![mib; 10], KINESIS_CALL), 5);
-        assert_eq!(
-            call_size(vec![mib, mib, mib, mib, mib + 1], KINESIS_CALL),
-            4
-        );
-        assert_eq!(call_size(vec![6 * mib], KINESIS_CALL), 1);
-        assert_eq!(call_size(Vec::<usize>::new(), KINESIS_CALL), 0);
     }
 }

@@ -63,7 +63,7 @@ fn tag_len(key: &str, value: &str) -> usize {
 
 /// Encodes `records` of one partition key (and explicit hash key, if the route sets one) as an
 /// aggregated record into `out` (cleared first).
-pub fn encode(
+pub(crate) fn encode(
     gateway: &str,
     partition_key: &str,
     explicit_hash_key: Option<&str>,
@@ -119,30 +119,35 @@ pub fn encode(
 /// One user record read back from an aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
-    pub partition_key: String,
+    pub(crate) partition_key: String,
     pub explicit_hash_key: Option<String>,
     pub data: Vec<u8>,
     pub tags: Vec<(String, String)>,
 }
 
-fn read_varint(data: &[u8], at: &mut usize) -> Result<u64, String> {
+/// Why bytes are not a KPL aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("KPL aggregate: {0}")]
+pub struct KplError(&'static str);
+
+fn read_varint(data: &[u8], at: &mut usize) -> Result<u64, KplError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let b = *data.get(*at).ok_or("truncated varint")?;
+        let b = *data.get(*at).ok_or(KplError("truncated varint"))?;
         *at += 1;
         v |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             return Ok(v);
         }
     }
-    Err("varint longer than 10 bytes".into())
+    Err(KplError("varint longer than 10 bytes"))
 }
 
 /// One protobuf field: its number, its varint value (or length), its bytes (if delimited).
 type Field<'a> = (u32, u64, &'a [u8]);
 
 /// Walks the fields of one protobuf message.
-fn fields(data: &[u8]) -> Result<Vec<Field<'_>>, String> {
+fn fields(data: &[u8]) -> Result<Vec<Field<'_>>, KplError> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < data.len() {
@@ -153,31 +158,31 @@ fn fields(data: &[u8]) -> Result<Vec<Field<'_>>, String> {
             2 => {
                 let len = read_varint(data, &mut at)? as usize;
                 let end = at.checked_add(len).filter(|e| *e <= data.len());
-                let end = end.ok_or("length-delimited field runs past the end")?;
+                let end = end.ok_or(KplError("length-delimited field runs past the end"))?;
                 out.push((field, len as u64, &data[at..end]));
                 at = end;
             }
-            other => return Err(format!("unexpected protobuf wire type {other}")),
+            _ => return Err(KplError("unexpected protobuf wire type")),
         }
     }
     Ok(out)
 }
 
-fn utf8(b: &[u8]) -> Result<String, String> {
-    String::from_utf8(b.to_vec()).map_err(|_| "string field is not UTF-8".to_string())
+fn utf8(b: &[u8]) -> Result<String, KplError> {
+    String::from_utf8(b.to_vec()).map_err(|_| KplError("string field is not UTF-8"))
 }
 
 /// Reads an aggregate (checking the magic and the MD5); for tests and `edgeship decode`.
-pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, String> {
+pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, KplError> {
     let body = data
         .strip_prefix(&MAGIC)
-        .ok_or("not a KPL aggregate (magic)")?;
+        .ok_or(KplError("not a KPL aggregate (magic)"))?;
     if body.len() < 16 {
-        return Err("KPL aggregate too short for its MD5".into());
+        return Err(KplError("too short for its MD5"));
     }
     let (message, digest) = body.split_at(body.len() - 16);
     if md5::compute(message).0 != digest {
-        return Err("KPL aggregate MD5 does not match".into());
+        return Err(KplError("MD5 does not match"));
     }
     let mut keys = Vec::new();
     let mut hash_keys = Vec::new();
@@ -216,22 +221,22 @@ pub fn decode(data: &[u8]) -> Result<Vec<UserRecord>, String> {
                     _ => {}
                 }
             }
-            let index = key_index.ok_or("user record without partition_key_index")?;
+            let index = key_index.ok_or(KplError("user record without partition_key_index"))?;
             Ok(UserRecord {
                 partition_key: keys
                     .get(index)
-                    .ok_or("partition key index out of range")?
+                    .ok_or(KplError("partition key index out of range"))?
                     .clone(),
                 explicit_hash_key: match hash_index {
                     Some(i) => Some(
                         hash_keys
                             .get(i)
-                            .ok_or("explicit hash key index out of range")?
+                            .ok_or(KplError("explicit hash key index out of range"))?
                             .clone(),
                     ),
                     None => None,
                 },
-                data: data.ok_or("user record without data")?,
+                data: data.ok_or(KplError("user record without data"))?,
                 tags,
             })
         })

@@ -12,18 +12,23 @@
 //!
 //! Decoding never trusts a length: every size is checked against the input and against
 //! [`MAX_BODY_BYTES`] before anything is allocated, and corrupt input is an error, never a panic.
-//! This module does no I/O.
+//! This module does no I/O. Its children: [`kpl`], the Kinesis Producer Library's aggregated
+//! record, and [`encoder`], the one place records become destination records in either
+//! format.
+
+pub(crate) mod encoder;
+pub mod kpl;
 
 use std::fmt;
 
-pub const MAGIC: &[u8; 4] = b"ESHP";
-pub const VERSION: u8 = 1;
+pub(crate) const MAGIC: &[u8; 4] = b"ESHP";
+pub(crate) const VERSION: u8 = 1;
 /// Flag bit 0: the body is one zstd frame (with content checksum).
-pub const FLAG_ZSTD: u8 = 0b0000_0001;
+pub(crate) const FLAG_ZSTD: u8 = 0b0000_0001;
 /// Largest uncompressed body a decoder accepts (a 10 MiB Kinesis record at a very high ratio).
-pub const MAX_BODY_BYTES: usize = 256 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 256 << 20;
 /// Header bytes before the gateway id and after it.
-pub const FIXED_HEADER_BYTES: usize = 4 + 1 + 1 + 1 + 4 + 4;
+pub(crate) const FIXED_HEADER_BYTES: usize = 4 + 1 + 1 + 1 + 4 + 4;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -104,7 +109,12 @@ pub fn encode_record(body: &mut Vec<u8>, seq: u64, ts_ms: u64, topic: &str, payl
 }
 
 /// Bytes `encode_record` adds for a record, for size accounting without encoding.
-pub fn encoded_record_len(seq: u64, ts_ms: u64, topic_len: usize, payload_len: usize) -> usize {
+pub(crate) fn encoded_record_len(
+    seq: u64,
+    ts_ms: u64,
+    topic_len: usize,
+    payload_len: usize,
+) -> usize {
     fn vlen(v: u64) -> usize {
         (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
     }
@@ -117,7 +127,7 @@ pub fn encoded_record_len(seq: u64, ts_ms: u64, topic_len: usize, payload_len: u
 }
 
 /// Parses `count` records from an uncompressed body; the body must end exactly after them.
-pub fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, FrameError> {
+pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, FrameError> {
     // Each record takes at least 4 bytes, so a count larger than that is corrupt before any
     // allocation is sized from it.
     if count as usize > body.len() / 4 + 1 {
@@ -206,7 +216,7 @@ pub fn frame_compressor(level: i32) -> std::io::Result<zstd::bulk::Compressor<'s
 
 /// Decompresses a zstd frame whose content is exactly `expected_len` bytes, never allocating
 /// more than that. The only zstd decoding entry point in the agent.
-pub fn decompress_exact(data: &[u8], expected_len: usize) -> Result<Vec<u8>, FrameError> {
+pub(crate) fn decompress_exact(data: &[u8], expected_len: usize) -> Result<Vec<u8>, FrameError> {
     if expected_len > MAX_BODY_BYTES {
         return Err(FrameError::BodyTooLarge(expected_len));
     }

@@ -3,30 +3,52 @@
 //! emulators) and rustls with the ring provider.
 //!
 //! The SDK's own retries are off: a whole-call failure comes back as [`SinkError`] and partial
-//! failures per entry, so the shipper alone decides what is resent.
+//! failures per entry, each classified ([`errors`]), so the shipper alone decides what is
+//! resent. The service's quotas are in [`limits`], the mapping of keys to shards in [`shard`].
 //!
 //! The stream's open shards are learned with ListShards in the background (at start, when
 //! unknown, and when an accepted entry lands on a shard the map does not have, i.e. after a
 //! reshard), so outcomes carry the shard an entry went to, or was meant for. Sending never
 //! waits for that discovery.
 
-use super::{Accepted, Entry, EntryFailure, Outcome, SinkError};
-use crate::config::KinesisConfig;
-use crate::shard::ShardMap;
+pub(crate) mod errors;
+pub(crate) mod limits;
+pub mod shard;
+
+use crate::sink::call::{
+    CallLimits, Destination, Entry, Failure, FailureKind, Outcome, ShardLimits, SinkError,
+};
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use shard::ShardMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A `[destination.NAME]` of `type = "kinesis"`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KinesisConfig {
+    pub(crate) stream: String,
+    pub(crate) region: Option<String>,
+    pub(crate) endpoint: Option<String>,
+    /// Largest record (data and partition key) sent; the stream's own limit lowers it.
+    pub(crate) max_record_bytes: u64,
+    /// What the shipper paces each shard to (Kinesis: 1 MiB/s and 1,000 records/s).
+    pub(crate) shard_limits: ShardLimits,
+}
 
 /// Shard discovery runs at most this often (ListShards allows far more per stream; a reshard
 /// is learned within seconds).
 const SHARD_REFRESH_EVERY: Duration = Duration::from_secs(5);
 
-pub struct KinesisSink {
+pub(crate) struct KinesisSink {
     name: String,
     stream: String,
+    /// Where calls go, for error messages: the endpoint override or the regional endpoint.
+    endpoint: String,
+    max_record_bytes: u64,
+    shard_limits: ShardLimits,
     client: aws_sdk_kinesis::Client,
     shards: Arc<Mutex<Shards>>,
 }
@@ -56,11 +78,20 @@ async fn stream_max_record_bytes(client: &aws_sdk_kinesis::Client, stream: &str)
     u64::try_from(kib).ok().map(|k| k * 1024)
 }
 
+/// Why the shards could not be learned (logged at debug level; sending goes on without them).
+#[derive(Debug, thiserror::Error)]
+enum DiscoveryError {
+    #[error("ListShards: {0}")]
+    Call(String),
+    #[error(transparent)]
+    Ranges(#[from] shard::ShardMapError),
+}
+
 /// Walks ListShards (all pages) and returns the open shards' map.
 async fn list_open_shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
-) -> Result<ShardMap, String> {
+) -> Result<ShardMap, DiscoveryError> {
     let mut ranges: Vec<(String, String, String)> = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -69,17 +100,16 @@ async fn list_open_shards(
             Some(t) => client.list_shards().next_token(t),
             None => client.list_shards().stream_name(stream),
         };
-        let page = request
-            .send()
-            .await
-            .map_err(|e| match e.as_service_error() {
+        let page = request.send().await.map_err(|e| {
+            DiscoveryError::Call(match e.as_service_error() {
                 Some(s) => format!(
                     "{}: {}",
                     s.code().unwrap_or("Unknown"),
                     s.message().unwrap_or("")
                 ),
-                None => error_chain(&e),
-            })?;
+                None => crate::aws::describe_sdk_error(&e),
+            })
+        })?;
         for shard in page.shards() {
             // A shard with an ending sequence number is closed (split or merged away).
             let closed = shard
@@ -99,15 +129,15 @@ async fn list_open_shards(
             _ => break,
         }
     }
-    ShardMap::new(
+    Ok(ShardMap::new(
         ranges
             .iter()
             .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
-    )
+    )?)
 }
 
 impl KinesisSink {
-    pub async fn connect(
+    pub(crate) async fn connect(
         name: &str,
         config: &KinesisConfig,
         credentials: Option<SharedCredentialsProvider>,
@@ -118,9 +148,17 @@ impl KinesisSink {
             credentials,
         )
         .await;
+        let endpoint = match (&config.endpoint, sdk.region()) {
+            (Some(e), _) => e.clone(),
+            (None, Some(r)) => format!("kinesis.{r}.amazonaws.com"),
+            (None, None) => "the Kinesis endpoint (no region set)".to_string(),
+        };
         let sink = KinesisSink {
             name: name.to_string(),
             stream: config.stream.clone(),
+            endpoint,
+            max_record_bytes: config.max_record_bytes,
+            shard_limits: config.shard_limits,
             client: aws_sdk_kinesis::Client::new(&sdk),
             shards: Arc::default(),
         };
@@ -129,7 +167,7 @@ impl KinesisSink {
     }
 
     /// Whether the stream answers: DescribeStreamSummary, with the reason when it does not.
-    pub async fn probe(&self) -> Result<(), String> {
+    async fn probe_stream(&self) -> Result<(), Failure> {
         match self
             .client
             .describe_stream_summary()
@@ -138,15 +176,21 @@ impl KinesisSink {
             .await
         {
             Ok(out) => match out.stream_description_summary().map(|s| s.stream_status()) {
-                Some(aws_sdk_kinesis::types::StreamStatus::Deleting) => {
-                    Err(format!("stream {} is being deleted", self.stream))
-                }
+                Some(aws_sdk_kinesis::types::StreamStatus::Deleting) => Err(Failure::new(
+                    FailureKind::Refused,
+                    "StreamDeleting",
+                    format!("stream {} is being deleted", self.stream),
+                )),
                 _ => Ok(()),
             },
-            Err(e) => Err(self
-                .sdk_error(e)
-                .message
-                .replace("PutRecords to", "DescribeStreamSummary of")),
+            Err(e) => {
+                let mut failure = self.sdk_failure(e);
+                failure.message = format!(
+                    "DescribeStreamSummary of stream {}: {}",
+                    self.stream, failure.message
+                );
+                Err(failure)
+            }
         }
     }
 
@@ -160,16 +204,11 @@ impl KinesisSink {
     }
 
     /// The stream's record size limit, once learned.
-    pub fn max_record_bytes(&self) -> Option<u64> {
+    fn stated_record_bytes(&self) -> Option<u64> {
         self.shards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .max_record_bytes
-    }
-
-    /// The open shard a partition key maps to, when the shards are known.
-    pub fn shard_for(&self, key: &str) -> Option<Arc<str>> {
-        self.shard_map()?.shard_id_for_spooled(key)
     }
 
     /// Starts a background ListShards walk unless one is under way; one asked for within
@@ -224,25 +263,25 @@ impl KinesisSink {
         });
     }
 
-    pub async fn put(
+    async fn put_records(
         &self,
         entries: &[&Entry],
         timeout: Duration,
     ) -> Result<Vec<Outcome>, SinkError> {
         let mut request = self.client.put_records().stream_name(&self.stream);
         for e in entries {
-            let (partition_key, hash_key) = super::split_key(&e.key);
+            let (partition_key, hash_key) = crate::key::split(&e.key);
             let entry = PutRecordsRequestEntry::builder()
                 .data(Blob::new(e.data.clone()))
                 .partition_key(partition_key)
                 .set_explicit_hash_key(hash_key.map(str::to_string))
                 .build()
                 .map_err(|err| {
-                    self.error(
+                    self.error(Failure::new(
+                        FailureKind::Refused,
                         "InvalidEntry",
-                        format!("building PutRecords entry: {err}"),
-                        false,
-                    )
+                        format!("building a PutRecords entry: {err}"),
+                    ))
                 })?;
             request = request.records(entry);
         }
@@ -260,18 +299,23 @@ impl KinesisSink {
             )
             .send()
             .await
-            .map_err(|err| self.sdk_error(err))?;
+            .map_err(|err| {
+                let mut failure = self.sdk_failure(err);
+                failure.message =
+                    format!("PutRecords to stream {}: {}", self.stream, failure.message);
+                self.error(failure)
+            })?;
         let results = response.records();
         if results.len() != entries.len() {
-            return Err(self.error(
+            return Err(self.error(Failure::new(
+                FailureKind::Transient,
                 "ResultCountMismatch",
                 format!(
                     "PutRecords answered {} results for {} entries",
                     results.len(),
                     entries.len()
                 ),
-                true,
-            ));
+            )));
         }
         let map = self.shard_map();
         let mut unknown_shard = map.is_none();
@@ -290,13 +334,16 @@ impl KinesisSink {
                             }
                         }
                     });
-                    Ok(Accepted { shard })
+                    Outcome::Accepted { shard }
                 }
-                (_, code) => Err(EntryFailure {
-                    code: code.unwrap_or("NoSequenceNumber").to_string(),
-                    message: r.error_message().unwrap_or_default().to_string(),
-                    shard: map.as_ref().and_then(|m| m.shard_id_for_spooled(&e.key)),
-                }),
+                (_, code) => {
+                    let code = code.unwrap_or("NoSequenceNumber");
+                    let message = r.error_message().unwrap_or_default();
+                    Outcome::Failed {
+                        failure: Failure::new(errors::classify(code, 0, message), code, message),
+                        shard: map.as_ref().and_then(|m| m.shard_id_for_spooled(&e.key)),
+                    }
+                }
             })
             .collect();
         if unknown_shard {
@@ -305,86 +352,90 @@ impl KinesisSink {
         Ok(outcomes)
     }
 
-    fn error(&self, code: &str, message: String, retryable: bool) -> SinkError {
+    fn error(&self, failure: Failure) -> SinkError {
         SinkError {
             destination: self.name.clone(),
-            code: code.to_string(),
-            message,
-            retryable,
+            failure,
         }
     }
 
-    fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    /// A failed SDK call as a classified failure whose message reads as a sentence.
+    fn sdk_failure<E: ProvideErrorMetadata + std::error::Error + 'static>(
         &self,
         err: SdkError<E>,
-    ) -> SinkError {
-        let (code, message, retryable) = match &err {
+    ) -> Failure {
+        match &err {
             SdkError::ServiceError(service) => {
-                let code = service.err().code().unwrap_or("Unknown").to_string();
+                let code = service.err().code().unwrap_or("Unknown");
                 let status = service.raw().status().as_u16();
-                let retryable = status >= 500
-                    || matches!(
-                        code.as_str(),
-                        "ProvisionedThroughputExceededException"
-                            | "LimitExceededException"
-                            | "ThrottlingException"
-                    );
-                let message = format!(
-                    "PutRecords to stream {}: {code} (HTTP {status}): {}",
-                    self.stream,
-                    service.err().message().unwrap_or("")
-                );
+                let text = service.err().message().unwrap_or("");
+                let kind = errors::classify(code, status, text);
+                let message = format!("{code} (HTTP {status}): {text}");
                 // A code with no shape (e.g. a proxy's 502 page) is labelled by its status.
                 let code = if code == "Unknown" {
                     format!("Http{status}")
                 } else {
-                    code
+                    code.to_string()
                 };
-                (code, message, retryable)
+                Failure::new(kind, code, message)
             }
-            SdkError::TimeoutError(_) => (
-                "Timeout".to_string(),
-                format!("PutRecords to stream {}: no answer in time", self.stream),
-                true,
+            SdkError::TimeoutError(_) => Failure::new(
+                FailureKind::TimedOut,
+                "Timeout",
+                format!("no answer from {} in time", self.endpoint),
             ),
-            SdkError::DispatchFailure(d) => (
-                "Connect".to_string(),
+            SdkError::DispatchFailure(_) => Failure::new(
+                FailureKind::Transient,
+                "Connect",
                 format!(
-                    "PutRecords to stream {}: cannot connect: {d:?}",
-                    self.stream
+                    "cannot connect to {}: {}",
+                    self.endpoint,
+                    crate::aws::describe_sdk_error(&err)
                 ),
-                true,
             ),
-            SdkError::ResponseError(_) => (
-                "BadResponse".to_string(),
+            SdkError::ResponseError(_) => Failure::new(
+                FailureKind::Transient,
+                "BadResponse",
                 format!(
-                    "PutRecords to stream {}: {}",
-                    self.stream,
-                    error_chain(&err)
+                    "unreadable answer from {}: {}",
+                    self.endpoint,
+                    crate::aws::describe_sdk_error(&err)
                 ),
-                true,
             ),
-            other => (
-                "Other".to_string(),
-                format!(
-                    "PutRecords to stream {}: {}",
-                    self.stream,
-                    error_chain(other)
-                ),
-                true,
+            _ => Failure::new(
+                FailureKind::Transient,
+                "Other",
+                crate::aws::describe_sdk_error(&err),
             ),
-        };
-        self.error(&code, message, retryable)
+        }
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+impl Destination for KinesisSink {
+    fn call_limits(&self) -> CallLimits {
+        limits::CALL
     }
-    text
+
+    fn max_record_bytes(&self) -> u64 {
+        match self.stated_record_bytes() {
+            Some(stated) => stated.min(self.max_record_bytes),
+            None => self.max_record_bytes,
+        }
+    }
+
+    fn shard_limits(&self) -> Option<ShardLimits> {
+        Some(self.shard_limits)
+    }
+
+    fn shard_for(&self, key: &str) -> Option<Arc<str>> {
+        self.shard_map()?.shard_id_for_spooled(key)
+    }
+
+    async fn put(&self, entries: &[&Entry], timeout: Duration) -> Result<Vec<Outcome>, SinkError> {
+        self.put_records(entries, timeout).await
+    }
+
+    async fn probe(&self) -> Result<(), Failure> {
+        self.probe_stream().await
+    }
 }

@@ -1,11 +1,19 @@
-//! Which Kinesis shard a partition key lands on: the MD5 of the key, read as a 128-bit
-//! unsigned big-endian integer, falls in exactly one open shard's hash-key range (as
+//! Which Kinesis shard a key lands on: its hash key (the explicit one, or the MD5 of the
+//! partition key, see [`crate::key`]) falls in exactly one open shard's hash-key range (as
 //! ListShards reports them, decimal strings). Pure lookup; learning and refreshing the ranges
 //! belongs to the Kinesis sink.
 
-/// The hash key Kinesis derives from a partition key.
-pub fn hash_key(partition_key: &str) -> u128 {
-    u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0)
+use crate::key::hash_key;
+
+/// Shard ranges that cannot be a stream's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShardMapError {
+    #[error("shard {id}: hash key `{key}` is not a 128-bit integer")]
+    BadHashKey { id: String, key: String },
+    #[error("shard {id}: its range starts after it ends")]
+    Reversed { id: String },
+    #[error("shard hash-key ranges overlap")]
+    Overlap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,36 +26,34 @@ impl ShardMap {
     /// Builds the map from open shards' (id, starting hash key, ending hash key).
     pub fn new<'a>(
         shards: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
-    ) -> Result<ShardMap, String> {
+    ) -> Result<ShardMap, ShardMapError> {
         let mut ranges = Vec::new();
         for (id, start, end) in shards {
             let parse = |s: &str| {
-                s.parse::<u128>()
-                    .map_err(|_| format!("shard {id}: hash key `{s}` is not a 128-bit integer"))
+                s.parse::<u128>().map_err(|_| ShardMapError::BadHashKey {
+                    id: id.to_string(),
+                    key: s.to_string(),
+                })
             };
             let (start, end) = (parse(start)?, parse(end)?);
             if start > end {
-                return Err(format!("shard {id}: range starts after it ends"));
+                return Err(ShardMapError::Reversed { id: id.to_string() });
             }
             ranges.push((start, end, std::sync::Arc::from(id)));
         }
         ranges.sort_by_key(|r| r.0);
         if ranges.windows(2).any(|w| w[0].1 >= w[1].0) {
-            return Err("shard hash-key ranges overlap".into());
+            return Err(ShardMapError::Overlap);
         }
         Ok(ShardMap { ranges })
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ranges.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
-    }
-
     /// The shard holding `hash`, if any open shard covers it.
-    pub fn shard_for_hash(&self, hash: u128) -> Option<&str> {
+    pub(crate) fn shard_for_hash(&self, hash: u128) -> Option<&str> {
         let i = self.ranges.partition_point(|r| r.0 <= hash);
         let (_, end, id) = self.ranges.get(i.checked_sub(1)?)?;
         (hash <= *end).then_some(id.as_ref())
@@ -57,29 +63,16 @@ impl ShardMap {
         self.shard_for_hash(hash_key(partition_key))
     }
 
-    /// The shard id for a partition key, shared (for metric labels and outcomes).
-    pub fn shard_id_for(&self, partition_key: &str) -> Option<std::sync::Arc<str>> {
-        self.shard_id_for_hash(hash_key(partition_key))
-    }
-
     /// The shard of a spooled key: its explicit hash key if it has one, else the MD5 of its
     /// partition key.
-    pub fn shard_id_for_spooled(&self, key: &str) -> Option<std::sync::Arc<str>> {
-        match crate::sink::split_key(key) {
-            (_, Some(hash)) => self.shard_id_for_hash(hash.parse().ok()?),
-            (pk, None) => self.shard_id_for(pk),
-        }
+    pub(crate) fn shard_id_for_spooled(&self, key: &str) -> Option<std::sync::Arc<str>> {
+        self.shard_id_for_hash(crate::key::placement(key)?)
     }
 
     pub fn shard_id_for_hash(&self, hash: u128) -> Option<std::sync::Arc<str>> {
         let i = self.ranges.partition_point(|r| r.0 <= hash);
         let (_, end, id) = self.ranges.get(i.checked_sub(1)?)?;
         (hash <= *end).then(|| id.clone())
-    }
-
-    /// True if `shard_id` is one of the open shards this map was built from.
-    pub fn contains(&self, shard_id: &str) -> bool {
-        self.ranges.iter().any(|(_, _, id)| id.as_ref() == shard_id)
     }
 }
 
@@ -106,12 +99,6 @@ pub fn even_ranges(n: u32) -> Vec<(String, String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn md5_hash_key_matches_the_reference() {
-        // MD5("") = d41d8cd98f00b204e9800998ecf8427e
-        assert_eq!(hash_key(""), 0xd41d8cd98f00b204e9800998ecf8427e);
-    }
 
     #[test]
     fn keys_map_to_the_shard_whose_range_holds_them() {

@@ -1,40 +1,59 @@
-//! Routing: which route a topic belongs to, and the partition key a record gets.
+//! MQTT topic filters and the templates rendered from a message's topic (partition keys,
+//! explicit hash keys): their syntax, checked once at config load, and their use per message.
 //!
-//! Pure functions over strings: MQTT topic-filter matching (`+`, `#`) and partition-key
-//! templates (`{gateway}`, `{route}`, `{topic}`, `{topic[N]}`). The first route whose filter
-//! matches wins. No I/O, no allocation beyond the key string it returns.
+//! Pure functions over strings: filter matching (`+`, `#`) and templates (`{gateway}`,
+//! `{route}`, `{topic}`, `{topic[N]}`). No I/O, no allocation beyond the key string a
+//! template renders. Which route a topic belongs to is the router's business
+//! (`source::router`).
 
 use std::fmt;
 
+/// A topic filter or template that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TopicError {
+    #[error("a topic filter must not be empty")]
+    EmptyFilter,
+    #[error("`{0}`: `#` must be a whole level and the last one")]
+    MultiLevel(String),
+    #[error("`{0}`: `+` must be a whole level")]
+    SingleLevel(String),
+    #[error("`{0}`: `{{` without a closing `}}`")]
+    Unclosed(String),
+    #[error("`{template}`: unknown placeholder `{{{name}}}`; use {{gateway}}, {{route}}, {{topic}} or {{topic[N]}}")]
+    Placeholder { template: String, name: String },
+    #[error("`{0}`: `}}` without an opening `{{`")]
+    Unopened(String),
+    #[error("a partition key template must not be empty")]
+    EmptyTemplate,
+}
+
 /// An MQTT topic filter, checked once at config load.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicFilter(String);
+pub(crate) struct TopicFilter(String);
 
 impl TopicFilter {
-    pub fn parse(filter: &str) -> Result<TopicFilter, String> {
+    pub(crate) fn parse(filter: &str) -> Result<TopicFilter, TopicError> {
         if filter.is_empty() {
-            return Err("a topic filter must not be empty".into());
+            return Err(TopicError::EmptyFilter);
         }
         let levels: Vec<&str> = filter.split('/').collect();
         for (i, level) in levels.iter().enumerate() {
             if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
-                return Err(format!(
-                    "`{filter}`: `#` must be a whole level and the last one"
-                ));
+                return Err(TopicError::MultiLevel(filter.to_string()));
             }
             if level.contains('+') && *level != "+" {
-                return Err(format!("`{filter}`: `+` must be a whole level"));
+                return Err(TopicError::SingleLevel(filter.to_string()));
             }
         }
         Ok(TopicFilter(filter.to_string()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// MQTT matching; topics starting with `$` match no leading wildcard.
-    pub fn matches(&self, topic: &str) -> bool {
+    pub(crate) fn matches(&self, topic: &str) -> bool {
         if topic.starts_with('$') && (self.0.starts_with('+') || self.0.starts_with('#')) {
             return false;
         }
@@ -69,15 +88,12 @@ enum Part {
 
 /// A partition-key template such as `"{topic[1]}"` or `"site-a/{gateway}"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyTemplate {
+pub(crate) struct KeyTemplate {
     parts: Vec<Part>,
 }
 
-/// Kinesis partition keys are 1 to 256 Unicode characters.
-pub const MAX_PARTITION_KEY_CHARS: usize = 256;
-
 impl KeyTemplate {
-    pub fn parse(template: &str) -> Result<KeyTemplate, String> {
+    pub(crate) fn parse(template: &str) -> Result<KeyTemplate, TopicError> {
         let mut parts = Vec::new();
         let mut rest = template;
         while let Some(open) = rest.find('{') {
@@ -86,7 +102,7 @@ impl KeyTemplate {
             }
             let close = rest[open..]
                 .find('}')
-                .ok_or_else(|| format!("`{template}`: `{{` without a closing `}}`"))?
+                .ok_or_else(|| TopicError::Unclosed(template.to_string()))?
                 + open;
             let name = &rest[open + 1..close];
             parts.push(match name {
@@ -98,8 +114,9 @@ impl KeyTemplate {
                         .strip_prefix("topic[")
                         .and_then(|s| s.strip_suffix(']'))
                         .and_then(|n| n.parse::<usize>().ok())
-                        .ok_or_else(|| {
-                            format!("`{template}`: unknown placeholder `{{{name}}}`; use {{gateway}}, {{route}}, {{topic}} or {{topic[N]}}")
+                        .ok_or_else(|| TopicError::Placeholder {
+                            template: template.to_string(),
+                            name: name.to_string(),
                         })?;
                     Part::TopicLevel(index)
                 }
@@ -107,20 +124,26 @@ impl KeyTemplate {
             rest = &rest[close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("`{template}`: `}}` without an opening `{{`"));
+            return Err(TopicError::Unopened(template.to_string()));
         }
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
         if parts.is_empty() {
-            return Err("a partition key template must not be empty".into());
+            return Err(TopicError::EmptyTemplate);
         }
         Ok(KeyTemplate { parts })
     }
 
     /// The key for one message. A missing topic level renders as empty; a key that would be
-    /// empty becomes the gateway id, and keys are cut to Kinesis' 256 characters.
-    pub fn render(&self, gateway: &str, route: &str, topic: &str) -> String {
+    /// empty becomes the gateway id, and keys are cut to `max_chars` characters.
+    pub(crate) fn render(
+        &self,
+        gateway: &str,
+        route: &str,
+        topic: &str,
+        max_chars: usize,
+    ) -> String {
         let mut key = String::new();
         for part in &self.parts {
             match part {
@@ -134,8 +157,8 @@ impl KeyTemplate {
         if key.is_empty() {
             key.push_str(gateway);
         }
-        if key.chars().count() > MAX_PARTITION_KEY_CHARS {
-            key = key.chars().take(MAX_PARTITION_KEY_CHARS).collect();
+        if key.chars().count() > max_chars {
+            key = key.chars().take(max_chars).collect();
         }
         key
     }
@@ -166,15 +189,18 @@ mod tests {
     #[test]
     fn templates_render_topic_levels() {
         let t = KeyTemplate::parse("{topic[1]}").unwrap();
-        assert_eq!(t.render("gw", "r", "devices/pump-7/telemetry"), "pump-7");
-        assert_eq!(t.render("gw", "r", "devices"), "gw");
+        assert_eq!(
+            t.render("gw", "r", "devices/pump-7/telemetry", 256),
+            "pump-7"
+        );
+        assert_eq!(t.render("gw", "r", "devices", 256), "gw");
         let t = KeyTemplate::parse("site/{gateway}/{route}").unwrap();
-        assert_eq!(t.render("gw", "r", "x"), "site/gw/r");
+        assert_eq!(t.render("gw", "r", "x", 256), "site/gw/r");
         assert!(KeyTemplate::parse("{device}").is_err());
         assert!(KeyTemplate::parse("{topic").is_err());
         let long = KeyTemplate::parse("{topic}")
             .unwrap()
-            .render("g", "r", &"x".repeat(300));
+            .render("g", "r", &"x".repeat(300), 256);
         assert_eq!(long.len(), 256);
     }
 }

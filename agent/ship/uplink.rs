@@ -38,24 +38,24 @@ const MEASURE_MIN_TIME: Duration = Duration::from_millis(250);
 
 /// The measured uplink rate of one destination.
 #[derive(Debug, Clone, Default)]
-pub struct Uplink {
+pub(crate) struct Uplink {
     /// Bytes per second, a moving average of measured calls; `None` before the first.
     rate: Option<f64>,
 }
 
 impl Uplink {
-    pub fn new() -> Uplink {
+    pub(crate) fn new() -> Uplink {
         Uplink::default()
     }
 
     /// The measured rate in bytes per second, if any call measured it yet.
-    pub fn rate(&self) -> Option<f64> {
+    pub(crate) fn rate(&self) -> Option<f64> {
         self.rate
     }
 
     /// Largest call (bytes) to send now, at most `max`: what the link carries in a few
     /// seconds.
-    pub fn call_bytes(&self, max: usize) -> usize {
+    pub(crate) fn call_bytes(&self, max: usize) -> usize {
         let fit = match self.rate {
             None => FIRST_CALL_BYTES,
             Some(rate) => ((rate * CALL_DURATION) as usize).max(MIN_CALL_BYTES),
@@ -64,7 +64,7 @@ impl Uplink {
     }
 
     /// How long a call of `bytes` may take before it is given up.
-    pub fn timeout(&self, bytes: usize) -> Duration {
+    pub(crate) fn timeout(&self, bytes: usize) -> Duration {
         // A measured fast link earns short timeouts, a slow one long ones.
         let rate = self.rate.unwrap_or(ASSUMED_RATE);
         let transfer = Duration::from_secs_f64(TIMEOUT_FACTOR * bytes as f64 / rate);
@@ -72,7 +72,7 @@ impl Uplink {
     }
 
     /// A call of `bytes` was answered after `elapsed`.
-    pub fn answered(&mut self, bytes: usize, elapsed: Duration) {
+    pub(crate) fn answered(&mut self, bytes: usize, elapsed: Duration) {
         if bytes < MEASURE_MIN_BYTES && elapsed < MEASURE_MIN_TIME {
             return;
         }
@@ -86,7 +86,7 @@ impl Uplink {
     /// A call of `bytes` got no answer within `elapsed` (its timeout): the link carries less
     /// than that, so the estimate drops below it and the next call is smaller and may take
     /// longer.
-    pub fn timed_out(&mut self, bytes: usize, elapsed: Duration) {
+    pub(crate) fn timed_out(&mut self, bytes: usize, elapsed: Duration) {
         let bound = bytes as f64 / elapsed.as_secs_f64().max(1e-3);
         let current = self.rate.unwrap_or(ASSUMED_RATE);
         self.rate = Some((current.min(bound) / 2.0).max(MIN_RATE));

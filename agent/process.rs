@@ -8,19 +8,19 @@
 use std::path::Path;
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ProcessFigures {
-    pub resident_bytes: Option<u64>,
-    pub virtual_bytes: Option<u64>,
-    pub cpu_seconds: Option<f64>,
-    pub open_fds: Option<u64>,
-    pub max_fds: Option<u64>,
+pub(crate) struct ProcessFigures {
+    pub(crate) resident_bytes: Option<u64>,
+    pub(crate) virtual_bytes: Option<u64>,
+    pub(crate) cpu_seconds: Option<f64>,
+    pub(crate) open_fds: Option<u64>,
+    pub(crate) max_fds: Option<u64>,
 }
 
 /// Reads the figures. Memory comes from `/proc/self/status` (kB, so no page-size arithmetic),
 /// CPU time from `getrusage`: both also hold under qemu-user, whose `/proc/self/stat` is a stub.
 // The libc types are 32-bit on armv7 and 64-bit on aarch64/x86-64: the casts are needed there.
 #[allow(clippy::unnecessary_cast)]
-pub fn read() -> ProcessFigures {
+pub(crate) fn read() -> ProcessFigures {
     let mut f = ProcessFigures::default();
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         let kb = |field: &str| {
@@ -55,7 +55,7 @@ pub fn read() -> ProcessFigures {
 
 /// Bytes an unprivileged process may still write on the file system holding `path`.
 #[allow(clippy::unnecessary_cast)] // 32-bit fields on armv7
-pub fn disk_free_bytes(path: &Path) -> Option<u64> {
+pub(crate) fn disk_free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -68,7 +68,7 @@ pub fn disk_free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Size of the spool file and its write-ahead log.
-pub fn spool_file_bytes(path: &Path) -> Option<u64> {
+pub(crate) fn spool_file_bytes(path: &Path) -> Option<u64> {
     let main = std::fs::metadata(path).ok()?.len();
     let wal = std::fs::metadata(format!("{}-wal", path.display()))
         .map(|m| m.len())

@@ -7,26 +7,11 @@
 //! shard is not known yet share one pseudo-shard (`""`), paced by backoff only. This module
 //! never sends, sleeps or allocates per entry beyond the first sight of a shard.
 
-use crate::shipper::Backoff;
+use crate::backoff::Backoff;
+use crate::sink::call::ShardLimits;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Write limits of one shard.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ShardLimits {
-    pub records_per_sec: f64,
-    pub bytes_per_sec: f64,
-}
-
-impl ShardLimits {
-    /// Kinesis Data Streams, provisioned and on-demand alike: 1,000 records and 1 MiB per
-    /// second per shard (data plus partition key).
-    pub const KINESIS: ShardLimits = ShardLimits {
-        records_per_sec: 1000.0,
-        bytes_per_sec: 1_048_576.0,
-    };
-}
 
 struct Shard {
     records: f64,
@@ -36,7 +21,7 @@ struct Shard {
     blocked_until: Option<Instant>,
 }
 
-pub struct Pacer {
+pub(crate) struct Pacer {
     limits: Option<ShardLimits>,
     shards: HashMap<Arc<str>, Shard>,
     unknown: Arc<str>,
@@ -44,7 +29,7 @@ pub struct Pacer {
 
 impl Pacer {
     /// `limits` of `None` paces by backoff only (destinations without shard limits).
-    pub fn new(limits: Option<ShardLimits>) -> Pacer {
+    pub(crate) fn new(limits: Option<ShardLimits>) -> Pacer {
         Pacer {
             limits,
             shards: HashMap::new(),
@@ -76,7 +61,12 @@ impl Pacer {
 
     /// Takes the shard's allowance for one entry of `bytes` if it may be sent now. An entry
     /// larger than a second's allowance goes when the bucket is full, and leaves it in debt.
-    pub fn try_take(&mut self, shard: Option<&Arc<str>>, bytes: usize, now: Instant) -> bool {
+    pub(crate) fn try_take(
+        &mut self,
+        shard: Option<&Arc<str>>,
+        bytes: usize,
+        now: Instant,
+    ) -> bool {
         let limits = self.limits;
         let s = self.shard(shard, now);
         if s.blocked_until.is_some_and(|t| t > now) {
@@ -93,7 +83,12 @@ impl Pacer {
     }
 
     /// When an entry of `bytes` for `shard` could go, if nothing else takes the allowance.
-    pub fn ready_at(&mut self, shard: Option<&Arc<str>>, bytes: usize, now: Instant) -> Instant {
+    pub(crate) fn ready_at(
+        &mut self,
+        shard: Option<&Arc<str>>,
+        bytes: usize,
+        now: Instant,
+    ) -> Instant {
         let limits = self.limits;
         let s = self.shard(shard, now);
         let mut at = s.blocked_until.filter(|t| *t > now).unwrap_or(now);
@@ -110,7 +105,7 @@ impl Pacer {
 
     /// The shard refused an entry (throttled, or failed it): it waits out a growing backoff
     /// with jitter, and its allowance starts again from empty.
-    pub fn refused(&mut self, shard: Option<&Arc<str>>, now: Instant) {
+    pub(crate) fn refused(&mut self, shard: Option<&Arc<str>>, now: Instant) {
         let s = self.shard(shard, now);
         let delay = s.backoff.next_delay();
         s.blocked_until = Some(now + delay);
@@ -119,7 +114,7 @@ impl Pacer {
     }
 
     /// The shard accepted an entry: its backoff starts over.
-    pub fn accepted(&mut self, shard: Option<&Arc<str>>, now: Instant) {
+    pub(crate) fn accepted(&mut self, shard: Option<&Arc<str>>, now: Instant) {
         let s = self.shard(shard, now);
         s.backoff.reset();
         s.blocked_until = None;
@@ -176,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_refusing_shard_backs_off_alone_and_recovers() {
-        let mut p = Pacer::new(Some(ShardLimits::KINESIS));
+        let mut p = Pacer::new(Some(crate::sink::kinesis::limits::SHARD));
         let t0 = Instant::now();
         let (hot, cold) = (id("hot"), id("cold"));
         p.refused(hot.as_ref(), t0);

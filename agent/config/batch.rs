@@ -1,0 +1,65 @@
+//! `[batch]`: how records are packed into frames and calls, and the largest message taken.
+
+use super::raw::RawBatch;
+use super::source::{ConfigError, Source};
+use super::units::ByteSize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BatchConfig {
+    /// How long a partly filled frame may wait for more records before it is sent.
+    pub(crate) linger: Duration,
+    /// Target uncompressed bytes per frame.
+    pub(crate) frame_bytes: u64,
+    pub(crate) zstd_level: i32,
+    /// Larger messages go to the dead-letter table (reason `oversize`).
+    pub(crate) max_message_bytes: u64,
+    /// Most bytes (frames and keys) in one destination call, below the destination's own limit
+    /// (Kinesis: 5 MiB). Smaller calls hold less memory and match a shard's 1 MiB/s.
+    pub(crate) max_call_bytes: u64,
+}
+
+pub(super) fn batch(raw: RawBatch, src: &Source) -> Result<BatchConfig, ConfigError> {
+    let zstd_level = match raw.zstd_level {
+        Some(level) => {
+            let span = level.span();
+            let level = level.into_inner();
+            if !(1..=19).contains(&level) {
+                return Err(src.error_at(
+                    Some(span),
+                    "batch.zstd_level",
+                    format!("{level} is outside 1..=19"),
+                ));
+            }
+            level
+        }
+        None => 3,
+    };
+    let batch = BatchConfig {
+        linger: raw.linger.map_or(Duration::from_secs(1), |d| d.0),
+        frame_bytes: raw.frame_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),
+        zstd_level,
+        max_message_bytes: raw.max_message_bytes.unwrap_or(ByteSize(256 << 10)).bytes(),
+        max_call_bytes: raw.max_call_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),
+    };
+    if !(64 << 10..=5 << 20).contains(&batch.max_call_bytes) {
+        return Err(src.error_at(
+            None,
+            "batch.max_call_bytes",
+            "must be between 64KiB and 5MiB (the PutRecords limit)",
+        ));
+    }
+    if batch.frame_bytes < (64 << 10) || batch.frame_bytes > (64 << 20) {
+        return Err(src.error_at(None, "batch.frame_bytes", "must be between 64KiB and 64MiB"));
+    }
+    // Each route's destination must also leave RECORD_ROOM above it (checked per route).
+    if batch.max_message_bytes == 0 || batch.max_message_bytes > (9 << 20) {
+        return Err(src.error_at(
+            None,
+            "batch.max_message_bytes",
+            "must be between 1B and 9MiB (a message must fit in one Kinesis record, 10MiB at most)",
+        ));
+    }
+
+    Ok(batch)
+}

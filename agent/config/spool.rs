@@ -1,0 +1,51 @@
+//! `[spool]`: where records wait, how much of the disk they may take, and how hard each
+//! commit syncs.
+
+use super::raw::{FullPolicy, RawSpool, SyncLevel};
+use super::source::{ConfigError, Source};
+use super::units::ByteSize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+    /// Cap on spooled (compressed) record bytes; past it `full_policy` applies.
+    pub(crate) max_bytes: u64,
+    pub(crate) full_policy: FullPolicy,
+    pub(crate) sync: SyncLevel,
+    /// Dead letters kept for inspection; the oldest are evicted past this count.
+    pub(crate) max_dead_letters: u64,
+    /// How long received messages may gather before one commit. Longer means fewer, larger
+    /// writes (less disk wear) and later acks; throughput per broker is at most its inflight
+    /// window divided by this.
+    pub(crate) commit_interval: Duration,
+}
+
+pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigError> {
+    let spool = SpoolConfig {
+        path: PathBuf::from(
+            raw.path
+                .unwrap_or_else(|| "/var/lib/edgeship/spool.db".into()),
+        ),
+        max_bytes: raw.max_bytes.unwrap_or(ByteSize(512 << 20)).bytes(),
+        full_policy: raw.full_policy.unwrap_or(FullPolicy::Block),
+        sync: raw.sync.unwrap_or(SyncLevel::Normal),
+        max_dead_letters: raw.max_dead_letters.unwrap_or(10_000),
+        commit_interval: raw
+            .commit_interval
+            .map_or(Duration::from_millis(10), |d| d.0),
+    };
+    if spool.commit_interval > Duration::from_secs(1) {
+        return Err(src.error_at(
+            None,
+            "spool.commit_interval",
+            "must be at most 1s (acks wait this long)",
+        ));
+    }
+    if spool.max_bytes < (1 << 20) {
+        return Err(src.error_at(None, "spool.max_bytes", "must be at least 1MiB"));
+    }
+
+    Ok(spool)
+}

@@ -1,0 +1,240 @@
+//! The one place records become destination records: a run of record bodies (each the
+//! uncompressed record encoding of FORMAT.md, with its record count) is encoded in a route's
+//! format, split until every piece fits the destination's record limit.
+//!
+//! It knows nothing of spool blocks or destinations: callers pass bodies and a limit, and get
+//! back each encoded record with the range of bodies it holds. No I/O; CPU-bound (zstd), so
+//! async callers run it on a blocking thread.
+
+use super::kpl;
+use super::{decode_records, encode_frame, frame_compressor, FrameError};
+use serde::Deserialize;
+
+/// How a route's records are packed into destination records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum FrameFormat {
+    /// edgeship's frame (FORMAT.md): zstd-compressed, every record's id, topic and time.
+    #[default]
+    Edgeship,
+    /// The Kinesis Producer Library's aggregated record: payloads as they are, readable by
+    /// the KCL and the Lambda deaggregation modules; not compressed.
+    Kpl,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EncodeError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("zstd: {0}")]
+    Zstd(#[from] std::io::Error),
+    #[error("records {first_seq}..: one run of records encodes to {bytes} bytes, over the {limit}-byte record limit")]
+    TooLarge {
+        first_seq: u64,
+        bytes: usize,
+        limit: usize,
+    },
+}
+
+/// An uncompressed body of `records` records, as the spool keeps them.
+pub(crate) struct Body<'a> {
+    pub(crate) records: u32,
+    pub(crate) bytes: &'a [u8],
+}
+
+/// One destination record and which bodies (a range of the input) it holds.
+pub(crate) struct Encoded {
+    pub(crate) data: Vec<u8>,
+    pub(crate) bodies: std::ops::Range<usize>,
+    pub(crate) records: u64,
+    pub(crate) raw_bytes: u64,
+}
+
+/// Encodes records in one format; holds the compressor context between frames (its set-up is
+/// the expensive part).
+pub(crate) enum FrameEncoder {
+    /// edgeship's own frame (FORMAT.md), zstd-compressed.
+    Edgeship(zstd::bulk::Compressor<'static>),
+    /// The KPL aggregated record (uncompressed), for KCL and Lambda deaggregation.
+    Kpl,
+}
+
+impl FrameEncoder {
+    pub(crate) fn new(format: FrameFormat, zstd_level: i32) -> Result<FrameEncoder, EncodeError> {
+        Ok(match format {
+            FrameFormat::Edgeship => FrameEncoder::Edgeship(frame_compressor(zstd_level)?),
+            FrameFormat::Kpl => FrameEncoder::Kpl,
+        })
+    }
+
+    /// One destination record of `records` records whose bodies are concatenated in `raw`.
+    fn encode(
+        &mut self,
+        gateway: &str,
+        key: &str,
+        records: u64,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, EncodeError> {
+        match self {
+            FrameEncoder::Edgeship(compressor) => Ok(encode_frame(
+                gateway,
+                records as u32,
+                raw,
+                Some(compressor),
+            )?),
+            FrameEncoder::Kpl => {
+                let records = decode_records(raw, records as u32)?;
+                let mut out = Vec::new();
+                let (partition_key, hash_key) = crate::key::split(key);
+                kpl::encode(gateway, partition_key, hash_key, &records, &mut out);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Encodes `bodies` (records of one key) into records of at most `limit` bytes including
+    /// the key, halving the run of bodies until each fits. A single body that does not fit
+    /// is an error naming its first record.
+    pub(crate) fn encode_fitting(
+        &mut self,
+        gateway: &str,
+        key: &str,
+        bodies: &[Body<'_>],
+        limit: usize,
+    ) -> Result<Vec<Encoded>, EncodeError> {
+        let mut out = Vec::new();
+        self.fit(gateway, key, bodies, 0, limit, &mut out)?;
+        Ok(out)
+    }
+
+    fn fit(
+        &mut self,
+        gateway: &str,
+        key: &str,
+        bodies: &[Body<'_>],
+        offset: usize,
+        limit: usize,
+        out: &mut Vec<Encoded>,
+    ) -> Result<(), EncodeError> {
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let records: u64 = bodies.iter().map(|b| u64::from(b.records)).sum();
+        let mut raw = Vec::with_capacity(bodies.iter().map(|b| b.bytes.len()).sum());
+        for b in bodies {
+            raw.extend_from_slice(b.bytes);
+        }
+        let data = self.encode(gateway, key, records, &raw)?;
+        if data.len() + key.len() <= limit {
+            out.push(Encoded {
+                data,
+                bodies: offset..offset + bodies.len(),
+                records,
+                raw_bytes: raw.len() as u64,
+            });
+            return Ok(());
+        }
+        if bodies.len() == 1 {
+            let first_seq = decode_records(&raw, bodies[0].records)
+                .ok()
+                .and_then(|r| r.first().map(|r| r.seq))
+                .unwrap_or(0);
+            return Err(EncodeError::TooLarge {
+                first_seq,
+                bytes: data.len() + key.len(),
+                limit,
+            });
+        }
+        let half = bodies.len() / 2;
+        let (left, right) = bodies.split_at(half);
+        self.fit(gateway, key, left, offset, limit, out)?;
+        self.fit(gateway, key, right, offset + half, limit, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_frame, encode_record};
+
+    fn body(seq: u64, n: usize, payload_len: usize, noisy: bool) -> (u32, Vec<u8>) {
+        let mut b = Vec::new();
+        let mut x = seq.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        for i in 0..n {
+            let payload: Vec<u8> = (0..payload_len)
+                .map(|j| {
+                    if noisy {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    } else {
+                        b"{\"temp\":21.5}"[j % 13]
+                    }
+                })
+                .collect();
+            encode_record(&mut b, seq + i as u64, 1, "t", &payload);
+        }
+        (n as u32, b)
+    }
+
+    fn bodies(raw: &[(u32, Vec<u8>)]) -> Vec<Body<'_>> {
+        raw.iter()
+            .map(|(records, bytes)| Body {
+                records: *records,
+                bytes,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_are_split_until_each_fits_the_record_limit() {
+        let raw: Vec<_> = (0..8).map(|i| body(i * 100, 100, 1000, true)).collect();
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        let out = c
+            .encode_fitting("gw", "k", &bodies(&raw), 256 << 10)
+            .unwrap();
+        assert!(
+            out.len() >= 4,
+            "800 KB of noise needs at least 4 frames of 256 KiB"
+        );
+        assert!(out.iter().all(|p| p.data.len() < 256 << 10));
+        // The ranges cover every body once, in order.
+        let covered: Vec<usize> = out.iter().flat_map(|p| p.bodies.clone()).collect();
+        assert_eq!(covered, (0..8).collect::<Vec<_>>());
+        let mut seqs: Vec<u64> = out
+            .iter()
+            .flat_map(|p| {
+                decode_frame(&p.data)
+                    .unwrap()
+                    .records
+                    .into_iter()
+                    .map(|r| r.seq)
+            })
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, (0..800).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn compressible_bodies_share_one_frame() {
+        let raw: Vec<_> = (0..8).map(|i| body(i * 100, 100, 200, false)).collect();
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        let out = c.encode_fitting("gw", "k", &bodies(&raw), 1 << 20).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].records, 800);
+        assert_eq!(out[0].bodies, 0..8);
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_an_error_naming_its_records() {
+        let raw = vec![body(500, 10, 10_000, true)];
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        match c.encode_fitting("gw", "k", &bodies(&raw), 64 << 10) {
+            Err(EncodeError::TooLarge {
+                first_seq, limit, ..
+            }) => assert_eq!((first_seq, limit), (500, 64 << 10)),
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+    }
+}

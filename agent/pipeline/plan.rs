@@ -1,0 +1,176 @@
+//! What a config calls for, and what a config change does to the running shippers: decided
+//! without I/O, so each rule is unit-tested.
+//!
+//! One shipper per destination that has routes. Routes a change removes keep shipping what
+//! they spooled to the destination of the same name, if the new config still has it
+//! (retired routes); a route named again is live again. A destination whose settings or
+//! routes changed gets a new shipper (the old one stops first), an unchanged one keeps its
+//! own.
+
+use crate::config::Config;
+use crate::frame::encoder::FrameFormat;
+use crate::ship::ShipperSpec;
+use crate::sink::DestinationConfig;
+use std::collections::BTreeMap;
+
+/// Everything one destination's shipper is built from: a change in any of it means a new
+/// shipper.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Spec {
+    pub(crate) destination: DestinationConfig,
+    pub(crate) shipper: ShipperSpec,
+}
+
+/// Routes a config change removed, with the destination (and format) that still ships what
+/// they spooled.
+pub(crate) type Retired = BTreeMap<String, (String, FrameFormat)>;
+
+/// The shippers `config` calls for: one per destination with routes (its own and the retired
+/// ones it drains).
+pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec> {
+    let mut specs = BTreeMap::new();
+    for (name, dest) in &config.destinations {
+        let mut routes = Vec::new();
+        let mut kpl_routes = Vec::new();
+        let mine = config
+            .routes
+            .iter()
+            .filter(|r| &r.destination == name)
+            .map(|r| (&r.name, r.format));
+        let drained = retired
+            .iter()
+            .filter(|(_, (d, _))| d == name)
+            .map(|(route, (_, format))| (route, *format));
+        for (route, format) in mine.chain(drained) {
+            routes.push(route.clone());
+            if format == FrameFormat::Kpl {
+                kpl_routes.push(route.clone());
+            }
+        }
+        if routes.is_empty() {
+            continue;
+        }
+        specs.insert(
+            name.clone(),
+            Spec {
+                destination: dest.clone(),
+                shipper: ShipperSpec {
+                    routes,
+                    kpl_routes,
+                    batch: config.batch.clone(),
+                    max_queued_bytes: (config.spool.max_bytes / 4) as usize,
+                },
+            },
+        );
+    }
+    specs
+}
+
+/// Updates `retired` for a change from `old` to `new`: routes `new` drops are retired to
+/// their destination; retired routes whose destination is gone, or that `new` names again,
+/// are no longer.
+pub(crate) fn retire(old: &Config, new: &Config, retired: &mut Retired) {
+    for r in &old.routes {
+        if new.route(&r.name).is_none() {
+            retired.insert(r.name.clone(), (r.destination.clone(), r.format));
+        }
+    }
+    retired.retain(|route, (dest, _)| {
+        new.route(route).is_none() && new.destinations.contains_key(dest)
+    });
+}
+
+/// Which shippers to start and which to stop to go from `running` to `wanted`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    /// New destinations, and those whose spec changed (after their old shipper stopped).
+    pub(crate) start: Vec<String>,
+    /// Removed destinations, and those whose spec changed.
+    pub(crate) stop: Vec<String>,
+}
+
+pub(crate) fn changes(
+    running: &BTreeMap<String, Spec>,
+    wanted: &BTreeMap<String, Spec>,
+) -> Changes {
+    let start: Vec<String> = wanted
+        .iter()
+        .filter(|(name, spec)| running.get(*name) != Some(spec))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let stop = running
+        .keys()
+        .filter(|name| !wanted.contains_key(*name) || start.contains(name))
+        .cloned()
+        .collect();
+    Changes { start, stop }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(routes: &[(&str, &str)], destinations: &[&str]) -> Config {
+        let mut text = String::from("gateway_id = \"gw\"\n[[broker]]\nhost = \"h\"\n");
+        for (route, dest) in routes {
+            text.push_str(&format!(
+                "[[route]]\nname = \"{route}\"\ntopics = [\"{route}/#\"]\ndestination = \"{dest}\"\n"
+            ));
+        }
+        for d in destinations {
+            text.push_str(&format!(
+                "[destination.{d}]\ntype = \"directory\"\npath = \"/tmp/{d}\"\n"
+            ));
+        }
+        Config::parse(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn one_shipper_per_destination_with_routes() {
+        let c = config(&[("t", "a"), ("u", "a")], &["a", "b"]);
+        let s = specs(&c, &Retired::new());
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(s["a"].shipper.routes, ["t", "u"]);
+    }
+
+    #[test]
+    fn a_removed_route_drains_to_its_destination_while_it_exists() {
+        let old = config(&[("t", "a"), ("u", "a")], &["a"]);
+        let new = config(&[("u", "a")], &["a"]);
+        let mut retired = Retired::new();
+        retire(&old, &new, &mut retired);
+        assert_eq!(retired.keys().collect::<Vec<_>>(), ["t"]);
+        let s = specs(&new, &retired);
+        assert_eq!(
+            s["a"].shipper.routes,
+            ["u", "t"],
+            "t still ships what it spooled"
+        );
+        // Named again: live again, not retired.
+        retire(&new, &old, &mut retired);
+        assert!(retired.is_empty());
+        // Its destination removed: nothing can ship it (reported elsewhere).
+        let mut retired = Retired::new();
+        retire(&old, &config(&[("u", "b")], &["b"]), &mut retired);
+        assert!(retired.is_empty());
+    }
+
+    #[test]
+    fn only_changed_destinations_get_new_shippers() {
+        let running = specs(
+            &config(&[("t", "a"), ("u", "b")], &["a", "b", "c"]),
+            &Retired::new(),
+        );
+        let wanted = specs(
+            &config(&[("t", "a"), ("u", "c"), ("v", "b")], &["a", "b", "c"]),
+            &Retired::new(),
+        );
+        let c = changes(&running, &wanted);
+        assert_eq!(c.start, ["b", "c"], "b's routes changed, c is new");
+        assert_eq!(c.stop, ["b"], "a keeps its shipper");
+        let none = changes(&running, &running);
+        assert_eq!(none, Changes::default());
+        let gone = changes(&running, &BTreeMap::new());
+        assert_eq!(gone.stop, ["a", "b"]);
+    }
+}

@@ -1,0 +1,198 @@
+//! Shipping: one task per destination that turns spooled blocks into destination records,
+//! sends them, and tells the spool what was accepted.
+//!
+//! The decisions live in [`state::ShipState`], which does no I/O: what to lease, how blocks
+//! are planned into frames ([`batcher`]), which frames make a call, per-shard pacing
+//! ([`pacing`]), call sizes and timeouts from the measured uplink ([`uplink`]), what each
+//! outcome does to the queue, backoff. [`Shipper`] is the driver: it only performs the
+//! actions (lease and read blocks from the spool, encode on a blocking thread, send through
+//! the destination) and reports their results back. Figures go to [`stats::ShipperStats`].
+//!
+//! What it holds in memory is bounded, however large the backlog: plans of at most a few
+//! thousand blocks (metadata), and encoded frames up to two calls' worth, or with shards
+//! twice that (at least two of the largest records).
+//!
+//! It must never report a block delivered that its destination did not accept, and never
+//! resend an entry that was accepted. On stop it gives every block it holds back to the
+//! spool, so a shipper started after it (a config change) sends them.
+
+pub mod batcher;
+pub(crate) mod pacing;
+pub(crate) mod state;
+pub(crate) mod stats;
+pub(crate) mod uplink;
+
+use crate::config::BatchConfig;
+use crate::frame::encoder::{Body, EncodeError, FrameEncoder};
+use crate::sink::call::Destination;
+use crate::sink::Sink;
+use crate::spool::{BlockMeta, SpoolHandle};
+use state::{Action, Job, Pending, Settings, ShipState};
+use stats::ShipperStats;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// What a destination's shipper is built from besides the destination: a change in any of it
+/// means a new shipper.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ShipperSpec {
+    /// Routes whose records this destination receives.
+    pub(crate) routes: Vec<String>,
+    /// Those of them whose frames use the KPL aggregated format.
+    pub(crate) kpl_routes: Vec<String>,
+    pub(crate) batch: BatchConfig,
+    /// Encoded frames held in memory stop growing past this.
+    pub(crate) max_queued_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    #[error("reading blocks from the spool: {0}")]
+    Spool(crate::spool::SpoolError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("the encoding thread: {0}")]
+    Thread(#[from] tokio::task::JoinError),
+}
+
+/// The driver of one destination's shipping.
+pub(crate) struct Shipper {
+    sink: Arc<Sink>,
+    spool: SpoolHandle,
+    routes: Arc<[String]>,
+    gateway: Arc<str>,
+    zstd_level: i32,
+    settings: Settings,
+    stats: Arc<ShipperStats>,
+}
+
+impl Shipper {
+    pub(crate) fn new(
+        name: &str,
+        sink: Arc<Sink>,
+        spool: SpoolHandle,
+        gateway: Arc<str>,
+        spec: &ShipperSpec,
+        stats: Arc<ShipperStats>,
+    ) -> Shipper {
+        let mut call = sink.call_limits();
+        call.max_bytes = call.max_bytes.min(spec.batch.max_call_bytes as usize);
+        let settings = Settings {
+            name: name.to_string(),
+            frame_bytes: spec.batch.frame_bytes,
+            linger: spec.batch.linger,
+            call,
+            max_queued_bytes: spec.max_queued_bytes,
+            shard_limits: sink.shard_limits(),
+            kpl_routes: spec.kpl_routes.clone().into(),
+        };
+        Shipper {
+            sink,
+            spool,
+            routes: spec.routes.clone().into(),
+            gateway,
+            zstd_level: spec.batch.zstd_level,
+            settings,
+            stats,
+        }
+    }
+
+    /// Ships until `stop` turns true, then gives back what it holds.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let name = self.settings.name.clone();
+        let mut state = ShipState::new(self.settings.clone(), self.stats.clone());
+        let mut commits = self.spool.commits();
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            match state.next(Instant::now(), crate::clock::now_ms(), &*self.sink) {
+                Action::Lease { after, limit } => {
+                    match self.spool.lease(self.routes.clone(), after, limit).await {
+                        Ok(blocks) => state.leased(blocks),
+                        Err(e) => {
+                            tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
+                            break;
+                        }
+                    }
+                }
+                Action::Encode(job) => match self.encode(&job).await {
+                    Ok(frames) => state.encoded(&job, frames),
+                    Err(ShipError::Spool(e)) => {
+                        tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
+                        let _ = self.spool.release(job.block_ids);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(destination = %name, error = %e, "cannot build records of these blocks; they stay spooled");
+                        let _ = self.spool.release(job.block_ids);
+                    }
+                },
+                Action::Send(call) => {
+                    let started = Instant::now();
+                    let result = self.sink.put(&call.entries(), call.timeout).await;
+                    let elapsed = started.elapsed();
+                    let delivered = state.answered(
+                        call,
+                        result,
+                        elapsed,
+                        Instant::now(),
+                        crate::clock::now_ms(),
+                    );
+                    if !delivered.is_empty() && self.spool.delivered(delivered).is_err() {
+                        tracing::error!(destination = %name, "spool stopped before deliveries were recorded; they will be resent");
+                    }
+                }
+                Action::Wait { until } => {
+                    tokio::select! {
+                        // Each branch is cancel-safe: a watch change or a timer.
+                        changed = commits.changed() => {
+                            if changed.is_err() { break; }
+                            state.new_records();
+                        }
+                        _ = async {
+                            match until {
+                                Some(t) => tokio::time::sleep_until(t.into()).await,
+                                None => std::future::pending().await,
+                            }
+                        } => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+        let _ = self.spool.release(state.give_back());
+    }
+
+    /// Reads a job's blocks and encodes them, on a blocking thread, as records of at most the
+    /// job's limit.
+    async fn encode(&self, job: &Job) -> Result<Vec<Pending>, ShipError> {
+        let bodies = self
+            .spool
+            .read(job.block_ids.clone())
+            .await
+            .map_err(ShipError::Spool)?;
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gateway = self.gateway.clone();
+        let level = self.zstd_level;
+        let shard = self.sink.shard_for(&job.key);
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut encoder = FrameEncoder::new(job.format, level)?;
+            let pieces: Vec<Body<'_>> = bodies
+                .iter()
+                .map(|(m, b)| Body {
+                    records: m.records,
+                    bytes: b,
+                })
+                .collect();
+            let encoded = encoder.encode_fitting(&gateway, &job.key, &pieces, job.limit)?;
+            let metas: Vec<BlockMeta> = bodies.into_iter().map(|(m, _)| m).collect();
+            Ok(state::frames(&job, &metas, encoded, shard))
+        })
+        .await?
+    }
+}

@@ -1,0 +1,1016 @@
+//! The shipper's decisions, with no I/O: given leased blocks, the clock, and what the
+//! destination answered, it says what to lease, what to encode, what to send and when, and
+//! what goes back to the spool. The driver ([`super::Shipper`]) only performs the
+//! [`Action`]s and reports their results.
+//!
+//! Rules, each unit-tested below:
+//! - Blocks are planned into frames per (route, key) ([`Batcher`]); encoded frames wait in a
+//!   queue of about two calls' worth. With shards, one shard may hold at most half of that
+//!   (at least one frame), and all together up to twice it (at least two of the largest
+//!   records), so a hot shard, paced or throttled, never keeps the others' frames from being
+//!   built and sent; plans of other shards pass its waiting ones.
+//! - A call takes queued frames oldest first within the destination's call limits and what
+//!   the uplink carries in a few seconds ([`Uplink`]), only those whose shard may write now
+//!   ([`Pacer`]); the others keep their place.
+//! - Accepted entries' blocks are reported delivered. Entries a shard refused go back to the
+//!   front of the queue and that shard alone backs off; a whole failed call backs the
+//!   destination off. An entry refused as too large has its blocks encoded again under the
+//!   limit the refusal named.
+//! - The shipper waits either for a backoff after a failed call, or for a paced shard's next
+//!   allowance ([`Hold`]); frames added while it waits for a paced shard go at once.
+//!
+//! It must never report a block delivered that its destination did not accept, and never
+//! resend an entry that was accepted.
+
+use super::batcher::{Batcher, FramePlan};
+use super::pacing::Pacer;
+use super::stats::{ShardCounters, ShipperStats};
+use super::uplink::Uplink;
+use crate::backoff::Backoff;
+use crate::frame::encoder::FrameFormat;
+use crate::logging::Repeated;
+use crate::sink::call::{
+    entry_cost, CallLimits, Destination, Entry, FailureKind, Outcome, ShardLimits, SinkError,
+};
+use crate::spool::BlockMeta;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most spooled blocks planned into frames at once. Plans are metadata (about 100 bytes a
+/// block); the cap bounds them when a paced shard's plans wait for room while others' are
+/// leased past them.
+const MAX_PLANNED_BLOCKS: usize = 4096;
+/// Blocks asked for in one lease.
+const LEASE_BLOCKS: usize = 1024;
+
+/// What the decisions need to know of the destination now: it learns its shards and its own
+/// record limit while it runs.
+pub(crate) trait View {
+    fn shard_for(&self, key: &str) -> Option<Arc<str>>;
+    fn max_record_bytes(&self) -> u64;
+}
+
+impl<D: Destination> View for D {
+    fn shard_for(&self, key: &str) -> Option<Arc<str>> {
+        Destination::shard_for(self, key)
+    }
+    fn max_record_bytes(&self) -> u64 {
+        Destination::max_record_bytes(self)
+    }
+}
+
+/// A shipper's fixed settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The destination's name, for logs.
+    pub(crate) name: String,
+    /// Target uncompressed bytes per frame, and how long a frame may wait for more.
+    pub(crate) frame_bytes: u64,
+    pub(crate) linger: Duration,
+    /// The destination's call limits, its byte limit lowered to the configured call size.
+    pub(crate) call: CallLimits,
+    /// Encoded frames held in memory stop growing past this; such frames' blocks are safe
+    /// from `drop_oldest`, so it stays well under the spool's cap.
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) shard_limits: Option<ShardLimits>,
+    /// Routes whose frames use the KPL aggregated format.
+    pub(crate) kpl_routes: Arc<[String]>,
+}
+
+/// An encoded frame waiting to be sent or resent.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) entry: Entry,
+    pub(crate) block_ids: Vec<i64>,
+    /// (receipt time in Unix ms, records) of each block, for the end-to-end latency.
+    pub(crate) ages: Vec<(u64, u32)>,
+    /// The shard its key maps to, when the destination has shards and knows them.
+    pub(crate) shard: Option<Arc<str>>,
+    pub(crate) records: u64,
+    pub(crate) raw_bytes: u64,
+    pub(crate) attempts: u32,
+    /// How it was encoded, to encode its blocks again (smaller) if it is refused as too large.
+    pub(crate) format: FrameFormat,
+}
+
+impl Pending {
+    fn cost(&self) -> usize {
+        entry_cost(&self.entry)
+    }
+}
+
+/// Blocks to read from the spool and encode.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Job {
+    pub(crate) key: String,
+    pub(crate) format: FrameFormat,
+    pub(crate) block_ids: Vec<i64>,
+    /// Largest record to build (data and key).
+    pub(crate) limit: usize,
+    /// Failed attempts of the frame these blocks were in before (a refused frame's).
+    pub(crate) attempts: u32,
+    /// Frames of a refused frame go to the front of the queue, where it was.
+    pub(crate) front: bool,
+}
+
+/// A call to send.
+#[derive(Debug)]
+pub(crate) struct Call {
+    pub(crate) entries: Vec<Pending>,
+    /// Give up on an answer after this long.
+    pub(crate) timeout: Duration,
+    bytes: usize,
+}
+
+impl Call {
+    pub(crate) fn entries(&self) -> Vec<&Entry> {
+        self.entries.iter().map(|p| &p.entry).collect()
+    }
+}
+
+/// What the shipper should do next.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Lease block metadata after block id `after`; report with [`ShipState::leased`].
+    Lease { after: i64, limit: usize },
+    /// Read and encode; report with [`ShipState::encoded`].
+    Encode(Job),
+    /// Send; report with [`ShipState::answered`].
+    Send(Call),
+    /// Nothing to do until `until` (if any), new records in the spool, or a stop.
+    Wait { until: Option<Instant> },
+}
+
+/// Why nothing is sent before a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Send when there is something to send.
+    None,
+    /// A whole call failed: the destination waits out its backoff.
+    Backoff(Instant),
+    /// Every queued frame's shard is paced (or backing off) until then; new frames may go
+    /// at once.
+    Paced(Instant),
+}
+
+pub(crate) struct ShipState {
+    settings: Settings,
+    batcher: Batcher,
+    queue: VecDeque<Pending>,
+    /// Refused frames' blocks to encode again, first.
+    refused: VecDeque<Job>,
+    pacer: Pacer,
+    uplink: Uplink,
+    backoff: Backoff,
+    hold: Hold,
+    /// Highest block id leased so far.
+    cursor: i64,
+    /// The last lease found nothing new (until the spool commits more).
+    exhausted: bool,
+    failing: Repeated,
+    stats: Arc<ShipperStats>,
+}
+
+impl ShipState {
+    pub(crate) fn new(settings: Settings, stats: Arc<ShipperStats>) -> ShipState {
+        ShipState {
+            batcher: Batcher::new(settings.frame_bytes, settings.linger),
+            pacer: Pacer::new(settings.shard_limits),
+            settings,
+            queue: VecDeque::new(),
+            refused: VecDeque::new(),
+            uplink: Uplink::new(),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            hold: Hold::None,
+            cursor: 0,
+            exhausted: false,
+            failing: Repeated::new(Duration::from_secs(60)),
+            stats,
+        }
+    }
+
+    #[cfg(test)]
+    fn hold(&self) -> Hold {
+        self.hold
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.queue.iter().map(|p| p.entry.data.len()).sum()
+    }
+
+    /// The record size limit in force: the destination's, or lower if a refusal showed one.
+    fn record_limit(&self, view: &dyn View) -> usize {
+        let limit = view.max_record_bytes();
+        match self.stats.learned_record_limit.load(Ordering::Relaxed) {
+            0 => limit as usize,
+            refused => limit.min(refused) as usize,
+        }
+    }
+
+    /// The next thing to do. `now_ms` is the wall clock (frames linger by record age).
+    pub(crate) fn next(&mut self, now: Instant, now_ms: u64, view: &dyn View) -> Action {
+        if let Some(job) = self.refused.pop_front() {
+            return Action::Encode(job);
+        }
+        let queued = self.queued_bytes();
+        self.stats
+            .queued_bytes
+            .store(queued as u64, Ordering::Relaxed);
+        let record_limit = self.record_limit(view);
+        let queue_cap = self
+            .settings
+            .max_queued_bytes
+            .min(2 * self.settings.call.max_bytes);
+        let hard_cap = 2 * queue_cap.max(record_limit);
+        let mut per_shard: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+        for p in &self.queue {
+            if let Some(s) = &p.shard {
+                *per_shard.entry(s.clone()).or_default() += p.entry.data.len();
+            }
+        }
+        // A plan's frame is estimated from its raw size and the compression seen so far.
+        let ratio = {
+            let raw = self.stats.raw_bytes_accepted.load(Ordering::Relaxed);
+            let sent = self.stats.bytes_accepted.load(Ordering::Relaxed);
+            if raw == 0 {
+                1.0
+            } else {
+                (sent as f64 / raw as f64).clamp(0.01, 1.5)
+            }
+        };
+        let has_room = |plan: &FramePlan| match view.shard_for(&plan.key) {
+            Some(s) => {
+                let held = per_shard.get(&s).copied().unwrap_or(0);
+                let frame = (plan.raw_bytes as f64 * ratio) as usize;
+                held == 0 || held + frame <= queue_cap / 2
+            }
+            None => queued < queue_cap,
+        };
+        // Lease while little is planned for shards with room (and the plans' metadata stays
+        // small).
+        let want_more = self.batcher.planned_raw_bytes_where(has_room)
+            < 4 * self.settings.frame_bytes
+            && self.batcher.planned_blocks() < MAX_PLANNED_BLOCKS;
+        if !self.exhausted && want_more && queued < hard_cap {
+            return Action::Lease {
+                after: self.cursor,
+                limit: LEASE_BLOCKS,
+            };
+        }
+        self.batcher.close_due(now_ms, false);
+        if queued < hard_cap {
+            if let Some(plan) = self.batcher.take_ready_where(has_room) {
+                return Action::Encode(self.job(plan, record_limit));
+            }
+        }
+        let held_until = match self.hold {
+            Hold::None => None,
+            Hold::Backoff(t) | Hold::Paced(t) => Some(t).filter(|t| *t > now),
+        };
+        if !self.queue.is_empty() && held_until.is_none() {
+            match self.pick_call(now) {
+                Ok(call) => {
+                    self.hold = Hold::None;
+                    return Action::Send(call);
+                }
+                Err(at) => self.hold = Hold::Paced(at),
+            }
+        }
+        let due = self
+            .batcher
+            .next_due_ms()
+            .map(|ms| now + Duration::from_millis(ms.saturating_sub(now_ms)));
+        let hold = match self.hold {
+            Hold::None => None,
+            Hold::Backoff(t) | Hold::Paced(t) => Some(t),
+        }
+        .filter(|_| !self.queue.is_empty());
+        Action::Wait {
+            until: [due, hold].into_iter().flatten().min(),
+        }
+    }
+
+    fn job(&self, plan: FramePlan, limit: usize) -> Job {
+        let format = if self.settings.kpl_routes.contains(&plan.route) {
+            FrameFormat::Kpl
+        } else {
+            FrameFormat::Edgeship
+        };
+        Job {
+            block_ids: plan.block_ids(),
+            key: plan.key,
+            format,
+            limit,
+            attempts: 0,
+            front: false,
+        }
+    }
+
+    /// The spool committed more records: lease again.
+    pub(crate) fn new_records(&mut self) {
+        self.exhausted = false;
+    }
+
+    /// What a lease returned.
+    pub(crate) fn leased(&mut self, blocks: Vec<BlockMeta>) {
+        self.exhausted = blocks.is_empty();
+        for b in blocks {
+            self.cursor = self.cursor.max(b.id);
+            self.batcher.push(b);
+        }
+    }
+
+    /// A job's frames, encoded (blocks gone from the spool meanwhile are left out).
+    pub(crate) fn encoded(&mut self, job: &Job, frames: Vec<Pending>) {
+        if job.front {
+            for p in frames.into_iter().rev() {
+                self.queue.push_front(p);
+            }
+        } else {
+            self.queue.extend(frames);
+        }
+        // Waiting only for a paced shard: the new frames may go now.
+        if matches!(self.hold, Hold::Paced(_)) {
+            self.hold = Hold::None;
+        }
+    }
+
+    /// Queued frames whose shards may write now, oldest first, within the call limits and
+    /// what the uplink carries in a few seconds; or, if none may, when the first could.
+    fn pick_call(&mut self, now: Instant) -> Result<Call, Instant> {
+        let max_bytes = self.uplink.call_bytes(self.settings.call.max_bytes);
+        let (mut picked, mut bytes) = (Vec::new(), 0usize);
+        let mut earliest: Option<Instant> = None;
+        for (i, p) in self.queue.iter().enumerate() {
+            if picked.len() >= self.settings.call.max_entries {
+                break;
+            }
+            let cost = p.cost();
+            if !picked.is_empty() && bytes + cost > max_bytes {
+                continue;
+            }
+            if self.pacer.try_take(p.shard.as_ref(), cost, now) {
+                picked.push(i);
+                bytes += cost;
+            } else {
+                let at = self.pacer.ready_at(p.shard.as_ref(), cost, now);
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            }
+        }
+        if picked.is_empty() {
+            return Err(earliest.unwrap_or(now + Duration::from_millis(50)));
+        }
+        // One pass: picked entries into the call, the rest keep their order in the queue.
+        let mut entries = Vec::with_capacity(picked.len());
+        let mut next = picked.into_iter().peekable();
+        let rest: VecDeque<Pending> = std::mem::take(&mut self.queue)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                if next.peek() == Some(&i) {
+                    next.next();
+                    entries.push(p);
+                    None
+                } else {
+                    Some(p)
+                }
+            })
+            .collect();
+        self.queue = rest;
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let retried = entries.iter().filter(|p| p.attempts > 0).count() as u64;
+        self.stats
+            .entries_retried
+            .fetch_add(retried, Ordering::Relaxed);
+        Ok(Call {
+            entries,
+            timeout: self.uplink.timeout(bytes),
+            bytes,
+        })
+    }
+
+    /// What the destination answered to a call (after `elapsed`). Returns the blocks now
+    /// delivered, for the spool.
+    pub(crate) fn answered(
+        &mut self,
+        call: Call,
+        result: Result<Vec<crate::sink::call::Outcome>, SinkError>,
+        elapsed: Duration,
+        now: Instant,
+        now_ms: u64,
+    ) -> Vec<i64> {
+        match &result {
+            Err(e) if e.failure.kind == FailureKind::TimedOut => {
+                self.uplink.timed_out(call.bytes, elapsed)
+            }
+            _ => self.uplink.answered(call.bytes, elapsed),
+        }
+        if let Some(rate) = self.uplink.rate() {
+            self.stats.uplink_rate.store(rate as u64, Ordering::Relaxed);
+        }
+        match result {
+            Ok(outcomes) if outcomes.len() == call.entries.len() => {
+                self.backoff.reset();
+                self.entries_answered(call, outcomes, now, now_ms)
+            }
+            Ok(outcomes) => {
+                let e = SinkError {
+                    destination: self.settings.name.clone(),
+                    failure: crate::sink::call::Failure::new(
+                        FailureKind::Transient,
+                        "ResultCountMismatch",
+                        format!(
+                            "{} outcomes for a call of {} entries",
+                            outcomes.len(),
+                            call.entries.len()
+                        ),
+                    ),
+                };
+                self.call_failed(call, e, now);
+                Vec::new()
+            }
+            Err(e) => {
+                self.call_failed(call, e, now);
+                Vec::new()
+            }
+        }
+    }
+
+    fn entries_answered(
+        &mut self,
+        call: Call,
+        outcomes: Vec<Outcome>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Vec<i64> {
+        let stats = self.stats.clone();
+        let mut delivered = Vec::new();
+        let mut failed = Vec::new();
+        let mut first_failure = None;
+        let mut per_shard: BTreeMap<Arc<str>, ShardCounters> = BTreeMap::new();
+        for (pending, outcome) in call.entries.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Accepted { shard } => {
+                    self.pacer.accepted(pending.shard.as_ref(), now);
+                    let bytes = pending.entry.data.len() as u64;
+                    stats.entries_accepted.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .records_accepted
+                        .fetch_add(pending.records, Ordering::Relaxed);
+                    stats.bytes_accepted.fetch_add(bytes, Ordering::Relaxed);
+                    stats
+                        .raw_bytes_accepted
+                        .fetch_add(pending.raw_bytes, Ordering::Relaxed);
+                    for &(received_ms, records) in &pending.ages {
+                        stats.end_to_end_latency.record_n(
+                            Duration::from_millis(now_ms.saturating_sub(received_ms)),
+                            u64::from(records),
+                        );
+                    }
+                    if let Some(shard) = shard {
+                        let c = per_shard.entry(shard).or_default();
+                        c.entries_accepted += 1;
+                        c.records_accepted += pending.records;
+                        c.bytes_accepted += bytes;
+                    }
+                    delivered.extend(pending.block_ids);
+                }
+                Outcome::Failed { failure, shard } => {
+                    self.pacer.refused(pending.shard.as_ref(), now);
+                    let throttled = failure.kind == FailureKind::Throttled;
+                    stats.entries_failed.fetch_add(1, Ordering::Relaxed);
+                    if throttled {
+                        stats.entries_throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats.count_error(&failure.code, 1);
+                    if let Some(shard) = shard {
+                        let c = per_shard.entry(shard).or_default();
+                        if throttled {
+                            c.entries_throttled += 1;
+                        } else {
+                            c.entries_failed += 1;
+                        }
+                    }
+                    let pending = Pending {
+                        attempts: pending.attempts + 1,
+                        ..pending
+                    };
+                    match failure.kind {
+                        FailureKind::TooLarge { limit } if pending.cost() as u64 > limit => {
+                            self.learn_record_limit(limit);
+                            self.refused.push_back(Job {
+                                key: pending.entry.key,
+                                format: pending.format,
+                                block_ids: pending.block_ids,
+                                limit: limit as usize,
+                                attempts: pending.attempts,
+                                front: true,
+                            });
+                        }
+                        _ => failed.push(pending),
+                    }
+                    first_failure.get_or_insert(failure);
+                }
+            }
+        }
+        stats.add_shard_counts(per_shard);
+        match first_failure {
+            Some(f) => {
+                stats.failing.store(true, Ordering::Relaxed);
+                stats.set_last_error(format!("{}: {}", f.code, f.message));
+                if let Some(repeats) = self.failing.should_log() {
+                    tracing::warn!(destination = %self.settings.name, failed = failed.len(), code = %f.code, message = %f.message, repeats, "entries not accepted; resending only those");
+                }
+            }
+            None => {
+                stats.failing.store(false, Ordering::Relaxed);
+                stats.last_success_ms.store(now_ms, Ordering::Relaxed);
+                let name = &self.settings.name;
+                self.failing.recovered(|n| tracing::info!(destination = %name, after_failures = n, "destination accepts again"));
+            }
+        }
+        for p in failed.into_iter().rev() {
+            self.queue.push_front(p);
+        }
+        delivered
+    }
+
+    /// A refusal named a record limit below the one in force: frames are built under it from
+    /// now on.
+    fn learn_record_limit(&mut self, limit: u64) {
+        let learned = &self.stats.learned_record_limit;
+        let before = learned.load(Ordering::Relaxed);
+        if before == 0 || limit < before {
+            learned.store(limit, Ordering::Relaxed);
+            tracing::warn!(destination = %self.settings.name, limit_bytes = limit, "the destination refuses records over {limit} bytes, less than max_record_bytes; frames are encoded to fit from now on (set max_record_bytes to match)");
+        }
+    }
+
+    fn call_failed(&mut self, call: Call, e: SinkError, now: Instant) {
+        let stats = &self.stats;
+        let n = call.entries.len() as u64;
+        let throttled = e.failure.kind == FailureKind::Throttled;
+        stats.call_failures.fetch_add(1, Ordering::Relaxed);
+        stats.entries_failed.fetch_add(n, Ordering::Relaxed);
+        stats.count_error(&e.failure.code, n);
+        stats.failing.store(true, Ordering::Relaxed);
+        stats.set_last_error(e.failure.message.clone());
+        if throttled {
+            stats.entries_throttled.fetch_add(n, Ordering::Relaxed);
+        }
+        let mut per_shard: BTreeMap<Arc<str>, ShardCounters> = BTreeMap::new();
+        for p in &call.entries {
+            if let Some(shard) = &p.shard {
+                let c = per_shard.entry(shard.clone()).or_default();
+                if throttled {
+                    c.entries_throttled += 1;
+                } else {
+                    c.entries_failed += 1;
+                }
+            }
+        }
+        stats.add_shard_counts(per_shard);
+        if let Some(repeats) = self.failing.should_log() {
+            if e.failure.kind == FailureKind::Refused {
+                tracing::error!(error = %e, repeats, "call refused; check the destination's configuration; records stay spooled");
+            } else {
+                tracing::warn!(error = %e, repeats, "call failed; records stay spooled and will be resent");
+            }
+        }
+        for p in call.entries.into_iter().rev() {
+            self.queue.push_front(Pending {
+                attempts: p.attempts + 1,
+                ..p
+            });
+        }
+        self.hold = Hold::Backoff(now + self.backoff.next_delay());
+    }
+
+    /// Every block held (planned, queued, or to be encoded again), for giving the leases
+    /// back when the shipper stops.
+    pub(crate) fn give_back(mut self) -> Vec<i64> {
+        let mut ids = self.batcher.drain_block_ids();
+        ids.extend(self.queue.drain(..).flat_map(|p| p.block_ids));
+        ids.extend(self.refused.drain(..).flat_map(|j| j.block_ids));
+        ids
+    }
+}
+
+/// Turns a job's encoded records into queued frames: which blocks each holds, their ages.
+pub(crate) fn frames(
+    job: &Job,
+    blocks: &[BlockMeta],
+    encoded: Vec<crate::frame::encoder::Encoded>,
+    shard: Option<Arc<str>>,
+) -> Vec<Pending> {
+    encoded
+        .into_iter()
+        .map(|e| {
+            let held = &blocks[e.bodies.clone()];
+            Pending {
+                entry: Entry {
+                    data: e.data,
+                    key: job.key.clone(),
+                    first_seq: held[0].id,
+                },
+                block_ids: held.iter().map(|b| b.id).collect(),
+                ages: held.iter().map(|b| (b.created_ms, b.records)).collect(),
+                shard: shard.clone(),
+                records: e.records,
+                raw_bytes: e.raw_bytes,
+                attempts: job.attempts,
+                format: job.format,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::call::Failure;
+
+    /// A destination with two shards: keys starting with `a` go to shard A, others to B;
+    /// `unknown` keys have no shard yet.
+    struct TwoShards {
+        record_limit: u64,
+    }
+
+    impl View for TwoShards {
+        fn shard_for(&self, key: &str) -> Option<Arc<str>> {
+            match key.chars().next() {
+                Some('a') => Some(Arc::from("A")),
+                Some('u') => None,
+                _ => Some(Arc::from("B")),
+            }
+        }
+        fn max_record_bytes(&self) -> u64 {
+            self.record_limit
+        }
+    }
+
+    const VIEW: TwoShards = TwoShards {
+        record_limit: 1 << 20,
+    };
+
+    fn settings(shard_limits: Option<ShardLimits>) -> Settings {
+        Settings {
+            name: "d".into(),
+            frame_bytes: 10_000,
+            linger: Duration::from_millis(100),
+            call: CallLimits {
+                max_entries: 500,
+                max_bytes: 5 << 20,
+            },
+            max_queued_bytes: 64 << 20,
+            shard_limits,
+            kpl_routes: Arc::from(Vec::<String>::new()),
+        }
+    }
+
+    fn state(shard_limits: Option<ShardLimits>) -> ShipState {
+        ShipState::new(settings(shard_limits), Arc::default())
+    }
+
+    fn block(id: i64, key: &str, raw: u32) -> BlockMeta {
+        BlockMeta {
+            id,
+            route: "r".into(),
+            key: key.into(),
+            records: 10,
+            raw_bytes: raw,
+            stored_bytes: raw / 4,
+            created_ms: 1_000,
+        }
+    }
+
+    fn frame(job: &Job, bytes: usize, view: &dyn View) -> Vec<Pending> {
+        vec![Pending {
+            entry: Entry {
+                data: vec![0; bytes],
+                key: job.key.clone(),
+                first_seq: job.block_ids[0],
+            },
+            block_ids: job.block_ids.clone(),
+            ages: vec![(1_000, 10)],
+            shard: view.shard_for(&job.key),
+            records: 10 * job.block_ids.len() as u64,
+            raw_bytes: 10_000,
+            attempts: job.attempts,
+            format: job.format,
+        }]
+    }
+
+    /// Runs the state until it sends a call or waits, answering leases with `blocks` once
+    /// and encoding every job as one frame of `frame_bytes`.
+    fn until_send(
+        s: &mut ShipState,
+        blocks: &mut Option<Vec<BlockMeta>>,
+        frame_bytes: usize,
+        now: Instant,
+        now_ms: u64,
+    ) -> Action {
+        for _ in 0..1000 {
+            match s.next(now, now_ms, &VIEW) {
+                Action::Lease { .. } => s.leased(blocks.take().unwrap_or_default()),
+                Action::Encode(job) => {
+                    let f = frame(&job, frame_bytes, &VIEW);
+                    s.encoded(&job, f);
+                }
+                other => return other,
+            }
+        }
+        panic!("the state never settles");
+    }
+
+    fn accepted(n: usize) -> Vec<Outcome> {
+        vec![Outcome::Accepted { shard: None }; n]
+    }
+
+    #[test]
+    fn full_frames_go_at_once_and_partial_ones_after_linger() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        // Key a: two blocks fill a frame; key b: a small one waits for its linger.
+        let mut blocks = Some(vec![
+            block(1, "a", 6_000),
+            block(2, "a", 6_000),
+            block(3, "b", 100),
+        ]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!("the full frame is sent");
+        };
+        assert_eq!(call.entries.len(), 1);
+        assert_eq!(call.entries[0].block_ids, vec![1]);
+        let delivered = s.answered(call, Ok(accepted(1)), Duration::from_millis(5), t0, 1_000);
+        assert_eq!(delivered, vec![1]);
+        // Nothing else is due before the linger of block 2's and 3's frames.
+        match until_send(&mut s, &mut None, 500, t0, 1_000) {
+            Action::Wait { until } => {
+                assert_eq!(until, Some(t0 + Duration::from_millis(100)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0, 1_100) else {
+            panic!("lingered frames are sent");
+        };
+        let mut ids: Vec<i64> = call
+            .entries
+            .iter()
+            .flat_map(|p| p.block_ids.clone())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_partial_failure_resends_only_the_failed_entry_first() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        let mut blocks = Some(vec![block(1, "a", 20_000), block(2, "b", 20_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!()
+        };
+        assert_eq!(call.entries.len(), 2);
+        let outcomes = vec![
+            Outcome::Accepted {
+                shard: Some(Arc::from("A")),
+            },
+            Outcome::Failed {
+                failure: Failure::new(FailureKind::Transient, "InternalFailure", "try again"),
+                shard: Some(Arc::from("B")),
+            },
+        ];
+        let delivered = s.answered(call, Ok(outcomes), Duration::from_millis(5), t0, 1_000);
+        assert_eq!(
+            delivered,
+            vec![1],
+            "only the accepted entry's block is delivered"
+        );
+        assert_eq!(s.stats.entries_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.errors()["InternalFailure"], 1);
+        // Shard B backs off alone (about 100 ms); then its entry is the one resent.
+        let later = t0 + Duration::from_millis(150);
+        let Action::Send(again) = until_send(&mut s, &mut None, 500, later, 1_150) else {
+            panic!()
+        };
+        assert_eq!(again.entries.len(), 1);
+        assert_eq!(again.entries[0].block_ids, vec![2]);
+        assert_eq!(again.entries[0].attempts, 1);
+        s.answered(
+            again,
+            Ok(accepted(1)),
+            Duration::from_millis(5),
+            later,
+            1_150,
+        );
+        assert_eq!(s.stats.entries_retried.load(Ordering::Relaxed), 1);
+        assert!(!s.stats.failing.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_throttled_shard_waits_while_the_other_goes_on() {
+        let mut s = state(Some(ShardLimits {
+            records_per_sec: 1000.0,
+            bytes_per_sec: 1_000_000.0,
+        }));
+        let t0 = Instant::now();
+        let mut blocks = Some(vec![block(1, "a", 20_000), block(2, "b", 20_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!()
+        };
+        let throttled = Outcome::Failed {
+            failure: Failure::new(
+                FailureKind::Throttled,
+                "ProvisionedThroughputExceededException",
+                "slow down",
+            ),
+            shard: Some(Arc::from("A")),
+        };
+        s.answered(
+            call,
+            Ok(vec![
+                throttled,
+                Outcome::Accepted {
+                    shard: Some(Arc::from("B")),
+                },
+            ]),
+            Duration::from_millis(5),
+            t0,
+            1_000,
+        );
+        assert_eq!(s.stats.entries_throttled.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.shards()[&Arc::from("A")].entries_throttled, 1);
+        // Shard A's frame waits for its backoff: the state waits, paced, not busy.
+        let Action::Wait { until: Some(at) } = until_send(&mut s, &mut None, 500, t0, 1_000) else {
+            panic!("shard A is held")
+        };
+        assert!(matches!(s.hold(), Hold::Paced(_)));
+        assert!(at > t0 && at <= t0 + Duration::from_millis(101));
+        // A new frame for shard B goes at once, passing shard A's.
+        s.new_records();
+        let mut more = Some(vec![block(3, "b", 20_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut more, 500, t0, 1_000) else {
+            panic!("shard B is not held back by shard A")
+        };
+        assert_eq!(call.entries.len(), 1);
+        assert_eq!(call.entries[0].block_ids, vec![3]);
+    }
+
+    #[test]
+    fn pacing_holds_a_shard_to_its_write_limit() {
+        let mut s = state(Some(ShardLimits {
+            records_per_sec: 2.0,
+            bytes_per_sec: 1_000_000.0,
+        }));
+        let t0 = Instant::now();
+        let mut blocks = Some((1..=3).map(|i| block(i, "a", 20_000)).collect());
+        // One frame per block (each fills a frame): two records a second go, the third waits.
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!()
+        };
+        assert_eq!(call.entries.len(), 2);
+        s.answered(call, Ok(accepted(2)), Duration::from_millis(5), t0, 1_000);
+        let Action::Wait { until: Some(at) } = until_send(&mut s, &mut None, 500, t0, 1_000) else {
+            panic!("the third waits for the shard's allowance")
+        };
+        let wait = at - t0;
+        assert!(
+            wait >= Duration::from_millis(450) && wait <= Duration::from_millis(501),
+            "{wait:?}"
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, at, 1_500) else {
+            panic!()
+        };
+        assert_eq!(call.entries[0].block_ids, vec![3]);
+    }
+
+    #[test]
+    fn a_failed_call_backs_the_destination_off_and_keeps_the_order() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        let mut blocks = Some(vec![block(1, "a", 20_000), block(2, "b", 20_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!()
+        };
+        let e = SinkError {
+            destination: "d".into(),
+            failure: Failure::new(
+                FailureKind::Transient,
+                "Connect",
+                "cannot connect to x: refused",
+            ),
+        };
+        assert!(s
+            .answered(call, Err(e), Duration::from_millis(5), t0, 1_000)
+            .is_empty());
+        assert_eq!(s.stats.call_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            s.stats.last_error().as_deref(),
+            Some("cannot connect to x: refused")
+        );
+        let Hold::Backoff(until) = s.hold() else {
+            panic!("{:?}", s.hold())
+        };
+        assert!(
+            until >= t0 + Duration::from_millis(100) && until <= t0 + Duration::from_millis(200)
+        );
+        assert!(matches!(
+            until_send(&mut s, &mut None, 500, t0, 1_000),
+            Action::Wait { until: Some(t) } if t == until
+        ));
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, until, 1_200) else {
+            panic!()
+        };
+        let ids: Vec<i64> = call
+            .entries
+            .iter()
+            .flat_map(|p| p.block_ids.clone())
+            .collect();
+        assert_eq!(ids, vec![1, 2], "resent in their order");
+    }
+
+    #[test]
+    fn a_record_refused_as_too_large_is_encoded_again_under_the_named_limit() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        let mut blocks = Some(vec![
+            block(1, "a", 4_000),
+            block(2, "a", 4_000),
+            block(3, "a", 4_000),
+        ]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 700_000, t0, 1_000) else {
+            panic!()
+        };
+        assert_eq!(call.entries[0].block_ids, vec![1, 2]);
+        let refused = Outcome::Failed {
+            failure: Failure::new(
+                FailureKind::TooLarge { limit: 500_000 },
+                "InvalidArgumentException",
+                "over 500000",
+            ),
+            shard: None,
+        };
+        s.answered(call, Ok(vec![refused]), Duration::from_millis(5), t0, 1_000);
+        assert_eq!(
+            s.stats.learned_record_limit.load(Ordering::Relaxed),
+            500_000
+        );
+        // Its blocks come back as a job under the named limit, to go first.
+        match s.next(t0, 1_000, &VIEW) {
+            Action::Encode(job) => {
+                assert_eq!(job.block_ids, vec![1, 2]);
+                assert_eq!(job.limit, 500_000);
+                assert!(job.front);
+                assert_eq!(job.attempts, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Later frames are built under it too.
+        assert_eq!(s.record_limit(&VIEW), 500_000);
+    }
+
+    #[test]
+    fn calls_shrink_to_the_measured_uplink() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        // 20 frames of 100 KB: the first call takes at most 256 KiB.
+        let mut blocks = Some(
+            (1..=20)
+                .map(|i| block(i, &format!("k{i}"), 20_000))
+                .collect(),
+        );
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 100_000, t0, 1_000) else {
+            panic!()
+        };
+        assert_eq!(call.entries.len(), 2, "256 KiB holds two frames of 100 KB");
+        // It took 20 s: a 10 KB/s link. The next call is what 5 s carry, at least 64 KiB.
+        s.answered(call, Ok(accepted(2)), Duration::from_secs(20), t0, 1_000);
+        let Action::Send(call) = until_send(&mut s, &mut None, 100_000, t0, 1_000) else {
+            panic!()
+        };
+        assert_eq!(call.entries.len(), 1);
+        assert!(call.timeout > Duration::from_secs(40), "{:?}", call.timeout);
+    }
+
+    #[test]
+    fn stopping_gives_back_every_block_held() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        let mut blocks = Some(vec![block(1, "a", 20_000), block(2, "b", 100)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!()
+        };
+        // The call failed; block 2 is still planned (lingering).
+        let e = SinkError {
+            destination: "d".into(),
+            failure: Failure::new(FailureKind::TimedOut, "Timeout", "no answer"),
+        };
+        s.answered(call, Err(e), Duration::from_secs(10), t0, 1_000);
+        let mut ids = s.give_back();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+    }
+}
