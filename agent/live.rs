@@ -124,11 +124,11 @@ pub struct FleetReport {
     pub(crate) updated_at: u64,
     /// Documents applied, refused and rolled back since the agent started.
     #[serde(default)]
-    pub(crate) applied_total: u64,
+    pub applied_total: u64,
     #[serde(default)]
-    pub(crate) refused_total: u64,
+    pub refused_total: u64,
     #[serde(default)]
-    pub(crate) rolled_back_total: u64,
+    pub rolled_back_total: u64,
 }
 
 /// What the fleet channel did last.

@@ -99,8 +99,7 @@ impl BrokerOpts {
                 client_key: self.key.clone(),
                 alpn: Vec::new(),
             });
-        let mut b = edgeship::fleet::tools::BrokerArgs::parse(&self.broker, tls)
-            .map_err(anyhow::Error::msg)?;
+        let mut b = edgeship::fleet::tools::BrokerArgs::parse(&self.broker, tls)?;
         b.username = self.username.clone();
         if let Some(f) = &self.password_file {
             let text = std::fs::read_to_string(f)
@@ -134,6 +133,10 @@ enum FleetCommand {
         /// A gateway's local config file to check the document against.
         #[arg(long)]
         base: Option<PathBuf>,
+        /// Gateways refuse the document after this long (e.g. "7d"), so a copy replayed
+        /// later does nothing.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<std::time::Duration>,
         /// Where to write the signed document (default: stdout).
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -283,7 +286,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
     use edgeship::fleet::tools;
     match command {
         FleetCommand::Keygen { out } => {
-            let public = tools::keygen(&out).map_err(anyhow::Error::msg)?;
+            let public = tools::keygen(&out)?;
             eprintln!(
                 "wrote {} (private: keep it off the gateways) and {}.pub",
                 out.display(),
@@ -298,11 +301,17 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             target,
             version,
             base,
+            expires_in,
             out,
         } => {
-            let (doc, version) =
-                tools::sign(&config, &key, target.clone(), version, base.as_deref())
-                    .map_err(anyhow::Error::msg)?;
+            let (doc, version) = tools::sign(
+                &config,
+                &key,
+                target.clone(),
+                version,
+                base.as_deref(),
+                expires_in,
+            )?;
             match out {
                 Some(path) => {
                     std::fs::write(&path, &doc)
@@ -326,16 +335,12 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async {
                 if clear {
                     let target = target.expect("clap requires --target with --clear");
-                    let topic = tools::clear(&target, &args, &broker.prefix)
-                        .await
-                        .map_err(anyhow::Error::msg)?;
+                    let topic = tools::clear(&target, &args, &broker.prefix).await?;
                     println!("cleared the document of {target} ({topic})");
                 } else {
                     let doc = document.context("name the signed document to push (or --clear)")?;
                     let (topic, version) =
-                        tools::push(&doc, target.as_ref(), &args, &broker.prefix)
-                            .await
-                            .map_err(anyhow::Error::msg)?;
+                        tools::push(&doc, target.as_ref(), &args, &broker.prefix).await?;
                     println!("published version {version} on {topic} (retained)");
                 }
                 anyhow::Ok(())
@@ -343,9 +348,8 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
         }
         FleetCommand::Status { broker, wait, json } => {
             let args = broker.broker()?;
-            let reports = runtime()?
-                .block_on(tools::collect_status(&args, &broker.prefix, wait))
-                .map_err(anyhow::Error::msg)?;
+            let reports =
+                runtime()?.block_on(tools::collect_status(&args, &broker.prefix, wait))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {

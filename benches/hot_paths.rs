@@ -139,14 +139,15 @@ fn batching(c: &mut Criterion) {
     g.bench_function("plan 10000 blocks over 50 keys", |b| {
         b.iter(|| {
             let mut batcher = Batcher::new(2 << 20, Duration::from_secs(1));
+            let t0 = std::time::Instant::now();
             let mut frames = 0;
             for block in &blocks {
-                batcher.push(block.clone());
+                batcher.push(block.clone(), t0, 0);
                 while batcher.take_ready().is_some() {
                     frames += 1;
                 }
             }
-            batcher.close_due(u64::MAX, true);
+            batcher.close_due(t0, true);
             while batcher.take_ready().is_some() {
                 frames += 1;
             }

@@ -302,7 +302,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         );
     }
     type Read = fn(&crate::ship::stats::ShipperStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 10] = [
+    let families: [(&str, Kind, &str, Read); 12] = [
         (
             "edgeship_destination_calls_total",
             Kind::Counter,
@@ -350,6 +350,18 @@ fn destinations(e: &mut Exposition, live: &Live) {
             Kind::Gauge,
             "Record size limit the destination showed by refusing a larger record, when below max_record_bytes; 0 if none.",
             |s| s.learned_record_limit.load(Relaxed),
+        ),
+        (
+            "edgeship_destination_shipping",
+            Kind::Gauge,
+            "1 while the destination's shipper runs; 0 while it is started again after stopping on its own.",
+            |s| u64::from(s.shipping.load(Relaxed)),
+        ),
+        (
+            "edgeship_destination_restarts_total",
+            Kind::Counter,
+            "Times the destination's shipper stopped on its own and was started again.",
+            |s| s.restarts.load(Relaxed),
         ),
         (
             "edgeship_destination_failing",

@@ -55,6 +55,17 @@ pub(crate) fn readiness(live: &Live) -> Vec<Check> {
     let pending = spool.pending_bytes.load(Relaxed);
     let bound = live.config().spool.max_bytes / 2;
     for (name, s) in &live.shippers() {
+        if !s.shipping.load(Relaxed) {
+            checks.push(Check {
+                name: format!("destination {name}"),
+                ok: false,
+                detail: format!(
+                    "not shipping: it stopped on its own {} time(s) and is being started again",
+                    s.restarts.load(Relaxed)
+                ),
+            });
+            continue;
+        }
         let failing = s.failing.load(Relaxed);
         let ok = !failing || pending < bound;
         let detail = match (failing, ok) {

@@ -46,8 +46,11 @@ pub struct Body {
     pub version: u64,
     /// Who the document is for: `gateway:<id>` or `group:<name>`.
     pub target: Target,
-    /// Unix seconds when it was signed (informational).
+    /// Unix seconds when it was signed.
     pub issued_at: u64,
+    /// Unix seconds after which a gateway refuses it (a replayed document stops working).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<u64>,
     /// TOML: the sections of the config the fleet sets (routes, destinations, batch, spool
     /// limits, shutdown_timeout).
     pub config: String,
@@ -225,6 +228,7 @@ mod tests {
             version: 7,
             target: "group:plant-a".parse().unwrap(),
             issued_at: 1,
+            not_after: None,
             config: "[batch]\nlinger = \"2s\"\n".into(),
         }
     }

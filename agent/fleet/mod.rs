@@ -21,6 +21,7 @@
 pub(crate) mod channel;
 pub mod document;
 pub(crate) mod error;
+pub(crate) mod policy;
 pub(crate) mod state;
 pub mod tools;
 
@@ -29,8 +30,8 @@ use crate::live::{FleetReport, FleetState, Live};
 use crate::pipeline::Control;
 use document::{Target, Verified};
 use error::FleetError;
+use policy::{Decision, Policy};
 use state::State;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -132,8 +133,8 @@ struct Controller {
     base: Base,
     gateway: String,
     state: State,
-    /// The latest authentic document per target.
-    slots: BTreeMap<Target, Verified>,
+    /// Which document should run.
+    policy: Policy,
     /// What runs now and is known good, to return to after a failed health check.
     good_config: Config,
     live: Live,
@@ -207,71 +208,25 @@ impl Controller {
 
     /// A message on a config topic (or the local file's document, with its own target).
     async fn on_document(&mut self, target: Target, payload: &[u8]) -> Outcome {
-        if payload.is_empty() {
+        let decision = if payload.is_empty() {
             tracing::info!(%target, "fleet config cleared on its topic");
-            self.slots.remove(&target);
-            return match self.candidate() {
-                Some(doc) => self.consider(doc).await,
-                None => Outcome::Ignored,
-            };
-        }
-        let doc = match document::verify(payload, &self.fleet.keys) {
-            Ok(d) => d,
-            Err(e) => return Outcome::Refused(None, format!("{target}: {e}")),
+            self.policy.on_cleared(&target)
+        } else {
+            let doc = document::verify(payload, &self.fleet.keys);
+            self.policy
+                .on_document(&target, doc, crate::clock::now_secs())
         };
-        if doc.body.target != target {
-            return Outcome::Refused(
-                None,
-                format!(
-                    "version {} is signed for {} but arrived for {target}; refused",
-                    doc.body.version, doc.body.target
-                ),
-            );
-        }
-        if let Target::Group(g) = &target {
-            if let Some(own) = self.slots.get(&Target::Gateway(self.gateway.clone())) {
-                tracing::info!(group = %g, version = doc.body.version, own_version = own.body.version, "group config not applied: this gateway's own config wins");
-                self.slots.insert(target, doc);
-                return Outcome::Ignored;
-            }
-        }
-        self.slots.insert(target, doc);
-        match self.candidate() {
-            Some(doc) => self.consider(doc).await,
-            None => Outcome::Ignored,
+        match decision {
+            Decision::Ignore => Outcome::Ignored,
+            Decision::Refuse(version, why) => Outcome::Refused(version, why),
+            Decision::Apply(doc) => self.consider(*doc).await,
         }
     }
 
-    /// The document that should run: the gateway's own, else its groups' newest.
-    fn candidate(&self) -> Option<Verified> {
-        self.slots
-            .get(&Target::Gateway(self.gateway.clone()))
-            .or_else(|| {
-                self.slots
-                    .iter()
-                    .filter(|(t, _)| matches!(t, Target::Group(_)))
-                    .map(|(_, d)| d)
-                    .max_by_key(|d| d.body.version)
-            })
-            .cloned()
-    }
-
+    /// Applies a document the policy chose, checks health, rolls back if it fails.
     async fn consider(&mut self, doc: Verified) -> Outcome {
         let v = doc.body.version;
-        if v == self.state.good_version || v == self.state.highest_seen {
-            // Running it, or tried it already (a retained message comes again on reconnect).
-            return Outcome::Ignored;
-        }
-        if v < self.state.highest_seen {
-            return Outcome::Refused(
-                None,
-                format!(
-                    "version {v} ({}) is older than version {} already seen; an old or replayed document is never applied",
-                    doc.body.target, self.state.highest_seen
-                ),
-            );
-        }
-        self.state.highest_seen = v;
+        self.state.highest_seen = self.policy.highest_seen();
         self.save_state();
         let config = match self.base.layer(&doc) {
             Ok(c) => c,
@@ -291,6 +246,7 @@ impl Controller {
             Ok(()) => {
                 self.state.good = Some(doc.envelope.clone());
                 self.state.good_version = v;
+                self.policy.applied(v);
                 self.save_state();
                 self.good_config = config;
                 self.live.config_version.store(v, Relaxed);
@@ -416,7 +372,24 @@ pub(crate) async fn run(
         return;
     };
     let gateway = base.config.gateway_id.clone();
-    let state = State::load(&fleet.state_dir).unwrap_or_default();
+    let (state, issued_after) = match State::load(&fleet.state_dir) {
+        Ok(state) => (state, None),
+        Err(e) => {
+            // Without the highest version seen, an old signed document could be replayed:
+            // from now on only documents issued after this moment are taken.
+            let now = crate::clock::now_secs();
+            tracing::error!(error = %e, "fleet state unreadable: only fleet documents signed from now on are taken (replay protection)");
+            (
+                State {
+                    last_error: Some(format!(
+                        "the fleet state was unreadable ({e}); documents issued before {now} (Unix seconds) are refused"
+                    )),
+                    ..State::default()
+                },
+                Some(now),
+            )
+        }
+    };
     let (good_config, version, doc) = running;
     live.config_version.store(version, Relaxed);
     let broker = base
@@ -434,6 +407,13 @@ pub(crate) async fn run(
     };
     let (client, mut events, topics) =
         channel::start(&base.config.brokers[broker], tls, &fleet, &gateway);
+    let policy = Policy::new(
+        &gateway,
+        &fleet.groups,
+        version,
+        state.highest_seen,
+        issued_after,
+    );
     let mut c = Controller {
         report: FleetReport {
             gateway: gateway.clone(),
@@ -453,7 +433,7 @@ pub(crate) async fn run(
         fleet: fleet.clone(),
         base,
         gateway,
-        slots: BTreeMap::new(),
+        policy,
         good_config,
         live,
         control,

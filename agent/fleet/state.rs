@@ -30,15 +30,36 @@ pub(crate) fn path(dir: &Path) -> PathBuf {
 }
 
 impl State {
-    /// Reads the state; a missing file is a fresh gateway. A file that cannot be read as state
-    /// is an error for the caller to report (it is not silently replaced).
+    /// Reads the state; a missing file is a fresh gateway. The previous state is kept beside
+    /// it (`.prev`), so a damaged file falls back to the one before (its highest version is
+    /// at most one document behind). When neither can be read, that is an error for the
+    /// caller to act on: it is never silently replaced by a fresh state.
     pub(crate) fn load(dir: &Path) -> Result<State, FleetError> {
         let file = path(dir);
-        match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| FleetError::invalid(&file, format!("not a fleet state file ({e})"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(source) => Err(FleetError::Read { path: file, source }),
+        let prev = previous(dir);
+        let read = |file: &Path| -> Result<Option<State>, FleetError> {
+            match std::fs::read(file) {
+                Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                    FleetError::invalid(file, format!("not a fleet state file ({e})"))
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(FleetError::Read {
+                    path: file.to_path_buf(),
+                    source,
+                }),
+            }
+        };
+        match read(&file) {
+            Ok(Some(state)) => Ok(state),
+            // A crash between the two renames of a save leaves only the previous one.
+            Ok(None) => Ok(read(&prev).ok().flatten().unwrap_or_default()),
+            Err(e) => match read(&prev) {
+                Ok(Some(state)) => {
+                    tracing::warn!(error = %e, previous = %prev.display(), "fleet state unreadable; using the previous one");
+                    Ok(state)
+                }
+                _ => Err(e),
+            },
         }
     }
 
@@ -54,12 +75,20 @@ impl State {
                 .open(&tmp)?;
             f.write_all(&serde_json::to_vec_pretty(self).expect("state serialises"))?;
             f.sync_all()?;
+            match std::fs::rename(&file, previous(dir)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             std::fs::rename(&tmp, &file)?;
-            // The rename itself must survive a power cut.
+            // The renames themselves must survive a power cut.
             std::fs::File::open(dir)?.sync_all()
         };
         write().map_err(|source| FleetError::Write { path: file, source })
     }
+}
+
+fn previous(dir: &Path) -> PathBuf {
+    dir.join(format!("{FILE}.prev"))
 }
 
 #[cfg(test)]
@@ -84,5 +113,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a fleet state file"));
+    }
+
+    #[test]
+    fn a_damaged_state_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = State {
+            highest_seen: 5,
+            ..State::default()
+        };
+        first.save(dir.path()).unwrap();
+        let second = State {
+            highest_seen: 6,
+            ..State::default()
+        };
+        second.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), second);
+        std::fs::write(path(dir.path()), "{ torn").unwrap();
+        assert_eq!(
+            State::load(dir.path()).unwrap(),
+            first,
+            "the previous state, never a fresh one"
+        );
     }
 }

@@ -128,6 +128,7 @@ pub fn sign(
     target: Target,
     version: Option<u64>,
     base: Option<&Path>,
+    expires_in: Option<Duration>,
 ) -> Result<(String, u64), FleetError> {
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|source| FleetError::Read {
@@ -158,6 +159,7 @@ pub fn sign(
         version,
         target,
         issued_at: now,
+        not_after: expires_in.map(|d| now + d.as_secs()),
         config: text,
     };
     Ok((document::sign(&body, &key), version))

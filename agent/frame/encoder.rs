@@ -30,6 +30,8 @@ pub(crate) enum EncodeError {
     Zstd(#[from] std::io::Error),
     #[error("records {first_seq}..: one run of records encodes to {bytes} bytes, over the {limit}-byte record limit")]
     TooLarge {
+        /// Which of the bodies passed in.
+        body: usize,
         first_seq: u64,
         bytes: usize,
         limit: usize,
@@ -140,6 +142,7 @@ impl FrameEncoder {
                 .and_then(|r| r.first().map(|r| r.seq))
                 .unwrap_or(0);
             return Err(EncodeError::TooLarge {
+                body: offset,
                 first_seq,
                 bytes: data.len() + key.len(),
                 limit,
@@ -232,8 +235,11 @@ mod tests {
         let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
         match c.encode_fitting("gw", "k", &bodies(&raw), 64 << 10) {
             Err(EncodeError::TooLarge {
-                first_seq, limit, ..
-            }) => assert_eq!((first_seq, limit), (500, 64 << 10)),
+                body,
+                first_seq,
+                limit,
+                ..
+            }) => assert_eq!((body, first_seq, limit), (0, 500, 64 << 10)),
             other => panic!("{:?}", other.map(|v| v.len())),
         }
     }

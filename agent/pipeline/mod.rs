@@ -91,7 +91,7 @@ impl ReadyShipper {
         RunningShipper {
             spec: self.spec,
             stop,
-            task: tokio::spawn(self.shipper.run(stop_rx)),
+            task: tokio::spawn(self.shipper.supervise(stop_rx)),
             destination: self.destination,
         }
     }

@@ -1,14 +1,16 @@
 //! Batching: which spooled blocks travel together in one frame.
 //!
 //! Pure bookkeeping over block metadata: no data, no I/O, no clock of its own (callers pass
-//! `now_ms`), so every limit is unit-tested. A frame holds whole blocks of one (route,
+//! the time), so every limit is unit-tested. A frame holds whole blocks of one (route,
 //! partition key); it closes when the next block would pass the raw-size target or when its
-//! oldest record has waited `linger`. Which frames make a call is the shipper's state's
-//! business (`ship::state`).
+//! oldest record has waited `linger`. A record's age is read from the wall clock once, when
+//! its block is planned; from then on lingering runs on the monotonic clock, so a clock step
+//! (NTP, a gateway that learns the date late) never holds a frame back by more than `linger`.
+//! Which frames make a call is the shipper's state's business (`ship::state`).
 
 use crate::spool::BlockMeta;
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Blocks planned into one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,37 +20,38 @@ pub struct FramePlan {
     pub(crate) blocks: Vec<BlockMeta>,
     pub(crate) raw_bytes: u64,
     pub(crate) records: u64,
-    /// Creation time of the oldest record in the frame (unix ms).
-    pub(crate) oldest_ms: u64,
+    /// When the frame's oldest record has waited `linger`.
+    pub(crate) due: Instant,
 }
 
 impl FramePlan {
-    fn new(block: BlockMeta) -> FramePlan {
+    fn new(block: BlockMeta, due: Instant) -> FramePlan {
         FramePlan {
             route: block.route.clone(),
             key: block.key.clone(),
             raw_bytes: u64::from(block.raw_bytes),
             records: u64::from(block.records),
-            oldest_ms: block.created_ms,
+            due,
             blocks: vec![block],
         }
     }
 
-    fn add(&mut self, block: BlockMeta) {
+    fn add(&mut self, block: BlockMeta, due: Instant) {
         self.raw_bytes += u64::from(block.raw_bytes);
         self.records += u64::from(block.records);
-        self.oldest_ms = self.oldest_ms.min(block.created_ms);
+        self.due = self.due.min(due);
         self.blocks.push(block);
     }
 
-    pub(crate) fn block_ids(&self) -> Vec<i64> {
+    #[cfg(test)]
+    fn block_ids(&self) -> Vec<i64> {
         self.blocks.iter().map(|b| b.id).collect()
     }
 }
 
 pub struct Batcher {
     target_raw_bytes: u64,
-    linger_ms: u64,
+    linger: Duration,
     /// Frames still filling; one per (route, key) seen recently. Few: routes x keys in flight.
     open: Vec<FramePlan>,
     ready: VecDeque<FramePlan>,
@@ -58,15 +61,19 @@ impl Batcher {
     pub fn new(target_raw_bytes: u64, linger: Duration) -> Batcher {
         Batcher {
             target_raw_bytes,
-            linger_ms: linger.as_millis() as u64,
+            linger,
             open: Vec::new(),
             ready: VecDeque::new(),
         }
     }
 
     /// Adds a block to its (route, key) frame, closing that frame first if the block would
-    /// push it past the target.
-    pub fn push(&mut self, block: BlockMeta) {
+    /// push it past the target. `now` and `now_ms` are the same moment on the monotonic and
+    /// the wall clock.
+    pub fn push(&mut self, block: BlockMeta, now: Instant, now_ms: u64) {
+        // A record from the future (the clock stepped back) counts as new.
+        let age = Duration::from_millis(now_ms.saturating_sub(block.created_ms));
+        let due = now + self.linger.saturating_sub(age);
         match self
             .open
             .iter()
@@ -77,10 +84,10 @@ impl Batcher {
             {
                 let full = self.open.swap_remove(i);
                 self.ready.push_back(full);
-                self.open.push(FramePlan::new(block));
+                self.open.push(FramePlan::new(block, due));
             }
-            Some(i) => self.open[i].add(block),
-            None => self.open.push(FramePlan::new(block)),
+            Some(i) => self.open[i].add(block, due),
+            None => self.open.push(FramePlan::new(block, due)),
         }
         if let Some(i) = self
             .open
@@ -93,10 +100,10 @@ impl Batcher {
     }
 
     /// Closes frames whose oldest record has waited `linger` (all of them when `flush`).
-    pub fn close_due(&mut self, now_ms: u64, flush: bool) {
+    pub fn close_due(&mut self, now: Instant, flush: bool) {
         let mut i = 0;
         while i < self.open.len() {
-            if flush || now_ms.saturating_sub(self.open[i].oldest_ms) >= self.linger_ms {
+            if flush || self.open[i].due <= now {
                 let f = self.open.swap_remove(i);
                 self.ready.push_back(f);
             } else {
@@ -105,9 +112,9 @@ impl Batcher {
         }
     }
 
-    /// When the next open frame becomes due (unix ms), if any.
-    pub(crate) fn next_due_ms(&self) -> Option<u64> {
-        self.open.iter().map(|f| f.oldest_ms + self.linger_ms).min()
+    /// When the next open frame becomes due, if any.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.open.iter().map(|f| f.due).min()
     }
 
     pub fn take_ready(&mut self) -> Option<FramePlan> {
@@ -187,25 +194,27 @@ mod tests {
 
     #[test]
     fn frames_close_at_the_size_target_per_key() {
+        let t0 = Instant::now();
         let mut b = Batcher::new(1000, Duration::from_secs(1));
-        b.push(block(1, "a", 400, 0));
-        b.push(block(2, "b", 400, 0));
-        b.push(block(3, "a", 400, 0));
+        b.push(block(1, "a", 400, 0), t0, 0);
+        b.push(block(2, "b", 400, 0), t0, 0);
+        b.push(block(3, "a", 400, 0), t0, 0);
         assert!(!b.has_ready());
-        b.push(block(4, "a", 400, 0)); // would make 1200 > 1000: frame [1,3] closes
+        b.push(block(4, "a", 400, 0), t0, 0); // would make 1200 > 1000: frame [1,3] closes
         let f = b.take_ready().unwrap();
         assert_eq!(f.block_ids(), vec![1, 3]);
         assert_eq!(f.raw_bytes, 800);
         assert!(b.take_ready().is_none());
-        b.push(block(5, "c", 1000, 0)); // exactly the target: ready at once
+        b.push(block(5, "c", 1000, 0), t0, 0); // exactly the target: ready at once
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![5]);
     }
 
     #[test]
     fn frames_of_a_key_without_room_wait_while_others_pass() {
+        let t0 = Instant::now();
         let mut b = Batcher::new(1000, Duration::from_secs(1));
         for (id, key) in [(1, "hot"), (2, "hot"), (3, "hot"), (4, "cold")] {
-            b.push(block(id, key, 1000, 0));
+            b.push(block(id, key, 1000, 0), t0, 0);
         }
         assert_eq!(b.planned_blocks(), 4);
         assert_eq!(b.planned_raw_bytes_where(|f| f.key != "hot"), 1000);
@@ -218,17 +227,34 @@ mod tests {
 
     #[test]
     fn frames_close_after_linger() {
-        let mut b = Batcher::new(1_000_000, Duration::from_millis(500));
-        b.push(block(1, "a", 100, 1_000));
-        b.push(block(2, "b", 100, 1_200));
-        assert_eq!(b.next_due_ms(), Some(1_500));
-        b.close_due(1_499, false);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(1_000_000, ms(500));
+        // Records 200 ms and 0 ms old when planned (wall clock 1,200).
+        b.push(block(1, "a", 100, 1_000), t0, 1_200);
+        b.push(block(2, "b", 100, 1_200), t0, 1_200);
+        assert_eq!(b.next_due(), Some(t0 + ms(300)));
+        b.close_due(t0 + ms(299), false);
         assert!(!b.has_ready());
-        b.close_due(1_500, false);
+        b.close_due(t0 + ms(300), false);
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![1]);
         assert!(b.take_ready().is_none());
-        b.close_due(1_500, true);
+        b.close_due(t0 + ms(300), true);
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
         assert_eq!(b.planned_raw_bytes(), 0);
+    }
+
+    #[test]
+    fn a_clock_step_never_holds_a_frame_past_its_linger() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(1_000_000, ms(500));
+        // The wall clock stepped back an hour: the record looks like it is from the future.
+        b.push(block(1, "a", 100, 10_000_000), t0, 10_000_000 - 3_600_000);
+        assert_eq!(b.next_due(), Some(t0 + ms(500)), "at most linger");
+        // Stepped forward: an old record's frame is due at once.
+        b.push(block(2, "b", 100, 1_000), t0, 1_000 + 3_600_000);
+        b.close_due(t0, false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
     }
 }

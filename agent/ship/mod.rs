@@ -22,6 +22,7 @@ pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod uplink;
 
+use crate::backoff::Backoff;
 use crate::config::BatchConfig;
 use crate::frame::encoder::{Body, EncodeError, FrameEncoder};
 use crate::sink::call::Destination;
@@ -29,8 +30,9 @@ use crate::sink::Sink;
 use crate::spool::{BlockMeta, SpoolHandle};
 use state::{Action, Job, Pending, Settings, ShipState};
 use stats::ShipperStats;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// What a destination's shipper is built from besides the destination: a change in any of it
@@ -50,6 +52,9 @@ pub(crate) struct ShipperSpec {
 enum ShipError {
     #[error("reading blocks from the spool: {0}")]
     Spool(crate::spool::SpoolError),
+    /// One block does not fit the record limit on its own.
+    #[error("block {id} encodes to {bytes} bytes on its own, over the {limit}-byte record limit")]
+    BlockTooLarge { id: i64, bytes: usize, limit: usize },
     #[error(transparent)]
     Encode(#[from] EncodeError),
     #[error("the encoding thread: {0}")]
@@ -57,6 +62,7 @@ enum ShipError {
 }
 
 /// The driver of one destination's shipping.
+#[derive(Clone)]
 pub(crate) struct Shipper {
     sink: Arc<Sink>,
     spool: SpoolHandle,
@@ -98,8 +104,38 @@ impl Shipper {
         }
     }
 
+    /// Ships until `stop` turns true; a run that stops on its own (an error it cannot ship
+    /// past, a panic) is started again after a backoff, with the figures showing it.
+    pub(crate) async fn supervise(self, stop: watch::Receiver<bool>) {
+        let name = self.settings.name.clone();
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut stop_wait = stop.clone();
+        loop {
+            self.stats.shipping.store(true, Ordering::Relaxed);
+            let run = tokio::spawn(self.clone().run(stop.clone())).await;
+            self.stats.shipping.store(false, Ordering::Relaxed);
+            if *stop.borrow() {
+                return;
+            }
+            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff.next_delay();
+            match run {
+                Ok(()) => {
+                    tracing::error!(destination = %name, retry_in_ms = delay.as_millis() as u64, "shipping stopped on its own; starting it again")
+                }
+                Err(e) => {
+                    tracing::error!(destination = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "shipping panicked; starting it again")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop_wait.changed() => return,
+            }
+        }
+    }
+
     /// Ships until `stop` turns true, then gives back what it holds.
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
         let name = self.settings.name.clone();
         let mut state = ShipState::new(self.settings.clone(), self.stats.clone());
         let mut commits = self.spool.commits();
@@ -107,10 +143,10 @@ impl Shipper {
             if *stop.borrow() {
                 break;
             }
-            match state.next(Instant::now(), crate::clock::now_ms(), &*self.sink) {
+            match state.next(Instant::now(), &*self.sink) {
                 Action::Lease { after, limit } => {
                     match self.spool.lease(self.routes.clone(), after, limit).await {
-                        Ok(blocks) => state.leased(blocks),
+                        Ok(blocks) => state.leased(blocks, Instant::now(), crate::clock::now_ms()),
                         Err(e) => {
                             tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
                             break;
@@ -119,14 +155,47 @@ impl Shipper {
                 }
                 Action::Encode(job) => match self.encode(&job).await {
                     Ok(frames) => state.encoded(&job, frames),
+                    Err(ShipError::BlockTooLarge { id, bytes, limit }) => {
+                        // One block that does not fit on its own: split it in the spool, or
+                        // dead-letter its one record; the rest of the job is planned again.
+                        let body = job
+                            .blocks
+                            .iter()
+                            .position(|b| b.id == id)
+                            .expect("the block is the job's");
+                        let block = &job.blocks[body];
+                        let replaced = if block.records > 1 {
+                            self.spool.split(block.id).await
+                        } else {
+                            self.spool.unshippable(block.id).await.map(|gone| {
+                                tracing::error!(destination = %name, block = block.id, bytes, limit, route = ?gone.map(|g| g.0), "a record is larger than the destination takes however it is encoded; moved to the dead letters (counted as dropped: unshippable)");
+                                Vec::new()
+                            })
+                        };
+                        match replaced {
+                            Ok(parts) => state.job_failed(
+                                job,
+                                body,
+                                parts,
+                                Instant::now(),
+                                crate::clock::now_ms(),
+                            ),
+                            Err(e) => {
+                                tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
+                                let _ = self.spool.release(job.block_ids());
+                                break;
+                            }
+                        }
+                    }
                     Err(ShipError::Spool(e)) => {
                         tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
-                        let _ = self.spool.release(job.block_ids);
+                        let _ = self.spool.release(job.block_ids());
                         break;
                     }
                     Err(e) => {
-                        tracing::error!(destination = %name, error = %e, "cannot build records of these blocks; they stay spooled");
-                        let _ = self.spool.release(job.block_ids);
+                        tracing::error!(destination = %name, error = %e, "cannot build records of these blocks; shipping stops and starts again");
+                        let _ = self.spool.release(job.block_ids());
+                        break;
                     }
                 },
                 Action::Send(call) => {
@@ -170,7 +239,7 @@ impl Shipper {
     async fn encode(&self, job: &Job) -> Result<Vec<Pending>, ShipError> {
         let bodies = self
             .spool
-            .read(job.block_ids.clone())
+            .read(job.block_ids())
             .await
             .map_err(ShipError::Spool)?;
         if bodies.is_empty() {
@@ -189,7 +258,18 @@ impl Shipper {
                     bytes: b,
                 })
                 .collect();
-            let encoded = encoder.encode_fitting(&gateway, &job.key, &pieces, job.limit)?;
+            let encoded = match encoder.encode_fitting(&gateway, &job.key, &pieces, job.limit) {
+                Err(EncodeError::TooLarge {
+                    body, bytes, limit, ..
+                }) => {
+                    return Err(ShipError::BlockTooLarge {
+                        id: bodies[body].0.id,
+                        bytes,
+                        limit,
+                    })
+                }
+                other => other?,
+            };
             let metas: Vec<BlockMeta> = bodies.into_iter().map(|(m, _)| m).collect();
             Ok(state::frames(&job, &metas, encoded, shard))
         })

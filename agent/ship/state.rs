@@ -83,9 +83,8 @@ pub(crate) struct Settings {
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub(crate) entry: Entry,
-    pub(crate) block_ids: Vec<i64>,
-    /// (receipt time in Unix ms, records) of each block, for the end-to-end latency.
-    pub(crate) ages: Vec<(u64, u32)>,
+    /// The spooled blocks it holds (their receipt times give the end-to-end latency).
+    pub(crate) blocks: Vec<BlockMeta>,
     /// The shard its key maps to, when the destination has shards and knows them.
     pub(crate) shard: Option<Arc<str>>,
     pub(crate) records: u64,
@@ -99,6 +98,10 @@ impl Pending {
     fn cost(&self) -> usize {
         entry_cost(&self.entry)
     }
+
+    pub(crate) fn block_ids(&self) -> Vec<i64> {
+        self.blocks.iter().map(|b| b.id).collect()
+    }
 }
 
 /// Blocks to read from the spool and encode.
@@ -106,13 +109,19 @@ impl Pending {
 pub(crate) struct Job {
     pub(crate) key: String,
     pub(crate) format: FrameFormat,
-    pub(crate) block_ids: Vec<i64>,
+    pub(crate) blocks: Vec<BlockMeta>,
     /// Largest record to build (data and key).
     pub(crate) limit: usize,
     /// Failed attempts of the frame these blocks were in before (a refused frame's).
     pub(crate) attempts: u32,
     /// Frames of a refused frame go to the front of the queue, where it was.
     pub(crate) front: bool,
+}
+
+impl Job {
+    pub(crate) fn block_ids(&self) -> Vec<i64> {
+        self.blocks.iter().map(|b| b.id).collect()
+    }
 }
 
 /// A call to send.
@@ -209,8 +218,8 @@ impl ShipState {
         }
     }
 
-    /// The next thing to do. `now_ms` is the wall clock (frames linger by record age).
-    pub(crate) fn next(&mut self, now: Instant, now_ms: u64, view: &dyn View) -> Action {
+    /// The next thing to do.
+    pub(crate) fn next(&mut self, now: Instant, view: &dyn View) -> Action {
         if let Some(job) = self.refused.pop_front() {
             return Action::Encode(job);
         }
@@ -259,7 +268,7 @@ impl ShipState {
                 limit: LEASE_BLOCKS,
             };
         }
-        self.batcher.close_due(now_ms, false);
+        self.batcher.close_due(now, false);
         if queued < hard_cap {
             if let Some(plan) = self.batcher.take_ready_where(has_room) {
                 return Action::Encode(self.job(plan, record_limit));
@@ -278,10 +287,7 @@ impl ShipState {
                 Err(at) => self.hold = Hold::Paced(at),
             }
         }
-        let due = self
-            .batcher
-            .next_due_ms()
-            .map(|ms| now + Duration::from_millis(ms.saturating_sub(now_ms)));
+        let due = self.batcher.next_due();
         let hold = match self.hold {
             Hold::None => None,
             Hold::Backoff(t) | Hold::Paced(t) => Some(t),
@@ -299,7 +305,7 @@ impl ShipState {
             FrameFormat::Edgeship
         };
         Job {
-            block_ids: plan.block_ids(),
+            blocks: plan.blocks,
             key: plan.key,
             format,
             limit,
@@ -314,11 +320,11 @@ impl ShipState {
     }
 
     /// What a lease returned.
-    pub(crate) fn leased(&mut self, blocks: Vec<BlockMeta>) {
+    pub(crate) fn leased(&mut self, blocks: Vec<BlockMeta>, now: Instant, now_ms: u64) {
         self.exhausted = blocks.is_empty();
         for b in blocks {
             self.cursor = self.cursor.max(b.id);
-            self.batcher.push(b);
+            self.batcher.push(b, now, now_ms);
         }
     }
 
@@ -334,6 +340,28 @@ impl ShipState {
         // Waiting only for a paced shard: the new frames may go now.
         if matches!(self.hold, Hold::Paced(_)) {
             self.hold = Hold::None;
+        }
+    }
+
+    /// A job could not be encoded because its block at `failed` does not fit the record limit
+    /// on its own: that block is replaced by `replacement` (its halves, or nothing when it was
+    /// dead-lettered), and the job's other blocks are planned again.
+    pub(crate) fn job_failed(
+        &mut self,
+        job: Job,
+        failed: usize,
+        replacement: Vec<BlockMeta>,
+        now: Instant,
+        now_ms: u64,
+    ) {
+        let others = job
+            .blocks
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != failed)
+            .map(|(_, b)| b);
+        for b in replacement.into_iter().chain(others) {
+            self.batcher.push(b, now, now_ms);
         }
     }
 
@@ -463,10 +491,10 @@ impl ShipState {
                     stats
                         .raw_bytes_accepted
                         .fetch_add(pending.raw_bytes, Ordering::Relaxed);
-                    for &(received_ms, records) in &pending.ages {
+                    for b in &pending.blocks {
                         stats.end_to_end_latency.record_n(
-                            Duration::from_millis(now_ms.saturating_sub(received_ms)),
-                            u64::from(records),
+                            Duration::from_millis(now_ms.saturating_sub(b.created_ms)),
+                            u64::from(b.records),
                         );
                     }
                     if let Some(shard) = shard {
@@ -475,7 +503,7 @@ impl ShipState {
                         c.records_accepted += pending.records;
                         c.bytes_accepted += bytes;
                     }
-                    delivered.extend(pending.block_ids);
+                    delivered.extend(pending.block_ids());
                 }
                 Outcome::Failed { failure, shard } => {
                     self.pacer.refused(pending.shard.as_ref(), now);
@@ -503,7 +531,7 @@ impl ShipState {
                             self.refused.push_back(Job {
                                 key: pending.entry.key,
                                 format: pending.format,
-                                block_ids: pending.block_ids,
+                                blocks: pending.blocks,
                                 limit: limit as usize,
                                 attempts: pending.attempts,
                                 front: true,
@@ -592,13 +620,14 @@ impl ShipState {
     /// back when the shipper stops.
     pub(crate) fn give_back(mut self) -> Vec<i64> {
         let mut ids = self.batcher.drain_block_ids();
-        ids.extend(self.queue.drain(..).flat_map(|p| p.block_ids));
-        ids.extend(self.refused.drain(..).flat_map(|j| j.block_ids));
+        ids.extend(self.queue.drain(..).flat_map(|p| p.block_ids()));
+        ids.extend(self.refused.drain(..).flat_map(|j| j.block_ids()));
         ids
     }
 }
 
-/// Turns a job's encoded records into queued frames: which blocks each holds, their ages.
+/// Turns a job's encoded records into queued frames: which blocks each holds. `blocks` are
+/// those of the job's blocks the spool still had, in order.
 pub(crate) fn frames(
     job: &Job,
     blocks: &[BlockMeta],
@@ -615,8 +644,7 @@ pub(crate) fn frames(
                     key: job.key.clone(),
                     first_seq: held[0].id,
                 },
-                block_ids: held.iter().map(|b| b.id).collect(),
-                ages: held.iter().map(|b| (b.created_ms, b.records)).collect(),
+                blocks: held.to_vec(),
                 shard: shard.clone(),
                 records: e.records,
                 raw_bytes: e.raw_bytes,
@@ -691,12 +719,11 @@ mod tests {
             entry: Entry {
                 data: vec![0; bytes],
                 key: job.key.clone(),
-                first_seq: job.block_ids[0],
+                first_seq: job.blocks[0].id,
             },
-            block_ids: job.block_ids.clone(),
-            ages: vec![(1_000, 10)],
+            blocks: job.blocks.clone(),
             shard: view.shard_for(&job.key),
-            records: 10 * job.block_ids.len() as u64,
+            records: 10 * job.blocks.len() as u64,
             raw_bytes: 10_000,
             attempts: job.attempts,
             format: job.format,
@@ -713,8 +740,8 @@ mod tests {
         now_ms: u64,
     ) -> Action {
         for _ in 0..1000 {
-            match s.next(now, now_ms, &VIEW) {
-                Action::Lease { .. } => s.leased(blocks.take().unwrap_or_default()),
+            match s.next(now, &VIEW) {
+                Action::Lease { .. } => s.leased(blocks.take().unwrap_or_default(), now, now_ms),
                 Action::Encode(job) => {
                     let f = frame(&job, frame_bytes, &VIEW);
                     s.encoded(&job, f);
@@ -743,7 +770,7 @@ mod tests {
             panic!("the full frame is sent");
         };
         assert_eq!(call.entries.len(), 1);
-        assert_eq!(call.entries[0].block_ids, vec![1]);
+        assert_eq!(call.entries[0].block_ids(), vec![1]);
         let delivered = s.answered(call, Ok(accepted(1)), Duration::from_millis(5), t0, 1_000);
         assert_eq!(delivered, vec![1]);
         // Nothing else is due before the linger of block 2's and 3's frames.
@@ -753,14 +780,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0, 1_100) else {
+        let later = t0 + Duration::from_millis(100);
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, later, 1_100) else {
             panic!("lingered frames are sent");
         };
-        let mut ids: Vec<i64> = call
-            .entries
-            .iter()
-            .flat_map(|p| p.block_ids.clone())
-            .collect();
+        let mut ids: Vec<i64> = call.entries.iter().flat_map(|p| p.block_ids()).collect();
         ids.sort();
         assert_eq!(ids, vec![2, 3]);
     }
@@ -797,7 +821,7 @@ mod tests {
             panic!()
         };
         assert_eq!(again.entries.len(), 1);
-        assert_eq!(again.entries[0].block_ids, vec![2]);
+        assert_eq!(again.entries[0].block_ids(), vec![2]);
         assert_eq!(again.entries[0].attempts, 1);
         s.answered(
             again,
@@ -856,7 +880,7 @@ mod tests {
             panic!("shard B is not held back by shard A")
         };
         assert_eq!(call.entries.len(), 1);
-        assert_eq!(call.entries[0].block_ids, vec![3]);
+        assert_eq!(call.entries[0].block_ids(), vec![3]);
     }
 
     #[test]
@@ -884,7 +908,7 @@ mod tests {
         let Action::Send(call) = until_send(&mut s, &mut None, 500, at, 1_500) else {
             panic!()
         };
-        assert_eq!(call.entries[0].block_ids, vec![3]);
+        assert_eq!(call.entries[0].block_ids(), vec![3]);
     }
 
     #[test]
@@ -924,11 +948,7 @@ mod tests {
         let Action::Send(call) = until_send(&mut s, &mut None, 500, until, 1_200) else {
             panic!()
         };
-        let ids: Vec<i64> = call
-            .entries
-            .iter()
-            .flat_map(|p| p.block_ids.clone())
-            .collect();
+        let ids: Vec<i64> = call.entries.iter().flat_map(|p| p.block_ids()).collect();
         assert_eq!(ids, vec![1, 2], "resent in their order");
     }
 
@@ -944,7 +964,7 @@ mod tests {
         let Action::Send(call) = until_send(&mut s, &mut blocks, 700_000, t0, 1_000) else {
             panic!()
         };
-        assert_eq!(call.entries[0].block_ids, vec![1, 2]);
+        assert_eq!(call.entries[0].block_ids(), vec![1, 2]);
         let refused = Outcome::Failed {
             failure: Failure::new(
                 FailureKind::TooLarge { limit: 500_000 },
@@ -959,9 +979,9 @@ mod tests {
             500_000
         );
         // Its blocks come back as a job under the named limit, to go first.
-        match s.next(t0, 1_000, &VIEW) {
+        match s.next(t0, &VIEW) {
             Action::Encode(job) => {
-                assert_eq!(job.block_ids, vec![1, 2]);
+                assert_eq!(job.block_ids(), vec![1, 2]);
                 assert_eq!(job.limit, 500_000);
                 assert!(job.front);
                 assert_eq!(job.attempts, 1);

@@ -34,6 +34,11 @@ pub(crate) struct ShipperStats {
     pub(crate) end_to_end_latency: crate::metrics::Histogram,
     /// Encoded frame bytes held in memory, waiting to be sent or resent.
     pub(crate) queued_bytes: AtomicU64,
+    /// True while the shipper runs; false while it restarts after stopping on its own.
+    pub(crate) shipping: AtomicBool,
+    /// Times the shipper stopped on its own (an error it cannot ship past) and was started
+    /// again.
+    pub(crate) restarts: AtomicU64,
     /// True from a failed call (or entry) until a call succeeds entirely.
     pub(crate) failing: AtomicBool,
     /// Unix ms of the last call whose entries were all accepted; 0 before the first.

@@ -131,6 +131,16 @@ enum Command {
     Release {
         ids: Vec<i64>,
     },
+    /// Replace a block by two halves (it encodes larger than its destination takes).
+    Split {
+        id: i64,
+        reply: Reply<Vec<BlockMeta>>,
+    },
+    /// Move a one-record block that no destination can take to the dead letters.
+    Unshippable {
+        id: i64,
+        reply: Reply<Option<(String, u32)>>,
+    },
     /// The accounting as committed (unit tests: the agent reads committed figures).
     #[cfg(test)]
     Accounting {
@@ -239,6 +249,24 @@ impl SpoolHandle {
     /// The destination accepted these blocks: delete them and count them delivered.
     pub(crate) fn delivered(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
         self.tx.send(Command::Delivered { ids }).map_err(closed)
+    }
+
+    /// Replaces a block that encodes larger than its destination takes by two of half its
+    /// records each (same sequence numbers); returns them, to be planned instead.
+    pub(crate) async fn split(&self, id: i64) -> Result<Vec<BlockMeta>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Split { id, reply }).map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// Moves a one-record block that no destination can take to the dead letters, counted
+    /// as dropped `unshippable`; returns its route and records (`None` if it is gone).
+    pub(crate) async fn unshippable(&self, id: i64) -> Result<Option<(String, u32)>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unshippable { id, reply })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
     }
 
     /// These blocks will not be shipped by this shipper after all (it is stopping).
@@ -440,6 +468,23 @@ impl Worker {
                     Command::Read { mut ids, reply } => {
                         ids.retain(|id| !delivering.contains(id));
                         let _ = reply.send(self.read_blocks(&ids));
+                    }
+                    // Rare: their own transactions, at once.
+                    Command::Split { id, reply } => {
+                        self.in_flight.remove(&id);
+                        let _ = reply.send(self.store.split_block(id, &mut self.body));
+                        self.publish_totals();
+                    }
+                    Command::Unshippable { id, reply } => {
+                        self.in_flight.remove(&id);
+                        let r = self.store.dead_letter_block(id, self.max_dead_letters);
+                        if let Ok(Some((_, records))) = &r {
+                            self.stats
+                                .dropped
+                                .fetch_add(u64::from(*records), Ordering::Relaxed);
+                        }
+                        let _ = reply.send(r);
+                        self.publish_totals();
                     }
                     // Answered after this turn's writes, so it sees the commands sent before it.
                     #[cfg(test)]

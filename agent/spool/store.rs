@@ -66,14 +66,18 @@ pub enum DropReason {
     SpoolFull,
     /// Its spool block could not be read back (quarantined).
     Corrupt,
+    /// A record larger than its destination takes, however it is encoded (kept as a dead
+    /// letter).
+    Unshippable,
 }
 
 impl DropReason {
-    pub(crate) const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::NoRoute,
         DropReason::Oversize,
         DropReason::SpoolFull,
         DropReason::Corrupt,
+        DropReason::Unshippable,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -82,6 +86,7 @@ impl DropReason {
             DropReason::Oversize => "oversize",
             DropReason::SpoolFull => "spool_full",
             DropReason::Corrupt => "corrupt",
+            DropReason::Unshippable => "unshippable",
         }
     }
 
@@ -608,8 +613,153 @@ impl Store {
         Ok(meta)
     }
 
+    /// Replaces a block by two of about half its records each, with the same sequence numbers
+    /// (for a block that encodes larger than its destination takes). Returns the new blocks;
+    /// a block of one record, or one that is gone, is returned as it is (or not at all).
+    pub(crate) fn split_block(
+        &mut self,
+        id: i64,
+        body: &mut Vec<u8>,
+    ) -> Result<Vec<BlockMeta>, SpoolError> {
+        let Some((meta, raw)) = self.read_block(id)? else {
+            return Ok(Vec::new());
+        };
+        let records =
+            frame::decode_records(&raw, meta.records).map_err(|e| SpoolError::CorruptBlock {
+                id,
+                reason: e.to_string(),
+            })?;
+        if records.len() < 2 {
+            return Ok(vec![meta]);
+        }
+        let (left, right) = records.split_at(records.len() / 2);
+        self.begin()?;
+        let result = (|| {
+            self.conn
+                .execute("DELETE FROM blocks WHERE id = ?1", [id])
+                .map_err(|e| self.err(e))?;
+            self.sub_pending(
+                &meta.route,
+                u64::from(meta.records),
+                u64::from(meta.stored_bytes),
+            );
+            let a = self.insert_block(&meta.route, &meta.key, left, body)?;
+            let b = self.insert_block(&meta.route, &meta.key, right, body)?;
+            Ok(vec![a, b])
+        })();
+        match result {
+            Ok(parts) => {
+                self.commit()?;
+                Ok(parts)
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores records that keep their sequence numbers (a split block's) as one block.
+    fn insert_block(
+        &mut self,
+        route: &str,
+        key: &str,
+        records: &[frame::Record],
+        body: &mut Vec<u8>,
+    ) -> Result<BlockMeta, SpoolError> {
+        body.clear();
+        for r in records {
+            frame::encode_record(body, r.seq, r.ts_ms, &r.topic, &r.payload);
+        }
+        let id = records.first().map_or(0, |r| r.seq) as i64;
+        let data = self
+            .compressor
+            .compress(body)
+            .map_err(|e| SpoolError::CorruptBlock {
+                id,
+                reason: format!("compress: {e}"),
+            })?;
+        let created_ms = records.first().map_or(0, |r| r.ts_ms);
+        let meta = BlockMeta {
+            id,
+            route: route.to_string(),
+            key: key.to_string(),
+            records: records.len() as u32,
+            raw_bytes: body.len() as u32,
+            stored_bytes: data.len() as u32,
+            created_ms,
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data])
+            })
+            .map_err(|e| self.err(e))?;
+        self.add_pending(route, records.len() as u64, data.len() as u64);
+        Ok(meta)
+    }
+
+    /// Moves the records of a block that no destination can take (each larger than the
+    /// record limit, however encoded) to the dead letters, counted as dropped `unshippable`.
+    pub(crate) fn dead_letter_block(
+        &mut self,
+        id: i64,
+        cap: u64,
+    ) -> Result<Option<(String, u32)>, SpoolError> {
+        let Some((meta, raw)) = self.read_block(id)? else {
+            return Ok(None);
+        };
+        let records =
+            frame::decode_records(&raw, meta.records).map_err(|e| SpoolError::CorruptBlock {
+                id,
+                reason: e.to_string(),
+            })?;
+        self.begin()?;
+        let result = (|| {
+            for r in &records {
+                self.keep_dead_letter(
+                    &meta.route,
+                    r.ts_ms,
+                    &r.topic,
+                    DropReason::Unshippable,
+                    &r.payload,
+                    cap,
+                )?;
+            }
+            self.remove_block(id, Counter::Dropped(DropReason::Unshippable))
+        })();
+        match result {
+            Ok(removed) => {
+                self.commit()?;
+                Ok(removed)
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
     /// Keeps a message that cannot become a record; counted as received and dropped.
     pub(crate) fn dead_letter(
+        &mut self,
+        route: &str,
+        ts_ms: u64,
+        topic: &str,
+        reason: DropReason,
+        payload: &[u8],
+        cap: u64,
+    ) -> Result<(), SpoolError> {
+        self.keep_dead_letter(route, ts_ms, topic, reason, payload, cap)?;
+        self.count(route, Counter::Received, 1);
+        self.count(route, Counter::Dropped(reason), 1);
+        Ok(())
+    }
+
+    /// Inserts a dead letter (its first MiB), the oldest evicted past `cap`; counts nothing.
+    fn keep_dead_letter(
         &mut self,
         route: &str,
         ts_ms: u64,
@@ -635,8 +785,6 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             self.dead_letters = cap;
         }
-        self.count(route, Counter::Received, 1);
-        self.count(route, Counter::Dropped(reason), 1);
         Ok(())
     }
 
@@ -1031,6 +1179,39 @@ mod tests {
         assert_eq!(acc.dropped_by_reason["corrupt"], 1);
         assert_eq!(acc.quarantined_blocks, 1);
         assert!(acc.balances());
+    }
+
+    #[test]
+    fn a_block_splits_in_halves_that_keep_their_seqs_and_a_lone_record_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("s.db"), SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10]).collect();
+        let recs: Vec<NewRecord<'_>> = payloads.iter().map(|p| rec("t", p)).collect();
+        let a = s.append_block("r", "k", &recs, &mut body).unwrap();
+        s.commit().unwrap();
+        let parts = s.split_block(a.id, &mut body).unwrap();
+        assert_eq!(
+            parts.iter().map(|p| (p.id, p.records)).collect::<Vec<_>>(),
+            [(1, 2), (3, 3)]
+        );
+        let (meta, raw) = s.read_block(3).unwrap().unwrap();
+        let r = frame::decode_records(&raw, meta.records).unwrap();
+        assert_eq!((r[0].seq, r[0].payload.clone()), (3, vec![2u8; 10]));
+        let acc = s.accounting().unwrap();
+        assert_eq!((acc.received, acc.pending), (5, 5), "a split moves nothing");
+        let one = s.split_block(1, &mut body).unwrap();
+        let lone = s.split_block(one[0].id, &mut body).unwrap();
+        assert_eq!(lone.len(), 1, "one record cannot be split");
+        assert_eq!(
+            s.dead_letter_block(lone[0].id, 10).unwrap(),
+            Some(("r".into(), 1))
+        );
+        let acc = s.accounting().unwrap();
+        assert_eq!(acc.dropped_by_reason["unshippable"], 1);
+        assert_eq!((acc.pending, acc.dead_letters), (4, 1));
+        assert!(acc.balances(), "{acc:?}");
     }
 
     #[test]

@@ -78,12 +78,25 @@ impl Operator {
 
     /// Signs with the library directly: for documents the tool would refuse to sign.
     fn sign_unchecked(&self, config: &str, target: &str, version: u64) -> PathBuf {
+        self.sign_at(config, target, version, 0, None)
+    }
+
+    /// Signs with the library directly, issued at `issued_at`, refused after `not_after`.
+    fn sign_at(
+        &self,
+        config: &str,
+        target: &str,
+        version: u64,
+        issued_at: u64,
+        not_after: Option<u64>,
+    ) -> PathBuf {
         let key = document::read_private_key(&self.key).unwrap();
         let doc = document::sign(
             &Body {
                 version,
                 target: target.parse().unwrap(),
-                issued_at: 0,
+                issued_at,
+                not_after,
                 config: config.into(),
             },
             &key,
@@ -744,6 +757,106 @@ fn an_unreachable_destination_is_rolled_back_and_a_restart_keeps_the_last_good()
 
 /// Three agents at once: a group push reaches the two in the group and not the third; a
 /// gateway's own document wins over a newer group document.
+/// Someone who may publish on the gateway's topic replays an old signed document: it is
+/// refused and does not stand in the way of the group's next document (before, it was kept as
+/// the gateway's own and every group push after it was ignored without a word). An expired
+/// document is refused. With both fleet state files unreadable, an old document is refused and
+/// one signed after the agent noticed is applied.
+#[test]
+fn replayed_expired_and_stateless_documents_cannot_freeze_or_roll_back_a_gateway() {
+    let Rig {
+        dir,
+        rt: _rt,
+        client: _client,
+        kinesis,
+    } = rig("fleet-replay", 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let op = Operator::new(dir.path(), "fleet", mosquitto.port);
+    let endpoint = kinesis.endpoint();
+    let doc = |linger: &str| document_text(&endpoint, "fleet-replay", linger, "");
+    let base = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &endpoint,
+        "fleet-replay",
+        "",
+        "",
+    ) + &fleet_section(dir.path(), &[&op.public], "groups = [\"plant\"]");
+    let mut agent = Agent::start(dir.path(), &base);
+    agent.wait_connected(1);
+    wait_report(&agent, "the fleet report", |r| r.state == "running");
+    let gw = "gateway:gw-test";
+
+    op.push(&op.sign(&doc("210ms"), "group:plant", 20), "group:plant");
+    wait_report(&agent, "group version 20", |r| r.applied_version == 20);
+    // The replay: an authentic but old document on the gateway's own topic.
+    publish_retained(
+        mosquitto.port,
+        "edgeship/config/gateway/gw-test",
+        std::fs::read(op.sign(&doc("220ms"), gw, 5)).unwrap(),
+    );
+    let r = wait_report(&agent, "the replay refused", |r| {
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("version 5 (gateway:gw-test) is older than version 20"))
+    });
+    assert_eq!(r.state, "refused");
+    assert_eq!(r.applied_version, 20);
+    op.push(&op.sign(&doc("230ms"), "group:plant", 21), "group:plant");
+    let r = wait_report(&agent, "group version 21 despite the replay", |r| {
+        r.applied_version == 21
+    });
+    assert_eq!(r.state, "applied");
+
+    // Expired: refused, the running version stays.
+    let now = edgeship::clock::now_secs();
+    op.push(
+        &op.sign_at(&doc("240ms"), "group:plant", 22, now - 100, Some(now - 50)),
+        "group:plant",
+    );
+    let r = wait_report(&agent, "the expired document refused", |r| {
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("version 22 (group:plant) expired"))
+    });
+    assert_eq!(r.applied_version, 21);
+
+    // Both state files damaged while the agent is down.
+    assert_eq!(agent.stop().code(), Some(0));
+    let state_dir = dir.path().join("fleet-state");
+    for name in ["fleet-state.json", "fleet-state.json.prev"] {
+        std::fs::write(state_dir.join(name), "{ torn").unwrap();
+    }
+    agent.spawn();
+    agent.wait_connected(1);
+    // The replayed gateway document and the expired group one are still retained on their
+    // topics: both refused again (without the state, the replay for being issued before it
+    // was found lost); the agent runs its local file meanwhile.
+    let r = wait_report(&agent, "the retained documents refused again", |r| {
+        r.refused_total >= 2
+    });
+    assert_eq!(r.applied_version, 0, "{r:?}");
+    assert!(
+        agent
+            .log()
+            .contains("version 5 (gateway:gw-test) was issued at"),
+        "the replay is refused for its age"
+    );
+    assert!(agent
+        .log()
+        .contains("before the fleet state was found unreadable"));
+    let fresh = edgeship::clock::now_secs() + 1;
+    op.push(
+        &op.sign_at(&doc("250ms"), "group:plant", 3, fresh, None),
+        "group:plant",
+    );
+    let r = wait_report(&agent, "a fresh document applied", |r| {
+        r.applied_version == 3
+    });
+    assert_eq!(r.state, "applied");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
 #[test]
 fn a_group_push_reaches_every_gateway_of_the_group() {
     let Rig {

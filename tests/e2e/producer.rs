@@ -737,3 +737,90 @@ fn a_128_kbit_uplink_carries_every_message() {
         )
     );
 }
+
+/// A message the stream cannot take however it is encoded (2 MB of noise for a 1 MiB stream,
+/// while the agent's config allows 5 MiB messages and 10 MiB records): it is dead-lettered and
+/// counted `unshippable`, the messages before and after it arrive, and shipping never stops.
+/// Before, the shipper task ended on it and nothing started it again.
+#[test]
+fn a_message_the_stream_cannot_take_is_dead_lettered_and_the_rest_arrive() {
+    let stream = "e2e-unshippable";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "linger = \"200ms\"",
+        "linger = \"200ms\"\nmax_message_bytes = \"5MiB\"",
+    )
+    .replace(
+        "region = \"us-east-1\"",
+        "region = \"us-east-1\"\nmax_record_bytes = \"10MiB\"",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let big = |d: u32, s: u32| (d, s) == (0, 2);
+    let make = move |d: u32, s: u32| {
+        if big(d, s) {
+            noise(d, s, 2_000_000)
+        } else {
+            payload(d, s)
+        }
+    };
+    rt.block_on(publish_with(
+        mosquitto.port,
+        2,
+        5,
+        Arc::new(AtomicU64::new(0)),
+        make,
+        "",
+    ));
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(120), |t| {
+        (0..2).all(|d| {
+            (0..5)
+                .filter(|&s| !big(d, s))
+                .all(|s| t.contains_key(&(topic_of(d), make(d, s))))
+        })
+    });
+    let t = tally(&contents.messages);
+    assert_eq!(t.len(), 9, "the 2 MB message must not be in the stream");
+    let acc = wait_for("the spool to settle", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert_eq!(
+        acc.dropped_by_reason.get("unshippable"),
+        Some(&1),
+        "{acc:?}"
+    );
+    assert_eq!(acc.dead_letters, 1);
+    assert!(acc.balances(), "{acc:?}");
+    let m = agent.scrape();
+    assert_eq!(
+        m.count(
+            "edgeship_records_dropped_total",
+            &[("route", "telemetry"), ("reason", "unshippable")]
+        ),
+        1
+    );
+    assert_eq!(
+        m.count(
+            "edgeship_destination_restarts_total",
+            &[("destination", "stream")]
+        ),
+        0,
+        "dead-lettering is not a failure"
+    );
+    let (code, body) = agent.get("/readyz").unwrap();
+    assert_eq!(code, 200, "{body}");
+}
