@@ -5,7 +5,7 @@
 //! gateway, topic, timestamp and payload (as text when it is UTF-8, else as `payload_base64`).
 //! Nothing here writes anywhere; the caller prints.
 
-use crate::frame::{Frame, MAGIC};
+use crate::frame::{Frame, Record, MAGIC};
 use base64::Engine;
 
 /// Splits input into the bytes of each record it holds.
@@ -32,25 +32,28 @@ pub fn json_lines(frame: &Frame) -> Vec<String> {
     frame
         .records
         .iter()
-        .map(|r| {
-            let mut obj = serde_json::Map::new();
-            obj.insert("id".into(), format!("{}:{}", frame.gateway, r.seq).into());
-            obj.insert("gateway".into(), frame.gateway.clone().into());
-            obj.insert("seq".into(), r.seq.into());
-            obj.insert("topic".into(), r.topic.clone().into());
-            obj.insert("ts_ms".into(), r.ts_ms.into());
-            match std::str::from_utf8(&r.payload) {
-                Ok(text) => obj.insert("payload".into(), text.into()),
-                Err(_) => obj.insert(
-                    "payload_base64".into(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(&r.payload)
-                        .into(),
-                ),
-            };
-            serde_json::Value::Object(obj).to_string()
-        })
+        .map(|r| json_line(&frame.gateway, r))
         .collect()
+}
+
+/// The JSON line of one record of `gateway`.
+pub fn json_line(gateway: &str, r: &Record) -> String {
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), format!("{}:{}", gateway, r.seq).into());
+    obj.insert("gateway".into(), gateway.into());
+    obj.insert("seq".into(), r.seq.into());
+    obj.insert("topic".into(), r.topic.clone().into());
+    obj.insert("ts_ms".into(), r.ts_ms.into());
+    match std::str::from_utf8(&r.payload) {
+        Ok(text) => obj.insert("payload".into(), text.into()),
+        Err(_) => obj.insert(
+            "payload_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(&r.payload)
+                .into(),
+        ),
+    };
+    serde_json::Value::Object(obj).to_string()
 }
 
 #[cfg(test)]

@@ -186,7 +186,17 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
             }
             id
         }
-        None => default_gateway_id(),
+        None => default_gateway_id(
+            &std::fs::read_to_string("/etc/machine-id").unwrap_or_default(),
+            &std::fs::read_to_string("/etc/hostname").unwrap_or_default(),
+        )
+        .ok_or_else(|| {
+            src.error_at(
+                None,
+                "gateway_id",
+                "is not set, this machine has no /etc/machine-id, and its host name is generic; set gateway_id to a name no other gateway uses (it is part of every record id and the MQTT client id)",
+            )
+        })?,
     };
 
     let spool = spool::spool(raw.spool, src)?;
@@ -241,19 +251,36 @@ fn admin(raw: RawAdmin, src: &Source) -> Result<AdminConfig, ConfigError> {
     })
 }
 
-fn default_gateway_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let id: String = host
+/// Host names that images ship with: every gateway cloned from the image would share it.
+const GENERIC_HOST_NAMES: &[&str] = &[
+    "localhost",
+    "raspberrypi",
+    "raspberry",
+    "ubuntu",
+    "debian",
+    "dietpi",
+    "orangepi",
+    "beaglebone",
+    "gateway",
+    "edge",
+];
+
+/// The gateway id when the config sets none: `gw-` and the first 16 hex digits of the
+/// machine id (systemd makes one per installation; an image cloned with it must run
+/// `systemd-machine-id-setup` again), else a host name that is not an image's default.
+fn default_gateway_id(machine_id: &str, host_name: &str) -> Option<String> {
+    let machine_id = machine_id.trim();
+    if machine_id.len() >= 16 && machine_id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Some(format!("gw-{}", &machine_id[..16]));
+    }
+    let host: String = host_name
         .trim()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
         .take(64)
         .collect();
-    if id.is_empty() {
-        "gateway".into()
-    } else {
-        id
-    }
+    (!host.is_empty() && !GENERIC_HOST_NAMES.contains(&host.to_ascii_lowercase().as_str()))
+        .then_some(host)
 }
 
 #[cfg(test)]
@@ -274,6 +301,20 @@ partition_key = "{topic[1]}"
 type = "kinesis"
 stream = "s"
 "#;
+
+    #[test]
+    fn the_default_gateway_id_is_the_machines_never_an_images() {
+        assert_eq!(
+            default_gateway_id("0123456789abcdef0123456789abcdef\n", "raspberrypi"),
+            Some("gw-0123456789abcdef".into())
+        );
+        assert_eq!(
+            default_gateway_id("", "pump-house-7\n"),
+            Some("pump-house-7".into())
+        );
+        assert_eq!(default_gateway_id("", "raspberrypi\n"), None);
+        assert_eq!(default_gateway_id("uninitialized", "localhost"), None);
+    }
 
     #[test]
     fn embedded_default_config_is_valid() {

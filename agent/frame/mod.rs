@@ -27,6 +27,21 @@ pub(crate) const VERSION: u8 = 1;
 pub(crate) const FLAG_ZSTD: u8 = 0b0000_0001;
 /// Largest uncompressed body a decoder accepts (a 10 MiB Kinesis record at a very high ratio).
 pub(crate) const MAX_BODY_BYTES: usize = 256 << 20;
+/// Largest topic or payload a decoder accepts: above any message the agent takes (9 MiB).
+pub const MAX_FIELD_BYTES: usize = 16 << 20;
+/// Most records [`decode_frame`] collects into memory; [`read_frame`] streams any number.
+pub const MAX_COLLECTED_RECORDS: u32 = 1 << 20;
+/// A compressed body may claim at most this many times its own size (and 1 MiB whatever
+/// its size): memory follows what the input can hold, not what its header says. Real frames
+/// stay far below (telemetry: 10 to 50 times).
+pub const MAX_EXPANSION: usize = 4096;
+
+/// The largest body a compressed input of `compressed` bytes may claim.
+fn max_body_for(compressed: usize) -> usize {
+    compressed
+        .saturating_mul(MAX_EXPANSION)
+        .clamp(1 << 20, MAX_BODY_BYTES)
+}
 /// Header bytes before the gateway id and after it.
 pub(crate) const FIXED_HEADER_BYTES: usize = 4 + 1 + 1 + 1 + 4 + 4;
 
@@ -136,7 +151,8 @@ pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, Fra
             body.len()
         )));
     }
-    let mut records = Vec::with_capacity(count as usize);
+    // Sized by what the input holds, never by a count from it.
+    let mut records = Vec::with_capacity((count as usize).min(body.len() / 4 + 1).min(4096));
     let mut pos = 0;
     for _ in 0..count {
         let seq = get_varint(body, &mut pos)?;
@@ -233,8 +249,151 @@ pub(crate) fn decompress_exact(data: &[u8], expected_len: usize) -> Result<Vec<u
     Ok(out)
 }
 
-/// Decodes a whole frame, checking every length.
-pub fn decode_frame(data: &[u8]) -> Result<Frame, FrameError> {
+/// A frame's header, read by [`read_frame`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub gateway: String,
+    pub records: u32,
+    pub body_len: usize,
+    pub compressed: bool,
+}
+
+/// Where a frame's body comes from: the input itself, or a zstd stream over it.
+enum Source<'a> {
+    Plain(&'a [u8]),
+    Zstd(Box<zstd::stream::read::Decoder<'a, std::io::BufReader<&'a [u8]>>>),
+}
+
+impl std::io::Read for Source<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Plain(r) => r.read(buf),
+            Source::Zstd(d) => d.read(buf),
+        }
+    }
+}
+
+/// A frame's records, decoded one at a time: memory stays within one record (at most
+/// [`MAX_FIELD_BYTES`] per field) whatever the header claims, and a field is only allocated
+/// as its bytes actually arrive.
+pub struct Records<'a> {
+    source: Source<'a>,
+    /// Records still to come, and body bytes still to come, as the header says.
+    left: u32,
+    body_left: usize,
+    done: bool,
+}
+
+impl Records<'_> {
+    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), FrameError> {
+        if buf.len() > self.body_left {
+            return Err(FrameError::Truncated(what));
+        }
+        use std::io::Read;
+        self.source.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated(what),
+            _ => FrameError::Zstd(e.to_string()),
+        })?;
+        self.body_left -= buf.len();
+        Ok(())
+    }
+
+    fn varint(&mut self) -> Result<u64, FrameError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let mut b = [0u8; 1];
+            self.exact(&mut b, "varint")?;
+            v |= u64::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FrameError::Corrupt("varint longer than 10 bytes".into()))
+    }
+
+    fn field(&mut self, what: &'static str) -> Result<Vec<u8>, FrameError> {
+        let len = self.varint()?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= self.body_left)
+            .ok_or(FrameError::Truncated("field length beyond the body"))?;
+        if len > MAX_FIELD_BYTES {
+            return Err(FrameError::Corrupt(format!(
+                "a {what} of {len} bytes is over the {MAX_FIELD_BYTES}-byte limit"
+            )));
+        }
+        // Grown as the bytes arrive, never reserved from the claimed length alone.
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            self.exact(&mut chunk[..n], what)?;
+            out.extend_from_slice(&chunk[..n]);
+            left -= n;
+        }
+        Ok(out)
+    }
+
+    fn record(&mut self) -> Result<Record, FrameError> {
+        let seq = self.varint()?;
+        let ts_ms = self.varint()?;
+        let topic = String::from_utf8(self.field("topic")?)
+            .map_err(|_| FrameError::Corrupt("topic is not UTF-8".into()))?;
+        let payload = self.field("payload")?;
+        Ok(Record {
+            seq,
+            ts_ms,
+            topic,
+            payload,
+        })
+    }
+
+    /// After the last record: the body must end exactly there (and a zstd stream must end,
+    /// its checksum verified).
+    fn finish(&mut self) -> Result<(), FrameError> {
+        if self.body_left != 0 {
+            return Err(FrameError::Corrupt(format!(
+                "{} bytes after the last record",
+                self.body_left
+            )));
+        }
+        use std::io::Read;
+        let mut extra = [0u8; 1];
+        match self.source.read(&mut extra) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(FrameError::Corrupt(
+                "the body is longer than its header says".into(),
+            )),
+            Err(e) => Err(FrameError::Zstd(e.to_string())),
+        }
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<Record, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.left == 0 {
+            // Once, after the last record.
+            self.done = true;
+            return self.finish().err().map(Err);
+        }
+        self.left -= 1;
+        let item = self.record();
+        if item.is_err() {
+            self.done = true;
+        }
+        Some(item)
+    }
+}
+
+/// Reads a frame's header and returns its records as an iterator that decodes (and
+/// decompresses) them one at a time, checking every length as it goes.
+pub fn read_frame(data: &[u8]) -> Result<(Header, Records<'_>), FrameError> {
     if data.len() < 4 || &data[..4] != MAGIC {
         return Err(FrameError::BadMagic);
     }
@@ -264,17 +423,65 @@ pub fn decode_frame(data: &[u8]) -> Result<Frame, FrameError> {
     let count = u32::from_le_bytes(fixed[..4].try_into().expect("4 bytes"));
     let body_len = u32::from_le_bytes(fixed[4..].try_into().expect("4 bytes")) as usize;
     pos += 8;
+    if body_len > MAX_BODY_BYTES {
+        return Err(FrameError::BodyTooLarge(body_len));
+    }
     let rest = &data[pos..];
-    let records = if flags & FLAG_ZSTD != 0 {
-        let body = decompress_exact(rest, body_len)?;
-        decode_records(&body, count)?
+    let compressed = flags & FLAG_ZSTD != 0;
+    if compressed && body_len > max_body_for(rest.len()) {
+        return Err(FrameError::Corrupt(format!(
+            "a body of {body_len} bytes cannot come from {} compressed bytes (at most {MAX_EXPANSION} times as many)",
+            rest.len()
+        )));
+    }
+    let source = if compressed {
+        Source::Zstd(Box::new(
+            zstd::stream::read::Decoder::with_buffer(std::io::BufReader::new(rest))
+                .map_err(|e| FrameError::Zstd(e.to_string()))?,
+        ))
     } else {
         if rest.len() != body_len {
             return Err(FrameError::Truncated("body"));
         }
-        decode_records(rest, count)?
+        Source::Plain(rest)
     };
-    Ok(Frame { gateway, records })
+    Ok((
+        Header {
+            gateway,
+            records: count,
+            body_len,
+            compressed,
+        },
+        Records {
+            source,
+            left: count,
+            body_left: body_len,
+            done: false,
+        },
+    ))
+}
+
+/// Decodes a whole frame into memory, checking every length and the whole body (its zstd
+/// checksum) before returning any record; at most [`MAX_COLLECTED_RECORDS`] records (use
+/// [`read_frame`] to stream more).
+pub fn decode_frame(data: &[u8]) -> Result<Frame, FrameError> {
+    let (header, _) = read_frame(data)?;
+    if header.records > MAX_COLLECTED_RECORDS {
+        return Err(FrameError::Corrupt(format!(
+            "{} records is more than {MAX_COLLECTED_RECORDS} to hold at once; read it as a stream",
+            header.records
+        )));
+    }
+    let body = &data[data.len() - (data.len() - FIXED_HEADER_BYTES - header.gateway.len())..];
+    let records = if header.compressed {
+        decode_records(&decompress_exact(body, header.body_len)?, header.records)?
+    } else {
+        decode_records(body, header.records)?
+    };
+    Ok(Frame {
+        gateway: header.gateway,
+        records,
+    })
 }
 
 #[cfg(test)]
@@ -340,6 +547,82 @@ mod tests {
         let body = body_of(&records);
         let bytes = encode_frame("g", 2, &body, Some(&mut frame_compressor(1).unwrap())).unwrap();
         assert_eq!(decode_frame(&bytes).unwrap().records, records);
+    }
+
+    /// A frame of `body_len` zero bytes (empty records with seq 0) claiming `count` records.
+    fn zeros_frame(body_len: usize, count: u32) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+        z.include_checksum(true).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            z.write_all(&zeros[..n]).unwrap();
+            left -= n;
+        }
+        let compressed = z.finish().unwrap();
+        let mut data = Vec::new();
+        data.extend_from_slice(MAGIC);
+        data.extend_from_slice(&[VERSION, FLAG_ZSTD, 2]);
+        data.extend_from_slice(b"gw");
+        data.extend_from_slice(&count.to_le_bytes());
+        data.extend_from_slice(&(body_len as u32).to_le_bytes());
+        data.extend_from_slice(&compressed);
+        data
+    }
+
+    /// 8 KB of zstd that claims 64 million empty records (256 MiB of body): holding them
+    /// took gigabytes. Refused at the header, by both decoders, before anything is allocated.
+    #[test]
+    fn a_decompression_bomb_is_refused_by_what_the_input_can_hold() {
+        let data = zeros_frame(256 << 20, 64 << 20);
+        assert!(data.len() < 64 << 10, "{}", data.len());
+        for e in [
+            decode_frame(&data).unwrap_err(),
+            read_frame(&data).err().unwrap(),
+        ] {
+            assert!(e.to_string().contains("cannot come from"), "{e}");
+        }
+        let too_many = decode_frame(&zeros_frame(4, MAX_COLLECTED_RECORDS + 1)).unwrap_err();
+        assert!(
+            too_many.to_string().contains("read it as a stream"),
+            "{too_many}"
+        );
+    }
+
+    /// Within bounds, the streaming decoder holds one record at a time.
+    #[test]
+    fn records_stream_one_at_a_time() {
+        let data = zeros_frame(1 << 20, (1 << 20) / 4);
+        let (header, records) = read_frame(&data).unwrap();
+        assert_eq!(header.records, 1 << 18);
+        let mut n = 0;
+        for r in records {
+            let r = r.unwrap();
+            assert!(r.seq == 0 && r.topic.is_empty() && r.payload.is_empty());
+            n += 1;
+        }
+        assert_eq!(n, 1 << 18);
+        assert_eq!(decode_frame(&data).unwrap().records.len(), 1 << 18);
+    }
+
+    /// A field that claims more than any message can be is refused before its bytes are read.
+    #[test]
+    fn a_field_claiming_more_than_any_message_is_refused() {
+        let mut body = Vec::new();
+        put_varint(&mut body, 1);
+        put_varint(&mut body, 2);
+        put_varint(&mut body, 0);
+        put_varint(&mut body, (MAX_FIELD_BYTES + 1) as u64);
+        body.resize(body.len() + 64, b'x');
+        let mut data = Vec::new();
+        data.extend_from_slice(MAGIC);
+        data.extend_from_slice(&[VERSION, 0, 0]);
+        data.extend_from_slice(&1u32.to_le_bytes());
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&body);
+        assert!(decode_frame(&data).is_err());
     }
 
     #[test]

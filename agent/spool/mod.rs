@@ -317,6 +317,10 @@ pub(crate) fn start(
 > {
     let (store, report) = Store::open(&config.path, config.sync)?;
     if let Some(aside) = &report.quarantined_file {
+        match report.lost_records {
+            Some(n) => tracing::error!(lost_records = n, "the corrupt spool's counters were read: its accounting goes on, the {n} records it still held are counted as dropped (corrupt)"),
+            None => tracing::error!("the corrupt spool's counters could not be read: how many records it held is unknown"),
+        }
         tracing::error!(
             spool = %config.path.display(),
             moved_to = %aside.display(),
@@ -417,10 +421,16 @@ impl Worker {
             // commit): never listed or read again, or a shipper started meanwhile (a config
             // change) would send them a second time.
             let mut delivering: HashSet<i64> = deliveries.iter().copied().collect();
-            // Wait for work; with parked appends, wake periodically to retry them.
+            // Parked appends that only a delivery, a drop or new limits can make room for:
+            // nothing to retry until a command comes (a blocked spool writes nothing).
+            let waiting_for_room = !self.parked.is_empty()
+                && self.stats.writable.load(Ordering::Relaxed)
+                && self.stats.full.load(Ordering::Relaxed);
+            // Wait for work; with parked appends after a failed commit, wake periodically to
+            // retry them.
             let first = if closing {
                 None
-            } else if self.parked.is_empty() && deliveries.is_empty() {
+            } else if (self.parked.is_empty() || waiting_for_room) && deliveries.is_empty() {
                 match self.rx.recv() {
                     Ok(c) => Some(c),
                     Err(_) => {
@@ -439,6 +449,7 @@ impl Worker {
                 }
             };
             let turn_started = std::time::Instant::now();
+            let limits_before = (self.max_bytes, self.policy);
             let mut next = first;
             let mut taken = 0;
             #[cfg(test)]
@@ -510,7 +521,15 @@ impl Worker {
                     }
                 }
             }
-            if !(appends.is_empty() && deliveries.is_empty() && self.parked.is_empty()) {
+            // Still full and nothing that could make room: no transaction at all.
+            let still_blocked = waiting_for_room
+                && appends.is_empty()
+                && deliveries.is_empty()
+                && limits_before == (self.max_bytes, self.policy)
+                && self.store.pending_bytes() >= self.max_bytes;
+            let nothing_to_do =
+                appends.is_empty() && deliveries.is_empty() && self.parked.is_empty();
+            if !(still_blocked || nothing_to_do) {
                 // Parked appends go first: arrival order is ack order.
                 let mut queue = std::mem::take(&mut self.parked);
                 queue.extend(appends);
@@ -852,7 +871,24 @@ mod tests {
                 .is_err()
         );
         assert!(spool.stats().full.load(Ordering::Relaxed));
+        // Blocked means quiet: no commit and no byte written while nothing can change
+        // (it used to commit ten times a second, rewriting the sequence counter).
+        let wal = dir.path().join("spool.db-wal");
+        let before = (
+            spool.stats().commits.load(Ordering::Relaxed),
+            std::fs::metadata(&wal).unwrap().modified().unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let routes: Arc<[String]> = vec!["r".to_string()].into();
+        let _ = spool.lease(routes.clone(), 0, 1).await.unwrap();
+        assert_eq!(
+            (
+                spool.stats().commits.load(Ordering::Relaxed),
+                std::fs::metadata(&wal).unwrap().modified().unwrap()
+            ),
+            before,
+            "a blocked spool wrote"
+        );
         let blocks = spool.lease(routes, 0, 2).await.unwrap();
         spool
             .delivered(blocks.iter().map(|b| b.id).collect())

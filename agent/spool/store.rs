@@ -27,6 +27,48 @@ use std::sync::{Arc, Mutex};
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// Sequence numbers are never reused for a gateway, not even when the spool file is lost or
+/// replaced: a floor kept beside it (`<spool>.seq`) is raised ahead of use in steps of this
+/// many, so it is written once per about a million records and never while idle.
+const SEQ_RESERVE: u64 = 1 << 20;
+
+/// The file holding the sequence floor of the spool at `path`.
+pub fn seq_floor_path(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.seq", path.display()))
+}
+
+/// The floor, or 0 when there is none yet (a first start) or it cannot be read.
+fn read_seq_floor(path: &Path) -> u64 {
+    match std::fs::read_to_string(seq_floor_path(path)) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::error!(file = %seq_floor_path(path).display(), "the sequence floor is unreadable; ids continue from the spool's own");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+/// Replaces the floor atomically and durably (write, fsync, rename, fsync of the folder).
+fn write_seq_floor(path: &Path, floor: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = seq_floor_path(path);
+    let tmp = PathBuf::from(format!("{}.tmp", file.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{floor}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &file)?;
+    match file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool {path}: {source}")]
@@ -219,6 +261,14 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     next_seq: u64,
+    /// `next_seq` as the file holds it: written again only when it moved, so a commit that
+    /// stored nothing writes nothing.
+    stored_next_seq: u64,
+    /// No sequence number at or above this has been issued; raised (on disk first) before
+    /// one is.
+    seq_floor: u64,
+    /// Where `next_seq` starts at least: the floor, when this file is new or older than it.
+    seq_start: u64,
     pending_records: u64,
     pending_bytes: u64,
     /// The same, per route.
@@ -236,6 +286,9 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct OpenReport {
     pub(crate) quarantined_file: Option<PathBuf>,
+    /// Records the corrupt file still held, now counted as dropped `corrupt`; `None` when its
+    /// counters could not be read either.
+    pub(crate) lost_records: Option<u64>,
 }
 
 /// Creates the spool file readable and writable by its owner only (records are data the
@@ -284,8 +337,13 @@ impl Store {
                     let side = PathBuf::from(format!("{}{suffix}", path.display()));
                     let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
                 }
+                let salvaged = salvage_counters(&aside);
+                let mut store = Store::open_inner(path, sync)?;
+                if let Some(counters) = salvaged {
+                    report.lost_records = Some(store.carry_over(counters)?);
+                }
                 report.quarantined_file = Some(aside);
-                Ok((Store::open_inner(path, sync)?, report))
+                Ok((store, report))
             }
             Err(e) => Err(e),
         }
@@ -358,15 +416,23 @@ impl Store {
             }
             Some(_) => {}
         }
-        let stored_next: i64 = conn
+        let stored: Option<i64> = conn
             .query_row(
                 "SELECT value FROM counters WHERE route = '' AND name = 'next_seq'",
                 [],
                 |r| r.get(0),
             )
             .optional()
-            .map_err(err)?
-            .unwrap_or(1);
+            .map_err(err)?;
+        let stored_next = stored.unwrap_or(1);
+        let seq_floor = read_seq_floor(path);
+        // A new file (a first start, or one that replaced a lost or corrupt spool), or one
+        // older than the floor (restored from a copy), starts at the floor.
+        let seq_start = match stored {
+            None => seq_floor,
+            Some(n) if seq_floor > (n.max(0) as u64).saturating_add(2 * SEQ_RESERVE) => seq_floor,
+            Some(_) => 0,
+        };
         let max_end: i64 = conn
             .query_row(
                 "SELECT COALESCE(MAX(id + records), 1) FROM blocks",
@@ -404,7 +470,10 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
-            next_seq: stored_next.max(max_end) as u64,
+            next_seq: (stored_next.max(max_end) as u64).max(seq_start),
+            stored_next_seq: stored_next as u64,
+            seq_floor,
+            seq_start,
             pending_records: 0,
             pending_bytes: 0,
             pending_by_route: BTreeMap::new(),
@@ -498,15 +567,18 @@ impl Store {
                     stmt.execute(params![route, counter.name(), delta])?;
                 }
             }
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO counters (route, name, value) VALUES ('', 'next_seq', ?1)
-                     ON CONFLICT (route, name) DO UPDATE SET value = excluded.value",
-                )?
-                .execute([self.next_seq as i64])?;
+            if self.next_seq != self.stored_next_seq {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO counters (route, name, value) VALUES ('', 'next_seq', ?1)
+                         ON CONFLICT (route, name) DO UPDATE SET value = excluded.value",
+                    )?
+                    .execute([self.next_seq as i64])?;
+            }
             self.conn.execute_batch("COMMIT")
         })();
         if result.is_ok() {
+            self.stored_next_seq = self.next_seq;
             self.publish(None);
         }
         self.counter_deltas.clear();
@@ -530,7 +602,7 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))?;
-        self.next_seq = next as u64;
+        self.next_seq = (next as u64).max(self.seq_start);
         let by_route: Vec<(String, i64, i64)> = self
             .conn
             .prepare("SELECT route, SUM(records), SUM(LENGTH(data)) FROM blocks GROUP BY route")
@@ -579,6 +651,7 @@ impl Store {
     ) -> Result<BlockMeta, SpoolError> {
         body.clear();
         let first = self.next_seq;
+        self.reserve_seqs(records.len() as u64)?;
         for (i, r) in records.iter().enumerate() {
             frame::encode_record(body, first + i as u64, r.ts_ms, r.topic, r.payload);
         }
@@ -740,6 +813,50 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// Makes sure the floor on disk is above the next `n` sequence numbers before they are
+    /// used.
+    fn reserve_seqs(&mut self, n: u64) -> Result<(), SpoolError> {
+        let end = self.next_seq + n;
+        if end > self.seq_floor {
+            let floor = end + SEQ_RESERVE;
+            write_seq_floor(&self.path, floor).map_err(|source| SpoolError::Folder {
+                path: seq_floor_path(&self.path),
+                source,
+            })?;
+            self.seq_floor = floor;
+        }
+        Ok(())
+    }
+
+    /// Takes over the counters salvaged from a corrupt file (so the accounting goes on), with
+    /// the records it still held counted as dropped `corrupt`. Returns how many those were.
+    fn carry_over(
+        &mut self,
+        salvaged: BTreeMap<(String, Counter), u64>,
+    ) -> Result<u64, SpoolError> {
+        let mut lost_by_route: BTreeMap<String, i64> = BTreeMap::new();
+        for ((route, counter), value) in &salvaged {
+            let v = *value as i64;
+            *lost_by_route.entry(route.clone()).or_default() += match counter {
+                Counter::Received => v,
+                Counter::Delivered | Counter::Dropped(_) => -v,
+            };
+        }
+        self.begin()?;
+        for ((route, counter), value) in salvaged {
+            self.count(&route, counter, value);
+        }
+        let mut lost = 0;
+        for (route, n) in lost_by_route {
+            if n > 0 {
+                self.count(&route, Counter::Dropped(DropReason::Corrupt), n as u64);
+                lost += n as u64;
+            }
+        }
+        self.commit()?;
+        Ok(lost)
     }
 
     /// Keeps a message that cannot become a record; counted as received and dropped.
@@ -959,6 +1076,31 @@ impl Store {
     pub(crate) fn accounting(&self) -> Result<Accounting, SpoolError> {
         read_accounting(&self.conn).map_err(|e| self.err(e))
     }
+}
+
+/// The counters of a corrupt spool file, if SQLite can still read that table.
+fn salvage_counters(path: &Path) -> Option<BTreeMap<(String, Counter), u64>> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let mut stmt = conn
+        .prepare("SELECT route, name, value FROM counters WHERE name <> 'next_seq'")
+        .ok()?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .ok()?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (route, name, value) = row.ok()?;
+        if let Some(counter) = Counter::parse(&name) {
+            out.insert((route, counter), value.max(0) as u64);
+        }
+    }
+    Some(out)
 }
 
 fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
@@ -1211,6 +1353,68 @@ mod tests {
         let acc = s.accounting().unwrap();
         assert_eq!(acc.dropped_by_reason["unshippable"], 1);
         assert_eq!((acc.pending, acc.dead_letters), (4, 1));
+        assert!(acc.balances(), "{acc:?}");
+    }
+
+    #[test]
+    fn ids_never_repeat_even_when_the_spool_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 8]).collect();
+        let recs: Vec<NewRecord<'_>> = payloads.iter().map(|p| rec("t", p)).collect();
+        s.begin().unwrap();
+        let a = s.append_block("r", "k", &recs, &mut body).unwrap();
+        s.commit().unwrap();
+        assert_eq!(a.id, 1);
+        drop(s);
+        // A restart of the same file goes on where it was, not at the floor.
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        s.begin().unwrap();
+        assert_eq!(
+            s.append_block("r", "k", &recs[..1], &mut body).unwrap().id,
+            21
+        );
+        s.commit().unwrap();
+        drop(s);
+        // The file is lost: the new one starts above every id issued.
+        for side in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{side}", path.display()));
+        }
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        s.begin().unwrap();
+        let c = s.append_block("r", "k", &recs[..1], &mut body).unwrap();
+        s.commit().unwrap();
+        assert!(c.id > 21, "id {} reused", c.id);
+        let floor: u64 = std::fs::read_to_string(seq_floor_path(&path))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(floor > c.id as u64);
+    }
+
+    #[test]
+    fn a_corrupt_files_counters_carry_over_with_its_pending_records_counted_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("s.db"), SyncLevel::Off).unwrap();
+        let salvaged = BTreeMap::from([
+            (("r".to_string(), Counter::Received), 25),
+            (("r".to_string(), Counter::Delivered), 18),
+            (("r".to_string(), Counter::Dropped(DropReason::Oversize)), 2),
+        ]);
+        assert_eq!(s.carry_over(salvaged).unwrap(), 5);
+        let acc = s.accounting().unwrap();
+        assert_eq!(
+            (
+                acc.received,
+                acc.delivered,
+                acc.pending,
+                acc.dropped_by_reason["corrupt"]
+            ),
+            (25, 18, 0, 5)
+        );
         assert!(acc.balances(), "{acc:?}");
     }
 

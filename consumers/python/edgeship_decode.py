@@ -61,6 +61,7 @@ __all__ = [
     "FrameError",
     "Record",
     "decode_frame",
+    "iter_frame",
     "iter_kinesis_event",
     "json_line",
     "main",
@@ -69,8 +70,13 @@ __all__ = [
 MAGIC = b"ESHP"
 VERSION = 1
 FLAG_ZSTD = 0x01
-#: Largest uncompressed body accepted, as in agent/frame.rs.
+#: Largest uncompressed body accepted, as in agent/frame/mod.rs.
 MAX_BODY_BYTES = 256 << 20
+#: A compressed body may claim at most this many times its own size (and 1 MiB whatever its
+#: size): memory follows what the input can hold, not what its header says.
+MAX_EXPANSION = 4096
+#: Most records ``decode_frame`` holds at once; ``iter_frame`` yields any number.
+MAX_COLLECTED_RECORDS = 1 << 20
 
 _U64_MASK = (1 << 64) - 1
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -121,7 +127,28 @@ def _corrupt(what: str) -> FrameError:
 
 
 def decode_frame(data: Union[bytes, bytearray, memoryview]) -> Frame:
-    """Decodes one frame, checking every length; raises FrameError for anything malformed."""
+    """Decodes one frame, checking every length and the whole body (its zstd checksum) before
+    returning; raises FrameError for anything malformed. At most ``MAX_COLLECTED_RECORDS``
+    records: ``iter_frame`` yields any number."""
+    gateway, count, body = _open_frame(data)
+    if count > MAX_COLLECTED_RECORDS:
+        raise _corrupt(
+            f"{count} records is more than {MAX_COLLECTED_RECORDS} to hold at once;"
+            " read it as a stream"
+        )
+    return Frame(gateway, list(_iter_records(gateway, body, count)))
+
+
+def iter_frame(data: Union[bytes, bytearray, memoryview]) -> Iterator[Record]:
+    """Yields a frame's records one at a time: only one ``Record`` is held at once, whatever
+    the header claims (the body, at most ``MAX_BODY_BYTES`` and ``MAX_EXPANSION`` times the
+    input, is checked whole first). Raises FrameError as ``decode_frame`` does."""
+    gateway, count, body = _open_frame(data)
+    return _iter_records(gateway, body, count)
+
+
+def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, bytes]:
+    """Checks a frame's header and returns its gateway, record count and uncompressed body."""
     data = bytes(data)
     if len(data) < 4 or data[:4] != MAGIC:
         raise FrameError("not an edgeship frame (magic bytes missing)")
@@ -145,21 +172,27 @@ def decode_frame(data: Union[bytes, bytearray, memoryview]) -> Frame:
         raise _truncated("counts")
     count, body_len = struct.unpack_from("<II", data, pos)
     rest = data[pos + 8 :]
+    if body_len > MAX_BODY_BYTES:
+        raise FrameError(f"frame body of {body_len} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
     if flags & FLAG_ZSTD:
+        if body_len > max(len(rest) * MAX_EXPANSION, 1 << 20):
+            raise _corrupt(
+                f"a body of {body_len} bytes cannot come from {len(rest)} compressed bytes"
+                f" (at most {MAX_EXPANSION} times as many)"
+            )
         body = _decompress_exact(rest, body_len)
     elif len(rest) != body_len:
         raise _truncated("body")
     else:
         body = rest
-    return Frame(gateway, _decode_records(gateway, body, count))
-
-
-def _decode_records(gateway: str, body: bytes, count: int) -> List[Record]:
-    """Parses ``count`` records from an uncompressed body that must end right after them."""
     # A record takes at least 4 bytes: a count beyond that is corrupt, whatever follows.
     if count > len(body) // 4 + 1:
         raise _corrupt(f"{count} records cannot fit in {len(body)} bytes")
-    records = []
+    return gateway, count, body
+
+
+def _iter_records(gateway: str, body: bytes, count: int) -> Iterator[Record]:
+    """Parses ``count`` records from an uncompressed body that must end right after them."""
     pos = 0
     for _ in range(count):
         seq, pos = _read_varint(body, pos)
@@ -170,10 +203,9 @@ def _decode_records(gateway: str, body: bytes, count: int) -> List[Record]:
         except UnicodeDecodeError:
             raise _corrupt("topic is not UTF-8") from None
         payload, pos = _read_field(body, pos)
-        records.append(Record(f"{gateway}:{seq}", seq, gateway, topic_text, ts_ms, payload))
+        yield Record(f"{gateway}:{seq}", seq, gateway, topic_text, ts_ms, payload)
     if pos != len(body):
         raise _corrupt(f"{len(body) - pos} bytes after the last record")
-    return records
 
 
 def _read_varint(body: bytes, pos: int) -> Tuple[int, int]:

@@ -225,6 +225,37 @@ class FormatTests(unittest.TestCase):
             tracemalloc.stop()
         self.assertLess(peak, 1 << 20)
 
+    def test_a_bomb_of_empty_records_is_refused_by_what_the_input_can_hold(self):
+        # 256 MiB of empty records compress to a few KB; decoding them used to take about
+        # 13 GB of Record objects. Refused at the header, before anything is allocated.
+        body_len = 256 << 20
+        compressor = zstandard.ZstdCompressor(level=19)
+        chunks = compressor.compressobj()
+        compressed = b"".join(chunks.compress(bytes(1 << 20)) for _ in range(256)) + chunks.flush()
+        data = frame_bytes("gw", body_len // 4, b"", compressed, body_len=body_len)
+        tracemalloc.start()
+        try:
+            with self.assertRaisesRegex(ed.FrameError, "cannot come from"):
+                ed.decode_frame(data)
+            with self.assertRaisesRegex(ed.FrameError, "cannot come from"):
+                ed.iter_frame(data)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1 << 20)
+
+    def test_records_stream_one_at_a_time(self):
+        body = bytes(1 << 20)  # 262,144 empty records with seq 0
+        data = frame_bytes("gw", len(body) // 4, body, zstd(body), body_len=len(body))
+        count = 0
+        for record in ed.iter_frame(data):
+            self.assertEqual((record.seq, record.topic, record.payload), (0, "", b""))
+            count += 1
+        self.assertEqual(count, len(body) // 4)
+        too_many = frame_bytes("gw", ed.MAX_COLLECTED_RECORDS + 1, body, zstd(body), body_len=len(body))
+        with self.assertRaisesRegex(ed.FrameError, "records cannot fit|read it as a stream"):
+            ed.decode_frame(too_many)
+
     def test_oversized_raw_block_is_refused(self):
         # Known difference: libzstd's one-shot decoder in the agent accepts a raw or RLE block
         # larger than the 128 KiB block maximum of RFC 8878; the streaming decoder refuses it.

@@ -222,3 +222,63 @@ fn oversize_binary_and_unrouted_messages_get_counted_outcomes() {
     );
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// A spool file corrupted while the agent is down: it is moved aside, the new spool's record
+/// ids go on above every id issued before (they used to start again at 1, and the folder
+/// destination overwrote the frames of the first records), and the accounting goes on with the
+/// lost file's counters.
+#[test]
+fn a_corrupt_spool_is_replaced_without_reusing_ids() {
+    let dir = tempdir();
+    let mosquitto = Mosquitto::start(dir.path());
+    let frames = dir.path().join("frames");
+    let config = agent_config(dir.path(), mosquitto.port, "http://127.0.0.1:9", "s", "", "")
+        .replace(
+            "type = \"kinesis\"\nstream = \"s\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:9\"",
+            &format!("type = \"directory\"\npath = \"{}\"", frames.display()),
+        );
+    let rt = runtime();
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    rt.block_on(publish(mosquitto.port, 2, 10, Default::default()));
+    wait_for("20 records in the folder", Duration::from_secs(30), || {
+        agent
+            .accounting()
+            .filter(|a| a.delivered == 20 && a.pending == 0)
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+    let spool = dir.path().join("spool.db");
+    std::fs::write(&spool, vec![0x42; 8192]).unwrap();
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", spool.display()));
+    }
+    agent.spawn();
+    agent.wait_connected(1);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        1,
+        5,
+        Default::default(),
+        |d, s| payload(d, s + 100),
+        "again-",
+    ));
+    wait_for("5 more in the folder", Duration::from_secs(30), || {
+        agent
+            .accounting()
+            .filter(|a| a.delivered >= 5 && a.pending == 0)
+    });
+    assert!(agent.log().contains("moved it aside"), "{}", agent.log());
+    let mut ids = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&frames).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "eshp") {
+            let f = edgeship::frame::decode_frame(&std::fs::read(&path).unwrap()).unwrap();
+            for r in f.records {
+                *ids.entry(r.seq).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(ids.len(), 25, "every message keeps its own id: {ids:?}");
+    assert!(ids.values().all(|&n| n == 1), "an id was reused: {ids:?}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
