@@ -31,7 +31,7 @@ pub(crate) fn spooled(mut partition_key: String, explicit_hash_key: Option<u128>
 }
 
 /// (partition key, explicit hash key) of a spooled key.
-pub(crate) fn split(key: &str) -> (&str, Option<&str>) {
+pub fn split(key: &str) -> (&str, Option<&str>) {
     match key.split_once(HASH_KEY_SEPARATOR) {
         Some((pk, hk)) => (pk, Some(hk)),
         None => (key, None),

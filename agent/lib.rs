@@ -32,7 +32,7 @@ pub(crate) mod pipeline;
 pub(crate) mod process;
 pub mod ship;
 pub mod sink;
-pub(crate) mod source;
+pub mod source;
 pub mod spool;
 pub mod status;
 pub mod tls;

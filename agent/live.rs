@@ -41,6 +41,8 @@ pub(crate) struct Destination {
 struct Current {
     config: Arc<Config>,
     destinations: Vec<Destination>,
+    /// Routes some destination ships (the config's and the retired ones it drains).
+    shipped_routes: Vec<String>,
 }
 
 impl Live {
@@ -56,6 +58,7 @@ impl Live {
             current: Arc::new(RwLock::new(Current {
                 config: Arc::new(config.clone()),
                 destinations: Vec::new(),
+                shipped_routes: Vec::new(),
             })),
             config_version: Arc::default(),
             started: std::time::SystemTime::now(),
@@ -64,11 +67,37 @@ impl Live {
         }
     }
 
-    /// Publishes the config and destinations now in force.
-    pub(crate) fn set_current(&self, config: &Config, destinations: Vec<Destination>) {
+    /// Publishes the config, destinations and shipped routes now in force.
+    pub(crate) fn set_current(
+        &self,
+        config: &Config,
+        destinations: Vec<Destination>,
+        shipped_routes: Vec<String>,
+    ) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         current.config = Arc::new(config.clone());
         current.destinations = destinations;
+        current.shipped_routes = shipped_routes;
+    }
+
+    /// Routes the spool holds records of that no destination ships (their route and its
+    /// destination were removed): (route, records, stored bytes). They wait for an operator
+    /// (`edgeship spool drop-route`), or for the route to come back.
+    pub fn orphaned(&self) -> Vec<(String, u64, u64)> {
+        let shipped = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .shipped_routes
+            .clone();
+        self.spool
+            .stats()
+            .committed()
+            .pending
+            .into_iter()
+            .filter(|(route, (records, _))| *records > 0 && !shipped.contains(route))
+            .map(|(route, (records, bytes))| (route, records, bytes))
+            .collect()
     }
 
     /// The config the pipeline runs with now.

@@ -48,6 +48,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Operator actions on the spool file (the agent must be stopped).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Fleet config push, the operator's side: keys, signing, publishing, status.
     Fleet {
         #[command(subcommand)]
@@ -171,6 +176,20 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, edgeship::config::u
 }
 
 #[derive(Subcommand)]
+enum SpoolCommand {
+    /// Remove the records of a route no destination ships any more (its route and destination
+    /// were removed from the config); they are counted as dropped (`removed`).
+    DropRoute {
+        route: String,
+        #[arg(long, short, default_value = "/etc/edgeship/edgeship.toml")]
+        config: PathBuf,
+        /// This spool file instead of the config's.
+        #[arg(long)]
+        spool: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file; exit 0 if it is valid.
     Validate { file: PathBuf },
@@ -223,6 +242,43 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fleet { command } => fleet(command),
+        Command::Spool {
+            command:
+                SpoolCommand::DropRoute {
+                    route,
+                    config,
+                    spool,
+                },
+        } => {
+            let path = match spool {
+                Some(p) => p,
+                None => {
+                    let config = Config::load(&config)?;
+                    if let Some(mut addr) = config.admin.listen {
+                        if addr.ip().is_unspecified() {
+                            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                        }
+                        if std::net::TcpStream::connect_timeout(
+                            &addr,
+                            std::time::Duration::from_secs(1),
+                        )
+                        .is_ok()
+                        {
+                            anyhow::bail!("the agent is running (its admin endpoint answers at {addr}); stop it first (systemctl stop edgeship)");
+                        }
+                    }
+                    config.spool.path
+                }
+            };
+            let (mut store, _) =
+                edgeship::spool::store::Store::open(&path, edgeship::config::SyncLevel::Full)?;
+            let records = store.drop_route(&route)?;
+            println!(
+                "removed {records} records of route {route} from {} (counted as dropped: removed)",
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => match Config::load(&file)

@@ -23,8 +23,7 @@ pub(crate) struct Check {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusDoc {
-    /// "agent" (from the running agent) or "spool" (read from the file; agent stopped).
-    pub(crate) source: String,
+    pub(crate) source: StatusSource,
     pub(crate) agent_version: String,
     pub(crate) gateway_id: Option<String>,
     pub(crate) config_version: Option<u64>,
@@ -37,6 +36,27 @@ pub struct StatusDoc {
     /// The fleet config push's report, when `[fleet]` is configured.
     #[serde(default)]
     pub fleet: Option<crate::live::FleetReport>,
+    /// Routes whose records no destination ships (route and destination removed).
+    #[serde(default)]
+    pub(crate) orphaned_routes: Vec<OrphanedRoute>,
+}
+
+/// Where a status document comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StatusSource {
+    /// The running agent.
+    Agent,
+    /// The spool file (the agent is stopped).
+    Spool,
+}
+
+/// Records the spool holds for a route that no destination ships.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OrphanedRoute {
+    pub(crate) route: String,
+    pub(crate) records: u64,
+    pub(crate) bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,9 +100,18 @@ impl StatusDoc {
         let path = &config.spool.path;
         let now = crate::clock::now_ms();
         StatusDoc {
-            source: "agent".into(),
+            source: StatusSource::Agent,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             fleet: live.fleet_report(),
+            orphaned_routes: live
+                .orphaned()
+                .into_iter()
+                .map(|(route, records, bytes)| OrphanedRoute {
+                    route,
+                    records,
+                    bytes,
+                })
+                .collect(),
             gateway_id: Some(config.gateway_id.clone()),
             config_version: Some(live.config_version.load(Relaxed)),
             uptime_seconds: live.started.elapsed().ok().map(|d| d.as_secs()),
@@ -136,7 +165,7 @@ impl StatusDoc {
     /// The document of a stopped agent: only what the spool file holds.
     pub fn from_spool(path: &Path, accounting: Accounting) -> StatusDoc {
         StatusDoc {
-            source: "spool".into(),
+            source: StatusSource::Spool,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             gateway_id: None,
             config_version: None,
@@ -155,6 +184,7 @@ impl StatusDoc {
             brokers: Vec::new(),
             destinations: Vec::new(),
             fleet: None,
+            orphaned_routes: Vec::new(),
         }
     }
 }
@@ -167,8 +197,8 @@ fn mib(bytes: u64) -> String {
 pub fn render(doc: &StatusDoc) -> String {
     let mut s = String::new();
     let acc = &doc.spool.accounting;
-    match doc.source.as_str() {
-        "agent" => {
+    match doc.source {
+        StatusSource::Agent => {
             let _ = writeln!(
                 s,
                 "edgeship {}  gateway {}  up {}s  config version {}  {}",
@@ -183,9 +213,19 @@ pub fn render(doc: &StatusDoc) -> String {
                 }
             );
         }
-        _ => {
+        StatusSource::Spool => {
             let _ = writeln!(s, "agent not running (figures read from the spool file)");
         }
+    }
+    for o in &doc.orphaned_routes {
+        let _ = writeln!(
+            s,
+            "orphaned   route {}: {} records ({}) that no destination ships; add the route back, or remove them with `edgeship spool drop-route {}` (agent stopped)",
+            o.route,
+            o.records,
+            mib(o.bytes),
+            o.route
+        );
     }
     if let Some(f) = &doc.fleet {
         let _ = writeln!(

@@ -145,13 +145,19 @@ impl KeyTemplate {
         max_chars: usize,
     ) -> String {
         let mut key = String::new();
+        // A topic is the broker's to check, and a NUL in it (MQTT forbids it, not every
+        // broker refuses it) would end the key where the spool's key format puts its
+        // separator: left out.
+        let push_topic = |key: &mut String, text: &str| {
+            key.extend(text.chars().filter(|c| *c != '\0'));
+        };
         for part in &self.parts {
             match part {
                 Part::Text(t) => key.push_str(t),
                 Part::Gateway => key.push_str(gateway),
                 Part::Route => key.push_str(route),
-                Part::Topic => key.push_str(topic),
-                Part::TopicLevel(n) => key.push_str(topic.split('/').nth(*n).unwrap_or("")),
+                Part::Topic => push_topic(&mut key, topic),
+                Part::TopicLevel(n) => push_topic(&mut key, topic.split('/').nth(*n).unwrap_or("")),
             }
         }
         if key.is_empty() {
@@ -202,5 +208,11 @@ mod tests {
             .unwrap()
             .render("g", "r", &"x".repeat(300), 256);
         assert_eq!(long.len(), 256);
+        // Found by fuzzing: a NUL in the topic ended the partition key early.
+        let t = KeyTemplate::parse("{route}-{topic}").unwrap();
+        assert_eq!(
+            t.render("gw", "r", "devicp\u{11}\u{1}\0es/p", 256),
+            "r-devicp\u{11}\u{1}es/p"
+        );
     }
 }

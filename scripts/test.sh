@@ -109,6 +109,8 @@ rm -rf "$arm_debs"
 cross/e2e.sh aarch64 4096
 cross/e2e.sh aarch64 16384 hundred_thousand
 cross/e2e.sh armv7 4096
+echo "==> fuzzing, a short pass: every target 5 s (scripts/fuzz.sh 600 for the long one)"
+scripts/fuzz.sh 5
 echo "==> cargo test (unit + end-to-end), last so its summary closes the run"
 # Two test threads: each end-to-end test runs its own broker and agent beside the emulator.
 cargo test --release --locked --lib --bins --test e2e -- --test-threads 2

@@ -85,6 +85,18 @@ fn accounting(e: &mut Exposition, live: &Live) {
         e.sample("edgeship_records_pending", &labels, pending);
     }
     e.family(
+        "edgeship_records_orphaned",
+        Kind::Gauge,
+        "Records spooled for a route that no destination ships (route and destination removed); edgeship spool drop-route removes them.",
+    );
+    for (route, records, _) in live.orphaned() {
+        e.sample(
+            "edgeship_records_orphaned",
+            &[("route", route.as_str())],
+            records,
+        );
+    }
+    e.family(
         "edgeship_spool_pending_bytes",
         Kind::Gauge,
         "Compressed bytes of pending records in the spool, by route.",

@@ -52,6 +52,15 @@ pub(crate) fn readiness(live: &Live) -> Vec<Check> {
             "writable".into()
         },
     });
+    for (route, records, _) in live.orphaned() {
+        checks.push(Check {
+            name: format!("route {route}"),
+            ok: false,
+            detail: format!(
+                "{records} records spooled that no destination ships (the route and its destination were removed); add the route back, or remove them with `edgeship spool drop-route {route}` while the agent is stopped"
+            ),
+        });
+    }
     let pending = spool.pending_bytes.load(Relaxed);
     let bound = live.config().spool.max_bytes / 2;
     for (name, s) in &live.shippers() {

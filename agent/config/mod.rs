@@ -88,7 +88,7 @@ impl Config {
     /// `destination`, `batch` and `shutdown_timeout` replace the local ones when present,
     /// `[spool]` replaces the local limits (the file and sync level stay). Errors in those
     /// sections name the document (`pushed_name`) and its line; the rest, the local file.
-    pub(crate) fn parse_layered(
+    pub fn parse_layered(
         base_text: &str,
         base_file: &str,
         pushed_text: &str,

@@ -106,7 +106,7 @@ impl<'de> Deserialize<'de> for Target {
 
 /// A document whose signature checked out against one of the pinned keys.
 #[derive(Debug, Clone)]
-pub(crate) struct Verified {
+pub struct Verified {
     pub(crate) body: Body,
     /// The envelope as received, to persist as the last known good document.
     pub(crate) envelope: String,
@@ -114,7 +114,7 @@ pub(crate) struct Verified {
 
 /// Why a document was not accepted as authentic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum DocError {
+pub enum DocError {
     #[error("not a config document: {0}")]
     Malformed(String),
     #[error("bad signature: no pinned fleet key signed this document (it names key {0})")]
@@ -171,7 +171,7 @@ pub fn sign(body: &Body, key: &Ed25519KeyPair) -> String {
 }
 
 /// Parses an envelope and checks its signature against `keys`, then reads the body.
-pub(crate) fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
+pub fn verify(bytes: &[u8], keys: &[[u8; 32]]) -> Result<Verified, DocError> {
     if bytes.len() > MAX_DOCUMENT_BYTES {
         return Err(DocError::Malformed(format!(
             "{} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit",

@@ -22,6 +22,21 @@ pub(crate) enum FrameFormat {
     Kpl,
 }
 
+impl FrameFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameFormat::Edgeship => "edgeship",
+            FrameFormat::Kpl => "kpl",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<FrameFormat> {
+        [FrameFormat::Edgeship, FrameFormat::Kpl]
+            .into_iter()
+            .find(|f| f.as_str() == text)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EncodeError {
     #[error(transparent)]

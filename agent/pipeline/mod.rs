@@ -170,6 +170,20 @@ pub(crate) async fn start(config: Config) -> Result<Pipeline, PipelineError> {
         source_stats,
         credentials.iot_stats.clone(),
     );
+    // Records of routes this config no longer has (renamed or removed while the agent was
+    // down) still go to the destination the spool recorded for them, if it is configured.
+    let retired = {
+        let committed = spool.stats().committed();
+        let pending = committed
+            .pending
+            .iter()
+            .filter(|(_, (records, _))| *records > 0)
+            .map(|(route, _)| route);
+        plan::retired_at_start(&config, pending, &committed.routes)
+    };
+    for (route, (dest, _)) in &retired {
+        tracing::warn!(%route, destination = %dest, "the spool holds records of a route the config no longer has; they are shipped to the destination they were routed to");
+    }
     let mut pipeline = Pipeline {
         gateway: config.gateway_id.as_str().into(),
         config,
@@ -178,7 +192,7 @@ pub(crate) async fn start(config: Config) -> Result<Pipeline, PipelineError> {
         credentials,
         shippers: BTreeMap::new(),
         stats: BTreeMap::new(),
-        retired: Retired::new(),
+        retired,
         controls,
         sources: Vec::new(),
         stop_sources,
@@ -257,7 +271,18 @@ impl Pipeline {
                 .values()
                 .map(|s| s.destination.clone())
                 .collect(),
+            self.shippers
+                .values()
+                .flat_map(|s| s.spec.shipper.routes.iter().cloned())
+                .collect(),
         );
+        if self
+            .spool
+            .set_routes(plan::route_map(&self.config, &self.retired))
+            .is_err()
+        {
+            tracing::error!("the spool has stopped; routes not recorded");
+        }
     }
 
     /// Moves the running pipeline to `config`. On error the previous config keeps running

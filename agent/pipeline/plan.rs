@@ -80,6 +80,44 @@ pub(crate) fn retire(old: &Config, new: &Config, retired: &mut Retired) {
     });
 }
 
+/// Where each route's records go (its own and the retired ones): route -> (destination,
+/// frame format), as the spool records it.
+pub(crate) fn route_map(config: &Config, retired: &Retired) -> BTreeMap<String, (String, String)> {
+    config
+        .routes
+        .iter()
+        .map(|r| (r.name.clone(), (r.destination.clone(), r.format)))
+        .chain(
+            retired
+                .iter()
+                .map(|(route, (d, f))| (route.clone(), (d.clone(), *f))),
+        )
+        .map(|(route, (d, f))| (route, (d, f.as_str().to_string())))
+        .collect()
+}
+
+/// Routes the spool holds records of that `config` no longer has, whose recorded destination
+/// it still has: they are drained there (retired). `pending` are the routes with records
+/// spooled, `recorded` where the spool says each route's records go.
+pub(crate) fn retired_at_start<'a>(
+    config: &Config,
+    pending: impl IntoIterator<Item = &'a String>,
+    recorded: &BTreeMap<String, (String, String)>,
+) -> Retired {
+    pending
+        .into_iter()
+        .filter(|route| config.route(route).is_none())
+        .filter_map(|route| {
+            let (dest, format) = recorded.get(route)?;
+            let format = FrameFormat::parse(format)?;
+            config
+                .destinations
+                .contains_key(dest)
+                .then(|| (route.clone(), (dest.clone(), format)))
+        })
+        .collect()
+}
+
 /// Which shippers to start and which to stop to go from `running` to `wanted`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Changes {
@@ -153,6 +191,24 @@ mod tests {
         let mut retired = Retired::new();
         retire(&old, &config(&[("u", "b")], &["b"]), &mut retired);
         assert!(retired.is_empty());
+    }
+
+    #[test]
+    fn records_of_a_route_gone_at_a_restart_drain_to_their_recorded_destination() {
+        let old = config(&[("telemetry", "a")], &["a"]);
+        let recorded = route_map(&old, &Retired::new());
+        // Renamed while the agent was down: the records of `telemetry` still go to `a`.
+        let renamed = config(&[("t2", "a")], &["a"]);
+        let pending = ["telemetry".to_string()];
+        let retired = retired_at_start(&renamed, &pending, &recorded);
+        assert_eq!(retired.keys().collect::<Vec<_>>(), ["telemetry"]);
+        assert_eq!(
+            specs(&renamed, &retired)["a"].shipper.routes,
+            ["t2", "telemetry"]
+        );
+        // Its destination is gone too: nothing drains it (reported as orphaned).
+        let elsewhere = config(&[("t2", "b")], &["b"]);
+        assert!(retired_at_start(&elsewhere, &pending, &recorded).is_empty());
     }
 
     #[test]

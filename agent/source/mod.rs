@@ -3,7 +3,7 @@
 //! to the spool, acking only once the spool says it is committed.
 
 pub(crate) mod mqtt;
-pub(crate) mod router;
+pub mod router;
 
 use router::Router;
 use std::sync::Arc;

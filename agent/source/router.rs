@@ -19,7 +19,7 @@ struct Routed {
 }
 
 /// Route lookup for incoming messages, built once from the config.
-pub(crate) struct Router {
+pub struct Router {
     gateway: Arc<str>,
     routes: Vec<Routed>,
     max_message_bytes: usize,
@@ -28,7 +28,7 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    pub(crate) fn new(config: &Config) -> Router {
+    pub fn new(config: &Config) -> Router {
         Router {
             gateway: config.gateway_id.as_str().into(),
             routes: config
@@ -47,7 +47,7 @@ impl Router {
     }
 
     /// What to do with a message on `topic` with a payload of `len` bytes.
-    pub(crate) fn classify(&self, topic: &str, len: usize) -> Disposition {
+    pub fn classify(&self, topic: &str, len: usize) -> Disposition {
         let Some(r) = self
             .routes
             .iter()

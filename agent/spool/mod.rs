@@ -23,12 +23,14 @@
 //! destination has not accepted (except by the counted `drop_oldest` policy), and never hold
 //! more than one group of messages in memory.
 
+#[cfg(test)]
+mod model;
 pub mod store;
 
 use crate::config::{FullPolicy, SpoolConfig};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +76,7 @@ impl AfterCommit {
 
 /// What becomes of a received message.
 #[derive(Debug, Clone)]
-pub(crate) enum Disposition {
+pub enum Disposition {
     /// Spool it as a record of `route`, partitioned by `key`.
     Record { route: Arc<str>, key: String },
     /// Keep it in the dead-letter table and count it as dropped for `reason`.
@@ -148,6 +150,9 @@ enum Command {
     },
     /// New limits from a config change; appends waiting for space are retried against them.
     Limits(SpoolLimits),
+    /// Where each route's records go now (route -> destination, format), recorded in the
+    /// file so records of a route a later config removes still find their destination.
+    Routes(BTreeMap<String, (String, String)>),
     /// Commit what is queued and stop; parked appends stay unacked (the broker redelivers).
     Close,
 }
@@ -290,6 +295,14 @@ impl SpoolHandle {
         self.tx.send(Command::Limits(limits)).map_err(closed)
     }
 
+    /// Records where each route's records go (route -> destination, frame format).
+    pub(crate) fn set_routes(
+        &self,
+        routes: BTreeMap<String, (String, String)>,
+    ) -> Result<(), SpoolError> {
+        self.tx.send(Command::Routes(routes)).map_err(closed)
+    }
+
     pub(crate) fn close(&self) {
         let _ = self.tx.send(Command::Close);
     }
@@ -358,6 +371,7 @@ pub(crate) fn start(
         parked: VecDeque::new(),
         retry_deliveries: Vec::new(),
         body: Vec::new(),
+        routes: None,
     };
     let thread = std::thread::Builder::new()
         .name("spool".into())
@@ -397,6 +411,8 @@ struct Worker {
     retry_deliveries: Vec<i64>,
     /// Reused encoding buffer.
     body: Vec<u8>,
+    /// Where routes' records go, to record in the next transaction.
+    routes: Option<BTreeMap<String, (String, String)>>,
 }
 
 /// What one transaction did, applied to the live stats only after it commits.
@@ -507,6 +523,7 @@ impl Worker {
                         self.max_dead_letters = l.max_dead_letters;
                         self.commit_interval = l.commit_interval;
                     }
+                    Command::Routes(r) => self.routes = Some(r),
                     Command::Close => closing = true,
                 }
                 if taken < MAX_GROUP && !closing {
@@ -527,8 +544,10 @@ impl Worker {
                 && deliveries.is_empty()
                 && limits_before == (self.max_bytes, self.policy)
                 && self.store.pending_bytes() >= self.max_bytes;
-            let nothing_to_do =
-                appends.is_empty() && deliveries.is_empty() && self.parked.is_empty();
+            let nothing_to_do = appends.is_empty()
+                && deliveries.is_empty()
+                && self.parked.is_empty()
+                && self.routes.is_none();
             if !(still_blocked || nothing_to_do) {
                 // Parked appends go first: arrival order is ack order.
                 let mut queue = std::mem::take(&mut self.parked);
@@ -563,6 +582,9 @@ impl Worker {
         let mut queue = queue;
         let result = (|| {
             self.store.begin()?;
+            if let Some(routes) = &self.routes {
+                self.store.record_routes(routes)?;
+            }
             for id in deliveries {
                 self.in_flight.remove(id);
                 if let Some((_, records)) = self.store.deliver_block(*id)? {
@@ -586,6 +608,7 @@ impl Worker {
         })();
         match result {
             Ok(()) => {
+                self.routes = None;
                 self.stats.full.store(!queue.is_empty(), Ordering::Relaxed);
                 self.parked = queue;
                 for incoming in accepted {

@@ -108,18 +108,22 @@ pub enum DropReason {
     SpoolFull,
     /// Its spool block could not be read back (quarantined).
     Corrupt,
+    /// An operator removed the records of a route that no longer exists
+    /// (`edgeship spool drop-route`).
+    Removed,
     /// A record larger than its destination takes, however it is encoded (kept as a dead
     /// letter).
     Unshippable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::NoRoute,
         DropReason::Oversize,
         DropReason::SpoolFull,
         DropReason::Corrupt,
         DropReason::Unshippable,
+        DropReason::Removed,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -129,6 +133,7 @@ impl DropReason {
             DropReason::SpoolFull => "spool_full",
             DropReason::Corrupt => "corrupt",
             DropReason::Unshippable => "unshippable",
+            DropReason::Removed => "removed",
         }
     }
 
@@ -221,6 +226,8 @@ pub(crate) struct Committed {
     pub(crate) quarantined_blocks: u64,
     /// Receipt time (ms since the Unix epoch) of the oldest spooled record.
     pub(crate) oldest_pending_ms: Option<u64>,
+    /// Where each route's records go, as last recorded: route -> (destination, format).
+    pub(crate) routes: BTreeMap<String, (String, String)>,
 }
 
 impl Committed {
@@ -269,6 +276,8 @@ pub struct Store {
     seq_floor: u64,
     /// Where `next_seq` starts at least: the floor, when this file is new or older than it.
     seq_start: u64,
+    /// The `routes` table changed (or was never read): read it again at the next publish.
+    routes_dirty: bool,
     pending_records: u64,
     pending_bytes: u64,
     /// The same, per route.
@@ -391,7 +400,10 @@ impl Store {
              CREATE TABLE IF NOT EXISTS quarantine (
                  id INTEGER PRIMARY KEY, route TEXT NOT NULL, records INTEGER NOT NULL,
                  reason TEXT NOT NULL, data BLOB NOT NULL
-             );"
+             );
+             CREATE TABLE IF NOT EXISTS routes (
+                 route TEXT PRIMARY KEY, destination TEXT NOT NULL, format TEXT NOT NULL
+             ) WITHOUT ROWID;"
         ))
         .map_err(err)?;
         let version: Option<i64> = conn
@@ -474,6 +486,7 @@ impl Store {
             stored_next_seq: stored_next as u64,
             seq_floor,
             seq_start,
+            routes_dirty: true,
             pending_records: 0,
             pending_bytes: 0,
             pending_by_route: BTreeMap::new(),
@@ -510,6 +523,60 @@ impl Store {
         }
     }
 
+    /// Records where each route's records go (destination and format), so records of a
+    /// route a later config removes can still find their destination. Writes only what
+    /// changed, in the open transaction.
+    pub(crate) fn record_routes(
+        &mut self,
+        routes: &BTreeMap<String, (String, String)>,
+    ) -> Result<bool, SpoolError> {
+        let known = self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .routes
+            .clone();
+        let mut changed = false;
+        for (route, (dest, format)) in routes {
+            if known.get(route) != Some(&(dest.clone(), format.clone())) {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO routes (route, destination, format) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (route) DO UPDATE SET destination = excluded.destination, format = excluded.format",
+                    )
+                    .and_then(|mut s| s.execute(params![route, dest, format]))
+                    .map_err(|e| self.err(e))?;
+                changed = true;
+            }
+        }
+        self.routes_dirty |= changed;
+        Ok(changed)
+    }
+
+    /// Removes every pending block of `route`, counting its records as dropped `removed`;
+    /// returns how many records that was. For routes that no longer exist, by an operator.
+    pub fn drop_route(&mut self, route: &str) -> Result<u64, SpoolError> {
+        let ids: Vec<i64> = self
+            .conn
+            .prepare("SELECT id FROM blocks WHERE route = ?1")
+            .and_then(|mut s| s.query_map([route], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        self.begin()?;
+        let mut records = 0;
+        for id in ids {
+            match self.remove_block(id, Counter::Dropped(DropReason::Removed)) {
+                Ok(Some((_, n))) => records += u64::from(n),
+                Ok(None) => {}
+                Err(e) => {
+                    self.rollback();
+                    return Err(e);
+                }
+            }
+        }
+        self.commit()?;
+        Ok(records)
+    }
+
     /// Publishes the committed figures: `counters` replaces the totals (at open), otherwise
     /// the deltas of the transaction that just committed are added.
     fn publish(&mut self, counters: Option<BTreeMap<(String, Counter), u64>>) {
@@ -526,6 +593,21 @@ impl Store {
                     let v = c.counters.entry((route.clone(), *counter)).or_insert(0);
                     *v = v.saturating_add_signed(*delta);
                 }
+            }
+        }
+        if std::mem::take(&mut self.routes_dirty) {
+            let routes: Result<Vec<(String, String, String)>, _> = self
+                .conn
+                .prepare_cached("SELECT route, destination, format FROM routes")
+                .and_then(|mut st| {
+                    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                });
+            if let Ok(routes) = routes {
+                c.routes = routes
+                    .into_iter()
+                    .map(|(route, dest, format)| (route, (dest, format)))
+                    .collect();
             }
         }
         c.pending.clone_from(&self.pending_by_route);
@@ -1075,6 +1157,16 @@ impl Store {
     /// The accounting terms as committed.
     pub(crate) fn accounting(&self) -> Result<Accounting, SpoolError> {
         read_accounting(&self.conn).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Damages a block's data as a bad sector would (tests only).
+    pub(crate) fn damage_block_for_test(&mut self, id: i64) {
+        self.conn
+            .execute("UPDATE blocks SET data = X'00112233' WHERE id = ?1", [id])
+            .unwrap();
     }
 }
 

@@ -14,3 +14,4 @@ mod package;
 mod pipeline;
 mod producer;
 mod security;
+mod torture;

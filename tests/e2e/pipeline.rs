@@ -533,3 +533,130 @@ fn two_brokers_mqtt_311_and_5_keep_their_sessions() {
     assert!(acc.balances(), "{acc:?}");
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// Records of a route renamed while the agent was down still reach the destination they were
+/// routed to (before, they stayed spooled for good while status said READY); records whose
+/// route and destination are both gone are reported (readiness, status, metrics) and removed
+/// by an operator with `edgeship spool drop-route`, counted as dropped.
+#[test]
+fn records_of_a_renamed_or_removed_route_are_shipped_or_reported() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("e2e-renamed-route", 1);
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start(dir.path());
+    let base = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &uplink.endpoint(),
+        "e2e-renamed-route",
+        "",
+        "",
+    );
+    let mut agent = Agent::start(dir.path(), &base);
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+    uplink.cut();
+    rt.block_on(publish(mosquitto.port, 1, 10, Arc::new(AtomicU64::new(0))));
+    wait_for("10 spooled", Duration::from_secs(30), || {
+        agent.accounting().filter(|a| a.pending == 10)
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+
+    // Renamed while down; the uplink is back.
+    uplink.restore();
+    let renamed = base.replace("name = \"telemetry\"", "name = \"t2\"");
+    let mut agent = Agent::start(dir.path(), &renamed);
+    agent.wait_connected(1);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        1,
+        5,
+        Arc::new(AtomicU64::new(0)),
+        |d, s| payload(d, s + 10),
+        "again-",
+    ));
+    let contents = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-renamed-route",
+        1,
+        15,
+        Duration::from_secs(60),
+    );
+    assert_all_delivered(&contents.messages, 1, 15);
+    wait_for("the spool to drain", Duration::from_secs(30), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(agent
+        .log()
+        .contains("shipped to the destination they were routed to"));
+
+    // Now 5 records of `t2` while Kinesis is unreachable, then a config with neither the
+    // route nor its destination.
+    uplink.cut();
+    rt.block_on(publish_with(
+        mosquitto.port,
+        1,
+        5,
+        Arc::new(AtomicU64::new(0)),
+        |d, s| payload(d, s + 20),
+        "third-",
+    ));
+    wait_for("5 spooled", Duration::from_secs(30), || {
+        agent.accounting().filter(|a| a.pending == 5)
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+    let frames = dir.path().join("frames");
+    let elsewhere = renamed
+        .replace("name = \"t2\"", "name = \"t3\"")
+        .replace("destination = \"stream\"", "destination = \"local\"")
+        .replace("[destination.stream]", "[destination.local]")
+        .replace(
+            &format!(
+                "type = \"kinesis\"\nstream = \"e2e-renamed-route\"\nregion = \"us-east-1\"\nendpoint = \"{}\"",
+                uplink.endpoint()
+            ),
+            &format!("type = \"directory\"\npath = \"{}\"", frames.display()),
+        );
+    let mut agent = Agent::start(dir.path(), &elsewhere);
+    agent.wait_connected(1);
+    let (code, body) = wait_for(
+        "readiness to report the orphans",
+        Duration::from_secs(30),
+        || agent.get("/readyz").filter(|(c, _)| *c == 503),
+    );
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("route t2") && body.contains("5 records"),
+        "{body}"
+    );
+    assert!(body.contains("edgeship spool drop-route t2"), "{body}");
+    assert_eq!(
+        agent
+            .scrape()
+            .count("edgeship_records_orphaned", &[("route", "t2")]),
+        5
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeship"))
+        .args(["spool", "drop-route", "t2", "--config"])
+        .arg(dir.path().join("edgeship.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 5 records of route t2"));
+    let acc = agent.accounting().unwrap();
+    assert_eq!(acc.dropped_by_reason.get("removed"), Some(&5), "{acc:?}");
+    assert_eq!(acc.pending, 0);
+    assert!(acc.balances(), "{acc:?}");
+    agent.spawn();
+    agent.wait_connected(1);
+    wait_for("ready again", Duration::from_secs(30), || {
+        agent.get("/readyz").filter(|(c, _)| *c == 200)
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+}

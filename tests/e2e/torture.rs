@@ -1,0 +1,165 @@
+//! The kill storm: the agent is killed with SIGKILL at random moments (up 0.2 to 2 s, down up
+//! to 0.5 s) while devices publish QoS 1 messages at a steady rate; afterwards every message
+//! the broker acked to its publisher is in the stream (none missing; duplicates, allowed by
+//! at-least-once, are counted), nothing was dropped, and the accounting balances.
+//!
+//! CI runs a short storm (25 kills); `scripts/torture.sh` runs the long one (200 kills,
+//! 300,000 messages) and prints its figures.
+
+use crate::support::*;
+use rand::Rng;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a storm did and found.
+#[derive(Debug)]
+struct Storm {
+    kills: u32,
+    published: u64,
+    received: u64,
+    missing: u64,
+    duplicates: u64,
+    seconds: f64,
+}
+
+/// Each of `devices` devices publishes `per_device` messages, QoS 1, spread evenly over
+/// `spread`; returns how many the broker acked (all of them, or the test fails).
+async fn publish_paced(port: u16, devices: u32, per_device: u32, spread: Duration) -> u64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let interval = spread / per_device.max(1);
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(format!("storm-{d}"), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_inflight(100);
+            let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+            let sender = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                for s in 0..per_device {
+                    tick.tick().await;
+                    c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
+                        .await
+                        .unwrap();
+                }
+                c
+            });
+            let mut mine = 0;
+            let deadline = Instant::now() + spread + Duration::from_secs(300);
+            while mine < per_device {
+                assert!(Instant::now() < deadline, "device {d}: {mine} acked");
+                match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                        mine += 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            let c = sender.await.unwrap();
+            let _ = c.disconnect().await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    acked.load(Ordering::Relaxed)
+}
+
+fn kill_storm(stream: &str, devices: u32, per_device: u32, kills: u32) -> Storm {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 2);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let started = Instant::now();
+    // The publishers spread their messages over about the storm's length.
+    let spread = Duration::from_millis(1_350) * kills;
+    let publishing = Arc::new(AtomicBool::new(true));
+    let published = {
+        let publishing = publishing.clone();
+        let port = mosquitto.port;
+        std::thread::spawn(move || {
+            let n = runtime().block_on(publish_paced(port, devices, per_device, spread));
+            publishing.store(false, Ordering::Relaxed);
+            n
+        })
+    };
+    let mut rng = rand::thread_rng();
+    let mut done = 0;
+    while done < kills {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..=2_000)));
+        agent.kill();
+        done += 1;
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..=500)));
+        agent.spawn();
+    }
+    let published = published.join().unwrap();
+    assert!(!publishing.load(Ordering::Relaxed));
+    let total = u64::from(devices) * u64::from(per_device);
+    assert_eq!(published, total, "every publish acked by the broker");
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(300), |t| {
+        (0..devices).all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), payload(d, s)))))
+    });
+    let duplicates = assert_all_delivered(&contents.messages, devices, per_device);
+    let acc = wait_for("the spool to drain", Duration::from_secs(120), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0, "nothing may be dropped: {acc:?}");
+    assert_eq!(agent.stop().code(), Some(0));
+    Storm {
+        kills,
+        published,
+        received: acc.received,
+        missing: 0,
+        duplicates,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn report(s: &Storm) {
+    eprintln!(
+        "kill storm: {} kills, {} messages published and acked, {} received by the agent (redeliveries included), {} missing, {} duplicates in the stream, {:.0} s",
+        s.kills, s.published, s.received, s.missing, s.duplicates, s.seconds
+    );
+}
+
+#[test]
+fn a_kill_storm_loses_nothing() {
+    let s = kill_storm("e2e-kill-storm", 20, 1_500, 25);
+    report(&s);
+}
+
+/// `scripts/torture.sh`: 200 kills and 300,000 messages by default
+/// (`EDGESHIP_TORTURE_KILLS`, `EDGESHIP_TORTURE_MESSAGES`).
+#[test]
+#[ignore = "minutes long: scripts/torture.sh runs it"]
+fn a_long_kill_storm_loses_nothing() {
+    let env = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let kills = env("EDGESHIP_TORTURE_KILLS", 200);
+    let messages = env("EDGESHIP_TORTURE_MESSAGES", 300_000);
+    let devices = 50;
+    let s = kill_storm("e2e-long-kill-storm", devices, messages / devices, kills);
+    report(&s);
+}
