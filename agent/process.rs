@@ -57,7 +57,10 @@ pub(crate) fn read() -> ProcessFigures {
 #[allow(clippy::unnecessary_cast)] // 32-bit fields on armv7
 pub(crate) fn disk_free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs fills the zeroed struct from a NUL-terminated path we own.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -164,6 +164,18 @@ fn spool(e: &mut Exposition, live: &Live) {
         s.full.load(Relaxed),
     );
     e.single(
+        "edgeship_spool_disk_cap_bytes",
+        Kind::Gauge,
+        "The bytes the spool may hold since the disk filled before max_bytes (the full policy applies at this size until the disk has room again); 0 while max_bytes applies.",
+        s.room_cap.load(Relaxed),
+    );
+    e.single(
+        "edgeship_spool_rebuilds_total",
+        Kind::Counter,
+        "Times the spool file was found damaged while the agent ran and rebuilt from what read back (the rest counted dropped, reason corrupt).",
+        s.rebuilds.load(Relaxed),
+    );
+    e.single(
         "edgeship_spool_writable",
         Kind::Gauge,
         "0 from a failed commit (disk full, I/O error) until a commit succeeds.",

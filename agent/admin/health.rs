@@ -34,16 +34,19 @@ pub(crate) fn readiness(live: &Live) -> Vec<Check> {
         });
     }
     let spool = live.spool.stats();
-    let (writable, full, stopped) = (
+    let (writable, full, stopped, disk_cap) = (
         spool.writable.load(Relaxed),
         spool.full.load(Relaxed),
         spool.stopped.load(Relaxed),
+        spool.room_cap.load(Relaxed),
     );
     checks.push(Check {
         name: "spool".into(),
-        ok: writable && !full && !stopped,
+        ok: writable && !full && !stopped && disk_cap == 0,
         detail: if stopped {
             "the spool thread has stopped".into()
+        } else if disk_cap > 0 {
+            format!("the disk filled before the spool's cap: it holds at most {disk_cap} bytes until the disk has room again")
         } else if !writable {
             "the last commit failed (disk full or I/O error); retrying".into()
         } else if full {

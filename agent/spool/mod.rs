@@ -17,7 +17,12 @@
 //!
 //! When the spool holds `max_bytes`, the full policy applies: `block` parks new appends until
 //! space frees (their permits stay taken, so the source stops reading and nothing is acked);
-//! `drop_oldest` evicts the oldest blocks that are not in flight and counts them.
+//! `drop_oldest` evicts the oldest blocks that are not in flight and counts them (and, when
+//! every block is in flight, the oldest of those; counted delivered after all if their
+//! destination takes them). A disk that fills first is the same: the disk reserve
+//! ([`reserve`]) goes back to the file system, the cap comes down to what the spool holds,
+//! and the policy applies there until the disk has room again. A file found damaged while
+//! running is rebuilt from what reads back ([`Store::rebuild`]).
 //!
 //! This module must never ack a message before its commit, never delete a block that its
 //! destination has not accepted (except by the counted `drop_oldest` policy), and never hold
@@ -25,21 +30,27 @@
 
 #[cfg(test)]
 mod model;
+mod reserve;
 pub mod store;
 
 use crate::config::{FullPolicy, SpoolConfig};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use reserve::Reserve;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use store::DeadLetterCap;
 pub use store::{Accounting, BlockMeta, Counter, DropReason, SpoolError};
 use store::{NewRecord, Store};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 
 /// Most commands applied in one transaction.
 const MAX_GROUP: usize = 8192;
+/// Most payload bytes appended in one transaction (a single larger message goes alone):
+/// bounds what one commit adds to the write-ahead log, which the disk reserve must cover.
+const MAX_GROUP_BYTES: usize = 2 << 20;
 /// Largest uncompressed block; far below any destination's record limit, so one block always
 /// fits in one frame.
 pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
@@ -148,6 +159,9 @@ enum Command {
     Accounting {
         reply: Reply<Accounting>,
     },
+    /// Makes the database "full" at this many pages (SQLITE_FULL, as a full disk gives).
+    #[cfg(test)]
+    LimitPages(u32),
     /// New limits from a config change; appends waiting for space are retried against them.
     Limits(SpoolLimits),
     /// Where each route's records go now (route -> destination, format), recorded in the
@@ -177,6 +191,11 @@ pub(crate) struct SpoolStats {
     pub(crate) writable: AtomicBool,
     /// True while appends are parked because the spool is full (policy `block`).
     pub(crate) full: AtomicBool,
+    /// The bytes the spool may hold since the disk filled before `max_bytes`; 0 while
+    /// `max_bytes` applies.
+    pub(crate) room_cap: AtomicU64,
+    /// Times the spool file was found damaged while the agent ran and rebuilt.
+    pub(crate) rebuilds: AtomicU64,
     /// Per-route counters and pending figures as of the last commit.
     pub(crate) committed: Arc<std::sync::Mutex<store::Committed>>,
     /// Set when the spool thread has ended (closed, or died).
@@ -280,6 +299,11 @@ impl SpoolHandle {
     }
 
     #[cfg(test)]
+    pub(crate) fn limit_pages(&self, pages: u32) {
+        self.tx.send(Command::LimitPages(pages)).unwrap();
+    }
+
+    #[cfg(test)]
     pub(crate) async fn accounting(&self) -> Result<Accounting, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -329,17 +353,7 @@ pub(crate) fn start(
     SpoolError,
 > {
     let (store, report) = Store::open(&config.path, config.sync)?;
-    if let Some(aside) = &report.quarantined_file {
-        match report.lost_records {
-            Some(n) => tracing::error!(lost_records = n, "the corrupt spool's counters were read: its accounting goes on, the {n} records it still held are counted as dropped (corrupt)"),
-            None => tracing::error!("the corrupt spool's counters could not be read: how many records it held is unknown"),
-        }
-        tracing::error!(
-            spool = %config.path.display(),
-            moved_to = %aside.display(),
-            "spool file was corrupt; moved it aside and started an empty spool (its records are not counted as delivered)"
-        );
-    }
+    report_open(&config.path, &report);
     let acc = store.accounting()?;
     if !acc.balances() {
         tracing::warn!(?acc, "spool accounting does not balance at open");
@@ -372,6 +386,12 @@ pub(crate) fn start(
         retry_deliveries: Vec::new(),
         body: Vec::new(),
         routes: None,
+        group_limit: MAX_GROUP,
+        reserve: Reserve::open(&config.path),
+        room_cap: None,
+        room_checked: std::time::Instant::now(),
+        failed_commits: 0,
+        evicted_sending: BTreeMap::new(),
     };
     let thread = std::thread::Builder::new()
         .name("spool".into())
@@ -388,6 +408,29 @@ pub(crate) fn start(
         },
         thread,
     ))
+}
+
+/// Logs what opening or rebuilding the spool found.
+fn report_open(path: &std::path::Path, report: &store::OpenReport) {
+    if report.check_unfinished {
+        tracing::warn!(spool = %path.display(), limit = ?store::QUICK_CHECK_LIMIT, "the spool's integrity check did not finish in time and was left; damage is still found when it is read");
+    }
+    if !report.damage.is_empty() {
+        tracing::error!(spool = %path.display(), findings = ?report.damage, "the spool file is damaged (PRAGMA quick_check)");
+    }
+    if let Some(aside) = &report.quarantined_file {
+        match report.lost_records {
+            Some(n) => tracing::error!(lost_records = n, "the corrupt spool's counters were read: its accounting goes on, the {n} records that could not be read back are counted as dropped (corrupt)"),
+            None => tracing::error!("the corrupt spool's counters could not be read: how many records it held is unknown"),
+        }
+        tracing::error!(
+            spool = %path.display(),
+            moved_to = %aside.display(),
+            salvaged_blocks = report.salvaged_blocks,
+            salvaged_records = report.salvaged_records,
+            "spool file was corrupt; moved it aside and started a new spool with the {} records that read back (no record is counted as delivered that was not)", report.salvaged_records
+        );
+    }
 }
 
 struct Worker {
@@ -413,7 +456,31 @@ struct Worker {
     body: Vec<u8>,
     /// Where routes' records go, to record in the next transaction.
     routes: Option<BTreeMap<String, (String, String)>>,
+    /// Most appends in one transaction: quartered after a full disk, doubled back after each
+    /// commit that fits.
+    group_limit: usize,
+    /// Space given back to the file system when the disk fills (see [`reserve`]).
+    reserve: Reserve,
+    /// After the disk filled before `max_bytes`: the bytes the spool may hold instead, lowered
+    /// by an eighth at each full-disk failure, until the reserve can be made again.
+    room_cap: Option<u64>,
+    /// When the disk was last checked for the room to leave that state.
+    room_checked: std::time::Instant,
+    /// Blocks `drop_oldest` evicted while a shipper was sending them (route, records): if
+    /// their destination accepts them after all, they are counted delivered, not dropped.
+    /// The newest [`MAX_EVICTED_SENDING`] are remembered.
+    evicted_sending: BTreeMap<i64, (String, u32)>,
+    /// Commits failed in a row for other reasons than a full disk: at
+    /// [`CHECK_AFTER_FAILURES`] the file is checked, and rebuilt if damaged.
+    failed_commits: u32,
 }
+
+/// Blocks evicted while being sent that are remembered, to count them delivered should
+/// their destination take them after all.
+const MAX_EVICTED_SENDING: usize = 4096;
+
+/// Failed commits in a row (I/O errors) after which the spool file is checked for damage.
+const CHECK_AFTER_FAILURES: u32 = 5;
 
 /// What one transaction did, applied to the live stats only after it commits.
 #[derive(Default)]
@@ -421,6 +488,14 @@ struct TxEffects {
     received: u64,
     delivered: u64,
     dropped: u64,
+    /// Records dropped before, now counted delivered (see `Worker::evicted_sending`).
+    undropped: u64,
+    /// Blocks evicted while being sent: (id, route, records).
+    evicted_sending: Vec<(i64, String, u32)>,
+    /// Ids of such blocks whose delivery was counted in this transaction.
+    recounted: Vec<i64>,
+    /// Appends were left parked for want of room (not for the size of the group).
+    waiting_for_room: bool,
     raw_bytes: u64,
     stored_bytes: u64,
     blocks_added: bool,
@@ -446,7 +521,10 @@ impl Worker {
             // retry them.
             let first = if closing {
                 None
-            } else if (self.parked.is_empty() || waiting_for_room) && deliveries.is_empty() {
+            } else if (self.parked.is_empty() || waiting_for_room)
+                && deliveries.is_empty()
+                && self.room_cap.is_none()
+            {
                 match self.rx.recv() {
                     Ok(c) => Some(c),
                     Err(_) => {
@@ -455,7 +533,15 @@ impl Worker {
                     }
                 }
             } else {
-                match self.rx.recv_timeout(Duration::from_millis(100)) {
+                // After a full disk, wake at least once a second to look for room.
+                // Appends left over from a full group go in the next turn, at once; after
+                // a failed commit the backoff has already passed.
+                let wake = if self.parked.is_empty() || waiting_for_room {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::ZERO
+                };
+                match self.rx.recv_timeout(wake) {
                     Ok(c) => Some(c),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => {
@@ -465,7 +551,7 @@ impl Worker {
                 }
             };
             let turn_started = std::time::Instant::now();
-            let limits_before = (self.max_bytes, self.policy);
+            let limits_before = (self.cap(), self.policy);
             let mut next = first;
             let mut taken = 0;
             #[cfg(test)]
@@ -481,6 +567,7 @@ impl Worker {
                     Command::Release { ids } => {
                         for id in ids {
                             self.in_flight.remove(&id);
+                            self.evicted_sending.remove(&id);
                         }
                     }
                     Command::Lease {
@@ -489,7 +576,12 @@ impl Worker {
                         limit,
                         reply,
                     } => {
-                        let r = self.store.list_blocks(after, &routes, limit, &delivering);
+                        let mut r = self.store.list_blocks(after, &routes, limit, &delivering);
+                        if let Err(e) = &r {
+                            if e.is_corrupt() && self.rebuild(e) {
+                                r = self.store.list_blocks(after, &routes, limit, &delivering);
+                            }
+                        }
                         let _ = reply.send(r);
                     }
                     Command::Read { mut ids, reply } => {
@@ -504,7 +596,7 @@ impl Worker {
                     }
                     Command::Unshippable { id, reply } => {
                         self.in_flight.remove(&id);
-                        let r = self.store.dead_letter_block(id, self.max_dead_letters);
+                        let r = self.store.dead_letter_block(id, self.dead_letter_cap());
                         if let Ok(Some((_, records))) = &r {
                             self.stats
                                 .dropped
@@ -516,6 +608,8 @@ impl Worker {
                     // Answered after this turn's writes, so it sees the commands sent before it.
                     #[cfg(test)]
                     Command::Accounting { reply } => accounting_replies.push(reply),
+                    #[cfg(test)]
+                    Command::LimitPages(pages) => self.store.limit_pages(pages),
                     Command::Limits(l) => {
                         tracing::info!(max_bytes = l.max_bytes, policy = ?l.full_policy, "spool limits changed");
                         self.max_bytes = l.max_bytes;
@@ -538,12 +632,13 @@ impl Worker {
                     }
                 }
             }
+            self.look_for_room();
             // Still full and nothing that could make room: no transaction at all.
             let still_blocked = waiting_for_room
                 && appends.is_empty()
                 && deliveries.is_empty()
-                && limits_before == (self.max_bytes, self.policy)
-                && self.store.pending_bytes() >= self.max_bytes;
+                && limits_before == (self.cap(), self.policy)
+                && self.store.pending_bytes() >= self.cap();
             let nothing_to_do = appends.is_empty()
                 && deliveries.is_empty()
                 && self.parked.is_empty()
@@ -553,11 +648,31 @@ impl Worker {
                 let mut queue = std::mem::take(&mut self.parked);
                 queue.extend(appends);
                 match self.apply(queue, &deliveries) {
-                    Ok(()) => backoff = Duration::from_millis(50),
-                    Err(e) => {
-                        let hint = if e.is_disk_full() { " (disk full)" } else { "" };
-                        tracing::error!(error = %e, "spool commit failed{hint}; nothing was acked, retrying in {backoff:?}");
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        self.failed_commits = 0;
+                    }
+                    Err(e) if e.is_disk_full() => {
+                        // The disk filled before the cap: the spool's cap comes down to what
+                        // fits, and the full policy applies as at the cap.
                         self.retry_deliveries = deliveries;
+                        self.on_disk_full(&e);
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "spool commit failed; nothing was acked, retrying in {backoff:?}");
+                        self.retry_deliveries = deliveries;
+                        self.failed_commits += 1;
+                        let damaged = e.is_corrupt()
+                            || (self.failed_commits % CHECK_AFTER_FAILURES == 0
+                                && matches!(
+                                    self.store.check(store::QUICK_CHECK_LIMIT),
+                                    Ok(store::Health::Damaged(_))
+                                ));
+                        if damaged {
+                            self.rebuild(&e);
+                        }
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -587,17 +702,33 @@ impl Worker {
             }
             for id in deliveries {
                 self.in_flight.remove(id);
-                if let Some((_, records)) = self.store.deliver_block(*id)? {
-                    fx.delivered += u64::from(records);
+                match self.store.deliver_block(*id)? {
+                    Some((_, records)) => fx.delivered += u64::from(records),
+                    None => {
+                        if let Some((route, records)) = self.evicted_sending.get(id) {
+                            self.store.recount_as_delivered(route, *records);
+                            fx.delivered += u64::from(*records);
+                            fx.undropped += u64::from(*records);
+                            fx.recounted.push(*id);
+                        }
+                    }
                 }
             }
+            let mut bytes = 0;
             while let Some(incoming) = queue.pop_front() {
-                if matches!(incoming.disposition, Disposition::Record { .. })
-                    && !self.make_room(&mut fx)?
-                {
+                // After a full disk, smaller transactions until commits fit again.
+                if accepted.len() >= self.group_limit || bytes >= MAX_GROUP_BYTES {
                     queue.push_front(incoming);
                     break;
                 }
+                if matches!(incoming.disposition, Disposition::Record { .. })
+                    && !self.make_room(&mut fx)?
+                {
+                    fx.waiting_for_room = true;
+                    queue.push_front(incoming);
+                    break;
+                }
+                bytes += incoming.payload.len();
                 accepted.push(incoming);
             }
             self.write_appends(&accepted, &mut fx)?;
@@ -609,7 +740,15 @@ impl Worker {
         match result {
             Ok(()) => {
                 self.routes = None;
-                self.stats.full.store(!queue.is_empty(), Ordering::Relaxed);
+                self.group_limit = (self.group_limit * 2).min(MAX_GROUP);
+                if self.room_cap.is_some() {
+                    // The log's pages go back to the file system after each commit, so
+                    // the pages the spool freed take the next one.
+                    self.store.truncate_wal();
+                }
+                self.stats
+                    .full
+                    .store(fx.waiting_for_room, Ordering::Relaxed);
                 self.parked = queue;
                 for incoming in accepted {
                     incoming.after_commit.release();
@@ -621,6 +760,18 @@ impl Worker {
                     .delivered
                     .fetch_add(fx.delivered, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(fx.dropped, Ordering::Relaxed);
+                self.stats
+                    .dropped
+                    .fetch_sub(fx.undropped, Ordering::Relaxed);
+                for id in &fx.recounted {
+                    self.evicted_sending.remove(id);
+                }
+                for (id, route, records) in std::mem::take(&mut fx.evicted_sending) {
+                    self.evicted_sending.insert(id, (route, records));
+                }
+                while self.evicted_sending.len() > MAX_EVICTED_SENDING {
+                    self.evicted_sending.pop_first();
+                }
                 self.stats
                     .appended_raw_bytes
                     .fetch_add(fx.raw_bytes, Ordering::Relaxed);
@@ -663,10 +814,38 @@ impl Worker {
                     );
                     self.publish_totals();
                 }
+                // The file is damaged: rebuilt from what reads back; the shipper plans
+                // again from what is there.
+                Err(e) if e.is_corrupt() && self.rebuild(&e) => break,
                 Err(e) => return Err(e),
             }
         }
         Ok(out)
+    }
+
+    /// Rebuilds the spool file found damaged while the agent runs (see [`Store::rebuild`]):
+    /// what reads back is kept under the same ids, the rest is counted dropped `corrupt`.
+    /// Returns whether it was rebuilt.
+    fn rebuild(&mut self, cause: &SpoolError) -> bool {
+        tracing::error!(error = %cause, "the spool file is damaged; rebuilding it from what reads back");
+        let path = self.store.path().to_path_buf();
+        match self.store.rebuild() {
+            Ok(report) => {
+                report_open(&path, &report);
+                self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+                if let Ok(acc) = self.store.accounting() {
+                    self.stats.received.store(acc.received, Ordering::Relaxed);
+                    self.stats.delivered.store(acc.delivered, Ordering::Relaxed);
+                    self.stats.dropped.store(acc.dropped, Ordering::Relaxed);
+                }
+                self.publish_totals();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rebuilding the damaged spool file failed; retrying with the next failure");
+                false
+            }
+        }
     }
 
     fn publish_totals(&self) {
@@ -678,14 +857,75 @@ impl Worker {
             .store(self.store.pending_bytes(), Ordering::Relaxed);
     }
 
+    /// The bytes the spool may hold now: `max_bytes`, or less after a full disk.
+    fn cap(&self) -> u64 {
+        self.room_cap
+            .map_or(self.max_bytes, |c| c.min(self.max_bytes))
+    }
+
+    /// A commit failed for a full disk before the spool reached its cap: the reserve goes
+    /// back to the file system (the deletions that make room need log pages), and the cap
+    /// comes down to an eighth below what the spool holds, so `drop_oldest` evicts and
+    /// `block` waits for deliveries as at the cap. Appends go in smaller transactions.
+    fn on_disk_full(&mut self, e: &SpoolError) {
+        let released = self.reserve.release();
+        self.store.truncate_wal();
+        self.group_limit = (self.group_limit / 4).max(1);
+        let held = self.cap().min(self.store.pending_bytes());
+        let cap = held - held / 8;
+        self.room_cap = Some(cap);
+        self.stats.room_cap.store(cap.max(1), Ordering::Relaxed);
+        self.room_checked = std::time::Instant::now();
+        let reserve = if released {
+            format!(
+                "; released the disk reserve ({} bytes)",
+                self.reserve.size()
+            )
+        } else {
+            String::new()
+        };
+        match self.policy {
+            FullPolicy::DropOldest => {
+                tracing::error!(error = %e, spool_bytes = held, cap, "disk full before the spool's cap: the spool now holds at most {cap} bytes and drops its oldest blocks to stay below (policy drop_oldest) until the disk has room again{reserve}")
+            }
+            FullPolicy::Block => {
+                tracing::error!(error = %e, spool_bytes = held, cap, "disk full before the spool's cap: the spool now holds at most {cap} bytes; nothing more is acked until deliveries or the disk make room (policy block){reserve}")
+            }
+        }
+    }
+
+    /// After a full disk, at most every two seconds: if the file system has room for the
+    /// reserve twice over, the reserve is made again and the cap is `max_bytes` again.
+    fn look_for_room(&mut self) {
+        if self.room_cap.is_none() || self.room_checked.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.room_checked = std::time::Instant::now();
+        if self.reserve.restore() {
+            self.room_cap = None;
+            self.stats.room_cap.store(0, Ordering::Relaxed);
+            tracing::info!(
+                max_bytes = self.max_bytes,
+                "the disk has room again: disk reserve made again, the spool may fill to its cap"
+            );
+        }
+    }
+
+    fn dead_letter_cap(&self) -> DeadLetterCap {
+        DeadLetterCap {
+            records: self.max_dead_letters,
+            bytes: (self.max_bytes / 8).max(1 << 20),
+        }
+    }
+
     /// True if a record may be added: below the cap, or made so by `drop_oldest`.
     fn make_room(&mut self, fx: &mut TxEffects) -> Result<bool, SpoolError> {
-        while self.store.pending_bytes() >= self.max_bytes {
+        while self.store.pending_bytes() >= self.cap() {
             if self.policy == FullPolicy::Block {
                 return Ok(false);
             }
             match self.store.evict_oldest(&self.in_flight)? {
-                Some((route, records)) => {
+                Some((_, route, records)) => {
                     fx.dropped += u64::from(records);
                     tracing::warn!(
                         route,
@@ -693,7 +933,21 @@ impl Worker {
                         "spool full: dropped the oldest block (policy drop_oldest)"
                     );
                 }
-                None => return Ok(false),
+                // Everything spooled is being sent (a small cap, or a disk that filled
+                // early): the oldest of those goes too, or the spool would stop acking.
+                // Should its destination take it after all, it counts as delivered.
+                None => match self.store.evict_oldest(&HashSet::new())? {
+                    Some((id, route, records)) => {
+                        fx.dropped += u64::from(records);
+                        tracing::warn!(
+                            route,
+                            records,
+                            "spool full: dropped the oldest block, which was being sent (policy drop_oldest)"
+                        );
+                        fx.evicted_sending.push((id, route, records));
+                    }
+                    None => return Ok(false),
+                },
             }
         }
         Ok(true)
@@ -725,7 +979,7 @@ impl Worker {
                         &incoming.topic,
                         *reason,
                         &incoming.payload,
-                        self.max_dead_letters,
+                        self.dead_letter_cap(),
                     )?;
                 }
                 Disposition::Dropped { route, reason } => {
@@ -798,7 +1052,7 @@ mod tests {
     }
 
     /// Incompressible bytes (xorshift), so spool sizes are predictable.
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
+    pub(super) fn noise(seed: u64, n: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {
@@ -947,6 +1201,83 @@ mod tests {
             "{acc:?}"
         );
         assert_eq!(acc.received, 10);
+        assert!(acc.balances(), "{acc:?}");
+    }
+
+    /// A database that cannot grow (SQLITE_FULL, the error a full disk gives) before the
+    /// cap: under `drop_oldest` the cap comes down, the oldest blocks go and are counted,
+    /// and every message is still acked.
+    #[tokio::test]
+    async fn a_database_full_before_the_cap_drops_the_oldest_and_keeps_acking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) =
+            start(&config(dir.path(), 64 << 20, FullPolicy::DropOldest)).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        spool.limit_pages(256); // 1 MiB at 4 KiB pages
+        for pkid in 1..=40u16 {
+            spool
+                .append(record("r", &noise(u64::from(pkid), 100_000), &ack_tx, pkid))
+                .unwrap();
+            ack_rx.recv().await.unwrap();
+        }
+        let acc = spool.accounting().await.unwrap();
+        assert_eq!(acc.received, 40, "{acc:?}");
+        let dropped = acc
+            .dropped_by_reason
+            .get("spool_full")
+            .copied()
+            .unwrap_or(0);
+        assert!(dropped >= 30, "4 MB into 1 MiB: {acc:?}");
+        assert!(acc.balances(), "{acc:?}");
+        let cap = spool.stats().room_cap.load(Ordering::Relaxed);
+        assert!(cap > 0 && cap < 1 << 20, "the cap came down: {cap}");
+    }
+
+    /// The same under `block`: acks stop at the full database and resume when deliveries
+    /// make room, without losing a record.
+    #[tokio::test]
+    async fn a_database_full_before_the_cap_blocks_until_deliveries_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) = start(&config(dir.path(), 64 << 20, FullPolicy::Block)).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        spool.limit_pages(256);
+        for pkid in 1..=40u16 {
+            spool
+                .append(record("r", &noise(u64::from(pkid), 100_000), &ack_tx, pkid))
+                .unwrap();
+        }
+        let mut acked = 0;
+        while tokio::time::timeout(Duration::from_secs(1), ack_rx.recv())
+            .await
+            .is_ok()
+        {
+            acked += 1;
+        }
+        assert!(
+            (3..40).contains(&acked),
+            "acks stopped at the full database: {acked}"
+        );
+        assert!(spool.stats().room_cap.load(Ordering::Relaxed) > 0);
+        // Deliveries make room: acks resume until every message is in.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while acked < 40 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck at {acked} acks"
+            );
+            let blocks = spool.lease(vec!["r".into()].into(), 0, 100).await.unwrap();
+            spool
+                .delivered(blocks.iter().map(|b| b.id).collect())
+                .unwrap();
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(200), ack_rx.recv()).await
+            {
+                acked += 1;
+            }
+        }
+        let acc = spool.accounting().await.unwrap();
+        assert_eq!(acc.received, 40, "{acc:?}");
+        assert_eq!(acc.dropped, 0, "{acc:?}");
         assert!(acc.balances(), "{acc:?}");
     }
 }

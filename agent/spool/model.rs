@@ -201,7 +201,15 @@ fn run(ops: Vec<Op>) {
             }
             Op::DeadLetter { i } => {
                 if let Some(id) = model.nth(i) {
-                    store.dead_letter_block(id, 1_000).unwrap();
+                    store
+                        .dead_letter_block(
+                            id,
+                            super::store::DeadLetterCap {
+                                records: 1_000,
+                                bytes: 1 << 20,
+                            },
+                        )
+                        .unwrap();
                     model.drop_block(id, "unshippable");
                 }
             }

@@ -8,6 +8,7 @@ mod support;
 
 mod bad_input;
 mod consumers;
+mod disk;
 mod fleet;
 mod observe;
 mod package;

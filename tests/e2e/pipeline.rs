@@ -294,65 +294,30 @@ fn noisy_payload(d: u32, s: u32) -> Vec<u8> {
 
 /// An agent with a 1 MiB spool and the given full policy, its uplink cut, and 3,000
 /// incompressible 1 KB messages (three times the cap) published to its broker.
-struct FullSpool {
-    dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-    client: aws_sdk_kinesis::Client,
-    uplink: Uplink,
-    mosquitto: Mosquitto,
-    agent: Agent,
-}
-
-fn fill_a_small_spool(
-    stream: &str,
-    policy: &str,
-    extra_broker: &str,
-    extra_batch: &str,
-) -> FullSpool {
-    let Rig {
-        dir,
-        rt,
-        client,
-        kinesis,
-    } = rig(stream, 1);
-    let uplink = Uplink::start(kinesis.port);
-    let mosquitto = Mosquitto::start(dir.path());
-    let spool = format!("max_bytes = \"1MiB\"\nfull_policy = \"{policy}\"");
-    let config = agent_config(
-        dir.path(),
-        mosquitto.port,
-        &uplink.endpoint(),
+fn fill_a_small_spool(stream: &str, policy: &str, extra_broker: &str, extra_batch: &str) -> Behind {
+    let behind = agent_behind_uplink(
         stream,
-        &spool,
+        &format!("max_bytes = \"1MiB\"\nfull_policy = \"{policy}\""),
         extra_broker,
-    )
-    .replace("[batch]\n", &format!("[batch]\n{extra_batch}"));
-    let agent = Agent::start(dir.path(), &config);
-    agent.wait_connected(1);
-    uplink.cut();
-    rt.block_on(publish_with(
-        mosquitto.port,
+        |_, config| config.replace("[batch]\n", &format!("[batch]\n{extra_batch}")),
+    );
+    behind.uplink.cut();
+    behind.rt.block_on(publish_with(
+        behind.mosquitto.port,
         3,
         1_000,
         Arc::new(AtomicU64::new(0)),
         noisy_payload,
         "n-",
     ));
-    FullSpool {
-        dir,
-        rt,
-        client,
-        uplink,
-        mosquitto,
-        agent,
-    }
+    behind
 }
 
 /// Test 5a: a full spool with policy `block` stops acking; once the sink returns, every
 /// message arrives and nothing was dropped.
 #[test]
 fn full_spool_with_block_policy_loses_nothing() {
-    let FullSpool {
+    let Behind {
         dir: _dir,
         rt,
         client,
@@ -406,7 +371,7 @@ fn full_spool_with_block_policy_loses_nothing() {
 #[test]
 fn full_spool_with_drop_oldest_counts_every_drop() {
     // Small frames, so what is in flight is a small part of the tiny spool.
-    let FullSpool {
+    let Behind {
         dir: _dir,
         rt,
         client,

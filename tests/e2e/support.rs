@@ -138,7 +138,7 @@ impl Drop for Mosquitto {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -240,6 +240,53 @@ pub struct Rig {
     pub rt: tokio::runtime::Runtime,
     pub client: aws_sdk_kinesis::Client,
     pub kinesis: &'static KinesisMock,
+}
+
+/// An agent shipping to a one-shard stream through an [`Uplink`] the test can cut, with its
+/// own broker; connected, its shards learned. `edit` changes the config before the start
+/// (`[spool]` and `[[broker]]` additions come first).
+pub struct Behind {
+    pub dir: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_kinesis::Client,
+    pub uplink: Uplink,
+    pub mosquitto: Mosquitto,
+    pub agent: Agent,
+}
+
+pub fn agent_behind_uplink(
+    stream: &str,
+    spool: &str,
+    broker: &str,
+    edit: impl FnOnce(&std::path::Path, String) -> String,
+) -> Behind {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &uplink.endpoint(),
+        stream,
+        spool,
+        broker,
+    );
+    let agent = Agent::start(dir.path(), &edit(dir.path(), config));
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+    Behind {
+        dir,
+        rt,
+        client,
+        uplink,
+        mosquitto,
+        agent,
+    }
 }
 
 pub fn rig(stream: &str, shards: i32) -> Rig {
