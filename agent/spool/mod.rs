@@ -387,6 +387,7 @@ pub(crate) fn start(
         body: Vec::new(),
         routes: None,
         group_limit: MAX_GROUP,
+        failed_appends: 0,
         reserve: Reserve::open(&config.path),
         room_cap: None,
         room_checked: std::time::Instant::now(),
@@ -456,9 +457,11 @@ struct Worker {
     body: Vec<u8>,
     /// Where routes' records go, to record in the next transaction.
     routes: Option<BTreeMap<String, (String, String)>>,
-    /// Most appends in one transaction: quartered after a full disk, doubled back after each
-    /// commit that fits.
+    /// Most appends in one transaction: a quarter of the failed one's after a full disk,
+    /// doubled back after each commit that fits.
     group_limit: usize,
+    /// Appends the last failed transaction carried.
+    failed_appends: usize,
     /// Space given back to the file system when the disk fills (see [`reserve`]).
     reserve: Reserve,
     /// After the disk filled before `max_bytes`: the bytes the spool may hold instead, lowered
@@ -653,8 +656,9 @@ impl Worker {
                         self.failed_commits = 0;
                     }
                     Err(e) if e.is_disk_full() => {
-                        // The disk filled before the cap: the spool's cap comes down to what
-                        // fits, and the full policy applies as at the cap.
+                        // The disk filled before the cap: smaller transactions first; when
+                        // one append alone does not fit, the spool's cap comes down to what
+                        // it holds, and the full policy applies as at the cap.
                         self.retry_deliveries = deliveries;
                         self.on_disk_full(&e);
                         std::thread::sleep(backoff);
@@ -790,6 +794,7 @@ impl Worker {
                 self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
                 self.stats.writable.store(false, Ordering::Relaxed);
                 self.store.rollback();
+                self.failed_appends = accepted.len();
                 accepted.extend(queue);
                 self.parked = accepted.into();
                 Err(e)
@@ -863,14 +868,21 @@ impl Worker {
             .map_or(self.max_bytes, |c| c.min(self.max_bytes))
     }
 
-    /// A commit failed for a full disk before the spool reached its cap: the reserve goes
+    /// A commit failed for a full disk before the spool reached its cap. If it carried
+    /// several appends, the next one carries a quarter of them: what the disk still has is
+    /// used before anything is given up. When a single append does not fit, the reserve goes
     /// back to the file system (the deletions that make room need log pages), and the cap
     /// comes down to an eighth below what the spool holds, so `drop_oldest` evicts and
-    /// `block` waits for deliveries as at the cap. Appends go in smaller transactions.
+    /// `block` waits for deliveries as at the cap.
     fn on_disk_full(&mut self, e: &SpoolError) {
-        let released = self.reserve.release();
         self.store.truncate_wal();
-        self.group_limit = (self.group_limit / 4).max(1);
+        if self.failed_appends > 1 {
+            self.group_limit = (self.failed_appends / 4).max(1);
+            tracing::warn!(error = %e, appends = self.failed_appends, next = self.group_limit, "disk full before the spool's cap: retrying in smaller transactions");
+            return;
+        }
+        self.group_limit = 1;
+        let released = self.reserve.release();
         let held = self.cap().min(self.store.pending_bytes());
         let cap = held - held / 8;
         self.room_cap = Some(cap);
@@ -1241,10 +1253,14 @@ mod tests {
         let (spool, _thread) = start(&config(dir.path(), 64 << 20, FullPolicy::Block)).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         spool.limit_pages(256);
-        for pkid in 1..=40u16 {
-            spool
-                .append(record("r", &noise(u64::from(pkid), 100_000), &ack_tx, pkid))
-                .unwrap();
+        // All at once, so the first transaction carries 2 MiB into a 1 MiB file: what fits
+        // goes in smaller transactions (a slow machine once took this to a cap of 0 and no
+        // ack at all).
+        let records: Vec<_> = (1..=40u16)
+            .map(|pkid| record("r", &noise(u64::from(pkid), 100_000), &ack_tx, pkid))
+            .collect();
+        for r in records {
+            spool.append(r).unwrap();
         }
         let mut acked = 0;
         while tokio::time::timeout(Duration::from_secs(1), ack_rx.recv())
