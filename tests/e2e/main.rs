@@ -3,6 +3,7 @@
 
 mod iot_credentials_server;
 mod kinesis_proxy;
+mod lossy_disk;
 mod pki;
 mod support;
 
@@ -10,9 +11,11 @@ mod bad_input;
 mod consumers;
 mod disk;
 mod fleet;
+mod memory;
 mod observe;
 mod package;
 mod pipeline;
+mod power;
 mod producer;
 mod security;
 mod torture;

@@ -76,10 +76,16 @@ impl Mosquitto {
             m.dir.join("mosquitto.conf"),
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
-                 autosave_interval 1\nmax_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                 autosave_interval 1\n{inflight}max_queued_messages 0\nmax_queued_bytes 0\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n{extra}",
                 port = m.port,
-                data = m.dir.join("data").display()
+                data = m.dir.join("data").display(),
+                // A test may set its own inflight limit.
+                inflight = if extra.contains("max_inflight_messages") {
+                    ""
+                } else {
+                    "max_inflight_messages 1000\n"
+                }
             ),
         )
         .unwrap();
@@ -924,23 +930,8 @@ pub async fn publish_with(
                 }
                 client
             });
-            let mut mine = 0;
             let deadline = Instant::now() + Duration::from_secs(300);
-            while mine < per_device {
-                assert!(
-                    Instant::now() < deadline,
-                    "device {d}: only {mine} of {per_device} acked"
-                );
-                match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
-                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
-                        mine += 1;
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
-                    // The broker may restart under a test: rumqttc reconnects and resends.
-                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
+            await_pubacks(&mut events, d, per_device, deadline, &acked).await;
             let client = sender.await.unwrap();
             let _ = client.disconnect().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -1251,4 +1242,66 @@ pub fn promtool() -> PathBuf {
     std::env::var_os("EDGESHIP_PROMTOOL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("tests/support/bin/promtool"))
+}
+
+/// Drives a publisher's event loop until the broker has acked `n` of its messages (each
+/// counted in `acked`), failing at `deadline`.
+async fn await_pubacks(
+    events: &mut rumqttc::EventLoop,
+    device: u32,
+    n: u32,
+    deadline: Instant,
+    acked: &AtomicU64,
+) {
+    let mut mine = 0;
+    while mine < n {
+        assert!(
+            Instant::now() < deadline,
+            "device {device}: only {mine} of {n} acked"
+        );
+        match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                mine += 1;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            // The broker may restart under a test: rumqttc reconnects and resends.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Each of `devices` devices publishes `per_device` messages, QoS 1, spread evenly over
+/// `spread`; returns how many the broker acked (all of them, or the test fails).
+pub async fn publish_paced(port: u16, devices: u32, per_device: u32, spread: Duration) -> u64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let interval = spread / per_device.max(1);
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(format!("storm-{d}"), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_inflight(100);
+            let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+            let sender = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                for s in 0..per_device {
+                    tick.tick().await;
+                    c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
+                        .await
+                        .unwrap();
+                }
+                c
+            });
+            let deadline = Instant::now() + spread + Duration::from_secs(300);
+            await_pubacks(&mut events, d, per_device, deadline, &acked).await;
+            let c = sender.await.unwrap();
+            let _ = c.disconnect().await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    acked.load(Ordering::Relaxed)
 }

@@ -8,7 +8,7 @@
 
 use crate::support::*;
 use rand::Rng;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,52 +21,6 @@ struct Storm {
     missing: u64,
     duplicates: u64,
     seconds: f64,
-}
-
-/// Each of `devices` devices publishes `per_device` messages, QoS 1, spread evenly over
-/// `spread`; returns how many the broker acked (all of them, or the test fails).
-async fn publish_paced(port: u16, devices: u32, per_device: u32, spread: Duration) -> u64 {
-    let acked = Arc::new(AtomicU64::new(0));
-    let interval = spread / per_device.max(1);
-    let mut tasks = Vec::new();
-    for d in 0..devices {
-        let acked = acked.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut opts = rumqttc::MqttOptions::new(format!("storm-{d}"), "127.0.0.1", port);
-            opts.set_keep_alive(Duration::from_secs(30))
-                .set_inflight(100);
-            let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
-            let sender = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                for s in 0..per_device {
-                    tick.tick().await;
-                    c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
-                        .await
-                        .unwrap();
-                }
-                c
-            });
-            let mut mine = 0;
-            let deadline = Instant::now() + spread + Duration::from_secs(300);
-            while mine < per_device {
-                assert!(Instant::now() < deadline, "device {d}: {mine} acked");
-                match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
-                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
-                        mine += 1;
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-            let c = sender.await.unwrap();
-            let _ = c.disconnect().await;
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    acked.load(Ordering::Relaxed)
 }
 
 fn kill_storm(stream: &str, devices: u32, per_device: u32, kills: u32) -> Storm {
