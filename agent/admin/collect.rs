@@ -219,7 +219,7 @@ fn spool(e: &mut Exposition, live: &Live) {
 
 fn mqtt(e: &mut Exposition, live: &Live) {
     type Read = fn(&crate::source::mqtt::SourceStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 10] = [
+    let families: [(&str, Kind, &str, Read); 14] = [
         (
             "edgeship_mqtt_connected",
             Kind::Gauge,
@@ -259,8 +259,26 @@ fn mqtt(e: &mut Exposition, live: &Live) {
         (
             "edgeship_mqtt_stale_acks_total",
             Kind::Counter,
-            "Acks not written because their message came in on a session the broker did not keep (it sends the message again).",
+            "Acks not written because their message came in on an earlier connection (the broker sends the message again).",
             |s| s.stale_acks.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_misdirected_acks_total",
+            Kind::Counter,
+            "Acks held back at the moment of writing because they belonged to an earlier connection (always 0: a defect if not).",
+            |s| s.misdirected_acks.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_qos2_duplicates_total",
+            Kind::Counter,
+            "QoS 2 messages the broker sent again before releasing them, not spooled again.",
+            |s| s.qos2_duplicates.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_oversize_packets_total",
+            Kind::Counter,
+            "Packets over max_packet_bytes read past (a PUBLISH among them is counted dropped, oversize_packet).",
+            |s| s.oversize_packets.load(Relaxed),
         ),
         (
             "edgeship_mqtt_messages_received_total",
@@ -277,8 +295,14 @@ fn mqtt(e: &mut Exposition, live: &Live) {
         (
             "edgeship_mqtt_unacked_messages",
             Kind::Gauge,
-            "QoS 1/2 messages read whose ack has not been handed to the client yet.",
+            "Messages read and not yet committed to the spool: the window, at most max_unacked.",
             |s| s.unacked.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_unacked_messages_max",
+            Kind::Gauge,
+            "The most messages awaiting their commit at once since the agent started (the window held: at most max_unacked).",
+            |s| s.max_unacked_seen.load(Relaxed),
         ),
     ];
     for (name, kind, help, read) in families {

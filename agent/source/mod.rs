@@ -2,8 +2,10 @@
 //! [`Disposition`](crate::spool::Disposition) with the [`Router`](router::Router) and hands it
 //! to the spool, acking only once the spool says it is committed.
 
+mod codec;
 pub(crate) mod mqtt;
 pub mod router;
+mod session;
 
 use router::Router;
 use std::sync::Arc;

@@ -1,31 +1,31 @@
-//! The MQTT source: one persistent session per configured broker, MQTT 3.1.1 or 5, with
-//! manual acks.
+//! The MQTT source: one persistent session per configured broker, MQTT 3.1.1 or 5, on a
+//! connection loop of its own over rumqttc's packet codec ([`super::codec`]), its decisions in
+//! [`super::session::Session`].
 //!
-//! One task drives the rumqttc event loop and hands each PUBLISH to the spool with an
-//! [`AfterCommit`]; a second task sends the PUBACK/PUBREC once the spool has committed, in
-//! commit order (which is arrival order). A semaphore of `max_unacked` permits bounds what is
-//! received but not yet committed: when the spool is full under policy `block`, permits are not
-//! returned, the loop stops reading, and the broker keeps the rest in the session.
+//! Each PUBLISH goes to the spool with an [`AfterCommit`] that brings its ticket back once the
+//! spool has committed it; the loop then writes every ack that is ready in one write, on the
+//! connection the message came in on and no other. Reading stops while `max_unacked` messages
+//! wait for their commit (the spool full under `block`, or slower than the broker), which
+//! pushes back on the broker through TCP whatever it makes of Receive Maximum; the keep-alive
+//! goes on meanwhile (pings are written, and their answers, queued behind unread messages, are
+//! not awaited). A packet over `max_packet_bytes` is read past and counted
+//! (`oversize_packet`), the session going on.
 //!
-//! It must never ack a message the spool has not committed, and never block the event loop on
-//! the ack path (the acker is a separate task, so a full request channel cannot deadlock).
-//!
-//! Why permits come back at commit and not once the ack is on the wire: rumqttc writes acks
-//! only while its event loop is polled, one request per turn against up to ten incoming
-//! packets per turn. A source that stopped polling until its acks were out would wait for
-//! itself. Under saturation acks therefore trail reads (the load program reports the most
-//! outstanding at once); what they hold is an ack token each, and the broker redelivers the
-//! unacked after a reconnect, so nothing is lost.
+//! It must never ack a message the spool has not committed, never write an ack on another
+//! connection than its message's, and never spool a QoS 2 message twice within a session.
 
+use super::codec::{self, Decoded};
+use super::session::{Outbound, Session, Take, Ticket};
 use super::SourcePlan;
-use crate::config::{BrokerConfig, MqttProtocol};
+use crate::config::BrokerConfig;
 use crate::logging::Repeated;
-use crate::spool::{AckToken, AfterCommit, Disposition, Incoming, SpoolHandle};
-use bytes::Bytes;
+use crate::spool::{AckToken, AfterCommit, Disposition, Incoming, Receipt, SpoolHandle};
+use bytes::BytesMut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, watch, Semaphore};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
 
 /// Live figures of one broker connection.
 #[derive(Debug, Default)]
@@ -45,79 +45,25 @@ pub(crate) struct SourceStats {
     /// Topic filters the broker granted in its last SUBACK, and filters it refused (ever).
     pub(crate) subscriptions: AtomicU64,
     pub(crate) subscriptions_refused: AtomicU64,
-    /// SUBSCRIBE packets sent on the current connection, and SUBACKs received for them: equal
-    /// once the broker granted (or refused) every filter asked for, e.g. after a config change.
-    pub(crate) subscribes_sent: AtomicU64,
-    pub(crate) subacks: AtomicU64,
-    /// Acks not written because their message came in on an earlier session that the broker
-    /// did not keep (the broker sends those messages again).
+    /// Every filter the config asks for is granted on the current connection.
+    pub(crate) subscribed: AtomicBool,
+    /// Committed messages whose ack was not written because they came in on an earlier
+    /// connection (the broker sends those messages again).
     pub(crate) stale_acks: AtomicU64,
-    /// The session messages arrive on now: a new number at every connection whose session
-    /// the broker did not keep.
-    pub(crate) session: AtomicU64,
+    /// QoS 2 messages the broker sent again before releasing them, not spooled again.
+    pub(crate) qos2_duplicates: AtomicU64,
+    /// Packets over `max_packet_bytes` read past (a PUBLISH among them is counted dropped
+    /// `oversize_packet` and acked).
+    pub(crate) oversize_packets: AtomicU64,
+    /// Acks held back at the moment of writing because they belonged to an earlier
+    /// connection: always 0 (see `Counts::misdirected`).
+    pub(crate) misdirected_acks: AtomicU64,
 }
 
 impl SourceStats {
-    /// Whether every subscription asked for on this connection has been answered.
+    /// Whether every subscription the config asks for is granted.
     pub(crate) fn subscriptions_settled(&self) -> bool {
-        self.subacks.load(Ordering::Relaxed) >= self.subscribes_sent.load(Ordering::Relaxed)
-    }
-}
-
-/// What went wrong with a broker session.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    /// The connection failed or dropped; TLS failures are explained against the broker's
-    /// files.
-    #[error("{0}")]
-    Connection(String),
-    /// The MQTT client did not take a request (its channel is closed or full).
-    #[error("the MQTT client did not take the request: {0}")]
-    Request(String),
-}
-
-/// A message or a session change, the same for both protocol versions.
-enum SessionEvent {
-    Connected {
-        session_present: bool,
-    },
-    Message {
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        pkid: u16,
-    },
-    SubAck {
-        granted: u64,
-        refused: u64,
-    },
-    Other,
-}
-
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
-enum EventLoop {
-    V4(Box<rumqttc::EventLoop>),
-    V5(Box<rumqttc::v5::EventLoop>),
-}
-
-fn qos_v4(q: u8) -> rumqttc::QoS {
-    match q {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        _ => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
-fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
-    use rumqttc::v5::mqttbytes::QoS;
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+        self.subscribed.load(Ordering::Relaxed)
     }
 }
 
@@ -133,242 +79,70 @@ fn describe(err: &(dyn std::error::Error + 'static), config: &BrokerConfig) -> S
     }
 }
 
-/// Publishes the agent itself may have in flight to the broker. It only subscribes, so a few
-/// packet ids (for SUBSCRIBE) are enough; rumqttc sizes a table by this limit, and its
-/// MQTT 5 default (65,535) costs 14 MB of resident memory.
-const OUTGOING_INFLIGHT: u16 = 16;
-
-fn connect(config: &BrokerConfig, tls: Option<Arc<rustls::ClientConfig>>) -> (Client, EventLoop) {
-    let transport =
-        tls.map(|t| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(t)));
-    // The request channel carries acks and subscriptions; it holds one window of acks.
-    let capacity = (config.max_unacked as usize).clamp(64, 65_535);
-    match config.protocol {
-        MqttProtocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
-            o.set_keep_alive(config.keep_alive)
-                .set_inflight(OUTGOING_INFLIGHT)
-                .set_clean_session(false)
-                .set_manual_acks(true)
-                .set_request_channel_capacity(capacity)
-                .set_max_packet_size(
-                    config.max_packet_bytes as usize,
-                    config.max_packet_bytes as usize,
-                );
-            if let Some(user) = &config.username {
-                o.set_credentials(user, config.password.clone().unwrap_or_default());
-            }
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            let (c, e) = rumqttc::AsyncClient::new(o, capacity);
-            (Client::V4(c), EventLoop::V4(Box::new(e)))
-        }
-        MqttProtocol::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
-            o.set_keep_alive(config.keep_alive)
-                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
-                .set_clean_start(false)
-                // Keep the session (and the broker's queue for it) across disconnects.
-                .set_session_expiry_interval(Some(u32::MAX))
-                .set_receive_maximum(Some(config.max_unacked.clamp(1, 65_535) as u16))
-                .set_manual_acks(true)
-                .set_request_channel_capacity(capacity)
-                .set_max_packet_size(Some(config.max_packet_bytes.min(u64::from(u32::MAX)) as u32));
-            if let Some(user) = &config.username {
-                o.set_credentials(user, config.password.clone().unwrap_or_default());
-            }
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            let (c, e) = rumqttc::v5::AsyncClient::new(o, capacity);
-            (Client::V5(c), EventLoop::V5(Box::new(e)))
-        }
-    }
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("cannot connect to {address}: {why}")]
+    Connect { address: String, why: String },
+    #[error("the broker refused the connection: {0}")]
+    Refused(String),
+    #[error("the broker did not answer CONNECT within {0:?}")]
+    NoConnAck(Duration),
+    #[error("the broker closed the connection")]
+    Closed,
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error(transparent)]
+    Session(#[from] super::session::Dead),
+    #[error("the broker disconnected: {0}")]
+    Disconnected(String),
+    #[error("the spool stopped")]
+    SpoolStopped,
 }
 
-impl EventLoop {
-    /// Polls the connection once. Cancel-safe enough for shutdown: a dropped poll can lose
-    /// at most a message that was never acked, which the broker redelivers.
-    async fn next(&mut self, config: &BrokerConfig) -> Result<SessionEvent, SessionError> {
-        match self {
-            EventLoop::V4(e) => {
-                use rumqttc::{Event, Packet};
-                match e
-                    .poll()
-                    .await
-                    .map_err(|err| SessionError::Connection(describe(&err, config)))?
-                {
-                    Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
-                        session_present: a.session_present,
-                    }),
-                    Event::Incoming(Packet::Publish(p)) => Ok(SessionEvent::Message {
-                        topic: p.topic,
-                        payload: p.payload,
-                        qos: p.qos as u8,
-                        pkid: p.pkid,
-                    }),
-                    Event::Incoming(Packet::SubAck(a)) => {
-                        let granted = a
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
-                            .count() as u64;
-                        Ok(SessionEvent::SubAck {
-                            granted,
-                            refused: a.return_codes.len() as u64 - granted,
-                        })
-                    }
-                    _ => Ok(SessionEvent::Other),
-                }
-            }
-            EventLoop::V5(e) => {
-                use rumqttc::v5::mqttbytes::v5::Packet;
-                use rumqttc::v5::Event;
-                match e
-                    .poll()
-                    .await
-                    .map_err(|err| SessionError::Connection(describe(&err, config)))?
-                {
-                    Event::Incoming(Packet::ConnAck(a)) => Ok(SessionEvent::Connected {
-                        session_present: a.session_present,
-                    }),
-                    Event::Incoming(Packet::Publish(p)) => Ok(SessionEvent::Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload,
-                        qos: p.qos as u8,
-                        pkid: p.pkid,
-                    }),
-                    Event::Incoming(Packet::SubAck(a)) => {
-                        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
-                        let granted = a
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                            .count() as u64;
-                        Ok(SessionEvent::SubAck {
-                            granted,
-                            refused: a.return_codes.len() as u64 - granted,
-                        })
-                    }
-                    _ => Ok(SessionEvent::Other),
-                }
-            }
-        }
-    }
+/// How a connection ended.
+enum Ended {
+    /// `stop` turned true: committed messages were acked, DISCONNECT sent.
+    Stopped,
+    Failed(ConnectionError),
 }
 
-impl Client {
-    fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), SessionError> {
-        match self {
-            Client::V4(c) => c
-                .try_subscribe_many(
-                    filters
-                        .iter()
-                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(*q))),
-                )
-                .map_err(|e| SessionError::Request(e.to_string())),
-            Client::V5(c) => c
-                .try_subscribe_many(
-                    filters.iter().map(|(f, q)| {
-                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos_v5(*q))
-                    }),
-                )
-                .map_err(|e| SessionError::Request(e.to_string())),
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// How long connecting (TCP, TLS and CONNACK) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 << 10;
+
+async fn open(
+    config: &BrokerConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Box<dyn Stream>, ConnectionError> {
+    let address = format!("{}:{}", config.host, config.port);
+    let fail = |why: String| ConnectionError::Connect {
+        address: address.clone(),
+        why,
+    };
+    let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(config.host.clone())
+                .map_err(|e| fail(format!("{e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| fail(describe(&e, config)))?;
+            Ok(Box::new(stream))
         }
     }
-
-    fn unsubscribe(&self, filter: &str) -> Result<(), SessionError> {
-        match self {
-            Client::V4(c) => c
-                .try_unsubscribe(filter)
-                .map_err(|e| SessionError::Request(e.to_string())),
-            Client::V5(c) => c
-                .try_unsubscribe(filter)
-                .map_err(|e| SessionError::Request(e.to_string())),
-        }
-    }
-
-    async fn ack(&self, token: AckToken) -> Result<(), SessionError> {
-        match self {
-            Client::V4(c) => {
-                let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
-                p.pkid = token.pkid;
-                c.ack(&p)
-                    .await
-                    .map_err(|e| SessionError::Request(e.to_string()))
-            }
-            Client::V5(c) => {
-                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
-                    "",
-                    qos_v5(token.qos),
-                    Bytes::new(),
-                    None,
-                );
-                p.pkid = token.pkid;
-                c.ack(&p)
-                    .await
-                    .map_err(|e| SessionError::Request(e.to_string()))
-            }
-        }
-    }
-
-    fn disconnect(&self) {
-        let _ = match self {
-            Client::V4(c) => c
-                .try_disconnect()
-                .map_err(|e| SessionError::Request(e.to_string())),
-            Client::V5(c) => c
-                .try_disconnect()
-                .map_err(|e| SessionError::Request(e.to_string())),
-        };
-    }
-}
-
-/// Follows the plan's topic filters: subscribes to added ones and unsubscribes from removed
-/// ones, on the live session (the router was swapped before, so nothing new goes unrouted).
-fn reconcile_subscriptions(
-    name: String,
-    client: Arc<Client>,
-    mut plan: watch::Receiver<Arc<SourcePlan>>,
-    stats: Arc<SourceStats>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut current = plan.borrow_and_update().filters.clone();
-        while plan.changed().await.is_ok() {
-            let next = plan.borrow_and_update().filters.clone();
-            let added: Vec<(String, u8)> = next
-                .iter()
-                .filter(|f| !current.contains(f))
-                .cloned()
-                .collect();
-            let removed: Vec<&String> = current
-                .iter()
-                .filter(|(t, _)| !next.iter().any(|(n, _)| n == t))
-                .map(|(t, _)| t)
-                .collect();
-            if !added.is_empty() {
-                stats.subscribes_sent.fetch_add(1, Ordering::Relaxed);
-                // The client's channel may be full of acks for a while: try until it takes it.
-                let mut logged = false;
-                while let Err(e) = client.subscribe(&added) {
-                    if !std::mem::replace(&mut logged, true) {
-                        tracing::warn!(broker = %name, error = %e, "cannot queue the new subscriptions yet; trying again");
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            for t in &removed {
-                if let Err(e) = client.unsubscribe(t) {
-                    tracing::error!(broker = %name, filter = %t, error = %e, "cannot queue an unsubscribe");
-                }
-            }
-            if !added.is_empty() || !removed.is_empty() {
-                tracing::info!(broker = %name, added = ?added, removed = ?removed, "subscriptions changed with the config");
-            }
-            current = next;
-        }
-    })
 }
 
 /// Runs one broker session until `stop` turns true, routing with the current `plan`.
@@ -380,165 +154,72 @@ pub(crate) async fn run(
     stats: Arc<SourceStats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (client, mut events) = connect(&config, tls);
-    let client = Arc::new(client);
-    let permits = Arc::new(Semaphore::new(config.max_unacked as usize));
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckToken>();
-    let acker = {
-        let client = client.clone();
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            while let Some(token) = ack_rx.recv().await {
-                stats.unacked.fetch_sub(1, Ordering::Relaxed);
-                if token.session != stats.session.load(Ordering::Relaxed) {
-                    stats.stale_acks.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if client.ack(token).await.is_err() {
-                    break;
-                }
-                stats.ack_latency.record(token.received.elapsed());
-            }
-        })
+    let filters = plan.borrow_and_update().filters.clone();
+    // QoS 2 messages spooled before a restart whose PUBREL has not come.
+    let receipts = match spool.qos2_receipts(&config.name).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(broker = %config.name, error = %e, "cannot read the QoS 2 receipts from the spool; source stops without connecting");
+            return;
+        }
     };
-    let mut router = plan.borrow_and_update().router.clone();
-    let reconciler = reconcile_subscriptions(
-        config.name.clone(),
-        client.clone(),
-        plan.clone(),
-        stats.clone(),
+    if !receipts.is_empty() {
+        tracing::info!(broker = %config.name, receipts = receipts.len(), "QoS 2 messages spooled before awaiting their release");
+    }
+    let mut session = Session::new(
+        config.keep_alive,
+        config.max_unacked as usize,
+        filters,
+        receipts,
     );
+    let (commit_tx, mut commits) = mpsc::unbounded_channel::<AckToken>();
     let broker = format!("{}:{}", config.host, config.port);
     let mut errors = Repeated::new(Duration::from_secs(60));
-    let mut unrouted = Repeated::new(Duration::from_secs(60));
-    let mut oversize = Repeated::new(Duration::from_secs(60));
-    let mut subscribe_errors = Repeated::new(Duration::from_secs(60));
     let mut retry =
         crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-    // When to (try to) queue the session's SUBSCRIBE again, until the client takes it.
-    let mut subscribe_due: Option<tokio::time::Instant> = None;
+    let mut intake = Intake {
+        config: &config,
+        stats: &stats,
+        spool: &spool,
+        commit_tx,
+        broker: Arc::from(config.name.as_str()),
+        router: plan.borrow().router.clone(),
+        unrouted: Repeated::new(Duration::from_secs(60)),
+        oversize: Repeated::new(Duration::from_secs(60)),
+    };
     loop {
-        if let Some(due) = subscribe_due.filter(|d| *d <= tokio::time::Instant::now()) {
-            let filters = plan.borrow().filters.clone();
-            match client.subscribe(&filters) {
-                Ok(()) => subscribe_due = None,
-                Err(e) => {
-                    if let Some(repeats) = subscribe_errors.should_log() {
-                        tracing::warn!(broker = %config.name, error = %e, repeats, "cannot queue the subscriptions yet; trying again");
-                    }
-                    subscribe_due = Some(due + Duration::from_millis(100));
-                }
-            }
-        }
-        let event = tokio::select! {
-            // Cancel-safe: see `EventLoop::next`; a timer.
-            e = events.next(&config) => e,
-            _ = async {
-                match subscribe_due {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            } => continue,
+        let opened = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, open(&config, tls.as_ref())) => r
+                .unwrap_or_else(|_| Err(ConnectionError::NoConnAck(CONNECT_TIMEOUT))),
             _ = stop.changed() => break,
         };
-        match event {
-            Ok(SessionEvent::Connected { session_present }) => {
-                stats.connected.store(true, Ordering::Relaxed);
-                stats.connects.fetch_add(1, Ordering::Relaxed);
-                if !session_present {
-                    // The broker kept nothing: acks of earlier messages must not be written
-                    // on this session (their packet ids would name other messages).
-                    stats.session.fetch_add(1, Ordering::Relaxed);
-                }
-                retry.reset();
-                errors.recovered(|n| tracing::info!(broker = %config.name, address = %broker, after_errors = n, "reconnected"));
-                tracing::info!(broker = %config.name, address = %broker, session_present, "connected");
-                // A new connection: only this SUBSCRIBE is outstanding. Queued until the
-                // client takes it (its channel may be full of acks).
-                stats
-                    .subscribes_sent
-                    .store(stats.subacks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-                subscribe_due = Some(tokio::time::Instant::now());
-            }
-            Ok(SessionEvent::Message {
-                topic,
-                payload,
-                qos,
-                pkid,
-            }) => {
-                let received = std::time::Instant::now();
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-                    _ = stop.changed() => break,
-                };
-                stats.messages.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .payload_bytes
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                // A config change swaps the router; checking for one is one atomic load.
-                if plan.has_changed().unwrap_or(false) {
-                    router = plan.borrow_and_update().router.clone();
-                }
-                let disposition = router.classify(&topic, payload.len());
-                match &disposition {
-                    Disposition::Dropped { reason, .. } => {
-                        if let Some(repeats) = unrouted.should_log() {
-                            tracing::warn!(broker = %config.name, %topic, %reason, repeats, "message dropped: no route matches its topic (counted)");
-                        }
-                    }
-                    Disposition::DeadLetter { route, reason } => {
-                        if let Some(repeats) = oversize.should_log() {
-                            tracing::warn!(broker = %config.name, %topic, %route, bytes = payload.len(), %reason, repeats, "message dead-lettered (counted; kept in the spool's dead_letters table)");
-                        }
-                    }
-                    Disposition::Record { .. } => {}
-                }
-                if qos > 0 {
-                    let now = stats.unacked.fetch_add(1, Ordering::Relaxed) + 1;
-                    stats.max_unacked_seen.fetch_max(now, Ordering::Relaxed);
-                }
-                let ack = (qos > 0).then(|| {
-                    (
-                        ack_tx.clone(),
-                        AckToken {
-                            qos,
-                            pkid,
-                            session: stats.session.load(Ordering::Relaxed),
-                            received,
-                        },
+        let ended = match opened {
+            Ok(stream) => {
+                intake
+                    .serve(
+                        stream,
+                        &mut session,
+                        &mut commits,
+                        &mut plan,
+                        &mut stop,
+                        &mut retry,
+                        &mut errors,
                     )
-                });
-                let incoming = Incoming {
-                    topic,
-                    payload,
-                    ts_ms: crate::clock::now_ms(),
-                    disposition,
-                    after_commit: AfterCommit {
-                        ack,
-                        permit: Some(permit),
-                    },
-                };
-                if spool.append(incoming).is_err() {
-                    tracing::error!(broker = %config.name, "spool stopped; source stops without acking");
-                    break;
-                }
+                    .await
             }
-            Ok(SessionEvent::SubAck { granted, refused }) => {
-                stats.subacks.fetch_add(1, Ordering::Relaxed);
-                stats.subscriptions.store(granted, Ordering::Relaxed);
-                tracing::info!(broker = %config.name, filters = granted, "subscribed");
-                if refused > 0 {
-                    stats
-                        .subscriptions_refused
-                        .fetch_add(refused, Ordering::Relaxed);
-                    tracing::error!(broker = %config.name, refused, granted, "the broker refused topic filters; messages on them will not arrive (check its ACLs)");
-                }
+            Err(e) => Ended::Failed(e),
+        };
+        session.on_disconnected();
+        stats.connected.store(false, Ordering::Relaxed);
+        stats.subscribed.store(false, Ordering::Relaxed);
+        stats.subscriptions.store(0, Ordering::Relaxed);
+        match ended {
+            Ended::Stopped => break,
+            Ended::Failed(ConnectionError::SpoolStopped) => {
+                tracing::error!(broker = %config.name, "spool stopped; source stops without acking");
+                break;
             }
-            Ok(SessionEvent::Other) => {}
-            Err(e) => {
-                stats.connected.store(false, Ordering::Relaxed);
-                stats.subscriptions.store(0, Ordering::Relaxed);
-                subscribe_due = None;
+            Ended::Failed(e) => {
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(repeats) = errors.should_log() {
                     tracing::warn!(broker = %config.name, address = %broker, error = %e, repeats, "MQTT connection failed; retrying");
@@ -548,30 +229,396 @@ pub(crate) async fn run(
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => break,
                 }
+                // Commits that came back while disconnected: their acks are stale now.
+                while let Ok(t) = commits.try_recv() {
+                    intake.committed(&mut session, t);
+                }
             }
         }
     }
-    // Let committed messages' acks reach the broker before disconnecting; anything newer is
-    // left unacked and the session redelivers it.
-    let all = config.max_unacked;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    drop(ack_tx);
-    while tokio::time::Instant::now() < deadline {
-        let settled = permits.available_permits() == all as usize && acker.is_finished();
-        tokio::select! {
-            r = events.next(&config) => if r.is_err() { break },
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+    stats.connected.store(false, Ordering::Relaxed);
+}
+
+/// What the connection loop needs besides the session.
+struct Intake<'a> {
+    config: &'a BrokerConfig,
+    stats: &'a SourceStats,
+    spool: &'a SpoolHandle,
+    commit_tx: mpsc::UnboundedSender<AckToken>,
+    /// The broker's name, as the spool keys its QoS 2 receipts.
+    broker: Arc<str>,
+    router: Arc<super::router::Router>,
+    unrouted: Repeated,
+    oversize: Repeated,
+}
+
+impl Intake<'_> {
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &mut self,
+        stream: Box<dyn Stream>,
+        session: &mut Session,
+        commits: &mut mpsc::UnboundedReceiver<AckToken>,
+        plan: &mut watch::Receiver<Arc<SourcePlan>>,
+        stop: &mut watch::Receiver<bool>,
+        retry: &mut crate::backoff::Backoff,
+        errors: &mut Repeated,
+    ) -> Ended {
+        let config = self.config;
+        let protocol = config.protocol;
+        let max_bytes = config.max_packet_bytes;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut wbuf = BytesMut::with_capacity(4096);
+        codec::encode_connect(config, &mut wbuf);
+        if let Err(e) = wr.write_all(&wbuf).await {
+            return Ended::Failed(ConnectionError::Io(describe(&e, config)));
         }
-        if settled {
-            break;
+        wbuf.clear();
+        // CONNACK first; nothing else may come before it.
+        let connack = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                if let Some(d) = codec::decode(protocol, &mut rbuf, max_bytes)? {
+                    return Ok::<_, ConnectionError>(d);
+                }
+                rbuf.reserve(READ_CHUNK);
+                match rd.read_buf(&mut rbuf).await {
+                    Ok(0) => return Err(ConnectionError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnectionError::Io(describe(&e, config))),
+                }
+            }
+        })
+        .await;
+        let session_present = match connack {
+            Err(_) => return Ended::Failed(ConnectionError::NoConnAck(CONNECT_TIMEOUT)),
+            Ok(Err(e)) => return Ended::Failed(e),
+            Ok(Ok(Decoded::ConnAck {
+                session_present,
+                accepted: Ok(()),
+            })) => session_present,
+            Ok(Ok(Decoded::ConnAck {
+                accepted: Err(why), ..
+            })) => return Ended::Failed(ConnectionError::Refused(why)),
+            Ok(Ok(other)) => {
+                return Ended::Failed(ConnectionError::Io(format!(
+                    "the broker answered CONNECT with {other:?}"
+                )))
+            }
+        };
+        session.on_connected(session_present);
+        if !session_present
+            && self
+                .spool
+                .qos2_cleared(self.broker.clone(), session.generation())
+                .is_err()
+        {
+            return Ended::Failed(ConnectionError::SpoolStopped);
+        }
+        self.stats
+            .subscribed
+            .store(session.ready(), Ordering::Relaxed);
+        let broker = format!("{}:{}", config.host, config.port);
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        retry.reset();
+        errors.recovered(|n| tracing::info!(broker = %config.name, address = %broker, after_errors = n, "reconnected"));
+        tracing::info!(broker = %config.name, address = %broker, session_present, "connected");
+        let mut out = Vec::new();
+        // Bytes of an oversize packet still to pass over.
+        let mut skipping: u64 = 0;
+        let mut stopping: Option<tokio::time::Instant> = None;
+        loop {
+            // Packets read while the window was full wait in the buffer until it opens.
+            if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
+                return Ended::Failed(e);
+            }
+            out.clear();
+            if let Err(e) = session.due_writes(Instant::now(), &mut out) {
+                return Ended::Failed(e.into());
+            }
+            if let Some(deadline) = stopping {
+                // Stopping: once nothing awaits its commit (or the deadline passed), the
+                // last acks go out with DISCONNECT.
+                if session.awaiting_commit() == 0 || tokio::time::Instant::now() >= deadline {
+                    out.push(Outbound::Disconnect);
+                }
+            }
+            if !out.is_empty() {
+                for p in &out {
+                    codec::encode(protocol, p, &mut wbuf);
+                    if matches!(p, Outbound::Subscribe { .. }) {
+                        tracing::debug!(broker = %config.name, "subscribing");
+                    }
+                }
+                if let Err(e) = wr.write_all(&wbuf).await {
+                    return Ended::Failed(ConnectionError::Io(describe(&e, config)));
+                }
+                wbuf.clear();
+                if out.last() == Some(&Outbound::Disconnect) {
+                    let _ = wr.flush().await;
+                    let _ = wr.shutdown().await;
+                    return Ended::Stopped;
+                }
+            }
+            self.publish_window(session);
+            let deadline = session.next_deadline().map(tokio::time::Instant::from_std);
+            let reading = session.may_read() && stopping.is_none();
+            if reading {
+                rbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = stop.changed(), if stopping.is_none() => {
+                    // Let committed messages' acks reach the broker; anything newer is
+                    // left unacked and the session redelivers it.
+                    stopping = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                }
+                Some(t) = commits.recv() => {
+                    self.committed(session, t);
+                    while let Ok(t) = commits.try_recv() {
+                        self.committed(session, t);
+                    }
+                }
+                r = rd.read_buf(&mut rbuf), if reading => {
+                    match r {
+                        Ok(0) => return Ended::Failed(ConnectionError::Closed),
+                        Ok(_) => session.heard(Instant::now()),
+                        Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
+                    }
+                    if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
+                        return Ended::Failed(e);
+                    }
+                }
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if stopping.is_some() => {}
+                Ok(()) = plan.changed() => {
+                    let next = plan.borrow_and_update().clone();
+                    // The router first, so nothing new goes unrouted.
+                    self.router = next.router.clone();
+                    let (added, removed) = session.set_filters(next.filters.clone());
+                    self.stats.subscribed.store(session.ready(), Ordering::Relaxed);
+                    if !added.is_empty() || !removed.is_empty() {
+                        tracing::info!(broker = %config.name, added = ?added, removed = ?removed, "subscriptions changed with the config");
+                    }
+                }
+            }
         }
     }
-    client.disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while events.next(&config).await.is_ok() {}
-    })
-    .await;
-    stats.connected.store(false, Ordering::Relaxed);
-    acker.abort();
-    reconciler.abort();
+
+    /// Every whole packet in `rbuf` while the window is open (past the rest of an oversize
+    /// one first).
+    fn take_packets(
+        &mut self,
+        rbuf: &mut BytesMut,
+        skipping: &mut u64,
+        session: &mut Session,
+    ) -> Result<(), ConnectionError> {
+        let protocol = self.config.protocol;
+        loop {
+            if *skipping > 0 {
+                *skipping -= codec::skip(rbuf, *skipping);
+                if *skipping > 0 {
+                    return Ok(());
+                }
+            }
+            // The window is full: the rest stays in the buffer, undecoded, until commits
+            // open it (so at most `max_unacked` messages ever await their commit).
+            if !session.may_read() {
+                return Ok(());
+            }
+            let Some(packet) = codec::decode(protocol, rbuf, self.config.max_packet_bytes)? else {
+                return Ok(());
+            };
+            match packet {
+                Decoded::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    pkid,
+                } => {
+                    let disposition = self.router.classify(&topic, payload.len());
+                    self.spool_message(session, topic, payload, qos, pkid, disposition)?;
+                }
+                Decoded::Oversize { skip, publish } => {
+                    *skipping = skip;
+                    self.stats.oversize_packets.fetch_add(1, Ordering::Relaxed);
+                    if let Some((topic, qos, pkid)) = publish {
+                        if let Some(repeats) = self.oversize.should_log() {
+                            tracing::warn!(broker = %self.config.name, %topic, bytes = skip, max_packet_bytes = self.config.max_packet_bytes, repeats, "an MQTT packet over max_packet_bytes was read past (counted dropped, oversize_packet)");
+                        }
+                        let disposition = self.router.oversize_packet(&topic);
+                        self.spool_message(
+                            session,
+                            topic,
+                            bytes::Bytes::new(),
+                            qos,
+                            pkid,
+                            disposition,
+                        )?;
+                    }
+                }
+                Decoded::PubRel { pkid } => {
+                    session.on_packet(super::session::Inbound::PubRel { pkid }, Instant::now())?;
+                    self.spool
+                        .qos2_released(self.broker.clone(), pkid)
+                        .map_err(|_| ConnectionError::SpoolStopped)?;
+                }
+                Decoded::SubAck {
+                    pkid,
+                    granted,
+                    refused,
+                } => {
+                    session.on_packet(
+                        super::session::Inbound::SubAck {
+                            pkid,
+                            granted,
+                            refused,
+                        },
+                        Instant::now(),
+                    )?;
+                    self.stats
+                        .subscriptions
+                        .store(granted as u64, Ordering::Relaxed);
+                    self.stats
+                        .subscribed
+                        .store(session.ready(), Ordering::Relaxed);
+                    if refused > 0 {
+                        self.stats
+                            .subscriptions_refused
+                            .fetch_add(refused as u64, Ordering::Relaxed);
+                        tracing::error!(broker = %self.config.name, refused, granted, "the broker refused topic filters; asking again in a while (check its ACLs)");
+                    } else {
+                        tracing::info!(broker = %self.config.name, filters = granted, "subscribed");
+                    }
+                }
+                Decoded::UnsubAck { pkid } => {
+                    session
+                        .on_packet(super::session::Inbound::UnsubAck { pkid }, Instant::now())?;
+                }
+                Decoded::PingResp => {
+                    session.on_packet(super::session::Inbound::PingResp, Instant::now())?;
+                }
+                Decoded::Disconnect { reason } => {
+                    return Err(ConnectionError::Disconnected(reason));
+                }
+                Decoded::ConnAck { .. } | Decoded::Other => {}
+            }
+        }
+    }
+
+    /// Hands a message to the spool (unless it is a QoS 2 duplicate); its ticket comes back
+    /// on `commit_tx` once committed.
+    fn spool_message(
+        &mut self,
+        session: &mut Session,
+        topic: String,
+        payload: bytes::Bytes,
+        qos: u8,
+        pkid: u16,
+        disposition: Disposition,
+    ) -> Result<(), ConnectionError> {
+        let received = Instant::now();
+        let ticket = match session.on_publish(qos, pkid) {
+            Take::Duplicate => {
+                self.stats.qos2_duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Take::SpoolNoAck => None,
+            Take::Spool(t) => Some(t),
+        };
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .payload_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        match &disposition {
+            Disposition::Dropped { reason, .. } if *reason == crate::spool::DropReason::NoRoute => {
+                if let Some(repeats) = self.unrouted.should_log() {
+                    tracing::warn!(broker = %self.config.name, %topic, %reason, repeats, "message dropped: no route matches its topic (counted)");
+                }
+            }
+            Disposition::DeadLetter { route, reason } => {
+                if let Some(repeats) = self.oversize.should_log() {
+                    tracing::warn!(broker = %self.config.name, %topic, %route, bytes = payload.len(), %reason, repeats, "message dead-lettered (counted; kept in the spool's dead_letters table)");
+                }
+            }
+            _ => {}
+        }
+        let receipt = ticket.filter(|t| t.qos == 2).map(|t| Receipt {
+            broker: self.broker.clone(),
+            pkid: t.pkid,
+            generation: t.generation,
+        });
+        let token = match ticket {
+            Some(t) => AckToken {
+                qos: t.qos,
+                pkid: t.pkid,
+                session: t.generation,
+                received,
+            },
+            None => AckToken {
+                qos: 0,
+                pkid: 0,
+                session: session.generation(),
+                received,
+            },
+        };
+        let incoming = Incoming {
+            topic,
+            payload,
+            ts_ms: crate::clock::now_ms(),
+            disposition,
+            after_commit: AfterCommit {
+                ack: Some((self.commit_tx.clone(), token)),
+                permit: None,
+            },
+            receipt,
+        };
+        self.spool
+            .append(incoming)
+            .map_err(|_| ConnectionError::SpoolStopped)?;
+        self.publish_window(session);
+        Ok(())
+    }
+
+    /// A message's commit came back: its ack is queued if its connection is the current one.
+    fn committed(&mut self, session: &mut Session, t: AckToken) {
+        if t.qos == 0 {
+            session.committed_no_ack();
+            return;
+        }
+        let stale_before = session.counts().stale_acks;
+        session.committed(Ticket {
+            generation: t.session,
+            qos: t.qos,
+            pkid: t.pkid,
+        });
+        let counts = session.counts();
+        self.stats
+            .stale_acks
+            .store(counts.stale_acks, Ordering::Relaxed);
+        if counts.stale_acks == stale_before {
+            self.stats.ack_latency.record(t.received.elapsed());
+        }
+    }
+
+    fn publish_window(&self, session: &Session) {
+        let now = session.awaiting_commit() as u64;
+        self.stats.unacked.store(now, Ordering::Relaxed);
+        self.stats
+            .max_unacked_seen
+            .fetch_max(now, Ordering::Relaxed);
+        let counts = session.counts();
+        self.stats
+            .stale_acks
+            .store(counts.stale_acks, Ordering::Relaxed);
+        self.stats
+            .misdirected_acks
+            .store(counts.misdirected, Ordering::Relaxed);
+    }
 }

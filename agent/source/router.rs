@@ -47,6 +47,20 @@ impl Router {
     }
 
     /// What to do with a message on `topic` with a payload of `len` bytes.
+    /// A packet too large to read (over the broker's `max_packet_bytes`): counted as dropped
+    /// under its route, or the unrouted one.
+    pub(crate) fn oversize_packet(&self, topic: &str) -> Disposition {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.filters.iter().any(|f| f.matches(topic)))
+            .map_or_else(|| self.unrouted.clone(), |r| r.name.clone());
+        Disposition::Dropped {
+            route,
+            reason: DropReason::OversizePacket,
+        }
+    }
+
     pub fn classify(&self, topic: &str, len: usize) -> Disposition {
         let Some(r) = self
             .routes

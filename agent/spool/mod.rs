@@ -102,6 +102,26 @@ pub(crate) struct Incoming {
     pub(crate) ts_ms: u64,
     pub(crate) disposition: Disposition,
     pub(crate) after_commit: AfterCommit,
+    /// A QoS 2 message's packet id, remembered in the same transaction.
+    pub(crate) receipt: Option<Receipt>,
+}
+
+/// A QoS 2 message's packet id on its broker's session, and the connection it came on.
+#[derive(Debug, Clone)]
+pub(crate) struct Receipt {
+    pub(crate) broker: Arc<str>,
+    pub(crate) pkid: u16,
+    pub(crate) generation: u64,
+}
+
+/// A change to a broker's QoS 2 receipts besides a new one.
+#[derive(Debug, Clone)]
+enum ReceiptChange {
+    /// Its PUBREL came.
+    Released { broker: Arc<str>, pkid: u16 },
+    /// The broker kept no session at the connection of this generation: every receipt
+    /// goes, and those of messages from earlier connections still to commit are not made.
+    Cleared { broker: Arc<str>, generation: u64 },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
@@ -128,6 +148,11 @@ impl SpoolLimits {
 
 enum Command {
     Append(Incoming),
+    Receipts(ReceiptChange),
+    LoadReceipts {
+        broker: String,
+        reply: Reply<Vec<u16>>,
+    },
     Lease {
         routes: Arc<[String]>,
         after: i64,
@@ -237,6 +262,35 @@ impl SpoolHandle {
     /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
     pub(crate) fn append(&self, incoming: Incoming) -> Result<(), SpoolError> {
         self.tx.send(Command::Append(incoming)).map_err(closed)
+    }
+
+    /// The QoS 2 packet ids of `broker` spooled before and not released (read at start).
+    pub(crate) async fn qos2_receipts(&self, broker: &str) -> Result<Vec<u16>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::LoadReceipts {
+                broker: broker.to_string(),
+                reply,
+            })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// A QoS 2 message's PUBREL came: its packet id may name a new message now.
+    pub(crate) fn qos2_released(&self, broker: Arc<str>, pkid: u16) -> Result<(), SpoolError> {
+        self.tx
+            .send(Command::Receipts(ReceiptChange::Released { broker, pkid }))
+            .map_err(closed)
+    }
+
+    /// The broker kept no session at the connection of `generation`.
+    pub(crate) fn qos2_cleared(&self, broker: Arc<str>, generation: u64) -> Result<(), SpoolError> {
+        self.tx
+            .send(Command::Receipts(ReceiptChange::Cleared {
+                broker,
+                generation,
+            }))
+            .map_err(closed)
     }
 
     /// Up to `limit` blocks of `routes` with ids above `after`, oldest first (metadata only).
@@ -392,6 +446,8 @@ pub(crate) fn start(
         room_cap: None,
         room_checked: std::time::Instant::now(),
         failed_commits: 0,
+        receipt_changes: Vec::new(),
+        receipts_from: HashMap::new(),
         evicted_sending: BTreeMap::new(),
     };
     let thread = std::thread::Builder::new()
@@ -476,6 +532,11 @@ struct Worker {
     /// Commits failed in a row for other reasons than a full disk: at
     /// [`CHECK_AFTER_FAILURES`] the file is checked, and rebuilt if damaged.
     failed_commits: u32,
+    /// QoS 2 receipt changes for the next transaction, in arrival order.
+    receipt_changes: Vec<ReceiptChange>,
+    /// Per broker, the generation of its last connection without a session: receipts of
+    /// messages from earlier connections are not written.
+    receipts_from: HashMap<Arc<str>, u64>,
 }
 
 /// Blocks evicted while being sent that are remembered, to count them delivered should
@@ -559,10 +620,21 @@ impl Worker {
             let mut taken = 0;
             #[cfg(test)]
             let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
+            let mut receipt_replies: Vec<(String, Reply<Vec<u16>>)> = Vec::new();
             while let Some(cmd) = next.take() {
                 taken += 1;
                 match cmd {
                     Command::Append(i) => appends.push(i),
+                    Command::Receipts(change) => {
+                        if let ReceiptChange::Cleared { broker, generation } = &change {
+                            self.receipts_from.insert(broker.clone(), *generation);
+                        }
+                        self.receipt_changes.push(change);
+                    }
+                    // Answered after this turn's writes, so it sees the changes sent before it.
+                    Command::LoadReceipts { broker, reply } => {
+                        receipt_replies.push((broker, reply))
+                    }
                     Command::Delivered { ids } => {
                         delivering.extend(ids.iter().copied());
                         deliveries.extend(ids);
@@ -644,6 +716,7 @@ impl Worker {
                 && self.store.pending_bytes() >= self.cap();
             let nothing_to_do = appends.is_empty()
                 && deliveries.is_empty()
+                && self.receipt_changes.is_empty()
                 && self.parked.is_empty()
                 && self.routes.is_none();
             if !(still_blocked || nothing_to_do) {
@@ -682,6 +755,9 @@ impl Worker {
                     }
                 }
             }
+            for (broker, reply) in receipt_replies {
+                let _ = reply.send(self.store.qos2_receipts(&broker));
+            }
             #[cfg(test)]
             for reply in accounting_replies {
                 let _ = reply.send(self.store.accounting());
@@ -704,6 +780,17 @@ impl Worker {
             if let Some(routes) = &self.routes {
                 self.store.record_routes(routes)?;
             }
+            // Before this turn's new receipts: a released id may be taken again by them.
+            for change in &self.receipt_changes {
+                match change {
+                    ReceiptChange::Released { broker, pkid } => {
+                        self.store.remove_qos2_receipts(broker, Some(*pkid))?
+                    }
+                    ReceiptChange::Cleared { broker, .. } => {
+                        self.store.remove_qos2_receipts(broker, None)?
+                    }
+                }
+            }
             for id in deliveries {
                 self.in_flight.remove(id);
                 match self.store.deliver_block(*id)? {
@@ -719,18 +806,24 @@ impl Worker {
                 }
             }
             let mut bytes = 0;
+            // What the records accepted so far will take in the file (they are written after
+            // this loop): the cap counts them too, or one large transaction overshoots it.
+            let ratio = self.stored_ratio();
+            let mut record_bytes = 0usize;
             while let Some(incoming) = queue.pop_front() {
                 // After a full disk, smaller transactions until commits fit again.
                 if accepted.len() >= self.group_limit || bytes >= MAX_GROUP_BYTES {
                     queue.push_front(incoming);
                     break;
                 }
-                if matches!(incoming.disposition, Disposition::Record { .. })
-                    && !self.make_room(&mut fx)?
-                {
+                let is_record = matches!(incoming.disposition, Disposition::Record { .. });
+                if is_record && !self.make_room((record_bytes as f64 * ratio) as u64, &mut fx)? {
                     fx.waiting_for_room = true;
                     queue.push_front(incoming);
                     break;
+                }
+                if is_record {
+                    record_bytes += incoming.payload.len() + incoming.topic.len();
                 }
                 bytes += incoming.payload.len();
                 accepted.push(incoming);
@@ -744,6 +837,7 @@ impl Worker {
         match result {
             Ok(()) => {
                 self.routes = None;
+                self.receipt_changes.clear();
                 self.group_limit = (self.group_limit * 2).min(MAX_GROUP);
                 if self.room_cap.is_some() {
                     // The log's pages go back to the file system after each commit, so
@@ -931,8 +1025,22 @@ impl Worker {
     }
 
     /// True if a record may be added: below the cap, or made so by `drop_oldest`.
-    fn make_room(&mut self, fx: &mut TxEffects) -> Result<bool, SpoolError> {
-        while self.store.pending_bytes() >= self.cap() {
+    /// Stored bytes per raw byte of the records appended so far (1 before any).
+    fn stored_ratio(&self) -> f64 {
+        let raw = self.stats.appended_raw_bytes.load(Ordering::Relaxed);
+        let stored = self.stats.appended_stored_bytes.load(Ordering::Relaxed);
+        if raw == 0 {
+            1.0
+        } else {
+            (stored as f64 / raw as f64).clamp(0.01, 1.0)
+        }
+    }
+
+    /// Room for one more record, `adding` bytes already accepted in this transaction: with
+    /// `drop_oldest` the oldest blocks go until the spool is under its cap; false when there
+    /// is nothing left to evict (or the policy is `block`).
+    fn make_room(&mut self, adding: u64, fx: &mut TxEffects) -> Result<bool, SpoolError> {
+        while self.store.pending_bytes() + adding >= self.cap() {
             if self.policy == FullPolicy::Block {
                 return Ok(false);
             }
@@ -975,6 +1083,15 @@ impl Worker {
         let mut index: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, incoming) in accepted.iter().enumerate() {
             fx.received += 1;
+            if let Some(r) = &incoming.receipt {
+                if self
+                    .receipts_from
+                    .get(&r.broker)
+                    .is_none_or(|g| r.generation >= *g)
+                {
+                    self.store.add_qos2_receipt(&r.broker, r.pkid)?;
+                }
+            }
             match &incoming.disposition {
                 Disposition::Record { route, key } => {
                     let g = *index.entry((route, key)).or_insert_with(|| {
@@ -1102,6 +1219,7 @@ mod tests {
                 )),
                 permit: None,
             },
+            receipt: None,
         }
     }
 
@@ -1132,6 +1250,53 @@ mod tests {
         assert_eq!((acc.received, acc.delivered, acc.pending), (100, 100, 0));
         drop(spool);
         assert!(thread.join().unwrap().unwrap().balances());
+    }
+
+    #[tokio::test]
+    async fn qos2_receipts_commit_with_their_message_and_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        let broker: Arc<str> = Arc::from("b");
+        let receipt = |pkid, generation| {
+            Some(Receipt {
+                broker: broker.clone(),
+                pkid,
+                generation,
+            })
+        };
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        {
+            let (spool, thread) = start(&cfg).unwrap();
+            for pkid in [3u16, 4, 5] {
+                let mut m = record("r", b"m", &ack_tx, pkid);
+                m.receipt = receipt(pkid, 1);
+                spool.append(m).unwrap();
+                ack_rx.recv().await.unwrap();
+            }
+            spool.qos2_released(broker.clone(), 4).unwrap();
+            let mut got = spool.qos2_receipts("b").await.unwrap();
+            got.sort_unstable();
+            assert_eq!(got, vec![3, 5]);
+            drop(spool);
+            thread.join().unwrap().unwrap();
+        }
+        let (spool, _thread) = start(&cfg).unwrap();
+        let mut got = spool.qos2_receipts("b").await.unwrap();
+        got.sort_unstable();
+        assert_eq!(got, vec![3, 5], "after a restart");
+        assert!(spool.qos2_receipts("other").await.unwrap().is_empty());
+        // The broker kept no session at the connection of generation 2: every receipt
+        // goes, and a message of generation 1 committed after that makes none.
+        spool.qos2_cleared(broker.clone(), 2).unwrap();
+        let mut m = record("r", b"late", &ack_tx, 7);
+        m.receipt = receipt(7, 1);
+        spool.append(m).unwrap();
+        ack_rx.recv().await.unwrap();
+        let mut m = record("r", b"new", &ack_tx, 8);
+        m.receipt = receipt(8, 2);
+        spool.append(m).unwrap();
+        ack_rx.recv().await.unwrap();
+        assert_eq!(spool.qos2_receipts("b").await.unwrap(), vec![8]);
     }
 
     #[tokio::test]

@@ -12,6 +12,9 @@
 //! - `dead_letters`: messages that could not be spooled as records (oversize), kept for
 //!   inspection, oldest evicted past a cap; each is also counted as dropped.
 //! - `quarantine`: blocks that failed to decode, moved aside and counted as dropped `corrupt`.
+//! - `mqtt_qos2_receipts`: per broker, the packet ids of QoS 2 messages spooled whose PUBREL
+//!   has not come, written in the transaction that spools the message (so a PUBLISH the
+//!   broker sends again, after a restart too, is not spooled twice).
 //! - `meta`: the schema version. The next sequence number (never reused, even when the spool
 //!   empties) is the `counters` row (`''`, `next_seq`), so each commit updates one small table.
 //!
@@ -119,12 +122,15 @@ pub enum DropReason {
     /// A record larger than its destination takes, however it is encoded (kept as a dead
     /// letter).
     Unshippable,
+    /// An MQTT packet over the broker's `max_packet_bytes`: read past, never held whole.
+    OversizePacket,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoRoute,
         DropReason::Oversize,
+        DropReason::OversizePacket,
         DropReason::SpoolFull,
         DropReason::Corrupt,
         DropReason::Unshippable,
@@ -139,6 +145,7 @@ impl DropReason {
             DropReason::Corrupt => "corrupt",
             DropReason::Unshippable => "unshippable",
             DropReason::Removed => "removed",
+            DropReason::OversizePacket => "oversize_packet",
         }
     }
 
@@ -505,6 +512,9 @@ impl Store {
              );
              CREATE TABLE IF NOT EXISTS routes (
                  route TEXT PRIMARY KEY, destination TEXT NOT NULL, format TEXT NOT NULL
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS mqtt_qos2_receipts (
+                 broker TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (broker, pkid)
              ) WITHOUT ROWID;"
         ))
         .map_err(err)?;
@@ -625,6 +635,45 @@ impl Store {
             p.0 = p.0.saturating_sub(records);
             p.1 = p.1.saturating_sub(bytes);
         }
+    }
+
+    /// The QoS 2 packet ids of `broker` spooled and not released yet.
+    pub(crate) fn qos2_receipts(&self, broker: &str) -> Result<Vec<u16>, SpoolError> {
+        self.conn
+            .prepare_cached("SELECT pkid FROM mqtt_qos2_receipts WHERE broker = ?1")
+            .and_then(|mut s| s.query_map([broker], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Remembers a QoS 2 message's packet id, in the open transaction that spools it.
+    pub(crate) fn add_qos2_receipt(&mut self, broker: &str, pkid: u16) -> Result<(), SpoolError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO mqtt_qos2_receipts (broker, pkid) VALUES (?1, ?2)",
+            )
+            .and_then(|mut s| s.execute(params![broker, pkid]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets one packet id of `broker` (its PUBREL came), or all of them (`None`: the
+    /// broker kept no session), in the open transaction.
+    pub(crate) fn remove_qos2_receipts(
+        &mut self,
+        broker: &str,
+        pkid: Option<u16>,
+    ) -> Result<(), SpoolError> {
+        let r = match pkid {
+            Some(pkid) => self
+                .conn
+                .prepare_cached("DELETE FROM mqtt_qos2_receipts WHERE broker = ?1 AND pkid = ?2")
+                .and_then(|mut s| s.execute(params![broker, pkid])),
+            None => self
+                .conn
+                .prepare_cached("DELETE FROM mqtt_qos2_receipts WHERE broker = ?1")
+                .and_then(|mut s| s.execute(params![broker])),
+        };
+        r.map(drop).map_err(|e| self.err(e))
     }
 
     /// Records where each route's records go (destination and format), so records of a

@@ -11,6 +11,7 @@ mod bad_input;
 mod consumers;
 mod disk;
 mod fleet;
+mod intake;
 mod memory;
 mod observe;
 mod package;

@@ -72,23 +72,28 @@ impl Mosquitto {
             child: None,
         };
         std::fs::create_dir_all(m.dir.join("data")).unwrap();
-        std::fs::write(
-            m.dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
-                 autosave_interval 1\n{inflight}max_queued_messages 0\nmax_queued_bytes 0\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\n{extra}",
-                port = m.port,
-                data = m.dir.join("data").display(),
-                // A test may set its own inflight limit.
-                inflight = if extra.contains("max_inflight_messages") {
-                    ""
-                } else {
-                    "max_inflight_messages 1000\n"
-                }
-            ),
-        )
-        .unwrap();
+        // Defaults a test's `extra` may override, key by key.
+        let data = m.dir.join("data");
+        let defaults = [
+            ("persistence", "true".to_string()),
+            ("persistence_location", format!("{}/", data.display())),
+            ("autosave_interval", "1".into()),
+            ("max_inflight_messages", "1000".into()),
+            ("max_queued_messages", "0".into()),
+            ("max_queued_bytes", "0".into()),
+        ];
+        let mut conf = format!("listener {} 127.0.0.1\nallow_anonymous true\n", m.port);
+        for (key, value) in defaults {
+            if !extra
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(key))
+            {
+                conf.push_str(&format!("{key} {value}\n"));
+            }
+        }
+        conf.push_str("log_dest stderr\nlog_type error\nlog_type warning\n");
+        conf.push_str(extra);
+        std::fs::write(m.dir.join("mosquitto.conf"), conf).unwrap();
         // Run as root, mosquitto drops to user `mosquitto`: its persistence folder must be theirs.
         if is_root() {
             let _ = Command::new("chown")
@@ -97,6 +102,16 @@ impl Mosquitto {
         }
         m.spawn();
         m
+    }
+
+    /// The folder of its config and log: a test may put an ACL file here.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// SIGHUP: it reads its ACL and password files again.
+    pub fn reload(&self) {
+        signal(self.child.as_ref().expect("mosquitto running").id(), "HUP");
     }
 
     /// Starts it again after [`Mosquitto::stop`], on the same port.
@@ -473,6 +488,8 @@ pub struct Uplink {
     pub port: u16,
     down: Arc<AtomicBool>,
     generation: Arc<AtomicU64>,
+    /// While set, what the client sends is read and thrown away (the connection stays up).
+    muted: Arc<AtomicBool>,
 }
 
 /// Paces the bytes of one direction of a [`Uplink`] to a rate, over all its connections.
@@ -518,7 +535,8 @@ impl Uplink {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
-        let (d, g) = (down.clone(), generation.clone());
+        let muted = Arc::new(AtomicBool::new(false));
+        let (d, g, m) = (down.clone(), generation.clone(), muted.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -530,14 +548,15 @@ impl Uplink {
                     continue;
                 };
                 let born = g.load(Ordering::SeqCst);
-                for ((mut from, mut to), pace) in [
+                for (((mut from, mut to), pace), upstream) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ]
                 .into_iter()
                 .zip(paces.clone())
+                .zip([true, false])
                 {
-                    let (g, d) = (g.clone(), d.clone());
+                    let (g, d, m) = (g.clone(), d.clone(), m.clone());
                     std::thread::spawn(move || {
                         from.set_read_timeout(Some(Duration::from_millis(100)))
                             .unwrap();
@@ -552,6 +571,9 @@ impl Uplink {
                                 Ok(n) => {
                                     if let Some(p) = &pace {
                                         p.take(n);
+                                    }
+                                    if upstream && m.load(Ordering::SeqCst) {
+                                        continue;
                                     }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
@@ -576,7 +598,14 @@ impl Uplink {
             port,
             down,
             generation,
+            muted,
         }
+    }
+
+    /// Throws away what clients send (`true`) until called with `false`; what the server
+    /// sends still arrives.
+    pub fn mute_upstream(&self, on: bool) {
+        self.muted.store(on, Ordering::SeqCst);
     }
 
     pub fn endpoint(&self) -> String {
@@ -1253,6 +1282,26 @@ async fn await_pubacks(
     deadline: Instant,
     acked: &AtomicU64,
 ) {
+    await_acks(
+        events,
+        device,
+        n,
+        deadline,
+        acked,
+        rumqttc::QoS::AtLeastOnce,
+    )
+    .await
+}
+
+/// Waits for `n` PUBACKs (QoS 1) or PUBCOMPs (QoS 2) on `events`.
+async fn await_acks(
+    events: &mut rumqttc::EventLoop,
+    device: u32,
+    n: u32,
+    deadline: Instant,
+    acked: &AtomicU64,
+    qos: rumqttc::QoS,
+) {
     let mut mine = 0;
     while mine < n {
         assert!(
@@ -1260,7 +1309,15 @@ async fn await_pubacks(
             "device {device}: only {mine} of {n} acked"
         );
         match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))))
+                if qos == rumqttc::QoS::AtLeastOnce =>
+            {
+                mine += 1;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_))))
+                if qos == rumqttc::QoS::ExactlyOnce =>
+            {
                 mine += 1;
                 acked.fetch_add(1, Ordering::Relaxed);
             }
@@ -1274,6 +1331,17 @@ async fn await_pubacks(
 /// Each of `devices` devices publishes `per_device` messages, QoS 1, spread evenly over
 /// `spread`; returns how many the broker acked (all of them, or the test fails).
 pub async fn publish_paced(port: u16, devices: u32, per_device: u32, spread: Duration) -> u64 {
+    publish_paced_at(port, devices, per_device, spread, rumqttc::QoS::AtLeastOnce).await
+}
+
+/// [`publish_paced`] at QoS 1 or 2 (each message complete when PUBACK or PUBCOMP came).
+pub async fn publish_paced_at(
+    port: u16,
+    devices: u32,
+    per_device: u32,
+    spread: Duration,
+    qos: rumqttc::QoS,
+) -> u64 {
     let acked = Arc::new(AtomicU64::new(0));
     let interval = spread / per_device.max(1);
     let mut tasks = Vec::new();
@@ -1288,14 +1356,14 @@ pub async fn publish_paced(port: u16, devices: u32, per_device: u32, spread: Dur
                 let mut tick = tokio::time::interval(interval);
                 for s in 0..per_device {
                     tick.tick().await;
-                    c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
+                    c.publish(topic_of(d), qos, false, payload(d, s))
                         .await
                         .unwrap();
                 }
                 c
             });
             let deadline = Instant::now() + spread + Duration::from_secs(300);
-            await_pubacks(&mut events, d, per_device, deadline, &acked).await;
+            await_acks(&mut events, d, per_device, deadline, &acked, qos).await;
             let c = sender.await.unwrap();
             let _ = c.disconnect().await;
         }));

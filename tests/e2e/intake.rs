@@ -1,0 +1,559 @@
+//! The MQTT intake under the faults that used to cost a connection a minute: a broker that
+//! floods an agent whose spool is full (the keep-alive used to time out behind unread
+//! messages), saturating publishers for minutes on MQTT 3.1.1 and 5, a broker restarted
+//! without persistence, and a message larger than `max_packet_bytes`.
+
+use crate::support::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn kilobyte(d: u32, s: u32) -> Vec<u8> {
+    noise(d, s, 1_000)
+}
+
+/// The agent's peak resident set so far, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// A broker that does not pace the agent (3.1.1, no inflight limit) floods 12,000 messages
+/// of 1 KB into an agent whose 2 MiB spool is full under `block`, its uplink down: the agent
+/// stops reading, and keeps its one connection for five keep-alive intervals (it used to lose
+/// it to an unanswered ping every 10 s and take every unacked message again); its memory
+/// stays bounded; once the uplink returns every message arrives, each read about once.
+#[test]
+fn a_flood_into_a_full_spool_keeps_one_connection() {
+    let stream = "e2e-intake-full-flood";
+    // 12 MB of incompressible payload: six times the spool, and what the emulator takes back
+    // in about a minute once the uplink returns.
+    let (devices, per_device) = (40, 300);
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let uplink = Uplink::start(kinesis.port);
+    let mosquitto = Mosquitto::start_with(dir.path(), "max_inflight_messages 0\n");
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &uplink.endpoint(),
+        stream,
+        "max_bytes = \"2MiB\"\nfull_policy = \"block\"",
+        "",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    agent.wait_shards_learned();
+    let pid = agent.pid().unwrap();
+    uplink.cut();
+    let total = u64::from(devices * per_device);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        devices,
+        per_device,
+        Default::default(),
+        kilobyte,
+        "flood-",
+    ));
+    wait_for("the spool to fill", Duration::from_secs(60), || {
+        (agent.scrape().sum("edgeship_spool_full", &[]) == 1.0).then_some(())
+    });
+    // Five keep-alive intervals (5 s each) with the window full and the broker pushing.
+    std::thread::sleep(Duration::from_secs(25));
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("edgeship_mqtt_connections_total", &[]),
+        1.0,
+        "one connection while the spool was full:\n{}",
+        agent.log()
+    );
+    let flooded = peak_rss_kib(pid);
+    uplink.restore();
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(300), |t| {
+        (0..devices)
+            .all(|d| (0..per_device).all(|s| t.contains_key(&(topic_of(d), kilobyte(d, s)))))
+    });
+    assert_eq!(tally(&contents.messages).len() as u64, total);
+    let s = agent.scrape();
+    let received = s.sum("edgeship_mqtt_messages_received_total", &[]);
+    assert_eq!(s.sum("edgeship_mqtt_connections_total", &[]), 1.0);
+    assert!(
+        received <= total as f64 * 1.01,
+        "{received} messages read for {total} published"
+    );
+    eprintln!(
+        "full-spool flood: {total} messages, {received} read, 1 connection, peak RSS {:.1} MiB",
+        flooded as f64 / 1024.0
+    );
+    assert!(flooded < 64 * 1024, "peak RSS {flooded} KiB");
+}
+
+/// Devices publishing as fast as the broker takes them until `until`; returns the messages
+/// the broker acked. Each device's event loop is polled without a timeout while its sender
+/// runs (cancelling a poll can lose a request); it ends once the sender is done and every
+/// publish is acked.
+async fn saturate(port: u16, devices: u32, until: Instant, prefix: &'static str) -> u64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(format!("{prefix}{d}"), "127.0.0.1", port);
+            // No keep-alive: under saturation rumqttc's own PINGRESP waits behind the acks
+            // (the fault this file tests in the agent), and a publisher must not fail on it.
+            opts.set_keep_alive(Duration::ZERO).set_inflight(100);
+            let (c, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+            let sent = Arc::new(AtomicU64::new(0));
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sender = {
+                let (sent, done) = (sent.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut s = 0;
+                    while Instant::now() < until {
+                        c.publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
+                            .await
+                            .unwrap();
+                        s += 1;
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    done.store(true, Ordering::SeqCst);
+                    c
+                })
+            };
+            let mut mine = 0u64;
+            let deadline = until + Duration::from_secs(60);
+            while !(done.load(Ordering::SeqCst) && mine >= sent.load(Ordering::SeqCst)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "publisher {d}: {mine} of {} acked a minute after the end",
+                    sent.load(Ordering::SeqCst)
+                );
+                // Once the sender is done, a poll may wait for nothing: bound it (by then every
+                // request is written, and a cancelled read loses nothing).
+                let event = if done.load(Ordering::SeqCst) {
+                    match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
+                        Ok(e) => e,
+                        Err(_) => continue,
+                    }
+                } else {
+                    events.poll().await
+                };
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        mine += 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher {d}: {e}"),
+                }
+            }
+            let c = sender.await.unwrap();
+            let _ = c.disconnect().await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    acked.load(Ordering::Relaxed)
+}
+
+/// Saturating publishers for three minutes (36 keep-alive intervals) on two brokers at once,
+/// one spoken to in MQTT 3.1.1 and one in 5: the agent keeps one connection to each and reads
+/// each message about once (it used to reconnect every minute under load and take every
+/// message about four times).
+#[test]
+fn three_minutes_of_saturation_on_both_protocols_keep_one_connection_each() {
+    let dir = tempdir();
+    let v311 = Mosquitto::start_with(&dir.path().join("a"), "");
+    let v5 = Mosquitto::start_with(&dir.path().join("b"), "");
+    let folder = dir.path().join("frames");
+    let config = agent_config(dir.path(), v311.port, "http://127.0.0.1:9", "s", "", "")
+        .replace(
+            "type = \"kinesis\"\nstream = \"s\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:9\"",
+            &format!("type = \"directory\"\npath = \"{}\"", folder.display()),
+        )
+        .replace(
+            "[[route]]",
+            &format!(
+                "[[broker]]\nname = \"five\"\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nprotocol = \"5\"\n[[route]]",
+                v5.port
+            ),
+        );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(2);
+    let until = Instant::now() + Duration::from_secs(180);
+    let (p1, p2) = (v311.port, v5.port);
+    let a = std::thread::spawn(move || runtime().block_on(saturate(p1, 10, until, "sat-a-")));
+    let b = std::thread::spawn(move || runtime().block_on(saturate(p2, 10, until, "sat-b-")));
+    let published = a.join().unwrap() + b.join().unwrap();
+    let acc = wait_for("every message spooled", Duration::from_secs(120), || {
+        agent.accounting().filter(|a| a.received >= published)
+    });
+    let s = agent.scrape();
+    for broker in ["test", "five"] {
+        assert_eq!(
+            s.sum("edgeship_mqtt_connections_total", &[("broker", broker)]),
+            1.0,
+            "broker {broker} reconnected:\n{}",
+            agent.log()
+        );
+    }
+    let received = s.sum("edgeship_mqtt_messages_received_total", &[]);
+    eprintln!(
+        "saturation, 3 minutes: {published} messages published on 3.1.1 and 5, {received} read by the agent, 1 connection each, the most awaiting a commit at once {}",
+        s.sum("edgeship_mqtt_unacked_messages_max", &[])
+    );
+    // The window held: never more than max_unacked (1,000 by default) awaited a commit.
+    for broker in ["test", "five"] {
+        let most = s.sum("edgeship_mqtt_unacked_messages_max", &[("broker", broker)]);
+        assert!(
+            most > 0.0 && most <= 1_000.0,
+            "broker {broker}: {most} at once"
+        );
+    }
+    assert!(
+        received <= published as f64 * 1.01,
+        "{received} read for {published} published"
+    );
+    assert!(acc.balances(), "{acc:?}");
+}
+
+/// Mosquitto without persistence restarted while publishers saturate it: the agent
+/// reconnects to a fresh session, subscribes again, every message published after the
+/// restart arrives, and no ack is written for a packet id of the earlier connection.
+#[test]
+fn a_broker_restarted_without_its_sessions_gets_no_ack_of_the_old_one() {
+    let stream = "e2e-intake-fresh-broker";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let mut mosquitto = Mosquitto::start_with(dir.path(), "persistence false\n");
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    // Load before the restart, so acks are in flight when the connection goes.
+    let port = mosquitto.port;
+    let until = Instant::now() + Duration::from_secs(4);
+    let load = std::thread::spawn(move || {
+        let rt = runtime();
+        rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                saturate(port, 10, until, "before-"),
+            )
+            .await
+            .ok()
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    mosquitto.restart();
+    let _ = load.join();
+    agent.wait_connected(2);
+    wait_for("subscribed again", Duration::from_secs(30), || {
+        agent.get("/readyz").filter(|(status, _)| *status == 200)
+    });
+    rt.block_on(publish_with(
+        mosquitto.port,
+        5,
+        200,
+        Default::default(),
+        |d, s| payload(d, s + 1_000_000),
+        "after-",
+    ));
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(120), |t| {
+        (0..5).all(|d| (0..200).all(|s| t.contains_key(&(topic_of(d), payload(d, s + 1_000_000)))))
+    });
+    let s = agent.scrape();
+    assert_eq!(s.sum("edgeship_mqtt_misdirected_acks_total", &[]), 0.0);
+    eprintln!(
+        "fresh broker: {} records in the stream, {} acks of the old connection held back (stale), 0 written",
+        contents.messages.len(),
+        s.sum("edgeship_mqtt_stale_acks_total", &[])
+    );
+}
+
+/// A 17 MiB QoS 1 message on MQTT 3.1.1 (over the default `max_packet_bytes` of 16 MiB),
+/// then small ones: the big one is read past and counted dropped (`oversize_packet`), the
+/// small ones arrive, and the connection stays up (it used to fail and the broker to send
+/// the big one again on every reconnect, everything behind it waiting).
+#[test]
+fn a_packet_over_the_limit_is_counted_and_the_session_goes_on() {
+    let stream = "e2e-intake-oversize-packet";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    rt.block_on(async {
+        let mut opts = rumqttc::MqttOptions::new("big-sender", "127.0.0.1", mosquitto.port);
+        opts.set_max_packet_size(32 << 20, 32 << 20);
+        // Room for every request: the event loop is polled only after they are queued.
+        let (c, mut events) = rumqttc::AsyncClient::new(opts, 32);
+        c.publish(
+            topic_of(0),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 17 << 20],
+        )
+        .await
+        .unwrap();
+        for s in 0..10 {
+            c.publish(topic_of(1), rumqttc::QoS::AtLeastOnce, false, payload(1, s))
+                .await
+                .unwrap();
+        }
+        let mut acks = 0;
+        while acks < 11 {
+            if let Rumqtt::PubAck = classify(events.poll().await.unwrap()) {
+                acks += 1;
+            }
+        }
+        let _ = c.disconnect().await;
+    });
+    let contents = wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(60), |t| {
+        (0..10).all(|s| t.contains_key(&(topic_of(1), payload(1, s))))
+    });
+    assert!(contents.messages.iter().all(|m| m.payload.len() < 1 << 20));
+    let acc = wait_for("the big one counted", Duration::from_secs(30), || {
+        agent.accounting().filter(|a| {
+            a.dropped_by_reason.get("oversize_packet").copied() == Some(1) && a.pending == 0
+        })
+    });
+    assert!(acc.balances(), "{acc:?}");
+    let s = agent.scrape();
+    assert_eq!(s.sum("edgeship_mqtt_oversize_packets_total", &[]), 1.0);
+    assert_eq!(
+        s.sum("edgeship_mqtt_connections_total", &[]),
+        1.0,
+        "{}",
+        agent.log()
+    );
+}
+
+enum Rumqtt {
+    PubAck,
+    Other,
+}
+
+fn classify(e: rumqttc::Event) -> Rumqtt {
+    match e {
+        rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => Rumqtt::PubAck,
+        _ => Rumqtt::Other,
+    }
+}
+
+/// QoS 2 across a crash: the agent spools 100 exactly-once messages and answers each with
+/// PUBREC, but none reaches the broker (a forwarder between them throws away what the agent
+/// sends); the agent is killed. After the restart the broker sends all 100 again; their
+/// packet ids, committed with them, mark them duplicates: answered, not spooled. The spool
+/// received 100, not 200, and the stream holds each message.
+#[test]
+fn qos2_messages_whose_pubrec_was_lost_in_a_crash_are_not_spooled_twice() {
+    let stream = "e2e-intake-qos2-crash";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let mosquitto = Mosquitto::start(dir.path());
+    let link = Uplink::start(mosquitto.port);
+    let config = agent_config(dir.path(), link.port, &kinesis.endpoint(), stream, "", "").replace(
+        "partition_key = \"{topic[1]}\"",
+        "partition_key = \"{topic[1]}\"\nqos = 2",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    link.mute_upstream(true);
+    let n = 100;
+    let completed = rt.block_on(publish_paced_at(
+        mosquitto.port,
+        1,
+        n,
+        Duration::from_millis(100),
+        rumqttc::QoS::ExactlyOnce,
+    ));
+    assert_eq!(completed, u64::from(n));
+    wait_for(
+        "the agent to spool all 100",
+        Duration::from_secs(30),
+        || agent.accounting().filter(|a| a.received == u64::from(n)),
+    );
+    agent.kill();
+    link.mute_upstream(false);
+    agent.spawn();
+    wait_stream_complete_with(&rt, &client, stream, Duration::from_secs(60), |t| {
+        (0..n).all(|s| t.contains_key(&(topic_of(0), payload(0, s))))
+    });
+    let duplicates = wait_for(
+        "the broker's resends answered",
+        Duration::from_secs(30),
+        || {
+            let d = agent
+                .scrape()
+                .sum("edgeship_mqtt_qos2_duplicates_total", &[]);
+            (d >= f64::from(n)).then_some(d)
+        },
+    );
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    eprintln!(
+        "QoS 2 after a crash: {n} messages spooled, {duplicates} sent again by the broker and answered without spooling, {} received in all",
+        acc.received
+    );
+    assert_eq!(acc.received, u64::from(n), "spooled twice: {acc:?}");
+    assert!(acc.balances() && acc.dropped == 0, "{acc:?}");
+}
+
+/// Mosquitto's dynamic security plugin, its default ACL refusing subscriptions: the agent
+/// stays connected but not ready (`/readyz` says the subscriptions are not granted) and asks
+/// again on the same connection; once an administrator allows them (`mosquitto_ctrl` while
+/// the broker runs; the plugin then drops the clients of the role, and the agent connects
+/// again), `/readyz` turns 200 and messages arrive. (A refused SUBSCRIBE used to be dropped for good while `/readyz` passed.)
+#[test]
+fn a_refused_subscription_is_asked_again_and_readiness_waits_for_it() {
+    let stream = "e2e-intake-refused-subscription";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let plugin = ["/usr/lib", "/usr/lib64", "/usr/local/lib"]
+        .iter()
+        .flat_map(|d| {
+            let direct = std::path::Path::new(d).join("mosquitto_dynamic_security.so");
+            let nested = std::fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("mosquitto_dynamic_security.so"));
+            std::iter::once(direct).chain(nested)
+        })
+        .find(|p| p.exists())
+        .expect("mosquitto's dynamic security plugin (package mosquitto)");
+    let security = dir.path().join("dynsec");
+    std::fs::create_dir_all(&security).unwrap();
+    let file = security.join("dynamic-security.json");
+    let ctrl = |args: &[&str]| {
+        let out = std::process::Command::new("mosquitto_ctrl")
+            .args(args)
+            .output()
+            .expect("mosquitto_ctrl (package mosquitto)");
+        let said = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(
+            out.status.success() && !said.contains("error"),
+            "mosquitto_ctrl {args:?}: {out:?}"
+        );
+    };
+    // An administrator and defaults that refuse every subscription and publication.
+    ctrl(&[
+        "dynsec",
+        "init",
+        file.to_str().unwrap(),
+        "admin",
+        "admin-secret",
+    ]);
+    if is_root() {
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "mosquitto:", security.to_str().unwrap()])
+            .status();
+    }
+    let mosquitto = Mosquitto::start_with(
+        dir.path(),
+        &format!(
+            "plugin {}\nplugin_opt_config_file {}\n",
+            plugin.display(),
+            file.display()
+        ),
+    );
+    let port = mosquitto.port.to_string();
+    let admin = |command: &[&str]| {
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-u",
+            "admin",
+            "-P",
+            "admin-secret",
+            "dynsec",
+        ];
+        args.extend_from_slice(command);
+        ctrl(&args);
+    };
+    // Anonymous clients (the agent, the devices) get a role that allows nothing yet.
+    admin(&["createRole", "devices"]);
+    admin(&["createGroup", "anonymous"]);
+    admin(&["addGroupRole", "anonymous", "devices"]);
+    admin(&["setAnonymousGroup", "anonymous"]);
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    // Asked again on the same connection: a second refusal within 10 s of the first.
+    wait_for("two refusals logged", Duration::from_secs(30), || {
+        (agent
+            .log()
+            .matches("the broker refused topic filters")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let s = agent.scrape();
+    assert_eq!(s.sum("edgeship_mqtt_connections_total", &[]), 1.0);
+    assert!(s.sum("edgeship_mqtt_subscriptions_refused_total", &[]) >= 2.0);
+    let (status, body) = agent.get("/readyz").expect("/readyz answers");
+    assert_ne!(status, 200, "ready while refused: {body}");
+    assert!(body.contains("not granted"), "{body}");
+    for acl in [
+        "subscribePattern",
+        "publishClientSend",
+        "publishClientReceive",
+    ] {
+        admin(&["addRoleACL", "devices", acl, "devices/#", "allow"]);
+    }
+    // The agent asks again within 10 s of the refusal.
+    wait_for("readiness after the grant", Duration::from_secs(30), || {
+        agent.get("/readyz").filter(|(status, _)| *status == 200)
+    });
+    rt.block_on(publish(mosquitto.port, 2, 50, Default::default()));
+    wait_stream_complete(&rt, &client, stream, 2, 50, Duration::from_secs(60));
+}
