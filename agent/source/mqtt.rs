@@ -582,6 +582,16 @@ impl Intake<'_> {
         self.spool
             .append(incoming)
             .map_err(|_| ConnectionError::SpoolStopped)?;
+        // Half the window waiting, or all of it: commit now rather than at the end of the
+        // spool's commit interval. At half, the acks of the first half go out while the
+        // second is read, so the broker sends on instead of waiting for a whole window's
+        // commit; full, nothing more comes until a commit.
+        let waiting = session.awaiting_commit();
+        if waiting == (self.config.max_unacked as usize / 2).max(1) || !session.may_read() {
+            self.spool
+                .flush()
+                .map_err(|_| ConnectionError::SpoolStopped)?;
+        }
         self.publish_window(session);
         Ok(())
     }

@@ -194,6 +194,9 @@ enum Command {
     Routes(BTreeMap<String, (String, String)>),
     /// Commit what is queued and stop; parked appends stay unacked (the broker redelivers).
     Close,
+    /// A source can take no more until this turn's appends commit (its window is full):
+    /// commit now instead of gathering until the commit interval has passed.
+    Flush,
 }
 
 /// Live figures, updated after every commit; cheap to read from any thread.
@@ -291,6 +294,12 @@ impl SpoolHandle {
                 generation,
             }))
             .map_err(closed)
+    }
+
+    /// Commit what is queued without waiting out the commit interval: the caller's window of
+    /// unacknowledged messages is full, so nothing more will come until these commit.
+    pub(crate) fn flush(&self) -> Result<(), SpoolError> {
+        self.tx.send(Command::Flush).map_err(closed)
     }
 
     /// Up to `limit` blocks of `routes` with ids above `after`, oldest first (metadata only).
@@ -618,6 +627,7 @@ impl Worker {
             let limits_before = (self.cap(), self.policy);
             let mut next = first;
             let mut taken = 0;
+            let mut flush = false;
             #[cfg(test)]
             let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
             let mut receipt_replies: Vec<(String, Reply<Vec<u16>>)> = Vec::new();
@@ -694,12 +704,13 @@ impl Worker {
                     }
                     Command::Routes(r) => self.routes = Some(r),
                     Command::Close => closing = true,
+                    Command::Flush => flush = true,
                 }
                 if taken < MAX_GROUP && !closing {
                     next = self.rx.try_recv().ok();
                     // Group commit: with appends waiting, keep gathering until the commit
                     // interval has passed, so a busy stream commits in few, large blocks.
-                    if next.is_none() && !appends.is_empty() {
+                    if next.is_none() && !appends.is_empty() && !flush {
                         if let Some(left) = self.commit_interval.checked_sub(turn_started.elapsed())
                         {
                             next = self.rx.recv_timeout(left).ok();
@@ -1297,6 +1308,30 @@ mod tests {
         spool.append(m).unwrap();
         ack_rx.recv().await.unwrap();
         assert_eq!(spool.qos2_receipts("b").await.unwrap(), vec![8]);
+    }
+
+    #[tokio::test]
+    async fn a_flush_commits_without_waiting_out_the_commit_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        cfg.commit_interval = Duration::from_secs(1);
+        let (spool, _thread) = start(&cfg).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        // Without a flush, a lone append waits out the interval.
+        let started = std::time::Instant::now();
+        spool.append(record("r", b"a", &ack_tx, 1)).unwrap();
+        ack_rx.recv().await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        // With one (a source's window is full), it commits at once.
+        let started = std::time::Instant::now();
+        spool.append(record("r", b"b", &ack_tx, 2)).unwrap();
+        spool.flush().unwrap();
+        ack_rx.recv().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
