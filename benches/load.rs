@@ -7,6 +7,7 @@
 //! cargo bench --bench load -- --quick        # under a minute: a smoke test, figures are rough
 //! cargo bench --bench load -- --messages 200000 --devices 50 --backlog-mb 100 --json out.json
 //! cargo bench --bench load -- --format kpl   # the route's frames in the KPL aggregated format
+//! cargo bench --bench load -- --protocol 3.1.1 --window 4000   # MQTT 3.1.1, a wider window
 //! ```
 //!
 //! Scenarios, each measured in the same run:
@@ -36,6 +37,9 @@ struct Args {
     protocol: String,
     /// Frame format of the route: "edgeship" or "kpl".
     format: String,
+    /// The agent's `max_unacked`, and the broker's inflight limit per client (both 1,000 by
+    /// default): the window the broker and the agent keep between them.
+    window: u32,
 }
 
 fn parse_args() -> Args {
@@ -47,6 +51,7 @@ fn parse_args() -> Args {
         json: None,
         protocol: "5".into(),
         format: "edgeship".into(),
+        window: 1_000,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -66,6 +71,7 @@ fn parse_args() -> Args {
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
             "--protocol" => a.protocol = value("--protocol"),
             "--format" => a.format = value("--format"),
+            "--window" => a.window = value("--window").parse().expect("--window N"),
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -320,7 +326,10 @@ fn main() {
     );
     let kinesis = kinesis();
     let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
-    let mosquitto = Mosquitto::start(dir.path());
+    let mosquitto = Mosquitto::start_with(
+        dir.path(),
+        &format!("max_inflight_messages {}\n", args.window),
+    );
 
     // 1. Baseline.
     eprintln!("  baseline: do-nothing subscriber ...");
@@ -337,7 +346,10 @@ fn main() {
         &kinesis.endpoint(),
         "load-throughput",
         "max_bytes = \"2GiB\"",
-        &format!("protocol = \"{}\"", args.protocol),
+        &format!(
+            "protocol = \"{}\"\nmax_unacked = {}",
+            args.protocol, args.window
+        ),
     )
     .replace("gateway_id = \"gw-test\"", "gateway_id = \"gw-throughput\"")
     .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
@@ -446,7 +458,10 @@ fn main() {
         &uplink.endpoint(),
         "load-backlog",
         "max_bytes = \"4GiB\"",
-        &format!("protocol = \"{}\"", args.protocol),
+        &format!(
+            "protocol = \"{}\"\nmax_unacked = {}",
+            args.protocol, args.window
+        ),
     )
     .replace("gateway_id = \"gw-test\"", "gateway_id = \"gw-backlog\"")
     .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
@@ -614,8 +629,8 @@ fn main() {
     ];
     println!();
     println!(
-        "edgeship load: {total} messages x {} devices, QoS 1, MQTT {}, format {}, sync=normal, kinesis-mock, 1 shard",
-        args.devices, args.protocol, args.format
+        "edgeship load: {total} messages x {} devices, QoS 1, MQTT {}, format {}, window {} (max_unacked, broker inflight), sync=normal, kinesis-mock, 1 shard",
+        args.devices, args.protocol, args.format, args.window
     );
     println!("{:<44} {:<48} budget", "figure", "measured");
     println!("{}", "-".repeat(110));
@@ -631,6 +646,7 @@ fn main() {
         "edgeship_ingest_msgs_per_s": ingest_rate,
         "agent_received": throughput_acc.received,
         "protocol": args.protocol,
+        "window": args.window,
         "format": args.format,
         "ratio_to_baseline": agent_rate / baseline_rate,
         "kinesis_records": back.kinesis_records,
