@@ -42,6 +42,10 @@ pub fn json_line(gateway: &str, r: &Record) -> String {
     obj.insert("id".into(), format!("{}:{}", gateway, r.seq).into());
     obj.insert("gateway".into(), gateway.into());
     obj.insert("seq".into(), r.seq.into());
+    // Version 2 frames carry each record's partition key.
+    if !r.key.is_empty() {
+        obj.insert("key".into(), r.key.clone().into());
+    }
     obj.insert("topic".into(), r.topic.clone().into());
     obj.insert("ts_ms".into(), r.ts_ms.into());
     match std::str::from_utf8(&r.payload) {
@@ -84,6 +88,7 @@ mod tests {
             Record {
                 seq: 6,
                 ts_ms: 9,
+                key: String::new(),
                 topic: "devices/a/raw".into(),
                 payload: vec![0xff, 0]
             }

@@ -14,7 +14,13 @@
 //! 1. baseline: the broker delivering N QoS 1 messages to a do-nothing subscriber;
 //! 2. throughput: the same N messages through the agent until Kinesis accepted them all;
 //! 3. half load: the agent fed at half the rate it reached, for ack latency;
-//! 4. backlog: the Kinesis endpoint cut while a backlog builds, then restored and drained.
+//! 4. ingest alone: the same N messages into an agent whose Kinesis endpoint is cut, so the
+//!    emulator sits idle and the broker, the publishers and the agent share the machine as they
+//!    do in the baseline;
+//! 5. backlog: the Kinesis endpoint cut while a backlog builds, then restored and drained.
+//!
+//! The CPU each process took in the baseline and the throughput phase is in the table: on a
+//! small machine the emulator competes with the broker for the same cores.
 //!
 //! It asserts nothing about speed; it fails only if messages go missing.
 
@@ -109,49 +115,62 @@ fn pub_ms(payload: &[u8]) -> Option<u64> {
     text[at..].trim_end_matches('}').parse().ok()
 }
 
-/// What /proc says about a process.
-#[derive(Default, Clone, Copy)]
-struct ProcStats {
-    rss_kib: u64,
-    hwm_kib: u64,
-    cpu_s: f64,
-    write_bytes: u64,
+/// Busy and total CPU ticks of the whole machine since boot (/proc/stat), for its load.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait are the fourth and fifth.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
-fn proc_stats(pid: u32) -> ProcStats {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; after "pid (comm)" they are at 11 and 12.
-    let ticks: u64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    let write_bytes = io
-        .lines()
-        .find(|l| l.starts_with("write_bytes:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    ProcStats {
-        rss_kib: field("VmRSS:"),
-        hwm_kib: field("VmHWM:"),
-        cpu_s: ticks as f64 / 100.0,
-        write_bytes,
+/// CPU seconds a set of processes and the machine spent over one phase.
+struct PhaseCpu {
+    at: Instant,
+    procs: Vec<(&'static str, u32, f64)>,
+    machine: (u64, u64),
+}
+
+impl PhaseCpu {
+    fn start(procs: &[(&'static str, u32)]) -> PhaseCpu {
+        PhaseCpu {
+            at: Instant::now(),
+            procs: procs
+                .iter()
+                .map(|&(name, pid)| (name, pid, proc_stats(pid).cpu_s))
+                .collect(),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// "broker 0.93, publishers 0.88, ... of 2 cores busy": cores each took on average.
+    fn summary(&self) -> (String, Vec<(&'static str, f64)>) {
+        let secs = self.at.elapsed().as_secs_f64();
+        let cores: Vec<(&'static str, f64)> = self
+            .procs
+            .iter()
+            .map(|&(name, pid, before)| (name, (proc_stats(pid).cpu_s - before) / secs))
+            .collect();
+        let (busy, total) = machine_ticks();
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let machine =
+            (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64 * ncpu as f64;
+        let mut text: Vec<String> = cores
+            .iter()
+            .map(|(name, c)| format!("{name} {c:.2}"))
+            .collect();
+        text.push(format!("machine {machine:.2} of {ncpu}"));
+        let mut all = cores;
+        all.push(("machine", machine));
+        (text.join(", "), all)
     }
 }
 
@@ -167,6 +186,15 @@ fn rss_sampler(pid: u32) -> (Arc<AtomicU64>, Arc<std::sync::atomic::AtomicBool>)
         }
     });
     (peak, stop)
+}
+
+fn cores_json(cores: &[(&str, f64)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        cores
+            .iter()
+            .map(|(name, c)| (name.to_string(), serde_json::json!(c)))
+            .collect(),
+    )
 }
 
 fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
@@ -245,61 +273,11 @@ async fn publish_paced(
     }
 }
 
-/// Ends the broker's persistent session of `client_id`: a clean-session connect replaces it.
-async fn forget_session(port: u16, client_id: &str) {
-    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-    opts.set_clean_session(true);
-    let (c, mut ev) = rumqttc::AsyncClient::new(opts, 10);
-    loop {
-        match ev.poll().await {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("forgetting the session of {client_id}: {e}"),
-        }
-    }
-    let _ = c.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while ev.poll().await.is_ok() {}
-    })
-    .await;
-}
-
+/// The broker's rate to a do-nothing MQTT 3.1.1 QoS 1 subscriber (the same subscriber in every
+/// run, whichever protocol the agent speaks, so runs compare).
 fn baseline(rt: &tokio::runtime::Runtime, port: u16, devices: u32, per_device: u32) -> f64 {
     let total = u64::from(devices) * u64::from(per_device);
-    let received = Arc::new(AtomicU64::new(0));
-    let r = received.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let subscriber = rt.spawn(async move {
-        let mut opts = rumqttc::MqttOptions::new("load-baseline", "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
-        client
-            .subscribe("devices/+/telemetry", rumqttc::QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        let mut ready = Some(ready_tx);
-        loop {
-            match events.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
-                    if r.fetch_add(1, Ordering::Relaxed) + 1 >= total {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => panic!("baseline subscriber: {e}"),
-            }
-        }
-        let _ = client.disconnect().await;
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("baseline subscriber subscribed");
+    let subscriber = rt.block_on(do_nothing_subscriber(port, "3.1.1", total));
     let start = Instant::now();
     rt.block_on(publish_with(
         port,
@@ -333,7 +311,11 @@ fn main() {
 
     // 1. Baseline.
     eprintln!("  baseline: do-nothing subscriber ...");
+    let me = std::process::id();
+    let broker_pid = mosquitto.pid().unwrap();
+    let cpu = PhaseCpu::start(&[("broker", broker_pid), ("publishers+subscriber", me)]);
     let baseline_rate = baseline(&rt, mosquitto.port, args.devices, per_device);
+    let (baseline_cpu, baseline_cpu_json) = cpu.summary();
 
     // 2. Throughput through the agent.
     eprintln!("  throughput: through the agent to Kinesis ...");
@@ -365,6 +347,12 @@ fn main() {
     agent.wait_connected(1);
     let pid = agent.pid().unwrap();
     let before = proc_stats(pid);
+    let phase_cpu = PhaseCpu::start(&[
+        ("broker", broker_pid),
+        ("publishers", me),
+        ("emulator", kinesis.pid()),
+        ("agent", pid),
+    ]);
     let start = Instant::now();
     let publisher = rt.spawn(publish_with(
         mosquitto.port,
@@ -387,6 +375,7 @@ fn main() {
         },
     );
     let elapsed = start.elapsed().as_secs_f64();
+    let (throughput_cpu, throughput_cpu_json) = phase_cpu.summary();
     let ingest_rate = total as f64 / spooled_at.unwrap_or(elapsed);
     rt.block_on(publisher).unwrap();
     let after = proc_stats(pid);
@@ -441,7 +430,61 @@ fn main() {
     // and CPU, not the agent under test, would set the pace).
     rt.block_on(forget_session(mosquitto.port, "edgeship-gw-throughput"));
 
-    // 4. Backlog: build it with the uplink cut, then drain.
+    // 4. Ingest alone: the same messages with the Kinesis endpoint cut.
+    eprintln!("  ingest alone: {total} messages with the Kinesis endpoint cut ...");
+    let ingest_uplink = Uplink::start(kinesis.port);
+    ingest_uplink.cut();
+    let ingest_dir = dir.path().join("ingest");
+    std::fs::create_dir_all(&ingest_dir).unwrap();
+    let config = agent_config(
+        &ingest_dir,
+        mosquitto.port,
+        &ingest_uplink.endpoint(),
+        "load-ingest",
+        "max_bytes = \"4GiB\"",
+        &format!(
+            "protocol = \"{}\"\nmax_unacked = {}",
+            args.protocol, args.window
+        ),
+    )
+    .replace("gateway_id = \"gw-test\"", "gateway_id = \"gw-ingest\"")
+    .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
+    .replace(
+        "partition_key = \"{topic[1]}\"",
+        &format!(
+            "partition_key = \"{{gateway}}\"\nformat = \"{}\"",
+            args.format
+        ),
+    );
+    let mut agent = Agent::start(&ingest_dir, &config);
+    agent.wait_connected(1);
+    let pid = agent.pid().unwrap();
+    let ingest_before = proc_stats(pid);
+    let cpu = PhaseCpu::start(&[("broker", broker_pid), ("publishers", me), ("agent", pid)]);
+    let start = Instant::now();
+    let publisher = rt.spawn(publish_with(
+        mosquitto.port,
+        args.devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        timed_payload,
+        "in-",
+    ));
+    wait_for(
+        "the agent to spool every message",
+        Duration::from_secs(1800),
+        || agent.accounting().filter(|a| a.received >= total),
+    );
+    let alone_rate = total as f64 / start.elapsed().as_secs_f64();
+    let (alone_cpu, alone_cpu_json) = cpu.summary();
+    let alone_agent_cpu = proc_stats(pid).cpu_s - ingest_before.cpu_s;
+    rt.block_on(publisher).unwrap();
+    assert_eq!(agent.stop().code(), Some(0));
+    let alone_ack = ack_latency_from_log(&agent.log());
+    rt.block_on(forget_session(mosquitto.port, "edgeship-gw-ingest"));
+    drop(ingest_uplink);
+
+    // 5. Backlog: build it with the uplink cut, then drain.
     let backlog_msgs = (args.backlog_mb * 1_000_000 / 200).max(u64::from(args.devices));
     let backlog_per_device = (backlog_msgs / u64::from(args.devices)) as u32;
     let backlog_total = u64::from(backlog_per_device) * u64::from(args.devices);
@@ -522,6 +565,14 @@ fn main() {
             "",
         ),
         (
+            "edgeship ingest alone (Kinesis endpoint cut)",
+            format!(
+                "{alone_rate:.0} msg/s = {:.0}% of baseline",
+                100.0 * alone_rate / baseline_rate
+            ),
+            "",
+        ),
+        (
             "edgeship end to end (accepted by Kinesis)",
             format!(
                 "{agent_rate:.0} msg/s = {:.0}% of baseline",
@@ -568,6 +619,25 @@ fn main() {
             ),
             "",
         ),
+        (
+            "ack latency p50 / p99 / max, ingest alone",
+            format!(
+                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {})",
+                alone_ack.0 as f64 / 1e3,
+                alone_ack.1 as f64 / 1e3,
+                alone_ack.2 as f64 / 1e3,
+                alone_ack.3
+            ),
+            "",
+        ),
+        (
+            "agent CPU per message, ingest alone",
+            format!("{:.1} us", alone_agent_cpu * 1e6 / total as f64),
+            "",
+        ),
+        ("cores busy, baseline", baseline_cpu.clone(), ""),
+        ("cores busy, throughput", throughput_cpu.clone(), ""),
+        ("cores busy, ingest alone", alone_cpu.clone(), ""),
         (
             "ack latency p50 / p99 / max, half load",
             format!(
@@ -644,6 +714,15 @@ fn main() {
         "baseline_msgs_per_s": baseline_rate,
         "edgeship_msgs_per_s": agent_rate,
         "edgeship_ingest_msgs_per_s": ingest_rate,
+        "edgeship_ingest_alone_msgs_per_s": alone_rate,
+        "ingest_alone_ratio_to_baseline": alone_rate / baseline_rate,
+        "ack_latency_ingest_alone_us": {"p50": alone_ack.0, "p99": alone_ack.1, "max": alone_ack.2, "max_unacked": alone_ack.3},
+        "cpu_us_per_message_ingest_alone": alone_agent_cpu * 1e6 / total as f64,
+        "cores_busy": {
+            "baseline": cores_json(&baseline_cpu_json),
+            "throughput": cores_json(&throughput_cpu_json),
+            "ingest_alone": cores_json(&alone_cpu_json),
+        },
         "agent_received": throughput_acc.received,
         "protocol": args.protocol,
         "window": args.window,

@@ -251,6 +251,7 @@ mod tests {
         Record {
             seq,
             ts_ms: 1_700_000_000_000 + seq,
+            key: String::new(),
             topic: format!("devices/d{seq}/telemetry"),
             payload: payload.to_vec(),
         }

@@ -1,14 +1,19 @@
 //! The edgeship frame: many records of one route packed into one destination record.
 //!
 //! FORMAT.md at the repository root is the byte-for-byte specification; this module is its
-//! reference implementation and must stay in step with it. Layout, version 1:
+//! reference implementation and must stay in step with it. Layout:
 //!
 //! ```text
-//! magic "ESHP" | version u8 = 1 | flags u8 | gateway_len u8 | gateway (UTF-8)
+//! magic "ESHP" | version u8 (1 or 2) | flags u8 | gateway_len u8 | gateway (UTF-8)
 //!   | record_count u32 LE | body_len u32 LE | body
-//! body (after zstd, if flag bit 0 is set) = record_count times:
+//! body (after zstd, if flag bit 0 is set) = record_count times, version 1:
 //!   seq varint | ts_ms varint | topic_len varint | topic | payload_len varint | payload
+//! version 2 adds each record's partition key after ts_ms:
+//!   seq varint | ts_ms varint | key_len varint | key | topic_len varint | topic | ...
 //! ```
+//!
+//! Version 1 holds the records of one partition key (the Kinesis record's); version 2 lets
+//! one frame carry many keys bound for one shard, each record keeping its own.
 //!
 //! Decoding never trusts a length: every size is checked against the input and against
 //! [`MAX_BODY_BYTES`] before anything is allocated, and corrupt input is an error, never a panic.
@@ -22,7 +27,10 @@ pub mod kpl;
 use std::fmt;
 
 pub(crate) const MAGIC: &[u8; 4] = b"ESHP";
-pub(crate) const VERSION: u8 = 1;
+/// Frames of one partition key; records without their own key.
+pub const VERSION_1: u8 = 1;
+/// Frames whose records each carry their partition key.
+pub const VERSION_2: u8 = 2;
 /// Flag bit 0: the body is one zstd frame (with content checksum).
 pub(crate) const FLAG_ZSTD: u8 = 0b0000_0001;
 /// Largest uncompressed body a decoder accepts (a 10 MiB Kinesis record at a very high ratio).
@@ -49,7 +57,7 @@ pub(crate) const FIXED_HEADER_BYTES: usize = 4 + 1 + 1 + 1 + 4 + 4;
 pub enum FrameError {
     #[error("not an edgeship frame (magic bytes missing)")]
     BadMagic,
-    #[error("frame version {0} is not supported (this build reads version {VERSION})")]
+    #[error("frame version {0} is not supported (this build reads versions 1 and 2)")]
     UnsupportedVersion(u8),
     #[error("unknown frame flags {0:#04x}")]
     UnknownFlags(u8),
@@ -70,6 +78,9 @@ pub enum FrameError {
 pub struct Record {
     pub seq: u64,
     pub ts_ms: u64,
+    /// Its partition key as the spool keeps it (see [`crate::key`]); empty in a version 1
+    /// body, where the frame's (or block's) one key stands for every record.
+    pub key: String,
     pub topic: String,
     pub payload: Vec<u8>,
 }
@@ -79,6 +90,7 @@ impl fmt::Debug for Record {
         f.debug_struct("Record")
             .field("seq", &self.seq)
             .field("ts_ms", &self.ts_ms)
+            .field("key", &self.key)
             .field("topic", &self.topic)
             .field("payload_len", &self.payload.len())
             .finish()
@@ -123,6 +135,34 @@ pub fn encode_record(body: &mut Vec<u8>, seq: u64, ts_ms: u64, topic: &str, payl
     body.extend_from_slice(payload);
 }
 
+/// Appends one record to an uncompressed version 2 body: as [`encode_record`], with the
+/// record's partition key after its time.
+pub fn encode_record_v2(
+    body: &mut Vec<u8>,
+    seq: u64,
+    ts_ms: u64,
+    key: &str,
+    topic: &str,
+    payload: &[u8],
+) {
+    put_varint(body, seq);
+    put_varint(body, ts_ms);
+    put_varint(body, key.len() as u64);
+    body.extend_from_slice(key.as_bytes());
+    put_varint(body, topic.len() as u64);
+    body.extend_from_slice(topic.as_bytes());
+    put_varint(body, payload.len() as u64);
+    body.extend_from_slice(payload);
+}
+
+/// Appends one record in the body encoding of `version`.
+pub fn encode_record_in(body: &mut Vec<u8>, version: u8, r: &Record) {
+    match version {
+        VERSION_1 => encode_record(body, r.seq, r.ts_ms, &r.topic, &r.payload),
+        _ => encode_record_v2(body, r.seq, r.ts_ms, &r.key, &r.topic, &r.payload),
+    }
+}
+
 /// Bytes `encode_record` adds for a record, for size accounting without encoding.
 pub(crate) fn encoded_record_len(
     seq: u64,
@@ -141,8 +181,19 @@ pub(crate) fn encoded_record_len(
         + payload_len
 }
 
-/// Parses `count` records from an uncompressed body; the body must end exactly after them.
+/// Parses `count` records from an uncompressed version 1 body; the body must end exactly
+/// after them.
 pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, FrameError> {
+    decode_records_in(body, count, VERSION_1)
+}
+
+/// Parses `count` records from an uncompressed body of `version`; the body must end exactly
+/// after them.
+pub(crate) fn decode_records_in(
+    body: &[u8],
+    count: u32,
+    version: u8,
+) -> Result<Vec<Record>, FrameError> {
     // Each record takes at least 4 bytes, so a count larger than that is corrupt before any
     // allocation is sized from it.
     if count as usize > body.len() / 4 + 1 {
@@ -157,6 +208,13 @@ pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, Fra
     for _ in 0..count {
         let seq = get_varint(body, &mut pos)?;
         let ts_ms = get_varint(body, &mut pos)?;
+        let key = if version == VERSION_1 {
+            String::new()
+        } else {
+            std::str::from_utf8(take(body, &mut pos)?)
+                .map_err(|_| FrameError::Corrupt("key is not UTF-8".into()))?
+                .to_string()
+        };
         let topic = take(body, &mut pos)?;
         let topic = std::str::from_utf8(topic)
             .map_err(|_| FrameError::Corrupt("topic is not UTF-8".into()))?
@@ -165,6 +223,7 @@ pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, Fra
         records.push(Record {
             seq,
             ts_ms,
+            key,
             topic,
             payload,
         });
@@ -189,9 +248,21 @@ fn take<'a>(body: &'a [u8], pos: &mut usize) -> Result<&'a [u8], FrameError> {
     Ok(slice)
 }
 
-/// Wraps an uncompressed body of `count` records into a frame. `compressor` is reused across
-/// frames (its context is the expensive part); pass `None` for an uncompressed frame.
+/// Wraps an uncompressed version 1 body of `count` records into a frame. `compressor` is
+/// reused across frames (its context is the expensive part); pass `None` for an uncompressed
+/// frame.
 pub fn encode_frame(
+    gateway: &str,
+    count: u32,
+    body: &[u8],
+    compressor: Option<&mut zstd::bulk::Compressor<'_>>,
+) -> Result<Vec<u8>, FrameError> {
+    encode_frame_in(VERSION_1, gateway, count, body, compressor)
+}
+
+/// Wraps an uncompressed body of `version` holding `count` records into a frame.
+pub fn encode_frame_in(
+    version: u8,
     gateway: &str,
     count: u32,
     body: &[u8],
@@ -205,7 +276,7 @@ pub fn encode_frame(
     }
     let mut out = Vec::with_capacity(FIXED_HEADER_BYTES + gateway.len() + body.len() / 4 + 64);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    out.push(version);
     out.push(if compressor.is_some() { FLAG_ZSTD } else { 0 });
     out.push(gateway.len() as u8);
     out.extend_from_slice(gateway.as_bytes());
@@ -252,6 +323,8 @@ pub(crate) fn decompress_exact(data: &[u8], expected_len: usize) -> Result<Vec<u
 /// A frame's header, read by [`read_frame`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// 1: one partition key for the frame; 2: a key per record.
+    pub version: u8,
     pub gateway: String,
     pub records: u32,
     pub body_len: usize,
@@ -278,6 +351,7 @@ impl std::io::Read for Source<'_> {
 /// as its bytes actually arrive.
 pub struct Records<'a> {
     source: Source<'a>,
+    version: u8,
     /// Records still to come, and body bytes still to come, as the header says.
     left: u32,
     body_left: usize,
@@ -338,12 +412,19 @@ impl Records<'_> {
     fn record(&mut self) -> Result<Record, FrameError> {
         let seq = self.varint()?;
         let ts_ms = self.varint()?;
+        let key = if self.version == VERSION_1 {
+            String::new()
+        } else {
+            String::from_utf8(self.field("key")?)
+                .map_err(|_| FrameError::Corrupt("key is not UTF-8".into()))?
+        };
         let topic = String::from_utf8(self.field("topic")?)
             .map_err(|_| FrameError::Corrupt("topic is not UTF-8".into()))?;
         let payload = self.field("payload")?;
         Ok(Record {
             seq,
             ts_ms,
+            key,
             topic,
             payload,
         })
@@ -401,7 +482,7 @@ pub fn read_frame(data: &[u8]) -> Result<(Header, Records<'_>), FrameError> {
         return Err(FrameError::Truncated("header"));
     }
     let version = data[4];
-    if version != VERSION {
+    if version != VERSION_1 && version != VERSION_2 {
         return Err(FrameError::UnsupportedVersion(version));
     }
     let flags = data[5];
@@ -447,6 +528,7 @@ pub fn read_frame(data: &[u8]) -> Result<(Header, Records<'_>), FrameError> {
     };
     Ok((
         Header {
+            version,
             gateway,
             records: count,
             body_len,
@@ -454,6 +536,7 @@ pub fn read_frame(data: &[u8]) -> Result<(Header, Records<'_>), FrameError> {
         },
         Records {
             source,
+            version,
             left: count,
             body_left: body_len,
             done: false,
@@ -474,9 +557,13 @@ pub fn decode_frame(data: &[u8]) -> Result<Frame, FrameError> {
     }
     let body = &data[data.len() - (data.len() - FIXED_HEADER_BYTES - header.gateway.len())..];
     let records = if header.compressed {
-        decode_records(&decompress_exact(body, header.body_len)?, header.records)?
+        decode_records_in(
+            &decompress_exact(body, header.body_len)?,
+            header.records,
+            header.version,
+        )?
     } else {
-        decode_records(body, header.records)?
+        decode_records_in(body, header.records, header.version)?
     };
     Ok(Frame {
         gateway: header.gateway,
@@ -493,6 +580,7 @@ mod tests {
             .map(|i| Record {
                 seq: 1_000 + i,
                 ts_ms: 1_764_000_000_000 + i,
+                key: String::new(),
                 topic: format!("devices/d{}/telemetry", i % 7),
                 payload: format!("{{\"t\":{i},\"v\":21.5}}").into_bytes(),
             })
@@ -534,12 +622,14 @@ mod tests {
             Record {
                 seq: 0,
                 ts_ms: 0,
+                key: String::new(),
                 topic: String::new(),
                 payload: vec![],
             },
             Record {
                 seq: u64::MAX,
                 ts_ms: u64::MAX,
+                key: String::new(),
                 topic: "t".into(),
                 payload: vec![0xff, 0x00, 0xfe],
             },
@@ -564,7 +654,7 @@ mod tests {
         let compressed = z.finish().unwrap();
         let mut data = Vec::new();
         data.extend_from_slice(MAGIC);
-        data.extend_from_slice(&[VERSION, FLAG_ZSTD, 2]);
+        data.extend_from_slice(&[VERSION_1, FLAG_ZSTD, 2]);
         data.extend_from_slice(b"gw");
         data.extend_from_slice(&count.to_le_bytes());
         data.extend_from_slice(&(body_len as u32).to_le_bytes());
@@ -618,7 +708,7 @@ mod tests {
         body.resize(body.len() + 64, b'x');
         let mut data = Vec::new();
         data.extend_from_slice(MAGIC);
-        data.extend_from_slice(&[VERSION, 0, 0]);
+        data.extend_from_slice(&[VERSION_1, 0, 0]);
         data.extend_from_slice(&1u32.to_le_bytes());
         data.extend_from_slice(&(body.len() as u32).to_le_bytes());
         data.extend_from_slice(&body);
@@ -663,6 +753,45 @@ mod tests {
         );
     }
 
+    /// Version 2: many keys in one frame, each record keeping its own, through both decoders.
+    #[test]
+    fn version_2_frames_carry_a_key_per_record() {
+        let records: Vec<Record> = sample(300)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut r)| {
+                r.key = format!("d{}", i % 11);
+                r
+            })
+            .collect();
+        let mut body = Vec::new();
+        for r in &records {
+            encode_record_in(&mut body, VERSION_2, r);
+        }
+        let mut c = frame_compressor(3).unwrap();
+        for compressor in [Some(&mut c), None] {
+            let bytes = encode_frame_in(VERSION_2, "gw-2", 300, &body, compressor).unwrap();
+            assert_eq!(decode_frame(&bytes).unwrap().records, records);
+            let (header, streamed) = read_frame(&bytes).unwrap();
+            assert_eq!((header.version, header.records), (VERSION_2, 300));
+            let streamed: Vec<Record> = streamed.map(Result::unwrap).collect();
+            assert_eq!(streamed, records);
+        }
+        // The same body read as version 1 is not mistaken for records.
+        let as_v1 = encode_frame("gw", 300, &body, None).unwrap();
+        assert!(decode_frame(&as_v1).is_err());
+        // Every truncation is refused; every byte flip is an error or a clean decode.
+        let good = encode_frame_in(VERSION_2, "gw", 300, &body, Some(&mut c)).unwrap();
+        for cut in 0..good.len() {
+            assert!(decode_frame(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x5a;
+            let _ = decode_frame(&bad);
+        }
+    }
+
     #[test]
     fn varints_use_the_full_range() {
         for v in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
@@ -693,5 +822,29 @@ mod format_doc {
         let mut body = Vec::new();
         super::encode_record(&mut body, 5, 9, "a/b", b"{}");
         assert_eq!(super::encode_frame("gw", 1, &body, None).unwrap(), bytes);
+    }
+
+    /// The version 2 example in FORMAT.md, byte for byte.
+    #[test]
+    fn the_documented_version_2_example_decodes() {
+        let bytes = [
+            0x45, 0x53, 0x48, 0x50, 0x02, 0x00, 0x02, 0x67, 0x77, 0x01, 0x00, 0x00, 0x00, 0x0c,
+            0x00, 0x00, 0x00, 0x05, 0x09, 0x02, 0x64, 0x31, 0x03, 0x61, 0x2f, 0x62, 0x02, 0x7b,
+            0x7d,
+        ];
+        let f = super::decode_frame(&bytes).unwrap();
+        assert_eq!(f.gateway, "gw");
+        let r = &f.records[0];
+        assert_eq!((r.seq, r.ts_ms, r.key.as_str()), (5, 9, "d1"));
+        assert_eq!(
+            (r.topic.as_str(), r.payload.as_slice()),
+            ("a/b", &b"{}"[..])
+        );
+        let mut body = Vec::new();
+        super::encode_record_v2(&mut body, 5, 9, "d1", "a/b", b"{}");
+        assert_eq!(
+            super::encode_frame_in(super::VERSION_2, "gw", 1, &body, None).unwrap(),
+            bytes
+        );
     }
 }

@@ -68,7 +68,8 @@ __all__ = [
 ]
 
 MAGIC = b"ESHP"
-VERSION = 1
+#: Version 1: records of one partition key. Version 2: each record carries its own key.
+VERSIONS = (1, 2)
 FLAG_ZSTD = 0x01
 #: Largest uncompressed body accepted, as in agent/frame/mod.rs.
 MAX_BODY_BYTES = 256 << 20
@@ -108,6 +109,9 @@ class Record:
     topic: str
     ts_ms: int
     payload: bytes
+    #: The record's partition key (version 2 frames); empty in version 1 frames, whose one
+    #: key is the Kinesis record's.
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,34 +134,35 @@ def decode_frame(data: Union[bytes, bytearray, memoryview]) -> Frame:
     """Decodes one frame, checking every length and the whole body (its zstd checksum) before
     returning; raises FrameError for anything malformed. At most ``MAX_COLLECTED_RECORDS``
     records: ``iter_frame`` yields any number."""
-    gateway, count, body = _open_frame(data)
+    gateway, count, body, version = _open_frame(data)
     if count > MAX_COLLECTED_RECORDS:
         raise _corrupt(
             f"{count} records is more than {MAX_COLLECTED_RECORDS} to hold at once;"
             " read it as a stream"
         )
-    return Frame(gateway, list(_iter_records(gateway, body, count)))
+    return Frame(gateway, list(_iter_records(gateway, body, count, version)))
 
 
 def iter_frame(data: Union[bytes, bytearray, memoryview]) -> Iterator[Record]:
     """Yields a frame's records one at a time: only one ``Record`` is held at once, whatever
     the header claims (the body, at most ``MAX_BODY_BYTES`` and ``MAX_EXPANSION`` times the
     input, is checked whole first). Raises FrameError as ``decode_frame`` does."""
-    gateway, count, body = _open_frame(data)
-    return _iter_records(gateway, body, count)
+    gateway, count, body, version = _open_frame(data)
+    return _iter_records(gateway, body, count, version)
 
 
-def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, bytes]:
-    """Checks a frame's header and returns its gateway, record count and uncompressed body."""
+def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, bytes, int]:
+    """Checks a frame's header and returns its gateway, record count, uncompressed body and
+    version."""
     data = bytes(data)
     if len(data) < 4 or data[:4] != MAGIC:
         raise FrameError("not an edgeship frame (magic bytes missing)")
     if len(data) < 7:
         raise _truncated("header")
     version, flags, gateway_len = data[4], data[5], data[6]
-    if version != VERSION:
+    if version not in VERSIONS:
         raise FrameError(
-            f"frame version {version} is not supported (this build reads version {VERSION})"
+            f"frame version {version} is not supported (this build reads versions 1 and 2)"
         )
     if flags & ~FLAG_ZSTD:
         raise FrameError(f"unknown frame flags {flags:#04x}")
@@ -188,22 +193,29 @@ def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, by
     # A record takes at least 4 bytes: a count beyond that is corrupt, whatever follows.
     if count > len(body) // 4 + 1:
         raise _corrupt(f"{count} records cannot fit in {len(body)} bytes")
-    return gateway, count, body
+    return gateway, count, body, version
 
 
-def _iter_records(gateway: str, body: bytes, count: int) -> Iterator[Record]:
+def _iter_records(gateway: str, body: bytes, count: int, version: int) -> Iterator[Record]:
     """Parses ``count`` records from an uncompressed body that must end right after them."""
     pos = 0
     for _ in range(count):
         seq, pos = _read_varint(body, pos)
         ts_ms, pos = _read_varint(body, pos)
+        key_text = ""
+        if version == 2:
+            key, pos = _read_field(body, pos)
+            try:
+                key_text = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _corrupt("key is not UTF-8") from None
         topic, pos = _read_field(body, pos)
         try:
             topic_text = topic.decode("utf-8")
         except UnicodeDecodeError:
             raise _corrupt("topic is not UTF-8") from None
         payload, pos = _read_field(body, pos)
-        yield Record(f"{gateway}:{seq}", seq, gateway, topic_text, ts_ms, payload)
+        yield Record(f"{gateway}:{seq}", seq, gateway, topic_text, ts_ms, payload, key_text)
     if pos != len(body):
         raise _corrupt(f"{len(body) - pos} bytes after the last record")
 
@@ -363,6 +375,8 @@ def json_line(record: Record) -> str:
         "topic": record.topic,
         "ts_ms": record.ts_ms,
     }
+    if record.key:
+        line["key"] = record.key
     try:
         line["payload"] = record.payload.decode("utf-8")
     except UnicodeDecodeError:

@@ -32,6 +32,11 @@ MODULE = HERE / "edgeship_decode.py"
 # The worked example of FORMAT.md: gateway "gw", one record (seq 5, ts_ms 9, "a/b", "{}").
 DOC_EXAMPLE = bytes.fromhex("4553485001000267770100000009000000050903612f62027b7d")
 DOC_EXAMPLE_LINE = '{"gateway":"gw","id":"gw:5","payload":"{}","seq":5,"topic":"a/b","ts_ms":9}'
+# Its version 2 form: the record carries its partition key "d1".
+DOC_EXAMPLE_V2 = bytes.fromhex("455348500200026777010000000c000000050902643103612f62027b7d")
+DOC_EXAMPLE_V2_LINE = (
+    '{"gateway":"gw","id":"gw:5","key":"d1","payload":"{}","seq":5,"topic":"a/b","ts_ms":9}'
+)
 
 
 def varint(value):
@@ -48,12 +53,18 @@ def record_bytes(seq, ts_ms, topic, payload):
     return varint(seq) + varint(ts_ms) + varint(len(topic)) + topic + varint(len(payload)) + payload
 
 
-def frame_bytes(gateway, count, body, compressed=None, flags=None, body_len=None):
+def record_bytes_v2(seq, ts_ms, key, topic, payload):
+    key = key.encode() if isinstance(key, str) else key
+    rest = record_bytes(seq, ts_ms, topic, payload)[len(varint(seq)) + len(varint(ts_ms)) :]
+    return varint(seq) + varint(ts_ms) + varint(len(key)) + key + rest
+
+
+def frame_bytes(gateway, count, body, compressed=None, flags=None, body_len=None, version=1):
     """A frame around ``body``; ``compressed`` (if given) is what follows the header instead."""
     gateway = gateway.encode() if isinstance(gateway, str) else gateway
     if flags is None:
         flags = ed.FLAG_ZSTD if compressed is not None else 0
-    header = b"ESHP" + bytes([1, flags, len(gateway)]) + gateway
+    header = b"ESHP" + bytes([version, flags, len(gateway)]) + gateway
     header += struct.pack("<II", count, len(body) if body_len is None else body_len)
     return header + (body if compressed is None else compressed)
 
@@ -89,6 +100,7 @@ _ESCAPES = b"".join(
     ]
 )
 _ONE = record_bytes(5, 9, "a/b", b"{}")
+_V2 = record_bytes_v2(1, 2, _TEXT, "t/1", b"{}") + record_bytes_v2(2, 2, "", "t/2", b"\xff")
 _SKIPPABLE = struct.pack("<II", 0x184D2A53, 3) + b"abc"
 CRAFTED = {
     "escapes plain": frame_bytes("gw-é", 4, _ESCAPES),
@@ -125,6 +137,17 @@ CRAFTED = {
     "count far too high": frame_bytes("gw", 100, _ONE),
     "count 1 too low": frame_bytes("gw", 0, _ONE),
     "unknown flag": frame_bytes("gw", 1, _ONE, flags=0x03),
+    "version 2": DOC_EXAMPLE_V2,
+    "version 2, keys escaped, zstd": frame_bytes(
+        "gw", 2, _V2, zstd(_V2), version=2
+    ),
+    "version 2 body read as version 1": frame_bytes("gw", 2, _V2, version=1),
+    "version 1 body read as version 2": frame_bytes("gw", 1, _ONE, version=2),
+    "version 2, key past the body": frame_bytes("gw", 1, _ONE[:2] + varint(99) + b"k", version=2),
+    "version 2, key not UTF-8": frame_bytes(
+        "gw", 1, record_bytes_v2(5, 9, b"\xff", "a/b", b"{}"), version=2
+    ),
+    "version 3": frame_bytes("gw", 1, _ONE, version=3),
 }
 for _n in range(1, 10):
     CRAFTED[f"{_n} bytes after the zstd frame"] = frame_bytes("gw", 1, _ONE, zstd(_ONE) + bytes(_n))
@@ -138,6 +161,14 @@ class FormatTests(unittest.TestCase):
         self.assertEqual(frame.gateway, "gw")
         self.assertEqual(frame.records, [ed.Record("gw:5", 5, "gw", "a/b", 9, b"{}")])
         self.assertEqual(ed.json_line(frame.records[0]), DOC_EXAMPLE_LINE)
+
+    def test_documented_version_2_example(self):
+        frame = ed.decode_frame(DOC_EXAMPLE_V2)
+        self.assertEqual(frame.records, [ed.Record("gw:5", 5, "gw", "a/b", 9, b"{}", "d1")])
+        self.assertEqual(ed.json_line(frame.records[0]), DOC_EXAMPLE_V2_LINE)
+        body = b"".join(record_bytes_v2(i, i, f"d{i % 3}", "t", b"x") for i in range(50))
+        records = ed.decode_frame(frame_bytes("gw", 50, body, zstd(body), version=2)).records
+        self.assertEqual([r.key for r in records], [f"d{i % 3}" for i in range(50)])
 
     def test_round_trip_plain_and_compressed(self):
         plain = frame_bytes("gw-1", 3, SAMPLE_BODY)
@@ -176,7 +207,7 @@ class FormatTests(unittest.TestCase):
         bad_checksum[-1] ^= 1
         cases = {
             "magic bytes missing": b"ESHX" + DOC_EXAMPLE[4:],
-            "version 2 is not supported": DOC_EXAMPLE[:4] + b"\x02" + DOC_EXAMPLE[5:],
+            "version 3 is not supported": DOC_EXAMPLE[:4] + b"\x03" + DOC_EXAMPLE[5:],
             "unknown frame flags 0x02": frame_bytes("gw", 3, body, flags=0x02),
             "truncated: header": DOC_EXAMPLE[:6],
             "truncated: gateway id": DOC_EXAMPLE[:8],

@@ -64,6 +64,11 @@ impl Mosquitto {
         Mosquitto::start_with(dir, "")
     }
 
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts it with `extra` appended to its config (more listeners, TLS).
     pub fn start_with(dir: &Path, extra: &str) -> Mosquitto {
         let mut m = Mosquitto {
@@ -179,7 +184,14 @@ pub fn signal(pid: u32, sig: &str) {
 
 pub struct KinesisMock {
     pub port: u16,
-    _child: Mutex<Child>,
+    child: Mutex<Child>,
+}
+
+impl KinesisMock {
+    /// The emulator's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
 }
 
 pub fn kinesis() -> &'static KinesisMock {
@@ -225,7 +237,7 @@ pub fn kinesis() -> &'static KinesisMock {
         );
         KinesisMock {
             port,
-            _child: Mutex::new(child),
+            child: Mutex::new(child),
         }
     })
 }
@@ -473,6 +485,7 @@ fn kpl_as_frame(data: &[u8]) -> frame::Frame {
             frame::Record {
                 seq: seq.parse().expect("seq"),
                 ts_ms: tag(u, "ts_ms").parse().expect("ts_ms"),
+                key: String::new(),
                 topic: tag(u, "topic"),
                 payload: u.data.clone(),
             }
@@ -1372,4 +1385,160 @@ pub async fn publish_paced_at(
         t.await.unwrap();
     }
     acked.load(Ordering::Relaxed)
+}
+
+/// What /proc says about a process.
+#[derive(Default, Clone, Copy)]
+pub struct ProcStats {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub cpu_s: f64,
+    pub write_bytes: u64,
+}
+
+pub fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; after "pid (comm)" they are at 11 and 12.
+    let ticks: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let write_bytes = io
+        .lines()
+        .find(|l| l.starts_with("write_bytes:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ProcStats {
+        rss_kib: field("VmRSS:"),
+        hwm_kib: field("VmHWM:"),
+        cpu_s: ticks as f64 / 100.0,
+        write_bytes,
+    }
+}
+
+/// Ends the broker's persistent session of `client_id`: a clean-session connect replaces it.
+pub async fn forget_session(port: u16, client_id: &str) {
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_clean_session(true);
+    let (c, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    loop {
+        match ev.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("forgetting the session of {client_id}: {e}"),
+        }
+    }
+    let _ = c.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while ev.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// A QoS 1 subscriber to `devices/+/telemetry` speaking `protocol` ("5" or "3.1.1") that does
+/// nothing with what it receives: the broker's own rate, the baseline the load programs compare
+/// the agent with. Returns once it is subscribed; the task ends after `total` messages.
+pub async fn do_nothing_subscriber(
+    port: u16,
+    protocol: &str,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let subscriber = if protocol == "5" {
+        tokio::spawn(async move {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            let mut opts = rumqttc::v5::MqttOptions::new(
+                format!("baseline-5-{}", std::process::id()),
+                "127.0.0.1",
+                port,
+            );
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_max_packet_size(Some(1 << 20));
+            let (client, mut events) = rumqttc::v5::AsyncClient::new(opts, 1000);
+            client
+                .subscribe(
+                    "devices/+/telemetry",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                )
+                .await
+                .unwrap();
+            let mut ready = Some(ready_tx);
+            let mut received = 0u64;
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::v5::Event::Incoming(Packet::Publish(_))) => {
+                        received += 1;
+                        if received >= total {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("baseline subscriber (MQTT 5): {e}"),
+                }
+            }
+            let _ = client.disconnect().await;
+        })
+    } else {
+        tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(
+                format!("baseline-311-{}", std::process::id()),
+                "127.0.0.1",
+                port,
+            );
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+            client
+                .subscribe("devices/+/telemetry", rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            let mut ready = Some(ready_tx);
+            let mut received = 0u64;
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                        received += 1;
+                        if received >= total {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("baseline subscriber (MQTT 3.1.1): {e}"),
+                }
+            }
+            let _ = client.disconnect().await;
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("the baseline subscriber subscribed in time")
+        .expect("the baseline subscriber subscribed");
+    subscriber
 }

@@ -1,0 +1,542 @@
+//! The budget in the shapes gateways run: one table of the figures DESIGN.md section 3 names,
+//! one row per shape of traffic, measured against real Mosquitto, the real Kinesis emulator and
+//! the agent as a separate process, all on loopback.
+//!
+//! ```text
+//! cargo bench --bench shapes                      # full run: every shape below
+//! cargo bench --bench shapes -- --quick           # a smoke test of every shape, rough figures
+//! cargo bench --bench shapes -- --format kpl      # the route's frames in the KPL format
+//! cargo bench --bench shapes -- --only 3.1.1      # the shapes whose name holds "3.1.1"
+//! cargo bench --bench shapes -- --skip "10000 devices, saturating" --messages 200000
+//! ```
+//!
+//! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
+//! `{topic[1]}` so each device's records keep their order on one shard), how many devices
+//! publish (10,000 devices are 10,000 topics over at most 50 connections) and the offered rate
+//! (as fast as the broker takes it, 1,000 msg/s, 20 msg/s). Every payload is telemetry JSON of
+//! about 200 bytes whose values change with every message. For each protocol the broker's rate
+//! to a do-nothing QoS 1 subscriber of that protocol is measured in the same run, and each
+//! saturating shape's end-to-end rate is given as a share of it.
+//!
+//! Per shape: a fresh agent and stream (one shard), every message published, the agent left to
+//! ship until Kinesis accepted them all; the stream is then read back and every message found
+//! (the program fails if one is missing). It asserts nothing about speed.
+
+#[path = "../tests/e2e/support.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Publishing connections at most: devices beyond are topics shared over them.
+const MAX_CONNECTIONS: u32 = 50;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyBy {
+    Gateway,
+    Device,
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    protocol: &'static str,
+    key: KeyBy,
+    devices: u32,
+    /// Messages per second offered, or `None` for as fast as the broker takes them.
+    rate: Option<u32>,
+}
+
+impl Shape {
+    fn name(&self) -> String {
+        format!(
+            "{} {} key, {} devices, {}",
+            match self.protocol {
+                "5" => "MQTT 5",
+                _ => "MQTT 3.1.1",
+            },
+            match self.key {
+                KeyBy::Gateway => "{gateway}",
+                KeyBy::Device => "device",
+            },
+            self.devices,
+            match self.rate {
+                None => "saturating".to_string(),
+                Some(r) => format!("{r} msg/s"),
+            }
+        )
+    }
+}
+
+/// The matrix the issue of record asks for: both protocols saturating with either key, the
+/// per-device key with 100 and 10,000 devices, and the low rates.
+fn matrix() -> Vec<Shape> {
+    let s = |protocol, key, devices, rate| Shape {
+        protocol,
+        key,
+        devices,
+        rate,
+    };
+    use KeyBy::*;
+    vec![
+        s("5", Gateway, 100, None),
+        s("3.1.1", Gateway, 100, None),
+        s("5", Device, 100, None),
+        s("3.1.1", Device, 100, None),
+        s("5", Device, 10_000, None),
+        s("3.1.1", Device, 10_000, None),
+        s("3.1.1", Gateway, 100, Some(1_000)),
+        s("3.1.1", Device, 100, Some(1_000)),
+        s("3.1.1", Device, 10_000, Some(1_000)),
+        s("3.1.1", Gateway, 100, Some(20)),
+        s("3.1.1", Device, 100, Some(20)),
+        s("3.1.1", Device, 10_000, Some(20)),
+    ]
+}
+
+struct Args {
+    quick: bool,
+    /// Messages per saturating shape.
+    messages: u64,
+    /// Seconds per fixed-rate shape.
+    seconds: u64,
+    format: String,
+    only: Option<String>,
+    skip: Option<String>,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        quick: false,
+        messages: 1_000_000,
+        seconds: 60,
+        format: "edgeship".into(),
+        only: None,
+        skip: None,
+        json: None,
+    };
+    let mut explicit = (false, false);
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--messages" => {
+                a.messages = value("--messages").parse().expect("--messages N");
+                explicit.0 = true;
+            }
+            "--seconds" => {
+                a.seconds = value("--seconds").parse().expect("--seconds N");
+                explicit.1 = true;
+            }
+            "--format" => a.format = value("--format"),
+            "--only" => a.only = Some(value("--only")),
+            "--skip" => a.skip = Some(value("--skip")),
+            "--json" => a.json = Some(PathBuf::from(value("--json"))),
+            // cargo bench passes --bench; ignore harness flags.
+            _ => {}
+        }
+    }
+    if a.quick {
+        if !explicit.0 {
+            a.messages = 20_000;
+        }
+        if !explicit.1 {
+            a.seconds = 3;
+        }
+    }
+    a
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// About 200 bytes of telemetry JSON whose readings change with every message (a hash of the
+/// device and the message number), stamped with its publish time.
+fn fresh_payload(device: u32, seq: u32) -> Vec<u8> {
+    let mut x = (u64::from(device) << 32 | u64::from(seq)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = |range: u64| {
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 32;
+        x % range
+    };
+    format!(
+        r#"{{"device":"dev-{device:05}","seq":{seq},"temp_c":{}.{:02},"humidity_pct":{}.{},"pressure_kpa":{}.{:02},"vibration_mm_s":0.{:03},"battery_v":3.{:02},"status":"ok","fw":"2.4.1","pub_ms":{}}}"#,
+        15 + next(15),
+        next(100),
+        30 + next(40),
+        next(10),
+        99 + next(4),
+        next(100),
+        next(1000),
+        next(100),
+        now_ms()
+    )
+    .into_bytes()
+}
+
+/// (device, seq, publish time) of a payload `fresh_payload` made.
+fn parse_payload(payload: &[u8]) -> Option<(u32, u32, u64)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let field = |name: &str| -> Option<&str> {
+        let at = text.find(name)? + name.len();
+        let rest = &text[at..];
+        Some(&rest[..rest.find([',', '}', '"'])?])
+    };
+    Some((
+        field("\"device\":\"dev-")?.parse().ok()?,
+        field("\"seq\":")?.parse().ok()?,
+        field("\"pub_ms\":")?.parse().ok()?,
+    ))
+}
+
+/// Publishes `total` messages at QoS 1 for `devices` devices (topic `devices/dev-NNNNN/
+/// telemetry`) over at most [`MAX_CONNECTIONS`] connections, round robin over each
+/// connection's devices, at `rate` messages/s together or as fast as the broker takes them.
+/// Returns once the broker acked every one.
+async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, prefix: String) {
+    let connections = devices.min(MAX_CONNECTIONS);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        // Connection c publishes for devices c, c + connections, ...; messages i = c + k *
+        // connections of the whole run.
+        let mine = (total + u64::from(connections - 1 - c)) / u64::from(connections);
+        let own_devices: Vec<u32> = (c..devices).step_by(connections as usize).collect();
+        let client_id = format!("{prefix}{c:02}-{}", std::process::id());
+        tasks.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_inflight(100);
+            let (client, mut events) = rumqttc::AsyncClient::new(opts, 200);
+            let sender = tokio::spawn(async move {
+                let mut tick = rate.map(|r| {
+                    let mut t = tokio::time::interval(Duration::from_secs_f64(
+                        f64::from(connections) / f64::from(r),
+                    ));
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
+                for k in 0..mine {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
+                    let device = own_devices[(k % own_devices.len() as u64) as usize];
+                    let seq = (k / own_devices.len() as u64) as u32;
+                    client
+                        .publish(
+                            format!("devices/dev-{device:05}/telemetry"),
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            fresh_payload(device, seq),
+                        )
+                        .await
+                        .unwrap();
+                }
+                client
+            });
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            let mut acked = 0;
+            while acked < mine {
+                assert!(
+                    Instant::now() < deadline,
+                    "connection {c}: {acked} of {mine} acked"
+                );
+                match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(e)) => panic!("publisher {c}: {e}"),
+                }
+            }
+            let client = sender.await.unwrap();
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while events.poll().await.is_ok() {}
+            })
+            .await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The broker's rate to a do-nothing QoS 1 subscriber speaking `protocol`, for `total`
+/// messages from 100 devices.
+fn baseline(rt: &tokio::runtime::Runtime, port: u16, protocol: &str, total: u64) -> f64 {
+    let subscriber = rt.block_on(do_nothing_subscriber(port, protocol, total));
+    let start = Instant::now();
+    rt.block_on(publish_shape(
+        port,
+        100,
+        total,
+        None,
+        format!("base{}-", protocol.replace('.', "")),
+    ));
+    rt.block_on(subscriber).unwrap();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The figures of one shape.
+struct Figures {
+    messages: u64,
+    msgs_per_s: f64,
+    /// End-to-end rate over the broker's baseline rate of the same protocol (saturating).
+    ratio: Option<f64>,
+    cpu_us_per_msg: f64,
+    disk_per_payload: f64,
+    kinesis_per_payload: f64,
+    put_units_per_million: f64,
+    kinesis_records: usize,
+    peak_rss_mib: f64,
+    accepted_p50_ms: u64,
+    accepted_p99_ms: u64,
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_shape(
+    rt: &tokio::runtime::Runtime,
+    index: usize,
+    shape: Shape,
+    args: &Args,
+    dir: &std::path::Path,
+    broker_port: u16,
+    baseline_rate: Option<f64>,
+) -> Figures {
+    let kinesis = kinesis();
+    let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
+    let total = match shape.rate {
+        None => args.messages,
+        Some(r) => u64::from(r) * args.seconds,
+    }
+    .max(u64::from(shape.devices.min(MAX_CONNECTIONS)));
+    let stream = format!("shapes-{}-{index}", std::process::id());
+    rt.block_on(create_stream(&client, &stream, 1));
+    let gateway = format!("gw-shape-{index}");
+    let agent_dir = dir.join(format!("shape-{index}"));
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let key = match shape.key {
+        KeyBy::Gateway => "{gateway}",
+        KeyBy::Device => "{topic[1]}",
+    };
+    let config = agent_config(
+        &agent_dir,
+        broker_port,
+        &kinesis.endpoint(),
+        &stream,
+        "max_bytes = \"2GiB\"",
+        &format!("protocol = \"{}\"\nmax_unacked = 1000", shape.protocol),
+    )
+    .replace(
+        "gateway_id = \"gw-test\"",
+        &format!("gateway_id = \"{gateway}\""),
+    )
+    .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
+    // The shipped default linger.
+    .replace("linger = \"200ms\"\n", "")
+    .replace(
+        "partition_key = \"{topic[1]}\"",
+        &format!("partition_key = \"{key}\"\nformat = \"{}\"", args.format),
+    );
+    let mut agent = Agent::start(&agent_dir, &config);
+    agent.wait_connected(1);
+    let pid = agent.pid().unwrap();
+    let before = proc_stats(pid);
+    let start = Instant::now();
+    let publisher = rt.spawn(publish_shape(
+        broker_port,
+        shape.devices,
+        total,
+        shape.rate,
+        format!("shape{index}-"),
+    ));
+    wait_for(
+        "the agent to deliver every message",
+        Duration::from_secs(3600),
+        || agent.accounting().filter(|a| a.delivered >= total),
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    rt.block_on(publisher).unwrap();
+    let after = proc_stats(pid);
+    assert_eq!(agent.stop().code(), Some(0), "the agent stopped cleanly");
+    rt.block_on(forget_session(broker_port, &format!("edgeship-{gateway}")));
+
+    let back = rt.block_on(read_stream(&client, &stream));
+    let mut seen = HashSet::new();
+    let mut latencies = Vec::with_capacity(back.messages.len());
+    let mut payload_bytes = 0u64;
+    for (m, arrived) in back.messages.iter().zip(&back.arrivals_ms) {
+        let (device, seq, pub_ms) = parse_payload(&m.payload)
+            .unwrap_or_else(|| panic!("a payload the program did not publish: {m:?}"));
+        if seen.insert((device, seq)) {
+            payload_bytes += m.payload.len() as u64;
+            latencies.push(arrived.saturating_sub(pub_ms));
+        }
+    }
+    assert_eq!(
+        seen.len() as u64,
+        total,
+        "{}: messages missing from the stream",
+        shape.name()
+    );
+    latencies.sort_unstable();
+    let msgs_per_s = total as f64 / elapsed;
+    let payload = payload_bytes as f64;
+    Figures {
+        messages: total,
+        msgs_per_s,
+        ratio: baseline_rate.map(|b| msgs_per_s / b),
+        cpu_us_per_msg: (after.cpu_s - before.cpu_s) * 1e6 / total as f64,
+        disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
+        kinesis_per_payload: back.kinesis_bytes as f64 / payload,
+        put_units_per_million: back.put_units as f64 * 1e6 / total as f64,
+        kinesis_records: back.kinesis_records,
+        peak_rss_mib: after.hwm_kib as f64 / 1024.0,
+        accepted_p50_ms: percentile(&latencies, 0.5),
+        accepted_p99_ms: percentile(&latencies, 0.99),
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let shapes: Vec<Shape> = matrix()
+        .into_iter()
+        .filter(|s| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| s.name().contains(o.as_str()))
+        })
+        .filter(|s| {
+            args.skip
+                .as_ref()
+                .is_none_or(|o| !s.name().contains(o.as_str()))
+        })
+        .collect();
+    assert!(!shapes.is_empty(), "no shape matches --only");
+    let rt = runtime();
+    let dir = tempdir();
+    eprintln!(
+        "edgeship shapes: {} shapes, {} messages per saturating shape, {} s per fixed-rate shape, format {}{}",
+        shapes.len(),
+        args.messages,
+        args.seconds,
+        args.format,
+        if args.quick { ", quick" } else { "" }
+    );
+    let mosquitto = Mosquitto::start_with(dir.path(), "max_inflight_messages 1000\n");
+
+    let mut baselines = std::collections::BTreeMap::new();
+    for protocol in ["5", "3.1.1"] {
+        if shapes
+            .iter()
+            .any(|s| s.protocol == protocol && s.rate.is_none())
+        {
+            eprintln!("  baseline: do-nothing MQTT {protocol} subscriber ...");
+            baselines.insert(
+                protocol,
+                baseline(&rt, mosquitto.port, protocol, args.messages),
+            );
+        }
+    }
+
+    let mut results = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        eprintln!("  {} ...", shape.name());
+        let base = shape.rate.is_none().then(|| baselines[shape.protocol]);
+        let f = run_shape(&rt, i, *shape, &args, dir.path(), mosquitto.port, base);
+        results.push((*shape, f));
+    }
+
+    println!();
+    println!(
+        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, 1 shard, default batch settings",
+        args.format
+    );
+    for (protocol, rate) in &baselines {
+        println!("broker -> do-nothing MQTT {protocol} QoS 1 subscriber: {rate:.0} msg/s");
+    }
+    println!(
+        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
+        "shape",
+        "messages",
+        "end to end",
+        "CPU us",
+        "disk",
+        "kinesis",
+        "PUT u/1M",
+        "RSS",
+        "accepted p50/99"
+    );
+    println!(
+        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
+        "", "", "msg/s (share)", "/msg", "/pay", "/pay", "", "MiB", "ms"
+    );
+    println!("{}", "-".repeat(140));
+    for (shape, f) in &results {
+        let rate = match f.ratio {
+            Some(r) => format!("{:.0} ({:.2})", f.msgs_per_s, r),
+            None => format!("{:.0}", f.msgs_per_s),
+        };
+        println!(
+            "{:<52} {:>9} {:>15} {:>7.1} {:>6.3} {:>8.3} {:>9.0} {:>6.1} {:>15}",
+            shape.name(),
+            f.messages,
+            rate,
+            f.cpu_us_per_msg,
+            f.disk_per_payload,
+            f.kinesis_per_payload,
+            f.put_units_per_million,
+            f.peak_rss_mib,
+            format!("{} / {}", f.accepted_p50_ms, f.accepted_p99_ms)
+        );
+    }
+    println!(
+        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6}",
+        "budget (issue 18)", "", ">= 0.90", "<= 10", "<= 0.5", "<= 0.15", "<= 1000", "<= 32"
+    );
+
+    let json = serde_json::json!({
+        "format": args.format,
+        "quick": args.quick,
+        "baseline_msgs_per_s": baselines,
+        "shapes": results.iter().map(|(s, f)| serde_json::json!({
+            "name": s.name(),
+            "protocol": s.protocol,
+            "key": match s.key { KeyBy::Gateway => "gateway", KeyBy::Device => "device" },
+            "devices": s.devices,
+            "rate": s.rate,
+            "messages": f.messages,
+            "msgs_per_s": f.msgs_per_s,
+            "ratio_to_baseline": f.ratio,
+            "cpu_us_per_message": f.cpu_us_per_msg,
+            "disk_write_bytes_per_payload_byte": f.disk_per_payload,
+            "kinesis_bytes_per_payload_byte": f.kinesis_per_payload,
+            "put_units_per_million": f.put_units_per_million,
+            "kinesis_records": f.kinesis_records,
+            "peak_rss_mib": f.peak_rss_mib,
+            "publish_to_accepted_ms": {"p50": f.accepted_p50_ms, "p99": f.accepted_p99_ms},
+        })).collect::<Vec<_>>(),
+    });
+    let path = args.json.unwrap_or_else(|| {
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+            .join("edgeship-shapes.json")
+    });
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nJSON: {}", path.display());
+}
