@@ -105,6 +105,7 @@ fn spool_append_commit(c: &mut Criterion) {
                             .iter()
                             .map(|p| NewRecord {
                                 ts_ms: 1_764_000_000_000,
+                                key: "gw",
                                 topic,
                                 payload: p.as_bytes(),
                             })
@@ -129,6 +130,7 @@ fn batching(c: &mut Criterion) {
             id: i,
             route: "telemetry".into(),
             key: format!("dev-{:03}", i % 50),
+            version: 2,
             records: 10,
             raw_bytes: 2_300,
             stored_bytes: 300,

@@ -11,6 +11,9 @@ pub(crate) struct BatchConfig {
     pub(crate) linger: Duration,
     /// Target uncompressed bytes per frame.
     pub(crate) frame_bytes: u64,
+    /// Whether the config chose `frame_bytes` (else the default, which a shipper lowers to
+    /// what one shard takes in a second).
+    pub(crate) frame_bytes_set: bool,
     pub(crate) zstd_level: i32,
     /// Larger messages go to the dead-letter table (reason `oversize`).
     pub(crate) max_message_bytes: u64,
@@ -38,6 +41,7 @@ pub(super) fn batch(raw: RawBatch, src: &Source) -> Result<BatchConfig, ConfigEr
     let batch = BatchConfig {
         linger: raw.linger.map_or(Duration::from_secs(1), |d| d.0),
         frame_bytes: raw.frame_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),
+        frame_bytes_set: raw.frame_bytes.is_some(),
         zstd_level,
         max_message_bytes: raw.max_message_bytes.unwrap_or(ByteSize(256 << 10)).bytes(),
         max_call_bytes: raw.max_call_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),

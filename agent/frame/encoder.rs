@@ -1,13 +1,18 @@
 //! The one place records become destination records: a run of record bodies (each the
-//! uncompressed record encoding of FORMAT.md, with its record count) is encoded in a route's
-//! format, split until every piece fits the destination's record limit.
+//! uncompressed record encoding of FORMAT.md, with its record count and body version) is
+//! encoded in a route's format, split until every piece fits the destination's record limit.
+//! Bodies of version 2 (a key per record) make frames of version 2; a run that mixes versions
+//! (a spool written by an older agent) has its version 1 bodies rewritten with the run's key.
 //!
 //! It knows nothing of spool blocks or destinations: callers pass bodies and a limit, and get
 //! back each encoded record with the range of bodies it holds. No I/O; CPU-bound (zstd), so
 //! async callers run it on a blocking thread.
 
 use super::kpl;
-use super::{decode_records, encode_frame, frame_compressor, FrameError};
+use super::{
+    decode_records_in, encode_frame_in, encode_record_in, frame_compressor, FrameError, VERSION_1,
+    VERSION_2,
+};
 use serde::Deserialize;
 
 /// How a route's records are packed into destination records.
@@ -57,6 +62,10 @@ pub(crate) enum EncodeError {
 pub(crate) struct Body<'a> {
     pub(crate) records: u32,
     pub(crate) bytes: &'a [u8],
+    /// Its encoding: [`VERSION_1`] (records of one key, `key`) or [`VERSION_2`].
+    pub(crate) version: u8,
+    /// The key of its block (a version 1 body's records all have it).
+    pub(crate) key: &'a str,
 }
 
 /// One destination record and which bodies (a range of the input) it holds.
@@ -84,23 +93,26 @@ impl FrameEncoder {
         })
     }
 
-    /// One destination record of `records` records whose bodies are concatenated in `raw`.
+    /// One destination record of `records` records whose bodies (of `version`) are
+    /// concatenated in `raw`.
     fn encode(
         &mut self,
         gateway: &str,
         key: &str,
         records: u64,
         raw: &[u8],
+        version: u8,
     ) -> Result<Vec<u8>, EncodeError> {
         match self {
-            FrameEncoder::Edgeship(compressor) => Ok(encode_frame(
+            FrameEncoder::Edgeship(compressor) => Ok(encode_frame_in(
+                version,
                 gateway,
                 records as u32,
                 raw,
                 Some(compressor),
             )?),
             FrameEncoder::Kpl => {
-                let records = decode_records(raw, records as u32)?;
+                let records = decode_records_in(raw, records as u32, version)?;
                 let mut out = Vec::new();
                 let (partition_key, hash_key) = crate::key::split(key);
                 kpl::encode(gateway, partition_key, hash_key, &records, &mut out);
@@ -137,11 +149,20 @@ impl FrameEncoder {
             return Ok(());
         }
         let records: u64 = bodies.iter().map(|b| u64::from(b.records)).sum();
+        let version = bodies.iter().map(|b| b.version).max().unwrap_or(VERSION_1);
         let mut raw = Vec::with_capacity(bodies.iter().map(|b| b.bytes.len()).sum());
         for b in bodies {
-            raw.extend_from_slice(b.bytes);
+            if b.version == version {
+                raw.extend_from_slice(b.bytes);
+            } else {
+                // A version 1 body among version 2 ones: its records are of its block's key.
+                for mut r in decode_records_in(b.bytes, b.records, b.version)? {
+                    r.key = b.key.to_string();
+                    encode_record_in(&mut raw, VERSION_2, &r);
+                }
+            }
         }
-        let data = self.encode(gateway, key, records, &raw)?;
+        let data = self.encode(gateway, key, records, &raw, version)?;
         if data.len() + key.len() <= limit {
             out.push(Encoded {
                 data,
@@ -152,7 +173,7 @@ impl FrameEncoder {
             return Ok(());
         }
         if bodies.len() == 1 {
-            let first_seq = decode_records(&raw, bodies[0].records)
+            let first_seq = decode_records_in(&raw, bodies[0].records, version)
                 .ok()
                 .and_then(|r| r.first().map(|r| r.seq))
                 .unwrap_or(0);
@@ -201,6 +222,8 @@ mod tests {
             .map(|(records, bytes)| Body {
                 records: *records,
                 bytes,
+                version: VERSION_1,
+                key: "k",
             })
             .collect()
     }
@@ -242,6 +265,58 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].records, 800);
         assert_eq!(out[0].bodies, 0..8);
+    }
+
+    /// A run of version 2 bodies (many keys) makes a version 2 frame; a version 1 body among
+    /// them (an older spool) gets the run's key.
+    #[test]
+    fn version_2_bodies_make_version_2_frames_with_every_key() {
+        let mut v2 = Vec::new();
+        for i in 0..10u64 {
+            crate::frame::encode_record_v2(&mut v2, i, 1, &format!("dev-{i}"), "t", b"{}");
+        }
+        let (n1, v1) = body(10, 5, 20, false);
+        let bodies = vec![
+            Body {
+                records: 10,
+                bytes: &v2,
+                version: VERSION_2,
+                key: "gw\u{0}0",
+            },
+            Body {
+                records: n1,
+                bytes: &v1,
+                version: VERSION_1,
+                key: "gw\u{0}0",
+            },
+        ];
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        let out = c
+            .encode_fitting("gw", "gw\u{0}0", &bodies, 1 << 20)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        let (header, _) = crate::frame::read_frame(&out[0].data).unwrap();
+        assert_eq!(header.version, VERSION_2);
+        let keys: Vec<String> = decode_frame(&out[0].data)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        let mut expected: Vec<String> = (0..10).map(|i| format!("dev-{i}")).collect();
+        expected.extend(std::iter::repeat_n("gw\u{0}0".to_string(), 5));
+        assert_eq!(keys, expected);
+        // The same run in the KPL format: each user record with its own partition key.
+        let mut k = FrameEncoder::new(FrameFormat::Kpl, 3).unwrap();
+        let out = k
+            .encode_fitting("gw", "gw\u{0}0", &bodies, 1 << 20)
+            .unwrap();
+        let users = crate::frame::kpl::decode(&out[0].data).unwrap();
+        let pks: Vec<&str> = users.iter().map(|u| u.partition_key.as_str()).collect();
+        assert_eq!(&pks[..3], ["dev-0", "dev-1", "dev-2"]);
+        assert_eq!(pks[10], "gw");
+        assert_eq!(users[10].explicit_hash_key.as_deref(), Some("0"));
+        assert_eq!(users[0].explicit_hash_key, None);
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! Tag              { required string key = 1; optional string value = 2; }
 //! ```
 //!
-//! Every user record of one aggregate has the aggregate's own partition key (edgeship frames
-//! hold one route and key), so the KCL's shard filter after a reshard keeps all of them. The
+//! Each user record has its own partition key (and explicit hash key, if its route sets one):
+//! an aggregate holds the records of one shard, of many keys, and the KCL's shard filter after
+//! a reshard judges each by its own. The
 //! data is the MQTT payload unchanged; the record id (`<gateway>:<seq>`), topic and receipt time
 //! travel as tags `id`, `topic`, `ts_ms`, for consumers that read them.
 //!
@@ -61,8 +62,10 @@ fn tag_len(key: &str, value: &str) -> usize {
     bytes_field_len(1, key.len()) + bytes_field_len(2, value.len())
 }
 
-/// Encodes `records` of one partition key (and explicit hash key, if the route sets one) as an
-/// aggregated record into `out` (cleared first).
+/// Encodes `records` as an aggregated record into `out` (cleared first). Each user record
+/// has its own key (a record's spooled key, see [`crate::key`]) when it carries one, else
+/// `partition_key` and `explicit_hash_key` (the frame's): the KCL filters user records by
+/// their own key after a reshard, so each must be the one its route gave it.
 pub(crate) fn encode(
     gateway: &str,
     partition_key: &str,
@@ -73,19 +76,40 @@ pub(crate) fn encode(
     out.clear();
     out.extend_from_slice(&MAGIC);
     let start = out.len();
-    bytes_field(out, 1, partition_key.as_bytes());
-    if let Some(h) = explicit_hash_key {
-        bytes_field(out, 2, h.as_bytes());
+    // The key tables, in order of first use, and each record's indexes into them.
+    let mut pks: Vec<&str> = Vec::new();
+    let mut hks: Vec<&str> = Vec::new();
+    let mut pk_index: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut hk_index: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut indexes: Vec<(u64, Option<u64>)> = Vec::with_capacity(records.len());
+    for r in records {
+        let (pk, hk) = if r.key.is_empty() {
+            (partition_key, explicit_hash_key)
+        } else {
+            crate::key::split(&r.key)
+        };
+        let p = *pk_index.entry(pk).or_insert_with(|| {
+            pks.push(pk);
+            pks.len() as u64 - 1
+        });
+        let h = hk.map(|hk| {
+            *hk_index.entry(hk).or_insert_with(|| {
+                hks.push(hk);
+                hks.len() as u64 - 1
+            })
+        });
+        indexes.push((p, h));
     }
-    // Each user record's key indexes: partition key 0 (field 1), explicit hash key 0 (field 2).
-    let indexes: &[u8] = if explicit_hash_key.is_some() {
-        &[1 << 3, 0, 2 << 3, 0]
-    } else {
-        &[1 << 3, 0]
-    };
+    for pk in &pks {
+        bytes_field(out, 1, pk.as_bytes());
+    }
+    for hk in &hks {
+        bytes_field(out, 2, hk.as_bytes());
+    }
     let mut id = String::new();
     let mut ts = String::new();
-    for r in records {
+    let mut index_bytes = Vec::with_capacity(24);
+    for (r, (p, h)) in records.iter().zip(indexes) {
         use std::fmt::Write;
         id.clear();
         let _ = write!(id, "{gateway}:{}", r.seq);
@@ -96,14 +120,22 @@ pub(crate) fn encode(
             ("topic", r.topic.as_str()),
             ("ts_ms", ts.as_str()),
         ];
+        // Key indexes: partition key (field 1), explicit hash key (field 2) if any.
+        index_bytes.clear();
+        varint(&mut index_bytes, 1 << 3);
+        varint(&mut index_bytes, p);
+        if let Some(h) = h {
+            varint(&mut index_bytes, 2 << 3);
+            varint(&mut index_bytes, h);
+        }
         // Record: key indexes (varints), data (field 3), tags (field 4).
-        let mut len = indexes.len() + bytes_field_len(3, r.payload.len());
+        let mut len = index_bytes.len() + bytes_field_len(3, r.payload.len());
         for (k, v) in tags {
             len += bytes_field_len(4, tag_len(k, v));
         }
         varint(out, u64::from(3u32 << 3 | 2));
         varint(out, len as u64);
-        out.extend_from_slice(indexes);
+        out.extend_from_slice(&index_bytes);
         bytes_field(out, 3, &r.payload);
         for (k, v) in tags {
             varint(out, u64::from(4u32 << 3 | 2));
@@ -119,7 +151,7 @@ pub(crate) fn encode(
 /// One user record read back from an aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
-    pub(crate) partition_key: String,
+    pub partition_key: String,
     pub explicit_hash_key: Option<String>,
     pub data: Vec<u8>,
     pub tags: Vec<(String, String)>,

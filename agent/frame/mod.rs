@@ -181,12 +181,6 @@ pub(crate) fn encoded_record_len(
         + payload_len
 }
 
-/// Parses `count` records from an uncompressed version 1 body; the body must end exactly
-/// after them.
-pub(crate) fn decode_records(body: &[u8], count: u32) -> Result<Vec<Record>, FrameError> {
-    decode_records_in(body, count, VERSION_1)
-}
-
 /// Parses `count` records from an uncompressed body of `version`; the body must end exactly
 /// after them.
 pub(crate) fn decode_records_in(

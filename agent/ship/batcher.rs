@@ -1,8 +1,10 @@
 //! Batching: which spooled blocks travel together in one frame.
 //!
 //! Pure bookkeeping over block metadata: no data, no I/O, no clock of its own (callers pass
-//! the time), so every limit is unit-tested. A frame holds whole blocks of one (route,
-//! partition key); it closes when the next block would pass the raw-size target or when its
+//! the time), so every limit is unit-tested. A frame holds whole blocks of one (route, group):
+//! the group is the shard the blocks go to when the caller knows it (blocks of many keys, and
+//! of buckets, share frames; one open frame per shard keeps each key's order), else the
+//! block's own key. It closes when the next block would pass the raw-size target or when its
 //! oldest record has waited `linger`. A record's age is read from the wall clock once, when
 //! its block is planned; from then on lingering runs on the monotonic clock, so a clock step
 //! (NTP, a gateway that learns the date late) never holds a frame back by more than `linger`.
@@ -16,6 +18,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FramePlan {
     pub(crate) route: String,
+    /// What its blocks share: their shard, or their key.
+    pub(crate) group: String,
+    /// Its first block's key: every block of the frame goes where this key places it.
     pub(crate) key: String,
     pub(crate) blocks: Vec<BlockMeta>,
     pub(crate) raw_bytes: u64,
@@ -25,9 +30,10 @@ pub struct FramePlan {
 }
 
 impl FramePlan {
-    fn new(block: BlockMeta, due: Instant) -> FramePlan {
+    fn new(block: BlockMeta, group: String, due: Instant) -> FramePlan {
         FramePlan {
             route: block.route.clone(),
+            group,
             key: block.key.clone(),
             raw_bytes: u64::from(block.raw_bytes),
             records: u64::from(block.records),
@@ -67,27 +73,33 @@ impl Batcher {
         }
     }
 
-    /// Adds a block to its (route, key) frame, closing that frame first if the block would
+    /// Adds a block to the frame of its (route, key).
+    pub fn push(&mut self, block: BlockMeta, now: Instant, now_ms: u64) {
+        let group = block.key.clone();
+        self.push_in(block, group, now, now_ms);
+    }
+
+    /// Adds a block to its (route, group) frame, closing that frame first if the block would
     /// push it past the target. `now` and `now_ms` are the same moment on the monotonic and
     /// the wall clock.
-    pub fn push(&mut self, block: BlockMeta, now: Instant, now_ms: u64) {
+    pub fn push_in(&mut self, block: BlockMeta, group: String, now: Instant, now_ms: u64) {
         // A record from the future (the clock stepped back) counts as new.
         let age = Duration::from_millis(now_ms.saturating_sub(block.created_ms));
         let due = now + self.linger.saturating_sub(age);
         match self
             .open
             .iter()
-            .position(|f| f.route == block.route && f.key == block.key)
+            .position(|f| f.route == block.route && f.group == group)
         {
             Some(i)
                 if self.open[i].raw_bytes + u64::from(block.raw_bytes) > self.target_raw_bytes =>
             {
                 let full = self.open.swap_remove(i);
                 self.ready.push_back(full);
-                self.open.push(FramePlan::new(block, due));
+                self.open.push(FramePlan::new(block, group, due));
             }
             Some(i) => self.open[i].add(block, due),
-            None => self.open.push(FramePlan::new(block, due)),
+            None => self.open.push(FramePlan::new(block, group, due)),
         }
         if let Some(i) = self
             .open
@@ -185,6 +197,7 @@ mod tests {
             id,
             route: "r".into(),
             key: key.into(),
+            version: crate::frame::VERSION_2,
             records: raw / 100,
             raw_bytes: raw,
             stored_bytes: raw / 10,

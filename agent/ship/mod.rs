@@ -27,6 +27,7 @@ use crate::config::BatchConfig;
 use crate::frame::encoder::{Body, EncodeError, FrameEncoder};
 use crate::sink::call::Destination;
 use crate::sink::Sink;
+use crate::spool::placement::Placement;
 use crate::spool::{BlockMeta, SpoolHandle};
 use state::{Action, Job, Pending, Settings, ShipState};
 use stats::ShipperStats;
@@ -47,6 +48,9 @@ pub(crate) struct ShipperSpec {
     /// Encoded frames held in memory stop growing past this.
     pub(crate) max_queued_bytes: usize,
 }
+
+/// How often a shipper whose destination has not told its shards yet looks again.
+const PLACEMENT_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 enum ShipError {
@@ -84,9 +88,18 @@ impl Shipper {
     ) -> Shipper {
         let mut call = sink.call_limits();
         call.max_bytes = call.max_bytes.min(spec.batch.max_call_bytes as usize);
+        // By default a frame holds at most what its shard takes in a second (raw bytes;
+        // encoded it is no larger for incompressible payloads), so paced shards send evenly.
+        let frame_bytes = match sink.shard_limits() {
+            Some(l) if !spec.batch.frame_bytes_set => spec
+                .batch
+                .frame_bytes
+                .min((l.bytes_per_sec as u64).max(64 << 10)),
+            _ => spec.batch.frame_bytes,
+        };
         let settings = Settings {
             name: name.to_string(),
-            frame_bytes: spec.batch.frame_bytes,
+            frame_bytes,
             linger: spec.batch.linger,
             call,
             max_queued_bytes: spec.max_queued_bytes,
@@ -139,14 +152,21 @@ impl Shipper {
         let name = self.settings.name.clone();
         let mut state = ShipState::new(self.settings.clone(), self.stats.clone());
         let mut commits = self.spool.commits();
+        let mut placed: Option<Arc<[u128]>> = None;
         loop {
             if *stop.borrow() {
                 break;
             }
+            self.place(&mut placed);
             match state.next(Instant::now(), &*self.sink) {
                 Action::Lease { after, limit } => {
                     match self.spool.lease(self.routes.clone(), after, limit).await {
-                        Ok(blocks) => state.leased(blocks, Instant::now(), crate::clock::now_ms()),
+                        Ok(blocks) => state.leased(
+                            blocks,
+                            &*self.sink,
+                            Instant::now(),
+                            crate::clock::now_ms(),
+                        ),
                         Err(e) => {
                             tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
                             break;
@@ -177,6 +197,7 @@ impl Shipper {
                                 job,
                                 body,
                                 parts,
+                                &*self.sink,
                                 Instant::now(),
                                 crate::clock::now_ms(),
                             ),
@@ -214,6 +235,15 @@ impl Shipper {
                     }
                 }
                 Action::Wait { until } => {
+                    // Until the destination's shards are learned, look again soon: the
+                    // commits after that store one block per shard.
+                    let until = match (&placed, self.settings.shard_limits) {
+                        (None, Some(_)) => {
+                            let soon = Instant::now() + PLACEMENT_POLL;
+                            Some(until.map_or(soon, |u| u.min(soon)))
+                        }
+                        _ => until,
+                    };
                     tokio::select! {
                         // Each branch is cancel-safe: a watch change or a timer.
                         changed = commits.changed() => {
@@ -232,6 +262,28 @@ impl Shipper {
             }
         }
         let _ = self.spool.release(state.give_back());
+    }
+
+    /// Tells the spool where this destination's routes' records go, when the destination's
+    /// shards are learned or change: from then on each commit stores one block per shard.
+    fn place(&self, placed: &mut Option<Arc<[u128]>>) {
+        let starts = self.sink.shard_starts();
+        let same = match (&starts, &*placed) {
+            (Some(a), Some(b)) => a[..] == b[..],
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        let placement = starts.clone().map(|starts| Placement {
+            label: self.gateway.to_string(),
+            starts,
+        });
+        self.spool
+            .placements()
+            .set(&self.routes, placement.as_ref());
+        *placed = starts;
     }
 
     /// Reads a job's blocks and encodes them, on a blocking thread, as records of at most the
@@ -256,6 +308,8 @@ impl Shipper {
                 .map(|(m, b)| Body {
                     records: m.records,
                     bytes: b,
+                    version: m.version,
+                    key: &m.key,
                 })
                 .collect();
             let encoded = match encoder.encode_fitting(&gateway, &job.key, &pieces, job.limit) {

@@ -178,6 +178,8 @@ pub(crate) struct ShipState {
     cursor: i64,
     /// The last lease found nothing new (until the spool commits more).
     exhausted: bool,
+    /// Whether blocks were last planned by shard (the destination's shards known).
+    grouped_by_shard: bool,
     failing: Repeated,
     stats: Arc<ShipperStats>,
 }
@@ -195,6 +197,7 @@ impl ShipState {
             hold: Hold::None,
             cursor: 0,
             exhausted: false,
+            grouped_by_shard: false,
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
         }
@@ -320,12 +323,39 @@ impl ShipState {
     }
 
     /// What a lease returned.
-    pub(crate) fn leased(&mut self, blocks: Vec<BlockMeta>, now: Instant, now_ms: u64) {
+    pub(crate) fn leased(
+        &mut self,
+        blocks: Vec<BlockMeta>,
+        view: &dyn View,
+        now: Instant,
+        now_ms: u64,
+    ) {
         self.exhausted = blocks.is_empty();
         for b in blocks {
             self.cursor = self.cursor.max(b.id);
-            self.batcher.push(b, now, now_ms);
+            self.plan(b, view, now, now_ms);
         }
+    }
+
+    /// Plans a block into the frame of the shard it goes to (of many keys), or of its key
+    /// while the destination's shards are not known. When they become known, the frames
+    /// planned by key close first: every frame of a shard is then younger than them, and a
+    /// key's records keep their order.
+    fn plan(&mut self, block: BlockMeta, view: &dyn View, now: Instant, now_ms: u64) {
+        let group = match view.shard_for(&block.key) {
+            Some(shard) => {
+                if !self.grouped_by_shard {
+                    self.batcher.close_due(now, true);
+                    self.grouped_by_shard = true;
+                }
+                format!("\u{1}{shard}")
+            }
+            None => {
+                self.grouped_by_shard = false;
+                block.key.clone()
+            }
+        };
+        self.batcher.push_in(block, group, now, now_ms);
     }
 
     /// A job's frames, encoded (blocks gone from the spool meanwhile are left out).
@@ -351,6 +381,7 @@ impl ShipState {
         job: Job,
         failed: usize,
         replacement: Vec<BlockMeta>,
+        view: &dyn View,
         now: Instant,
         now_ms: u64,
     ) {
@@ -361,7 +392,7 @@ impl ShipState {
             .filter(|(i, _)| *i != failed)
             .map(|(_, b)| b);
         for b in replacement.into_iter().chain(others) {
-            self.batcher.push(b, now, now_ms);
+            self.plan(b, view, now, now_ms);
         }
     }
 
@@ -707,6 +738,7 @@ mod tests {
             id,
             route: "r".into(),
             key: key.into(),
+            version: crate::frame::VERSION_2,
             records: 10,
             raw_bytes: raw,
             stored_bytes: raw / 4,
@@ -741,7 +773,9 @@ mod tests {
     ) -> Action {
         for _ in 0..1000 {
             match s.next(now, &VIEW) {
-                Action::Lease { .. } => s.leased(blocks.take().unwrap_or_default(), now, now_ms),
+                Action::Lease { .. } => {
+                    s.leased(blocks.take().unwrap_or_default(), &VIEW, now, now_ms)
+                }
                 Action::Encode(job) => {
                     let f = frame(&job, frame_bytes, &VIEW);
                     s.encoded(&job, f);
@@ -787,6 +821,35 @@ mod tests {
         let mut ids: Vec<i64> = call.entries.iter().flat_map(|p| p.block_ids()).collect();
         ids.sort();
         assert_eq!(ids, vec![2, 3]);
+    }
+
+    /// Blocks of different keys bound for one shard share a frame; a frame planned by key
+    /// (its shard not known then) closes before any frame is planned by shard, so it goes
+    /// first and each key keeps its order.
+    #[test]
+    fn keys_of_one_shard_share_frames_and_frames_planned_by_key_go_first() {
+        let mut s = state(None);
+        let t0 = Instant::now();
+        // "u1" has no shard yet: planned by its key; then keys of shards A and B.
+        let mut blocks = Some(vec![
+            block(1, "u1", 100),
+            block(2, "a1", 100),
+            block(3, "a2", 100),
+            block(4, "b1", 100),
+        ]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0, 1_000) else {
+            panic!("the frame planned by key is closed and sent");
+        };
+        assert_eq!(call.entries.len(), 1);
+        assert_eq!(call.entries[0].block_ids(), vec![1]);
+        s.answered(call, Ok(accepted(1)), Duration::from_millis(5), t0, 1_000);
+        let later = t0 + Duration::from_millis(100);
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, later, 1_100) else {
+            panic!("the shards' frames go after their linger");
+        };
+        let mut frames: Vec<Vec<i64>> = call.entries.iter().map(|p| p.block_ids()).collect();
+        frames.sort();
+        assert_eq!(frames, vec![vec![2, 3], vec![4]], "one frame per shard");
     }
 
     #[test]

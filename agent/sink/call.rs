@@ -131,6 +131,13 @@ pub(crate) trait Destination: Send + Sync {
         None
     }
 
+    /// The starting hash keys of its open shards, sorted, once known: records of many keys
+    /// bound for one shard then share blocks and frames. The same `Arc` while they do not
+    /// change. `None` for destinations without shards.
+    fn shard_starts(&self) -> Option<Arc<[u128]>> {
+        None
+    }
+
     /// Sends one call; the result has one outcome per entry, in order. A call without an
     /// answer within `timeout` fails as [`FailureKind::TimedOut`].
     fn put(

@@ -90,6 +90,13 @@ impl Destination for Sink {
         }
     }
 
+    fn shard_starts(&self) -> Option<Arc<[u128]>> {
+        match self {
+            Sink::Kinesis(k) => k.shard_starts(),
+            Sink::Directory(d) => d.shard_starts(),
+        }
+    }
+
     async fn put(&self, entries: &[&Entry], timeout: Duration) -> Result<Vec<Outcome>, SinkError> {
         match self {
             Sink::Kinesis(k) => k.put(entries, timeout).await,

@@ -10,7 +10,9 @@
 //! messages share one commit and one compressed block, which is what keeps disk writes below
 //! the payload size; idle, a message waits at most that interval for its ack.
 //!
-//! Records of one (route, partition key) in one commit are stored as one compressed block.
+//! Records of one route in one commit are stored as one compressed block per bucket (a shard
+//! of the route's destination, see [`placement`]), each record with its own key; a route whose
+//! destination has no placement yet gets one block per partition key.
 //! The shipper leases blocks (metadata only), reads their bodies when it builds a frame (from
 //! then on they are in flight), and reports blocks as delivered when the destination accepted
 //! the frame.
@@ -30,6 +32,7 @@
 
 #[cfg(test)]
 mod model;
+pub(crate) mod placement;
 mod reserve;
 pub mod store;
 
@@ -202,6 +205,8 @@ enum Command {
 /// Live figures, updated after every commit; cheap to read from any thread.
 #[derive(Debug, Default)]
 pub(crate) struct SpoolStats {
+    /// Where each route's records go as blocks; set by the shippers.
+    pub(crate) placements: placement::Placements,
     pub(crate) received: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) dropped: AtomicU64,
@@ -262,6 +267,11 @@ fn closed<T>(_: T) -> SpoolError {
 }
 
 impl SpoolHandle {
+    /// The placements commits group records by: shippers set their routes'.
+    pub(crate) fn placements(&self) -> &placement::Placements {
+        &self.stats.placements
+    }
+
     /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
     pub(crate) fn append(&self, incoming: Incoming) -> Result<(), SpoolError> {
         self.tx.send(Command::Append(incoming)).map_err(closed)
@@ -1089,9 +1099,12 @@ impl Worker {
         accepted: &[Incoming],
         fx: &mut TxEffects,
     ) -> Result<(), SpoolError> {
-        // Group records by (route, key) in order of first appearance.
-        let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
+        // Group records by (route, block key) in order of first appearance: a bucket's key
+        // when the route has a placement, else the record's own.
+        let placements = self.stats.placements.snapshot();
+        let mut groups: Vec<(&str, String, Vec<usize>)> = Vec::new();
         let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut by_block: HashMap<(&str, String), usize> = HashMap::new();
         for (i, incoming) in accepted.iter().enumerate() {
             fx.received += 1;
             if let Some(r) = &incoming.receipt {
@@ -1105,10 +1118,20 @@ impl Worker {
             }
             match &incoming.disposition {
                 Disposition::Record { route, key } => {
-                    let g = *index.entry((route, key)).or_insert_with(|| {
-                        groups.push((route, key, Vec::new()));
-                        groups.len() - 1
-                    });
+                    let g = match index.get(&(&**route, key.as_str())) {
+                        Some(g) => *g,
+                        None => {
+                            let block_key = placements.block_key(route, key);
+                            let g = *by_block
+                                .entry((&**route, block_key.clone()))
+                                .or_insert_with(|| {
+                                    groups.push((route, block_key, Vec::new()));
+                                    groups.len() - 1
+                                });
+                            index.insert((route, key), g);
+                            g
+                        }
+                    };
                     groups[g].2.push(i);
                 }
                 Disposition::DeadLetter { route, reason } => {
@@ -1128,31 +1151,36 @@ impl Worker {
                 }
             }
         }
-        for (route, key, members) in groups {
+        for (route, block_key, members) in groups {
             let mut chunk: Vec<NewRecord<'_>> = Vec::new();
             let mut chunk_bytes = 0;
             for i in members {
                 let m = &accepted[i];
+                let Disposition::Record { key, .. } = &m.disposition else {
+                    unreachable!("only records are grouped");
+                };
                 let size = crate::frame::encoded_record_len(
                     u64::MAX,
                     m.ts_ms,
                     m.topic.len(),
                     m.payload.len(),
-                );
+                ) + key.len()
+                    + 2;
                 if !chunk.is_empty() && chunk_bytes + size > BLOCK_RAW_MAX {
-                    self.flush_block(route, key, &chunk, fx)?;
+                    self.flush_block(route, &block_key, &chunk, fx)?;
                     chunk.clear();
                     chunk_bytes = 0;
                 }
                 chunk.push(NewRecord {
                     ts_ms: m.ts_ms,
+                    key,
                     topic: &m.topic,
                     payload: &m.payload,
                 });
                 chunk_bytes += size;
             }
             if !chunk.is_empty() {
-                self.flush_block(route, key, &chunk, fx)?;
+                self.flush_block(route, &block_key, &chunk, fx)?;
             }
         }
         Ok(())
@@ -1252,13 +1280,74 @@ mod tests {
         let total: u32 = blocks.iter().map(|b| b.records).sum();
         assert_eq!(total, 100);
         let (_, body) = spool.read(vec![blocks[0].id]).await.unwrap().remove(0);
-        let first = crate::frame::decode_records(&body, blocks[0].records).unwrap();
+        let first =
+            crate::frame::decode_records_in(&body, blocks[0].records, blocks[0].version).unwrap();
         assert_eq!(first[0].payload, b"m1");
         spool
             .delivered(blocks.iter().map(|b| b.id).collect())
             .unwrap();
         let acc = spool.accounting().await.unwrap();
         assert_eq!((acc.received, acc.delivered, acc.pending), (100, 100, 0));
+        drop(spool);
+        assert!(thread.join().unwrap().unwrap().balances());
+    }
+
+    /// With its destination's shards known, a commit of 400 messages from 200 devices is two
+    /// blocks (one per shard), not 200; every record keeps its own key, and each block's key
+    /// places it on the shard all its records' keys map to.
+    #[tokio::test]
+    async fn a_commit_stores_one_block_per_shard_whatever_the_number_of_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        cfg.commit_interval = Duration::from_secs(5);
+        let (spool, thread) = start(&cfg).unwrap();
+        let half = u128::MAX / 2 + 1;
+        spool.placements().set(
+            &["r".to_string()],
+            Some(&placement::Placement {
+                label: "gw".into(),
+                starts: vec![0, half].into(),
+            }),
+        );
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        for i in 0..400u16 {
+            let mut m = record("r", format!("m{i}").as_bytes(), &ack_tx, i + 1);
+            m.disposition = Disposition::Record {
+                route: "r".into(),
+                key: format!("dev-{}", i % 200),
+            };
+            spool.append(m).unwrap();
+        }
+        spool.flush().unwrap();
+        for _ in 0..400 {
+            ack_rx.recv().await.unwrap();
+        }
+        let routes: Arc<[String]> = vec!["r".to_string()].into();
+        let blocks = spool.lease(routes, 0, 1000).await.unwrap();
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        let mut seen = 0;
+        for (meta, body) in spool
+            .read(blocks.iter().map(|b| b.id).collect())
+            .await
+            .unwrap()
+        {
+            let (label, start) = crate::key::split(&meta.key);
+            assert_eq!(label, "gw");
+            let start: u128 = start.unwrap().parse().unwrap();
+            assert!(start == 0 || start == half);
+            let records =
+                crate::frame::decode_records_in(&body, meta.records, meta.version).unwrap();
+            for r in records {
+                let hash = crate::key::hash_key(&r.key);
+                assert_eq!(hash >= half, start == half, "{} in the wrong block", r.key);
+                let i: u16 = std::str::from_utf8(&r.payload).unwrap()[1..]
+                    .parse()
+                    .unwrap();
+                assert_eq!(r.key, format!("dev-{}", i % 200));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 400);
         drop(spool);
         assert!(thread.join().unwrap().unwrap().balances());
     }

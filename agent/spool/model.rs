@@ -117,6 +117,7 @@ fn run(ops: Vec<Op>) {
                     .iter()
                     .map(|p| NewRecord {
                         ts_ms: 1,
+                        key: "k",
                         topic: "t",
                         payload: p,
                     })
@@ -222,7 +223,7 @@ fn run(ops: Vec<Op>) {
         // Every pending record is there, byte for byte.
         for (id, (_, records)) in &model.blocks {
             let (meta, raw) = store.read_block(*id).unwrap().expect("pending block");
-            let got = crate::frame::decode_records(&raw, meta.records).unwrap();
+            let got = crate::frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
             let got: Vec<(u64, Vec<u8>)> = got.into_iter().map(|r| (r.seq, r.payload)).collect();
             assert_eq!(&got, records, "block {id}");
         }

@@ -2,10 +2,12 @@
 //! same transaction as the records it describes.
 //!
 //! # Layout
-//! - `blocks`: one row per group of records of one (route, partition key) committed together.
-//!   `id` is the first record's sequence number, so ids only grow. `data` is the records in the
-//!   frame body encoding (see FORMAT.md), zstd-compressed: spooled bytes are a fraction of the
-//!   payload bytes, which is what keeps SD-card writes within budget.
+//! - `blocks`: one row per group of records of one route committed together, bound for one
+//!   place (`key`: one partition key, or a shard's bucket, see `spool/placement.rs`). `id` is
+//!   the first record's sequence number, so ids only grow. `data` is the records in the frame
+//!   body encoding of `body_version` (FORMAT.md; version 2 keeps each record's key),
+//!   zstd-compressed: spooled bytes are a fraction of the payload bytes, which is what keeps
+//!   SD-card writes within budget.
 //! - `counters`: the accounting terms per route (`received`, `delivered`, `dropped_<reason>`),
 //!   updated in the transaction that changes `blocks`, so after any crash
 //!   `received = delivered + dropped + pending` still holds with `pending = SUM(blocks.records)`.
@@ -28,7 +30,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `blocks.body_version` (version 1 files gain the column, their blocks keep version 1).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Sequence numbers are never reused for a gateway, not even when the spool file is lost or
 /// replaced: a floor kept beside it (`<spool>.seq`) is raised ahead of use in steps of this
@@ -199,7 +202,10 @@ pub(crate) struct DeadLetterCap {
 pub struct BlockMeta {
     pub id: i64,
     pub route: String,
+    /// Where the block goes: a partition key, or a bucket (see `spool/placement.rs`).
     pub key: String,
+    /// The body encoding of its data: [`frame::VERSION_1`] or [`frame::VERSION_2`].
+    pub version: u8,
     pub records: u32,
     pub raw_bytes: u32,
     pub stored_bytes: u32,
@@ -209,6 +215,8 @@ pub struct BlockMeta {
 /// A record on its way into a block.
 pub struct NewRecord<'a> {
     pub ts_ms: u64,
+    /// Its key as the spool keeps it (see [`crate::key`]).
+    pub key: &'a str,
     pub topic: &'a str,
     pub payload: &'a [u8],
 }
@@ -495,7 +503,8 @@ impl Store {
                  records INTEGER NOT NULL,
                  raw_bytes INTEGER NOT NULL,
                  created_ms INTEGER NOT NULL,
-                 data BLOB NOT NULL
+                 data BLOB NOT NULL,
+                 body_version INTEGER NOT NULL DEFAULT 1
              );
              CREATE TABLE IF NOT EXISTS counters (
                  route TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
@@ -538,7 +547,21 @@ impl Store {
                     found: v,
                 });
             }
-            Some(_) => {}
+            Some(v) => {
+                if !has_body_version(&conn) {
+                    conn.execute_batch(
+                        "ALTER TABLE blocks ADD COLUMN body_version INTEGER NOT NULL DEFAULT 1",
+                    )
+                    .map_err(err)?;
+                }
+                if v < SCHEMA_VERSION {
+                    conn.execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(err)?;
+                }
+            }
         }
         let stored: Option<i64> = conn
             .query_row(
@@ -896,7 +919,7 @@ impl Store {
         let first = self.next_seq;
         self.reserve_seqs(records.len() as u64)?;
         for (i, r) in records.iter().enumerate() {
-            frame::encode_record(body, first + i as u64, r.ts_ms, r.topic, r.payload);
+            frame::encode_record_v2(body, first + i as u64, r.ts_ms, r.key, r.topic, r.payload);
         }
         let data = self
             .compressor
@@ -910,6 +933,7 @@ impl Store {
             id: first as i64,
             route: route.to_string(),
             key: key.to_string(),
+            version: frame::VERSION_2,
             records: records.len() as u32,
             raw_bytes: body.len() as u32,
             stored_bytes: data.len() as u32,
@@ -917,10 +941,10 @@ impl Store {
         };
         self.conn
             .prepare_cached(
-                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data, body_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .and_then(|mut s| {
-                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data])
+                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data, meta.version])
             })
             .map_err(|e| self.err(e))?;
         self.next_seq += records.len() as u64;
@@ -940,11 +964,12 @@ impl Store {
         let Some((meta, raw)) = self.read_block(id)? else {
             return Ok(Vec::new());
         };
-        let records =
-            frame::decode_records(&raw, meta.records).map_err(|e| SpoolError::CorruptBlock {
+        let records = frame::decode_records_in(&raw, meta.records, meta.version).map_err(|e| {
+            SpoolError::CorruptBlock {
                 id,
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         if records.len() < 2 {
             return Ok(vec![meta]);
         }
@@ -959,8 +984,8 @@ impl Store {
                 u64::from(meta.records),
                 u64::from(meta.stored_bytes),
             );
-            let a = self.insert_block(&meta.route, &meta.key, left, body)?;
-            let b = self.insert_block(&meta.route, &meta.key, right, body)?;
+            let a = self.insert_block(&meta.route, &meta.key, meta.version, left, body)?;
+            let b = self.insert_block(&meta.route, &meta.key, meta.version, right, body)?;
             Ok(vec![a, b])
         })();
         match result {
@@ -980,12 +1005,13 @@ impl Store {
         &mut self,
         route: &str,
         key: &str,
+        version: u8,
         records: &[frame::Record],
         body: &mut Vec<u8>,
     ) -> Result<BlockMeta, SpoolError> {
         body.clear();
         for r in records {
-            frame::encode_record(body, r.seq, r.ts_ms, &r.topic, &r.payload);
+            frame::encode_record_in(body, version, r);
         }
         let id = records.first().map_or(0, |r| r.seq) as i64;
         let data = self
@@ -1000,6 +1026,7 @@ impl Store {
             id,
             route: route.to_string(),
             key: key.to_string(),
+            version,
             records: records.len() as u32,
             raw_bytes: body.len() as u32,
             stored_bytes: data.len() as u32,
@@ -1007,10 +1034,10 @@ impl Store {
         };
         self.conn
             .prepare_cached(
-                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data, body_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .and_then(|mut s| {
-                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data])
+                s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data, meta.version])
             })
             .map_err(|e| self.err(e))?;
         self.add_pending(route, records.len() as u64, data.len() as u64);
@@ -1027,11 +1054,12 @@ impl Store {
         let Some((meta, raw)) = self.read_block(id)? else {
             return Ok(None);
         };
-        let records =
-            frame::decode_records(&raw, meta.records).map_err(|e| SpoolError::CorruptBlock {
+        let records = frame::decode_records_in(&raw, meta.records, meta.version).map_err(|e| {
+            SpoolError::CorruptBlock {
                 id,
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         self.begin()?;
         let result = (|| {
             for r in &records {
@@ -1097,8 +1125,8 @@ impl Store {
                 }
                 for block in readable_blocks(old) {
                     self.conn
-                        .prepare_cached("INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-                        .and_then(|mut st| st.execute(params![block.meta.id, block.meta.route, block.meta.key, block.meta.records, block.meta.raw_bytes, block.meta.created_ms as i64, block.data]))
+                        .prepare_cached("INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data, body_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+                        .and_then(|mut st| st.execute(params![block.meta.id, block.meta.route, block.meta.key, block.meta.records, block.meta.raw_bytes, block.meta.created_ms as i64, block.data, block.meta.version]))
                         .map_err(|e| self.err(e))?;
                     blocks += 1;
                     records += u64::from(block.meta.records);
@@ -1219,7 +1247,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms FROM blocks
+                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, body_version FROM blocks
                  WHERE id > ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -1258,17 +1286,18 @@ impl Store {
         let row = self
             .conn
             .prepare_cached(
-                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, data FROM blocks WHERE id = ?1",
+                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, body_version, data FROM blocks WHERE id = ?1",
             )
             .and_then(|mut s| {
-                s.query_row([id], |r| Ok((row_to_meta(r)?, r.get::<_, Vec<u8>>(7)?))).optional()
+                s.query_row([id], |r| Ok((row_to_meta(r)?, r.get::<_, Vec<u8>>(8)?))).optional()
             })
             .map_err(|e| self.err(e))?;
         let Some((meta, data)) = row else {
             return Ok(None);
         };
-        let decoded = frame::decompress_exact(&data, meta.raw_bytes as usize)
-            .and_then(|body| frame::decode_records(&body, meta.records).map(|_| body));
+        let decoded = frame::decompress_exact(&data, meta.raw_bytes as usize).and_then(|body| {
+            frame::decode_records_in(&body, meta.records, meta.version).map(|_| body)
+        });
         match decoded {
             Ok(body) => Ok(Some((meta, body))),
             Err(e) => {
@@ -1462,22 +1491,26 @@ struct Salvaged {
 fn readable_blocks(conn: &Connection) -> impl Iterator<Item = Salvaged> + '_ {
     let mut cursor = 0i64;
     let mut skip = 1i64;
+    // A file of schema 1 has no body_version column: its blocks are all version 1.
+    let select = if has_body_version(conn) {
+        "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, body_version, data FROM blocks WHERE id > ?1 ORDER BY id LIMIT 1"
+    } else {
+        "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, 1, data FROM blocks WHERE id > ?1 ORDER BY id LIMIT 1"
+    };
     std::iter::from_fn(move || loop {
-        let row = conn
-            .prepare_cached(
-                "SELECT id, route, key, records, raw_bytes, LENGTH(data), created_ms, data FROM blocks WHERE id > ?1 ORDER BY id LIMIT 1",
-            )
-            .and_then(|mut s| {
-                s.query_row([cursor], |r| Ok((row_to_meta(r)?, r.get::<_, Vec<u8>>(7)?)))
-                    .optional()
-            });
+        let row = conn.prepare_cached(select).and_then(|mut s| {
+            s.query_row([cursor], |r| Ok((row_to_meta(r)?, r.get::<_, Vec<u8>>(8)?)))
+                .optional()
+        });
         match row {
             Ok(None) => return None,
             Ok(Some((meta, data))) => {
                 cursor = meta.id;
                 skip = 1;
                 let sound = frame::decompress_exact(&data, meta.raw_bytes as usize)
-                    .and_then(|body| frame::decode_records(&body, meta.records).map(drop))
+                    .and_then(|body| {
+                        frame::decode_records_in(&body, meta.records, meta.version).map(drop)
+                    })
                     .is_ok();
                 if sound {
                     return Some(Salvaged { meta, data });
@@ -1494,11 +1527,18 @@ fn readable_blocks(conn: &Connection) -> impl Iterator<Item = Salvaged> + '_ {
     })
 }
 
+/// Whether the `blocks` table of `conn` has the `body_version` column (schema 2 and later).
+fn has_body_version(conn: &Connection) -> bool {
+    conn.prepare("SELECT body_version FROM blocks LIMIT 0")
+        .is_ok()
+}
+
 fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
     Ok(BlockMeta {
         id: r.get(0)?,
         route: r.get(1)?,
         key: r.get(2)?,
+        version: r.get(7)?,
         records: r.get(3)?,
         raw_bytes: r.get(4)?,
         stored_bytes: r.get::<_, i64>(5)? as u32,
@@ -1573,9 +1613,70 @@ mod tests {
     fn rec<'a>(topic: &'a str, payload: &'a [u8]) -> NewRecord<'a> {
         NewRecord {
             ts_ms: 7,
+            key: "k",
             topic,
             payload,
         }
+    }
+
+    /// A spool written by an agent of schema 1 (no `body_version`, blocks of one key in
+    /// version 1 bodies) opens as schema 2: its blocks read as version 1, new ones are
+    /// version 2, and an agent of schema 1 would refuse the file from then on.
+    #[test]
+    fn a_schema_1_spool_is_migrated_and_its_blocks_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        drop(Store::open(&path, SyncLevel::Normal).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE blocks DROP COLUMN body_version;
+                 UPDATE meta SET value = 1 WHERE key = 'schema';",
+            )
+            .unwrap();
+            let mut body = Vec::new();
+            frame::encode_record(&mut body, 1, 7, "t/1", b"old");
+            frame::encode_record(&mut body, 2, 7, "t/1", b"older");
+            let data = zstd::bulk::compress(&body, 3).unwrap();
+            conn.execute(
+                "INSERT INTO blocks (id, route, key, records, raw_bytes, created_ms, data) VALUES (1, 'r', 'dev-1', 2, ?1, 7, ?2)",
+                params![body.len() as i64, data],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT OR REPLACE INTO counters (route, name, value) VALUES ('', 'next_seq', 3)",
+                [],
+            )
+            .unwrap();
+        }
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let (meta, raw) = s.read_block(1).unwrap().unwrap();
+        assert_eq!(
+            (meta.version, meta.key.as_str()),
+            (frame::VERSION_1, "dev-1")
+        );
+        let old = frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
+        assert_eq!(old[1].payload, b"older");
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let new = s
+            .append_block("r", "k", &[rec("t/2", b"new")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        assert_eq!((new.id, new.version), (3, frame::VERSION_2));
+        let (meta, raw) = s.read_block(3).unwrap().unwrap();
+        let r = frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
+        assert_eq!(
+            (r[0].key.as_str(), r[0].payload.as_slice()),
+            ("k", &b"new"[..])
+        );
+        let schema: i64 = s
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(schema, SCHEMA_VERSION);
     }
 
     #[test]
@@ -1600,7 +1701,7 @@ mod tests {
         s.commit().unwrap();
         assert_eq!((a.id, b.id), (1, 3));
         let (meta, raw) = s.read_block(a.id).unwrap().unwrap();
-        let records = frame::decode_records(&raw, meta.records).unwrap();
+        let records = frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
         assert_eq!(records[1].payload, b"two");
         assert_eq!(records[1].seq, 2);
 
@@ -1734,7 +1835,7 @@ mod tests {
             [(1, 2), (3, 3)]
         );
         let (meta, raw) = s.read_block(3).unwrap().unwrap();
-        let r = frame::decode_records(&raw, meta.records).unwrap();
+        let r = frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
         assert_eq!((r[0].seq, r[0].payload.clone()), (3, vec![2u8; 10]));
         let acc = s.accounting().unwrap();
         assert_eq!((acc.received, acc.pending), (5, 5), "a split moves nothing");
@@ -1850,7 +1951,7 @@ mod tests {
         assert_eq!(blocks.len() as u64, report.salvaged_blocks);
         for meta in blocks {
             let (_, raw) = s.read_block(meta.id).unwrap().unwrap();
-            let records = frame::decode_records(&raw, 1).unwrap();
+            let records = frame::decode_records_in(&raw, 1, meta.version).unwrap();
             assert_eq!(records[0].seq, meta.id as u64);
             assert_eq!(records[0].payload, payloads[meta.id as usize - 1]);
         }

@@ -267,7 +267,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
                     b.at = now;
                     b.records = (b.records + dt * l.records_per_sec).min(l.records_per_sec);
                     b.bytes = (b.bytes + dt * l.bytes_per_sec).min(l.bytes_per_sec);
-                    if b.records >= 1.0 && b.bytes >= bytes as f64 {
+                    // A record larger than a second's bytes goes when the bucket is full, and
+                    // the shard owes it (as Kinesis takes records up to its record limit,
+                    // however its per-second budget compares).
+                    if b.records >= 1.0 && (b.bytes >= bytes as f64 || b.bytes >= l.bytes_per_sec) {
                         b.records -= 1.0;
                         b.bytes -= bytes as f64;
                         true

@@ -12,6 +12,7 @@ mod consumers;
 mod disk;
 mod fleet;
 mod intake;
+mod keys;
 mod memory;
 mod observe;
 mod package;

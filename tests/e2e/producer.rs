@@ -345,12 +345,7 @@ fn a_hot_shard_slows_only_its_own_records() {
     } = rig(stream, 4);
     let mosquitto = Mosquitto::start(dir.path());
     let ranges = rt.block_on(shard_ranges(&client, stream));
-    let map = edgeship::sink::kinesis::shard::ShardMap::new(
-        ranges
-            .iter()
-            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
-    )
-    .unwrap();
+    let map = rt.block_on(shard_map(&client, stream));
     let shard_of = |d: u32| map.shard_for(&format!("dev-{d:03}")).unwrap().to_string();
     let hot = 0u32;
     let mut cold: Vec<u32> = Vec::new();
@@ -617,13 +612,7 @@ fn explicit_hash_keys_choose_the_shard() {
                     .all(|s| t.contains_key(&(format!("devices/dev-{d:03}/alarm"), payload(d, s))))
             })
     });
-    let ranges = rt.block_on(shard_ranges(&client, stream));
-    let map = edgeship::sink::kinesis::shard::ShardMap::new(
-        ranges
-            .iter()
-            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
-    )
-    .unwrap();
+    let map = rt.block_on(shard_map(&client, stream));
     let first_shard = map.shard_id_for_hash(0).unwrap().to_string();
     let mut shards_used = std::collections::BTreeSet::new();
     assert_eq!(

@@ -389,7 +389,9 @@ pub struct StreamContents {
     pub per_shard: std::collections::BTreeMap<String, (u64, u64)>,
     /// Every record's data as it came out of the stream.
     pub raw_records: Vec<Vec<u8>>,
-    /// For each message: (shard id, partition key) of the Kinesis record that held it.
+    /// For each message: the shard id that held it, and its own partition key (the one its
+    /// route gave it: carried per record in version 2 frames and KPL aggregates, else the
+    /// Kinesis record's).
     pub placed: Vec<(String, String)>,
 }
 
@@ -439,10 +441,14 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                 };
                 out.arrivals_ms
                     .extend(std::iter::repeat_n(arrived, f.records.len()));
-                out.placed.extend(std::iter::repeat_n(
-                    (shard.shard_id().to_string(), key.to_string()),
-                    f.records.len(),
-                ));
+                out.placed.extend(f.records.iter().map(|r| {
+                    let own = if r.key.is_empty() {
+                        key
+                    } else {
+                        edgeship::key::split(&r.key).0
+                    };
+                    (shard.shard_id().to_string(), own.to_string())
+                }));
                 let per = out
                     .per_shard
                     .entry(shard.shard_id().to_string())
@@ -485,7 +491,10 @@ fn kpl_as_frame(data: &[u8]) -> frame::Frame {
             frame::Record {
                 seq: seq.parse().expect("seq"),
                 ts_ms: tag(u, "ts_ms").parse().expect("ts_ms"),
-                key: String::new(),
+                key: match &u.explicit_hash_key {
+                    Some(h) => format!("{}\0{h}", u.partition_key),
+                    None => u.partition_key.clone(),
+                },
                 topic: tag(u, "topic"),
                 payload: u.data.clone(),
             }
@@ -1243,6 +1252,20 @@ impl Scrape {
                 + self.count("edgeship_records_dropped_total", &[])
                 + self.count("edgeship_records_pending", &[])
     }
+}
+
+/// The stream's open shards as the agent maps keys to them.
+pub async fn shard_map(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> edgeship::sink::kinesis::shard::ShardMap {
+    let ranges = shard_ranges(client, stream).await;
+    edgeship::sink::kinesis::shard::ShardMap::new(
+        ranges
+            .iter()
+            .map(|(id, a, b)| (id.as_str(), a.as_str(), b.as_str())),
+    )
+    .expect("the stream's shard ranges")
 }
 
 /// The stream's open shards as (id, starting hash key, ending hash key), from the emulator.

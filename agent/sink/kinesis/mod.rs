@@ -431,6 +431,10 @@ impl Destination for KinesisSink {
         self.shard_map()?.shard_id_for_spooled(key)
     }
 
+    fn shard_starts(&self) -> Option<Arc<[u128]>> {
+        Some(self.shard_map()?.starts())
+    }
+
     async fn put(&self, entries: &[&Entry], timeout: Duration) -> Result<Vec<Outcome>, SinkError> {
         self.put_records(entries, timeout).await
     }

@@ -20,6 +20,8 @@ pub enum ShardMapError {
 pub struct ShardMap {
     /// (starting hash key, ending hash key inclusive, shard id), sorted by start, disjoint.
     ranges: Vec<(u128, u128, std::sync::Arc<str>)>,
+    /// The starting hash keys alone, for the spool's placement.
+    starts: std::sync::Arc<[u128]>,
 }
 
 impl ShardMap {
@@ -45,7 +47,13 @@ impl ShardMap {
         if ranges.windows(2).any(|w| w[0].1 >= w[1].0) {
             return Err(ShardMapError::Overlap);
         }
-        Ok(ShardMap { ranges })
+        let starts = ranges.iter().map(|r| r.0).collect();
+        Ok(ShardMap { ranges, starts })
+    }
+
+    /// The open shards' starting hash keys, sorted (the same `Arc` for the map's life).
+    pub(crate) fn starts(&self) -> std::sync::Arc<[u128]> {
+        self.starts.clone()
     }
 
     pub(crate) fn len(&self) -> usize {
