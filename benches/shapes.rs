@@ -8,12 +8,15 @@
 //! cargo bench --bench shapes -- --format kpl      # the route's frames in the KPL format
 //! cargo bench --bench shapes -- --only 3.1.1      # the shapes whose name holds "3.1.1"
 //! cargo bench --bench shapes -- --skip "10000 devices, saturating" --messages 200000
+//! cargo bench --bench shapes -- --only "20 msg/s" --spool 'commit_max_wait = "5s"'
+//! cargo bench --bench shapes -- --only "1000 msg/s" --broker 'set_tcp_nodelay true'
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
 //! `{topic[1]}` so each device's records keep their order on one shard), how many devices
 //! publish (10,000 devices are 10,000 topics over at most 50 connections) and the offered rate
-//! (as fast as the broker takes it, 1,000 msg/s, 20 msg/s). Every payload is telemetry JSON of
+//! (as fast as the broker takes it, 1,000 msg/s, 20 msg/s; at a fixed rate the connections
+//! publish in turn, spread over time, not in bursts). Every payload is telemetry JSON of
 //! about 200 bytes whose values change with every message. For each protocol the broker's rate
 //! to a do-nothing QoS 1 subscriber of that protocol is measured in the same run, and each
 //! saturating shape's end-to-end rate is given as a share of it.
@@ -105,6 +108,10 @@ struct Args {
     only: Option<String>,
     skip: Option<String>,
     json: Option<PathBuf>,
+    /// Settings added to the agent's `[spool]` (`--spool 'commit_max_wait = "2s"'`).
+    spool: Vec<String>,
+    /// Lines added to the broker's configuration (`--broker 'set_tcp_nodelay true'`).
+    broker: Vec<String>,
 }
 
 fn parse_args() -> Args {
@@ -116,6 +123,8 @@ fn parse_args() -> Args {
         only: None,
         skip: None,
         json: None,
+        spool: Vec::new(),
+        broker: Vec::new(),
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -135,6 +144,8 @@ fn parse_args() -> Args {
             "--only" => a.only = Some(value("--only")),
             "--skip" => a.skip = Some(value("--skip")),
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
+            "--spool" => a.spool.push(value("--spool")),
+            "--broker" => a.broker.push(value("--broker")),
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -203,6 +214,11 @@ fn parse_payload(payload: &[u8]) -> Option<(u32, u32, u64)> {
 /// Returns once the broker acked every one.
 async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, prefix: String) {
     let connections = devices.min(MAX_CONNECTIONS);
+    // At a fixed rate each connection publishes once per `period`, connection c at c /
+    // connections of the way into it, so the messages arrive spread over time the way many
+    // devices' readings do, not in one burst per period.
+    let start = tokio::time::Instant::now();
+    let period = rate.map(|r| Duration::from_secs_f64(f64::from(connections) / f64::from(r)));
     let mut tasks = Vec::new();
     for c in 0..connections {
         // Connection c publishes for devices c, c + connections, ...; messages i = c + k *
@@ -216,10 +232,9 @@ async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, p
                 .set_inflight(100);
             let (client, mut events) = rumqttc::AsyncClient::new(opts, 200);
             let sender = tokio::spawn(async move {
-                let mut tick = rate.map(|r| {
-                    let mut t = tokio::time::interval(Duration::from_secs_f64(
-                        f64::from(connections) / f64::from(r),
-                    ));
+                let mut tick = period.map(|p| {
+                    let phase = p.mul_f64(f64::from(c) / f64::from(connections));
+                    let mut t = tokio::time::interval_at(start + phase, p);
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     t
                 });
@@ -332,12 +347,17 @@ fn run_shape(
         KeyBy::Gateway => "{gateway}",
         KeyBy::Device => "{topic[1]}",
     };
+    let mut spool_settings = "max_bytes = \"2GiB\"".to_string();
+    for setting in &args.spool {
+        spool_settings += "\n";
+        spool_settings += setting;
+    }
     let config = agent_config(
         &agent_dir,
         broker_port,
         &kinesis.endpoint(),
         &stream,
-        "max_bytes = \"2GiB\"",
+        &spool_settings,
         &format!("protocol = \"{}\"\nmax_unacked = 1000", shape.protocol),
     )
     .replace(
@@ -429,14 +449,24 @@ fn main() {
     let rt = runtime();
     let dir = tempdir();
     eprintln!(
-        "edgeship shapes: {} shapes, {} messages per saturating shape, {} s per fixed-rate shape, format {}{}",
+        "edgeship shapes: {} shapes, {} messages per saturating shape, {} s per fixed-rate shape, format {}{}{}",
         shapes.len(),
         args.messages,
         args.seconds,
         args.format,
+        args.spool
+            .iter()
+            .map(|s| format!(", spool {s}"))
+            .chain(args.broker.iter().map(|b| format!(", broker {b}")))
+            .collect::<String>(),
         if args.quick { ", quick" } else { "" }
     );
-    let mosquitto = Mosquitto::start_with(dir.path(), "max_inflight_messages 1000\n");
+    let mut broker_settings = "max_inflight_messages 1000\n".to_string();
+    for line in &args.broker {
+        broker_settings += line;
+        broker_settings += "\n";
+    }
+    let mosquitto = Mosquitto::start_with(dir.path(), &broker_settings);
 
     let mut baselines = std::collections::BTreeMap::new();
     for protocol in ["5", "3.1.1"] {
@@ -510,6 +540,8 @@ fn main() {
 
     let json = serde_json::json!({
         "format": args.format,
+        "spool_settings": args.spool,
+        "broker_settings": args.broker,
         "quick": args.quick,
         "baseline_msgs_per_s": baselines,
         "shapes": results.iter().map(|(s, f)| serde_json::json!({

@@ -124,6 +124,7 @@ impl Config {
             raw.spool.full_policy = limits.full_policy;
             raw.spool.max_dead_letters = limits.max_dead_letters;
             raw.spool.commit_interval = limits.commit_interval;
+            raw.spool.commit_max_wait = limits.commit_max_wait;
             sections.push("spool");
         }
         if let Some(t) = pushed.shutdown_timeout {
@@ -399,6 +400,30 @@ stream = "s"
             .unwrap_err()
             .to_string();
         assert!(e.contains("no [[broker]] is named `nope`"), "{e}");
+    }
+
+    #[test]
+    fn commit_max_wait_is_checked_and_follows_a_longer_commit_interval() {
+        let with = |spool: &str| Config::parse(&format!("{MINIMAL}[spool]\n{spool}"), "m.toml");
+        let c = with("").unwrap();
+        assert_eq!(
+            (c.spool.commit_interval, c.spool.commit_max_wait),
+            (Duration::from_millis(10), Duration::from_secs(1))
+        );
+        let c = with("commit_max_wait = \"5s\"\n").unwrap();
+        assert_eq!(c.spool.commit_max_wait, Duration::from_secs(5));
+        // Left out, it is never below the interval.
+        let c = with("commit_interval = \"1s\"\n").unwrap();
+        assert_eq!(c.spool.commit_max_wait, Duration::from_secs(1));
+        let e = with("commit_max_wait = \"11s\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("spool.commit_max_wait") && e.contains("at most 10s"),
+            "{e}"
+        );
+        let e = with("commit_interval = \"500ms\"\ncommit_max_wait = \"100ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least commit_interval"), "{e}");
     }
 
     #[test]

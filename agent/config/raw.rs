@@ -78,6 +78,7 @@ pub(crate) struct RawSpoolLimits {
     pub(crate) full_policy: Option<FullPolicy>,
     pub(crate) max_dead_letters: Option<u64>,
     pub(crate) commit_interval: Option<HumanDuration>,
+    pub(crate) commit_max_wait: Option<HumanDuration>,
 }
 
 /// `[aws]`: how the agent gets AWS credentials (the standard chain unless a source is named).
@@ -124,6 +125,7 @@ pub(crate) struct RawSpool {
     pub(crate) sync: Option<SyncLevel>,
     pub(crate) max_dead_letters: Option<u64>,
     pub(crate) commit_interval: Option<HumanDuration>,
+    pub(crate) commit_max_wait: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

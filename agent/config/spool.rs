@@ -7,6 +7,9 @@ use super::units::ByteSize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `commit_max_wait` when left out.
+pub(crate) const DEFAULT_COMMIT_MAX_WAIT: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     pub path: PathBuf,
@@ -16,14 +19,19 @@ pub struct SpoolConfig {
     pub(crate) sync: SyncLevel,
     /// Dead letters kept for inspection; the oldest are evicted past this count.
     pub(crate) max_dead_letters: u64,
-    /// How long received messages may gather before one commit. Longer means fewer, larger
-    /// writes (less disk wear) and later acks; throughput per broker is at most its inflight
-    /// window divided by this.
+    /// How long received messages gather at least before one commit. Longer means fewer,
+    /// larger writes (less disk wear) and later acks; throughput per broker is at most its
+    /// inflight window divided by this.
     pub(crate) commit_interval: Duration,
+    /// The longest received messages gather when they come slowly and steadily (a group
+    /// smaller than the commit target goes on gathering past `commit_interval` while messages
+    /// keep coming at their usual pace): what a message may wait for its commit and ack.
+    pub(crate) commit_max_wait: Duration,
 }
 
 pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigError> {
-    let spool = SpoolConfig {
+    let max_wait_set = raw.commit_max_wait.is_some();
+    let mut spool = SpoolConfig {
         path: PathBuf::from(
             raw.path
                 .unwrap_or_else(|| "/var/lib/edgeship/spool.db".into()),
@@ -35,6 +43,7 @@ pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigEr
         commit_interval: raw
             .commit_interval
             .map_or(Duration::from_millis(10), |d| d.0),
+        commit_max_wait: raw.commit_max_wait.map_or(DEFAULT_COMMIT_MAX_WAIT, |d| d.0),
     };
     if spool.commit_interval > Duration::from_secs(1) {
         return Err(src.error_at(
@@ -42,6 +51,24 @@ pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigEr
             "spool.commit_interval",
             "must be at most 1s (acks wait this long)",
         ));
+    }
+    if spool.commit_max_wait > Duration::from_secs(10) {
+        return Err(src.error_at(
+            None,
+            "spool.commit_max_wait",
+            "must be at most 10s (acks wait this long)",
+        ));
+    }
+    if spool.commit_max_wait < spool.commit_interval {
+        if max_wait_set {
+            return Err(src.error_at(
+                None,
+                "spool.commit_max_wait",
+                "must be at least commit_interval",
+            ));
+        }
+        // Left out, it follows a longer commit_interval.
+        spool.commit_max_wait = spool.commit_interval;
     }
     if spool.max_bytes < (1 << 20) {
         return Err(src.error_at(None, "spool.max_bytes", "must be at least 1MiB"));

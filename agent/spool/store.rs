@@ -338,10 +338,16 @@ pub struct OpenReport {
     pub(crate) check_unfinished: bool,
 }
 
-/// Pages the write-ahead log may hold before it is copied into the file (4 MiB at 4 KiB
-/// pages): with one transaction's pages on top, what the disk reserve must cover for the
-/// spool to shrink on a full disk.
+/// Pages the write-ahead log may hold before it is copied into the file (at most 4 MiB, at
+/// 4 KiB pages): with one transaction's pages on top, what the disk reserve must cover for
+/// the spool to shrink on a full disk.
 pub(crate) const WAL_CHECKPOINT_PAGES: u32 = 1024;
+
+/// Page size of a new spool file. Each commit logs every page it changed in full, and a
+/// slow stream's commit changes a few pages for a few hundred bytes of records: smaller
+/// pages are fewer bytes written per commit. Large blocks span overflow pages either way.
+/// A file keeps the page size it was made with (SQLite cannot change it in WAL mode).
+pub(crate) const PAGE_SIZE: u32 = 1024;
 
 /// How long the integrity check at open may take: past it, the agent starts unchecked (and
 /// says so) rather than keep a gateway from shipping.
@@ -491,7 +497,8 @@ impl Store {
             SyncLevel::Full => "FULL",
         };
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL;
+            "PRAGMA page_size = {PAGE_SIZE};
+             PRAGMA journal_mode = WAL;
              PRAGMA synchronous = {sync_pragma};
              PRAGMA busy_timeout = 5000;
              PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};
