@@ -7,9 +7,6 @@ use super::units::ByteSize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// `commit_max_wait` when left out.
-pub(crate) const DEFAULT_COMMIT_MAX_WAIT: Duration = Duration::from_secs(1);
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     pub path: PathBuf,
@@ -43,7 +40,8 @@ pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigEr
         commit_interval: raw
             .commit_interval
             .map_or(Duration::from_millis(10), |d| d.0),
-        commit_max_wait: raw.commit_max_wait.map_or(DEFAULT_COMMIT_MAX_WAIT, |d| d.0),
+        // Left out: commit_interval (commit every interval whatever the rate).
+        commit_max_wait: raw.commit_max_wait.map_or(Duration::ZERO, |d| d.0),
     };
     if spool.commit_interval > Duration::from_secs(1) {
         return Err(src.error_at(
@@ -67,7 +65,6 @@ pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigEr
                 "must be at least commit_interval",
             ));
         }
-        // Left out, it follows a longer commit_interval.
         spool.commit_max_wait = spool.commit_interval;
     }
     if spool.max_bytes < (1 << 20) {

@@ -864,6 +864,9 @@ impl Worker {
         if appends > 0 && now < interval_end {
             return Some(interval_end);
         }
+        if self.commit_max_wait <= self.commit_interval {
+            return None;
+        }
         if bytes >= COMMIT_TARGET_BYTES {
             return None;
         }
@@ -1299,7 +1302,7 @@ mod tests {
             sync: SyncLevel::Off,
             max_dead_letters: 10,
             commit_interval: Duration::from_millis(2),
-            commit_max_wait: crate::config::spool::DEFAULT_COMMIT_MAX_WAIT,
+            commit_max_wait: Duration::from_secs(1),
         }
     }
 
