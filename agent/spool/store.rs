@@ -69,10 +69,63 @@ fn write_seq_floor(path: &Path, floor: u64) -> std::io::Result<()> {
     writeln!(f, "{floor}")?;
     f.sync_all()?;
     std::fs::rename(&tmp, &file)?;
-    match file.parent().filter(|d| !d.as_os_str().is_empty()) {
+    sync_folder_of(&file)
+}
+
+/// Makes renames and removals in the folder holding `path` durable.
+fn sync_folder_of(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
         None => std::fs::File::open(".")?.sync_all(),
     }
+}
+
+/// `path` with `suffix` appended to its file name (`spool.db` + `-wal`).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Renames `from` to `to` when `from` exists; errors name the spool at `home`.
+fn move_if_present(from: &Path, to: &Path, home: &Path) -> Result<(), SpoolError> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SpoolError::folder(home, source)),
+    }
+}
+
+/// Removes a SQLite file's log and index, where present.
+fn remove_file_set_sides(path: &Path) -> std::io::Result<()> {
+    for side in ["-wal", "-shm"] {
+        match std::fs::remove_file(beside(path, side)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes a SQLite file with its log and index, where present.
+fn remove_file_set(path: &Path) -> std::io::Result<()> {
+    remove_file_set_sides(path)?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Moves the damaged file set of a finished rebuild, `<path>.damaged`, to
+/// `<path>.corrupt-<unix seconds>` (the file last: while it is there, the move is not done).
+fn quarantine_damaged(path: &Path) -> Result<PathBuf, SpoolError> {
+    let damaged = beside(path, ".damaged");
+    let aside = beside(path, &format!(".corrupt-{}", crate::clock::now_secs()));
+    for side in ["-wal", "-shm", ""] {
+        move_if_present(&beside(&damaged, side), &beside(&aside, side), path)?;
+    }
+    sync_folder_of(path).map_err(|source| SpoolError::folder(path, source))?;
+    Ok(aside)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +149,14 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// A file or folder operation on the spool at `path` failed.
+    pub(crate) fn folder(path: &Path, source: std::io::Error) -> SpoolError {
+        SpoolError::Folder {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
     /// True when the disk is full: the caller applies the full-spool policy and retries.
     /// True when SQLite finds the file damaged (or not a database at all).
     pub(crate) fn is_corrupt(&self) -> bool {
@@ -393,10 +454,10 @@ impl Store {
     /// under its own id), and the records that could not are counted dropped `corrupt`.
     pub fn open(path: &Path, sync: SyncLevel) -> Result<(Store, OpenReport), SpoolError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| SpoolError::folder(path, source))?;
+        }
+        if let Some(rebuilt) = Store::finish_interrupted_rebuild(path, sync)? {
+            return Ok(rebuilt);
         }
         let mut report = OpenReport::default();
         match Store::open_inner(path, sync) {
@@ -451,7 +512,8 @@ impl Store {
     }
 
     /// Rebuilds the spool this store has open, found damaged while the agent runs: as at
-    /// open, the file is moved aside and what reads back is carried into a new one.
+    /// open, what reads back is carried into a new file that takes the damaged one's place
+    /// (see [`Store::replace`] for the steps and what a crash between them leaves).
     pub(crate) fn rebuild(&mut self) -> Result<OpenReport, SpoolError> {
         // The damaged connection closes before its files are renamed: SQLite removes a log
         // by its name when the last connection closes.
@@ -462,20 +524,48 @@ impl Store {
         Ok(report)
     }
 
+    /// Moves the damaged file aside and rebuilds the spool at `path` from it. Each step can be
+    /// cut off by a crash and is finished or redone at the next open
+    /// ([`Store::finish_interrupted_rebuild`]): the damaged file set moves to
+    /// `<path>.damaged` (its log and index first, the file last); the new spool is built
+    /// complete at `<path>.rebuilt`, made durable and renamed to `path`; only then does the
+    /// damaged set move on to `<path>.corrupt-<unix seconds>`. At no moment is `path` a spool
+    /// that lacks records the damaged one could give.
     fn replace(
+        path: &Path,
+        sync: SyncLevel,
+        report: OpenReport,
+    ) -> Result<(Store, OpenReport), SpoolError> {
+        let damaged = beside(path, ".damaged");
+        for side in ["-wal", "-shm", ""] {
+            move_if_present(&beside(path, side), &beside(&damaged, side), path)?;
+        }
+        sync_folder_of(path).map_err(|source| SpoolError::folder(path, source))?;
+        Store::rebuild_from_damaged(path, sync, report)
+    }
+
+    /// Builds the spool at `path` from `<path>.damaged` (see [`Store::replace`]).
+    fn rebuild_from_damaged(
         path: &Path,
         sync: SyncLevel,
         mut report: OpenReport,
     ) -> Result<(Store, OpenReport), SpoolError> {
-        let stamp = crate::clock::now_secs();
-        let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
-        let _ = std::fs::rename(path, &aside);
-        for suffix in ["-wal", "-shm"] {
-            let side = PathBuf::from(format!("{}{suffix}", path.display()));
-            let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
-        }
-        let mut store = Store::open_inner(path, sync)?;
-        let (lost, blocks, records) = store.salvage(&aside)?;
+        let damaged = beside(path, ".damaged");
+        let rebuilt = beside(path, ".rebuilt");
+        remove_file_set(&rebuilt).map_err(|source| SpoolError::folder(&rebuilt, source))?;
+        let mut store = Store::open_file(&rebuilt, path, sync)?;
+        let (lost, blocks, records) = store.salvage(&damaged)?;
+        store.truncate_wal();
+        drop(store);
+        // Closed: SQLite has copied its log into the file and removed it.
+        std::fs::File::open(&rebuilt)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| remove_file_set_sides(&rebuilt))
+            .and_then(|()| std::fs::rename(&rebuilt, path))
+            .and_then(|()| sync_folder_of(path))
+            .map_err(|source| SpoolError::folder(path, source))?;
+        let aside = quarantine_damaged(path)?;
+        let store = Store::open_inner(path, sync)?;
         report.lost_records = lost;
         report.salvaged_blocks = blocks;
         report.salvaged_records = records;
@@ -483,16 +573,50 @@ impl Store {
         Ok((store, report))
     }
 
+    /// Finishes a rebuild a crash cut off (see [`Store::replace`]); `Some` when it had to
+    /// build the spool again from the damaged file.
+    fn finish_interrupted_rebuild(
+        path: &Path,
+        sync: SyncLevel,
+    ) -> Result<Option<(Store, OpenReport)>, SpoolError> {
+        let damaged = beside(path, ".damaged");
+        let rebuilt = beside(path, ".rebuilt");
+        if damaged.exists() {
+            if path.exists() {
+                // The new spool is in place; only the damaged file's last move is left.
+                let aside = quarantine_damaged(path)?;
+                tracing::warn!(spool = %path.display(), moved_to = %aside.display(), "finished a spool rebuild that was cut off after the new file was in place");
+                return Ok(None);
+            }
+            tracing::warn!(spool = %path.display(), "a spool rebuild was cut off; building the spool from the damaged file again");
+            return Store::rebuild_from_damaged(path, sync, OpenReport::default()).map(Some);
+        }
+        // Cut off while the damaged file set was moving: its log and index go back.
+        for side in ["-wal", "-shm"] {
+            let moved = beside(&damaged, side);
+            if moved.exists() && !beside(path, side).exists() {
+                move_if_present(&moved, &beside(path, side), path)?;
+            }
+        }
+        remove_file_set(&rebuilt).map_err(|source| SpoolError::folder(&rebuilt, source))?;
+        Ok(None)
+    }
+
     fn open_inner(path: &Path, sync: SyncLevel) -> Result<Store, SpoolError> {
+        Store::open_file(path, path, sync)
+    }
+
+    /// Opens the SQLite file `file` as the spool whose home is `home` (they differ while a
+    /// rebuild builds the new file beside the damaged one): the sequence floor and error
+    /// messages are the home's.
+    fn open_file(file: &Path, home: &Path, sync: SyncLevel) -> Result<Store, SpoolError> {
+        let path = home;
         let err = |source| SpoolError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
-        restrict_to_owner(path).map_err(|source| SpoolError::Folder {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let conn = Connection::open(path).map_err(err)?;
+        restrict_to_owner(file).map_err(|source| SpoolError::folder(file, source))?;
+        let conn = Connection::open(file).map_err(err)?;
         let sync_pragma = match sync {
             SyncLevel::Off => "OFF",
             SyncLevel::Normal => "NORMAL",
@@ -1101,10 +1225,8 @@ impl Store {
         let end = self.next_seq + n;
         if end > self.seq_floor {
             let floor = end + SEQ_RESERVE;
-            write_seq_floor(&self.path, floor).map_err(|source| SpoolError::Folder {
-                path: seq_floor_path(&self.path),
-                source,
-            })?;
+            write_seq_floor(&self.path, floor)
+                .map_err(|source| SpoolError::folder(&seq_floor_path(&self.path), source))?;
             self.seq_floor = floor;
         }
         Ok(())
@@ -1996,6 +2118,107 @@ mod tests {
         let acc = s.accounting().unwrap();
         assert!(acc.balances(), "{acc:?}");
         assert_eq!(acc.received, 300);
+    }
+
+    /// Names in `dir` starting with `prefix`.
+    fn files_named(dir: &Path, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A crash can cut a rebuild off at every step; the next open finishes it or does it
+    /// again, and never starts an empty spool beside records that could be read.
+    #[test]
+    fn a_rebuild_cut_off_is_finished_or_redone_at_the_next_open() {
+        let check = |s: &Store, report: &OpenReport| {
+            let acc = s.accounting().unwrap();
+            assert_eq!((acc.received, acc.delivered), (300, 10), "{acc:?}");
+            assert_eq!(
+                acc.pending + report.lost_records.unwrap_or(0),
+                290,
+                "{acc:?}"
+            );
+            assert!(acc.pending > 200, "{acc:?}");
+            assert!(acc.balances(), "{acc:?}");
+        };
+        // Cut off after the damaged file moved, while the new one was being built.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        spool_of_300(&path);
+        damage(&path, 100, 5);
+        std::fs::rename(&path, beside(&path, ".damaged")).unwrap();
+        std::fs::write(beside(&path, ".rebuilt"), b"half a file").unwrap();
+        let (s, report) = Store::open(&path, SyncLevel::Off).unwrap();
+        check(&s, &report);
+        assert!(report.quarantined_file.unwrap().exists());
+        assert_eq!(
+            files_named(dir.path(), "s.db.damaged"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            files_named(dir.path(), "s.db.rebuilt"),
+            Vec::<String>::new()
+        );
+        drop(s);
+
+        // Cut off after the new file was in place: it is kept, the damaged one moves on.
+        let main_files = |prefix: &str| {
+            let mut names = files_named(dir.path(), prefix);
+            names.retain(|n| !n.ends_with("-wal") && !n.ends_with("-shm"));
+            names
+        };
+        let aside = main_files("s.db.corrupt-");
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        for side in ["-wal", "-shm", ""] {
+            let from = beside(&dir.path().join(&aside[0]), side);
+            if from.exists() {
+                std::fs::rename(from, beside(&path, &format!(".damaged{side}"))).unwrap();
+            }
+        }
+        let (s, report) = Store::open(&path, SyncLevel::Off).unwrap();
+        assert!(report.quarantined_file.is_none(), "{report:?}");
+        let acc = s.accounting().unwrap();
+        assert_eq!((acc.received, acc.delivered), (300, 10), "{acc:?}");
+        assert_eq!(
+            files_named(dir.path(), "s.db.damaged"),
+            Vec::<String>::new()
+        );
+        assert_eq!(main_files("s.db.corrupt-").len(), 1);
+        drop(s);
+
+        // Cut off while the damaged file set was moving: its log had moved, the file had not.
+        // The log goes back, and with it the last commit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let crashed = dir.path().join("crashed");
+        std::fs::create_dir(&crashed).unwrap();
+        spool_of_300(&path);
+        let (mut s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        s.append_block("r", "k", &[rec("t", b"in the log")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        // The files as a crash leaves them (the log not yet copied into the file).
+        for side in ["", "-wal"] {
+            std::fs::copy(beside(&path, side), beside(&crashed.join("s.db"), side)).unwrap();
+        }
+        drop(s);
+        let path = crashed.join("s.db");
+        std::fs::rename(beside(&path, "-wal"), beside(&path, ".damaged-wal")).unwrap();
+        let (s, _) = Store::open(&path, SyncLevel::Off).unwrap();
+        let acc = s.accounting().unwrap();
+        assert_eq!(
+            (acc.received, acc.delivered, acc.pending),
+            (301, 10, 291),
+            "{acc:?}"
+        );
+        assert_eq!(files_named(&crashed, "s.db.damaged"), Vec::<String>::new());
     }
 
     #[test]
