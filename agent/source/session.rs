@@ -195,6 +195,14 @@ impl Session {
         self.awaiting_commit < self.max_unacked
     }
 
+    /// Whether a silent broker is at fault: the agent reads, and no message waits for its
+    /// commit. While one does, the broker may rightly be waiting for its ack (its inflight
+    /// window full), and its PINGRESP may sit behind messages the agent has not read yet; a
+    /// commit slowed by a busy disk must not pass for a dead connection.
+    fn broker_owes(&self) -> bool {
+        self.may_read() && self.awaiting_commit == 0
+    }
+
     /// Connected and every wanted filter granted.
     pub(crate) fn ready(&self) -> bool {
         self.connected && self.granted
@@ -391,15 +399,16 @@ impl Session {
         if !self.connected {
             return Ok(());
         }
-        // Silence counts only while reading: resuming restarts the clock.
-        if !self.may_read() {
+        // Silence counts only while the broker owes the agent something; resuming restarts
+        // the clock.
+        if !self.broker_owes() {
             self.paused = true;
         } else if std::mem::take(&mut self.paused) {
             self.last_heard = Some(now);
         }
         if let Some(sent) = self.ping_sent {
             let quiet_since = self.last_heard.map_or(sent, |h| h.max(sent));
-            if self.may_read() && now.duration_since(quiet_since) >= self.keep_alive {
+            if self.broker_owes() && now.duration_since(quiet_since) >= self.keep_alive {
                 return Err(Dead::PingTimeout(self.keep_alive));
             }
         }
@@ -458,7 +467,7 @@ impl Session {
         let next_ping = self.last_write.map(|w| w + self.keep_alive);
         let dead_at = self
             .ping_sent
-            .filter(|_| self.may_read())
+            .filter(|_| self.broker_owes())
             .map(|sent| self.last_heard.map_or(sent, |h| h.max(sent)) + self.keep_alive);
         let ping = match (next_ping, dead_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -588,6 +597,32 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             s.due_writes(resumed + KA / 2 + KA, &mut out),
+            Err(Dead::PingTimeout(KA))
+        );
+    }
+
+    /// Messages awaiting their commit, the window not full: the broker's own inflight window
+    /// may be full of them, so its silence is not a fault until their acks are written.
+    #[test]
+    fn silence_while_commits_are_awaited_is_not_a_dead_connection() {
+        let (mut s, t0) = connected(10);
+        assert_eq!(written(&mut s, t0 + KA), vec![Outbound::PingReq]);
+        let Take::Spool(t) = s.on_publish(1, 1) else {
+            panic!()
+        };
+        assert!(s.may_read());
+        // A slow commit: many keep-alive intervals pass.
+        let mut out = Vec::new();
+        assert!(s.due_writes(t0 + KA * 5, &mut out).is_ok());
+        s.committed(t);
+        let acked = t0 + KA * 6;
+        assert_eq!(written(&mut s, acked), vec![Outbound::PubAck(1)]);
+        let mut out = Vec::new();
+        assert!(s.due_writes(acked + KA / 2, &mut out).is_ok());
+        // Nothing owed to the agent now: a keep-alive interval of silence is fatal.
+        let mut out = Vec::new();
+        assert_eq!(
+            s.due_writes(acked + KA, &mut out),
             Err(Dead::PingTimeout(KA))
         );
     }
