@@ -41,7 +41,7 @@ struct Args {
     json: Option<PathBuf>,
     /// MQTT protocol of the agent's session: "3.1.1" or "5".
     protocol: String,
-    /// Frame format of the route: "edgeship" or "kpl".
+    /// Frame format of the route: "edgeship", "kpl" or "ndjson".
     format: String,
     /// The agent's `max_unacked`, and the broker's inflight limit per client (both 1,000 by
     /// default): the window the broker and the agent keep between them.

@@ -8,11 +8,11 @@
 //! back each encoded record with the range of bodies it holds. No I/O; CPU-bound (zstd), so
 //! async callers run it on a blocking thread.
 
-use super::kpl;
 use super::{
     decode_records_in, encode_frame_in, encode_record_in, frame_compressor, FrameError, VERSION_1,
     VERSION_2,
 };
+use super::{kpl, ndjson};
 use serde::Deserialize;
 
 /// How a route's records are packed into destination records.
@@ -25,6 +25,9 @@ pub(crate) enum FrameFormat {
     /// The Kinesis Producer Library's aggregated record: payloads as they are, readable by
     /// the KCL and the Lambda deaggregation modules; not compressed.
     Kpl,
+    /// Newline-delimited JSON, one line per message ([`ndjson`]): what Redshift streaming
+    /// ingestion and Firehose parse; not compressed.
+    Ndjson,
 }
 
 impl FrameFormat {
@@ -32,11 +35,12 @@ impl FrameFormat {
         match self {
             FrameFormat::Edgeship => "edgeship",
             FrameFormat::Kpl => "kpl",
+            FrameFormat::Ndjson => "ndjson",
         }
     }
 
     pub fn parse(text: &str) -> Option<FrameFormat> {
-        [FrameFormat::Edgeship, FrameFormat::Kpl]
+        [FrameFormat::Edgeship, FrameFormat::Kpl, FrameFormat::Ndjson]
             .into_iter()
             .find(|f| f.as_str() == text)
     }
@@ -83,6 +87,8 @@ pub(crate) enum FrameEncoder {
     Edgeship(zstd::bulk::Compressor<'static>),
     /// The KPL aggregated record (uncompressed), for KCL and Lambda deaggregation.
     Kpl,
+    /// JSON lines (uncompressed), for Redshift and Firehose.
+    Ndjson,
 }
 
 impl FrameEncoder {
@@ -90,6 +96,7 @@ impl FrameEncoder {
         Ok(match format {
             FrameFormat::Edgeship => FrameEncoder::Edgeship(frame_compressor(zstd_level)?),
             FrameFormat::Kpl => FrameEncoder::Kpl,
+            FrameFormat::Ndjson => FrameEncoder::Ndjson,
         })
     }
 
@@ -116,6 +123,15 @@ impl FrameEncoder {
                 let mut out = Vec::new();
                 let (partition_key, hash_key) = crate::key::split(key);
                 kpl::encode(gateway, partition_key, hash_key, &records, &mut out);
+                Ok(out)
+            }
+            FrameEncoder::Ndjson => {
+                let records = decode_records_in(raw, records as u32, version)?;
+                let framing: usize = records.iter().map(|r| r.topic.len() + 96).sum();
+                let mut out = Vec::with_capacity(raw.len() + framing);
+                for r in &records {
+                    ndjson::write_line(&mut out, gateway, r.seq, &r.topic, r.ts_ms, &r.payload);
+                }
                 Ok(out)
             }
         }

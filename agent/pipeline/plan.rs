@@ -31,7 +31,7 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
     let mut specs = BTreeMap::new();
     for (name, dest) in &config.destinations {
         let mut routes = Vec::new();
-        let mut kpl_routes = Vec::new();
+        let mut route_formats = Vec::new();
         let mine = config
             .routes
             .iter()
@@ -43,8 +43,8 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
             .map(|(route, (_, format))| (route, *format));
         for (route, format) in mine.chain(drained) {
             routes.push(route.clone());
-            if format == FrameFormat::Kpl {
-                kpl_routes.push(route.clone());
+            if format != FrameFormat::Edgeship {
+                route_formats.push((route.clone(), format));
             }
         }
         if routes.is_empty() {
@@ -56,7 +56,7 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
                 destination: dest.clone(),
                 shipper: ShipperSpec {
                     routes,
-                    kpl_routes,
+                    route_formats,
                     batch: config.batch.clone(),
                     max_queued_bytes: (config.spool.max_bytes / 4) as usize,
                 },

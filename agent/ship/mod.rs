@@ -24,7 +24,7 @@ pub(crate) mod uplink;
 
 use crate::backoff::Backoff;
 use crate::config::BatchConfig;
-use crate::frame::encoder::{Body, EncodeError, FrameEncoder};
+use crate::frame::encoder::{Body, EncodeError, FrameEncoder, FrameFormat};
 use crate::sink::call::Destination;
 use crate::sink::Sink;
 use crate::spool::placement::Placement;
@@ -42,8 +42,8 @@ use tokio::sync::watch;
 pub(crate) struct ShipperSpec {
     /// Routes whose records this destination receives.
     pub(crate) routes: Vec<String>,
-    /// Those of them whose frames use the KPL aggregated format.
-    pub(crate) kpl_routes: Vec<String>,
+    /// Those of them whose records are not in the default format, and theirs.
+    pub(crate) route_formats: Vec<(String, FrameFormat)>,
     pub(crate) batch: BatchConfig,
     /// Encoded frames held in memory stop growing past this.
     pub(crate) max_queued_bytes: usize,
@@ -104,7 +104,7 @@ impl Shipper {
             call,
             max_queued_bytes: spec.max_queued_bytes,
             shard_limits: sink.shard_limits(),
-            kpl_routes: spec.kpl_routes.clone().into(),
+            route_formats: spec.route_formats.clone().into(),
         };
         Shipper {
             sink,

@@ -75,8 +75,8 @@ pub(crate) struct Settings {
     /// from `drop_oldest`, so it stays well under the spool's cap.
     pub(crate) max_queued_bytes: usize,
     pub(crate) shard_limits: Option<ShardLimits>,
-    /// Routes whose frames use the KPL aggregated format.
-    pub(crate) kpl_routes: Arc<[String]>,
+    /// Routes whose records are not in the default format, and theirs.
+    pub(crate) route_formats: Arc<[(String, FrameFormat)]>,
 }
 
 /// An encoded frame waiting to be sent or resent.
@@ -302,11 +302,12 @@ impl ShipState {
     }
 
     fn job(&self, plan: FramePlan, limit: usize) -> Job {
-        let format = if self.settings.kpl_routes.contains(&plan.route) {
-            FrameFormat::Kpl
-        } else {
-            FrameFormat::Edgeship
-        };
+        let format = self
+            .settings
+            .route_formats
+            .iter()
+            .find(|(route, _)| *route == plan.route)
+            .map_or(FrameFormat::Edgeship, |(_, format)| *format);
         Job {
             blocks: plan.blocks,
             key: plan.key,
@@ -725,7 +726,7 @@ mod tests {
             },
             max_queued_bytes: 64 << 20,
             shard_limits,
-            kpl_routes: Arc::from(Vec::<String>::new()),
+            route_formats: Arc::from(Vec::new()),
         }
     }
 

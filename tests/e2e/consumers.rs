@@ -39,6 +39,61 @@ fn publish_mixed(
     })
 }
 
+/// 6 devices x 500 `mixed` messages through a route with `format`, to an agent that then
+/// stops: what the stream holds.
+fn through_a_route_in(format: &str, stream: &str) -> StreamContents {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 2);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "",
+    )
+    .replace(
+        "partition_key = \"{topic[1]}\"\n",
+        &format!("partition_key = \"{{topic[1]}}\"\nformat = \"{format}\"\n"),
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let contents = publish_mixed(&rt, &client, mosquitto.port, stream, DEVICES, PER_DEVICE);
+    assert_eq!(agent.stop().code(), Some(0));
+    contents
+}
+
+const DEVICES: u32 = 6;
+const PER_DEVICE: u32 = 500;
+
+/// Runs a Python script of the test venv with `input` on its stdin; its stdout.
+fn python_with_input(script: &str, input: &[u8]) -> String {
+    let mut child = Command::new(python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running Python (scripts/test.sh installs its venv)");
+    {
+        use std::io::Write;
+        // A failed write means Python ended early: its status and stderr say why, below.
+        let _ = child.stdin.take().unwrap().write_all(input);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn python_decoder_reads_the_stream_like_edgeship_decode() {
     let Rig {
@@ -139,31 +194,8 @@ for r in iter_deaggregate_records(events):
 /// code) splits back into the device payloads, each once, with its partition key.
 #[test]
 fn kpl_records_are_read_by_the_aws_deaggregator() {
-    let Rig {
-        dir,
-        rt,
-        client,
-        kinesis,
-    } = rig("e2e-kpl", 2);
-    let mosquitto = Mosquitto::start(dir.path());
-    let config = agent_config(
-        dir.path(),
-        mosquitto.port,
-        &kinesis.endpoint(),
-        "e2e-kpl",
-        "",
-        "",
-    )
-    .replace(
-        "partition_key = \"{topic[1]}\"\n",
-        "partition_key = \"{topic[1]}\"\nformat = \"kpl\"\n",
-    );
-    let mut agent = Agent::start(dir.path(), &config);
-    agent.wait_connected(1);
-    let make = mixed;
-    let (devices, per_device) = (6, 500);
-    let contents = publish_mixed(&rt, &client, mosquitto.port, "e2e-kpl", devices, per_device);
-    assert_eq!(agent.stop().code(), Some(0));
+    let contents = through_a_route_in("kpl", "e2e-kpl");
+    let (make, devices, per_device) = (mixed, DEVICES, PER_DEVICE);
     assert!(contents
         .raw_records
         .iter()
@@ -176,27 +208,10 @@ fn kpl_records_are_read_by_the_aws_deaggregator() {
         .zip(&contents.partition_keys)
         .map(|(r, k)| format!("{k} {}\n", b64.encode(r)))
         .collect();
-    let mut child = Command::new(python())
-        .args(["-c", DEAGGREGATE])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running Python (scripts/test.sh installs its venv)");
-    {
-        use std::io::Write;
-        // A failed write means Python ended early: its status and stderr say why, below.
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python_with_input(DEAGGREGATE, input.as_bytes());
     let mut got: std::collections::HashMap<(String, Vec<u8>), u32> = Default::default();
     let mut user_records = 0;
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
+    for line in out.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(
             v["aggregated"], true,
@@ -228,5 +243,61 @@ fn kpl_records_are_read_by_the_aws_deaggregator() {
     eprintln!(
         "kpl: {user_records} messages in {} Kinesis records of {} bytes, {} PUT payload units ({units_per_million:.0} per million messages)",
         contents.kinesis_records, contents.kinesis_bytes, contents.put_units
+    );
+}
+
+/// Reads concatenated records the way Firehose and Redshift see them: one text, split at
+/// newlines, each line parsed by Python's own JSON module. Prints the ids and how many lines.
+const JSON_LINES: &str = r#"
+import json, sys
+text = sys.stdin.read()
+ids = [json.loads(line)["id"] for line in text.split("\n") if line]
+print(len(ids), len(set(ids)))
+"#;
+
+/// A route with `format = "ndjson"`: every Kinesis record is JSON lines, one per message, each
+/// ending in a newline; JSON payloads are embedded as they are, others as base64. Read by
+/// serde_json (in `read_stream`) and by Python's json module over the records concatenated.
+#[test]
+fn ndjson_records_are_json_lines_a_parser_reads_whole() {
+    let contents = through_a_route_in("ndjson", "e2e-ndjson");
+    let (devices, per_device) = (DEVICES, PER_DEVICE);
+    assert!(contents
+        .raw_records
+        .iter()
+        .all(|r| r.starts_with(b"{\"id\":")));
+
+    // Every message once, byte for byte (read_stream decoded the lines).
+    let tally = tally(&contents.messages);
+    for d in 0..devices {
+        for s in 0..per_device {
+            assert_eq!(
+                tally.get(&(topic_of(d), mixed(d, s))),
+                Some(&1),
+                "device {d} message {s}"
+            );
+        }
+    }
+    assert_eq!(contents.messages.len(), (devices * per_device) as usize);
+    // JSON payloads are there as JSON, not as strings.
+    let first_json = contents
+        .raw_records
+        .iter()
+        .flat_map(|r| r.split(|b| *b == b'\n'))
+        .find(|l| l.windows(11).any(|w| w == b"\"payload\":{"))
+        .expect("a line with a JSON payload");
+    let v: serde_json::Value = serde_json::from_slice(first_json).unwrap();
+    assert!(v["payload"]["device"].is_string(), "{v}");
+
+    let out = python_with_input(JSON_LINES, &contents.raw_records.concat());
+    let n = (devices * per_device).to_string();
+    assert_eq!(out.trim(), format!("{n} {n}"));
+    let units_per_million = contents.put_units as f64 * 1e6 / contents.messages.len() as f64;
+    eprintln!(
+        "ndjson: {} messages in {} Kinesis records of {} bytes, {} PUT payload units ({units_per_million:.0} per million messages)",
+        contents.messages.len(),
+        contents.kinesis_records,
+        contents.kinesis_bytes,
+        contents.put_units
     );
 }

@@ -436,6 +436,8 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                     .unwrap_or(0) as u64;
                 let f = if data.starts_with(&edgeship::frame::kpl::MAGIC) {
                     kpl_as_frame(data)
+                } else if data.starts_with(b"{") {
+                    ndjson_as_frame(data, key)
                 } else {
                     frame::decode_frame(data).expect("every record in the stream is a valid frame")
                 };
@@ -471,6 +473,51 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
 
 /// A KPL aggregate read with edgeship's own decoder, as the frame it was built from (the id,
 /// topic and receipt time travel as tags).
+/// A record of a route with `format = "ndjson"`, read with serde_json (not edgeship's code):
+/// JSON lines, each ending in a newline, whose `payload` is the message when it is JSON (its
+/// exact bytes: the test payloads have no whitespace to drop) or else `payload_base64`.
+/// The lines carry no partition key; the Kinesis record's, `key`, stands for them.
+fn ndjson_as_frame(data: &[u8], key: &str) -> frame::Frame {
+    use base64::Engine;
+    let text = std::str::from_utf8(data).expect("an ndjson record is UTF-8");
+    assert!(text.ends_with('\n'), "an ndjson record ends its last line");
+    let mut gateway = String::new();
+    let records = text
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            let id = v["id"].as_str().expect("id");
+            let (gw, seq) = id.rsplit_once(':').expect("id is <gateway>:<seq>");
+            assert_eq!(v["gateway"], gw);
+            gateway = gw.to_string();
+            let payload = match v.get("payload_base64") {
+                Some(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_str().expect("payload_base64 is a string"))
+                    .expect("payload_base64 is base64"),
+                None => {
+                    // The payload is the line's last member: its text runs to the final '}'.
+                    let at = line
+                        .find(",\"payload\":")
+                        .expect("payload or payload_base64");
+                    let raw = &line[at + ",\"payload\":".len()..line.len() - 1];
+                    let parsed: serde_json::Value = serde_json::from_str(raw).expect("payload");
+                    assert_eq!(parsed, v["payload"]);
+                    raw.as_bytes().to_vec()
+                }
+            };
+            frame::Record {
+                seq: seq.parse().expect("seq"),
+                ts_ms: v["ts_ms"].as_u64().expect("ts_ms"),
+                key: key.to_string(),
+                topic: v["topic"].as_str().expect("topic").to_string(),
+                payload,
+            }
+        })
+        .collect();
+    frame::Frame { gateway, records }
+}
+
 fn kpl_as_frame(data: &[u8]) -> frame::Frame {
     let users =
         edgeship::frame::kpl::decode(data).expect("every KPL record in the stream is valid");
