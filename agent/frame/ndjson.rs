@@ -26,12 +26,12 @@ pub(crate) fn write_line(
     payload: &[u8],
 ) {
     out.extend_from_slice(b"{\"id\":");
-    // The id is `gateway:seq`, one JSON string.
-    let mut id = String::with_capacity(gateway.len() + 21);
-    id.push_str(gateway);
-    id.push(':');
-    id.push_str(itoa_u64(seq, &mut [0; 20]));
-    write_string(out, &id);
+    // The id is `gateway:seq`, one JSON string: the gateway's literal, reopened for the rest.
+    write_string(out, gateway);
+    out.pop();
+    out.push(b':');
+    out.extend_from_slice(itoa_u64(seq, &mut [0; 20]).as_bytes());
+    out.push(b'"');
     out.extend_from_slice(b",\"gateway\":");
     write_string(out, gateway);
     out.extend_from_slice(b",\"topic\":");
