@@ -206,8 +206,27 @@ fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
     (at(0.5), at(0.99), *v.last().unwrap())
 }
 
+/// Shows what the agent warned about in a phase (slow spool turns, reconnects): the first
+/// lines, and how many there were.
+fn print_warnings(phase: &str, log: &str) {
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    if warnings.is_empty() {
+        return;
+    }
+    eprintln!(
+        "  {phase}: the agent logged {} warnings or errors:",
+        warnings.len()
+    );
+    for line in warnings.iter().take(12) {
+        eprintln!("    {line}");
+    }
+}
+
 /// Ack-latency figures the agent logs when its source stops.
-fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64) {
+fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64, u64) {
     let line = log
         .lines()
         .rev()
@@ -226,6 +245,7 @@ fn ack_latency_from_log(log: &str) -> (u64, u64, u64, u64) {
         get("ack_p99_us"),
         get("ack_max_us"),
         get("max_unacked"),
+        get("max_write_backlog_bytes"),
     )
 }
 
@@ -382,6 +402,7 @@ fn main() {
     let agent_rate = total as f64 / elapsed;
     assert_eq!(agent.stop().code(), Some(0));
     let full_ack = ack_latency_from_log(&agent.log());
+    print_warnings("throughput", &agent.log());
     let back = rt.block_on(read_stream(&client, "load-throughput"));
     let payload_bytes: u64 = back.messages.iter().map(|m| m.payload.len() as u64).sum();
     let accept_latency_ms: Vec<u64> = back
@@ -425,6 +446,7 @@ fn main() {
     );
     assert_eq!(agent.stop().code(), Some(0));
     let half_ack = ack_latency_from_log(&agent.log());
+    print_warnings("half load", &agent.log());
     // The throughput agent's persistent session would otherwise keep queueing every message
     // published below for a client that never returns (millions of them: the broker's memory
     // and CPU, not the agent under test, would set the pace).
@@ -481,6 +503,7 @@ fn main() {
     rt.block_on(publisher).unwrap();
     assert_eq!(agent.stop().code(), Some(0));
     let alone_ack = ack_latency_from_log(&agent.log());
+    print_warnings("ingest alone", &agent.log());
     rt.block_on(forget_session(mosquitto.port, "edgeship-gw-ingest"));
     drop(ingest_uplink);
 
@@ -611,22 +634,24 @@ fn main() {
         (
             "ack latency p50 / p99 / max, full load",
             format!(
-                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {})",
+                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {}; acks waiting for the socket, most: {} KiB)",
                 full_ack.0 as f64 / 1e3,
                 full_ack.1 as f64 / 1e3,
                 full_ack.2 as f64 / 1e3,
-                full_ack.3
+                full_ack.3,
+                full_ack.4 / 1024
             ),
             "",
         ),
         (
             "ack latency p50 / p99 / max, ingest alone",
             format!(
-                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {})",
+                "{:.1} / {:.1} / {:.1} ms (most unacked at once: {}; acks waiting for the socket, most: {} KiB)",
                 alone_ack.0 as f64 / 1e3,
                 alone_ack.1 as f64 / 1e3,
                 alone_ack.2 as f64 / 1e3,
-                alone_ack.3
+                alone_ack.3,
+                alone_ack.4 / 1024
             ),
             "",
         ),
@@ -716,7 +741,7 @@ fn main() {
         "edgeship_ingest_msgs_per_s": ingest_rate,
         "edgeship_ingest_alone_msgs_per_s": alone_rate,
         "ingest_alone_ratio_to_baseline": alone_rate / baseline_rate,
-        "ack_latency_ingest_alone_us": {"p50": alone_ack.0, "p99": alone_ack.1, "max": alone_ack.2, "max_unacked": alone_ack.3},
+        "ack_latency_ingest_alone_us": {"p50": alone_ack.0, "p99": alone_ack.1, "max": alone_ack.2, "max_unacked": alone_ack.3, "max_write_backlog_bytes": alone_ack.4},
         "cpu_us_per_message_ingest_alone": alone_agent_cpu * 1e6 / total as f64,
         "cores_busy": {
             "baseline": cores_json(&baseline_cpu_json),
@@ -734,7 +759,7 @@ fn main() {
         "disk_write_bytes_per_payload_byte": (after.write_bytes - before.write_bytes) as f64 / payload_bytes,
         "cpu_us_per_message": cpu * 1e6 / total as f64,
         "peak_rss_mib_throughput": after.hwm_kib as f64 / 1024.0,
-        "ack_latency_full_load_us": {"p50": full_ack.0, "p99": full_ack.1, "max": full_ack.2, "max_unacked": full_ack.3},
+        "ack_latency_full_load_us": {"p50": full_ack.0, "p99": full_ack.1, "max": full_ack.2, "max_unacked": full_ack.3, "max_write_backlog_bytes": full_ack.4},
         "ack_latency_half_load_us": {"p50": half_ack.0, "p99": half_ack.1, "max": half_ack.2},
         "publish_to_accepted_ms": {"p50": acc_p50, "p99": acc_p99, "max": acc_max},
         "backlog_messages": backlog_total,

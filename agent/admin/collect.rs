@@ -219,7 +219,7 @@ fn spool(e: &mut Exposition, live: &Live) {
 
 fn mqtt(e: &mut Exposition, live: &Live) {
     type Read = fn(&crate::source::mqtt::SourceStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 14] = [
+    let families: [(&str, Kind, &str, Read); 16] = [
         (
             "edgeship_mqtt_connected",
             Kind::Gauge,
@@ -303,6 +303,18 @@ fn mqtt(e: &mut Exposition, live: &Live) {
             Kind::Gauge,
             "The most messages awaiting their commit at once since the agent started (the window held: at most max_unacked).",
             |s| s.max_unacked_seen.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_write_backlog_bytes",
+            Kind::Gauge,
+            "Bytes of acks written by the agent that the connection has not taken yet: a broker reading its subscriber's packets more slowly than it sends (reading pauses at 1 MiB).",
+            |s| s.write_backlog.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_write_backlog_bytes_max",
+            Kind::Gauge,
+            "The most bytes of acks waiting for the connection at once since the agent started.",
+            |s| s.max_write_backlog.load(Relaxed),
         ),
     ];
     for (name, kind, help, read) in families {

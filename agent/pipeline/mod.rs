@@ -387,6 +387,7 @@ impl Pipeline {
                 ack_p99_us = ack.p99_us,
                 ack_max_us = ack.max_us,
                 max_unacked = stats.max_unacked_seen.load(std::sync::atomic::Ordering::Relaxed),
+                max_write_backlog_bytes = stats.max_write_backlog.load(std::sync::atomic::Ordering::Relaxed),
                 "source stopped"
             );
         }

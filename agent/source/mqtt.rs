@@ -8,7 +8,10 @@
 //! wait for their commit (the spool full under `block`, or slower than the broker), which
 //! pushes back on the broker through TCP whatever it makes of Receive Maximum; the keep-alive
 //! goes on meanwhile (pings are written, and their answers, queued behind unread messages, are
-//! not awaited). A packet over `max_packet_bytes` is read past and counted
+//! not awaited). Acks the socket cannot take yet wait in a bounded backlog while reading and
+//! committing go on (a broker may read its subscriber's packets far more slowly than it sends
+//! to it; see [`WRITE_BACKLOG_MAX`]); past the bound reading stops too, and a socket that
+//! takes nothing for [`WRITE_STALL_MAX`] is a dead connection. A packet over `max_packet_bytes` is read past and counted
 //! (`oversize_packet`), the session going on.
 //!
 //! It must never ack a message the spool has not committed, never write an ack on another
@@ -42,6 +45,10 @@ pub(crate) struct SourceStats {
     /// most seen at once: the broker's window in practice.
     pub(crate) unacked: AtomicU64,
     pub(crate) max_unacked_seen: AtomicU64,
+    /// Bytes of packets (acks) waiting for the socket to take them, and the most at once: a
+    /// broker slow to read its subscriber's packets (see [`WRITE_BACKLOG_MAX`]).
+    pub(crate) write_backlog: AtomicU64,
+    pub(crate) max_write_backlog: AtomicU64,
     /// Topic filters the broker granted in its last SUBACK, and filters it refused (ever).
     pub(crate) subscriptions: AtomicU64,
     pub(crate) subscriptions_refused: AtomicU64,
@@ -145,6 +152,21 @@ async fn open(
     }
 }
 
+/// Bytes of packets (acks, mostly) that may wait for the socket before reading stops.
+///
+/// A broker may read a subscriber's packets far more slowly than it sends to it: Mosquitto
+/// 2.0 reads one packet per connection per turn of its event loop, so under saturating
+/// publishers it takes in a few thousand of our acks a second while it sends tens of
+/// thousands of messages, and the acks pile up in the kernel's send queue (megabytes of them
+/// in a million-message run) until writes wait. Committed messages' acks then wait here
+/// instead, while reading and committing go on; past this bound reading stops, which pushes
+/// back on the broker. Acked messages are committed: nothing waiting here is at risk.
+const WRITE_BACKLOG_MAX: usize = 1 << 20;
+
+/// Acks waiting this long for the socket to take any byte mean a broker that reads nothing:
+/// the connection is given up and opened again.
+const WRITE_STALL_MAX: Duration = Duration::from_secs(60);
+
 /// Runs one broker session until `stop` turns true, routing with the current `plan`.
 pub(crate) async fn run(
     config: BrokerConfig,
@@ -185,6 +207,7 @@ pub(crate) async fn run(
         broker: Arc::from(config.name.as_str()),
         router: plan.borrow().router.clone(),
         unrouted: Repeated::new(Duration::from_secs(60)),
+        slow_reader: Repeated::new(Duration::from_secs(60)),
         oversize: Repeated::new(Duration::from_secs(60)),
     };
     loop {
@@ -250,6 +273,7 @@ struct Intake<'a> {
     router: Arc<super::router::Router>,
     unrouted: Repeated,
     oversize: Repeated,
+    slow_reader: Repeated,
 }
 
 impl Intake<'_> {
@@ -328,12 +352,15 @@ impl Intake<'_> {
         // Bytes of an oversize packet still to pass over.
         let mut skipping: u64 = 0;
         let mut stopping: Option<tokio::time::Instant> = None;
+        // Since when bytes have waited for the socket without it taking any.
+        let mut write_waiting: Option<Instant> = None;
         loop {
             // Packets read while the window was full wait in the buffer until it opens.
             if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
                 return Ended::Failed(e);
             }
             out.clear();
+            session.set_writes_waiting(!wbuf.is_empty());
             if let Err(e) = session.due_writes(Instant::now(), &mut out) {
                 return Ended::Failed(e.into());
             }
@@ -351,19 +378,40 @@ impl Intake<'_> {
                         tracing::debug!(broker = %config.name, "subscribing");
                     }
                 }
-                if let Err(e) = wr.write_all(&wbuf).await {
-                    return Ended::Failed(ConnectionError::Io(describe(&e, config)));
-                }
-                wbuf.clear();
                 if out.last() == Some(&Outbound::Disconnect) {
-                    let _ = wr.flush().await;
-                    let _ = wr.shutdown().await;
+                    // The last acks and DISCONNECT, given a moment to go out.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        wr.write_all(&wbuf).await?;
+                        wr.flush().await?;
+                        wr.shutdown().await
+                    })
+                    .await;
                     return Ended::Stopped;
+                }
+            }
+            if wbuf.is_empty() {
+                write_waiting = None;
+            } else if let Some(since) = write_waiting {
+                if since.elapsed() >= WRITE_STALL_MAX {
+                    return Ended::Failed(ConnectionError::Io(format!(
+                        "the broker took no byte from this connection for {} s ({} bytes of acks waiting)",
+                        WRITE_STALL_MAX.as_secs(),
+                        wbuf.len()
+                    )));
+                }
+            } else {
+                write_waiting = Some(Instant::now());
+            }
+            self.publish_backlog(wbuf.len());
+            if wbuf.len() >= WRITE_BACKLOG_MAX {
+                if let Some(repeats) = self.slow_reader.should_log() {
+                    tracing::warn!(broker = %config.name, waiting_bytes = wbuf.len(), repeats, "the broker reads this connection's acks more slowly than it sends messages; reading pauses until it takes them (every message waiting for its ack is committed)");
                 }
             }
             self.publish_window(session);
             let deadline = session.next_deadline().map(tokio::time::Instant::from_std);
-            let reading = session.may_read() && stopping.is_none();
+            let reading =
+                session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
             if reading {
                 rbuf.reserve(READ_CHUNK);
             }
@@ -373,6 +421,16 @@ impl Intake<'_> {
                     // Let committed messages' acks reach the broker; anything newer is
                     // left unacked and the session redelivers it.
                     stopping = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                }
+                r = wr.write(&wbuf), if !wbuf.is_empty() => {
+                    match r {
+                        Ok(0) => return Ended::Failed(ConnectionError::Closed),
+                        Ok(n) => {
+                            let _ = wbuf.split_to(n);
+                            write_waiting = (!wbuf.is_empty()).then(Instant::now);
+                        }
+                        Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
+                    }
                 }
                 Some(t) = commits.recv() => {
                     self.committed(session, t);
@@ -615,6 +673,15 @@ impl Intake<'_> {
         if counts.stale_acks == stale_before {
             self.stats.ack_latency.record(t.received.elapsed());
         }
+    }
+
+    fn publish_backlog(&self, bytes: usize) {
+        self.stats
+            .write_backlog
+            .store(bytes as u64, Ordering::Relaxed);
+        self.stats
+            .max_write_backlog
+            .fetch_max(bytes as u64, Ordering::Relaxed);
     }
 
     fn publish_window(&self, session: &Session) {

@@ -137,6 +137,9 @@ pub(crate) struct Session {
     /// connection is dead only after a keep-alive interval of silence while reading.
     last_heard: Option<Instant>,
     paused: bool,
+    /// Packets written by the agent wait for the socket to take them (a broker reading
+    /// slowly): a PINGREQ behind them has not reached the broker.
+    writes_waiting: bool,
     /// Filters wanted, and for each whether the broker granted it on this connection.
     wanted: Vec<(String, u8)>,
     granted: bool,
@@ -171,6 +174,7 @@ impl Session {
             ping_sent: None,
             last_heard: None,
             paused: false,
+            writes_waiting: false,
             wanted: filters,
             granted: false,
             subscribing: None,
@@ -198,9 +202,15 @@ impl Session {
     /// Whether a silent broker is at fault: the agent reads, and no message waits for its
     /// commit. While one does, the broker may rightly be waiting for its ack (its inflight
     /// window full), and its PINGRESP may sit behind messages the agent has not read yet; a
-    /// commit slowed by a busy disk must not pass for a dead connection.
+    /// commit slowed by a busy disk must not pass for a dead connection. Nor is it while the
+    /// agent's own packets wait for the socket: its ping has not reached the broker yet.
     fn broker_owes(&self) -> bool {
-        self.may_read() && self.awaiting_commit == 0
+        self.may_read() && self.awaiting_commit == 0 && !self.writes_waiting
+    }
+
+    /// Whether packets the agent wrote still wait for the socket to take them.
+    pub(crate) fn set_writes_waiting(&mut self, waiting: bool) {
+        self.writes_waiting = waiting;
     }
 
     /// Connected and every wanted filter granted.
@@ -623,6 +633,28 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             s.due_writes(acked + KA, &mut out),
+            Err(Dead::PingTimeout(KA))
+        );
+    }
+
+    /// The agent's acks wait for a broker that reads slowly: its ping is behind them, so
+    /// the broker's silence is no fault until the socket has taken them.
+    #[test]
+    fn silence_while_the_agents_writes_wait_is_not_a_dead_connection() {
+        let (mut s, t0) = connected(10);
+        assert_eq!(written(&mut s, t0 + KA), vec![Outbound::PingReq]);
+        s.set_writes_waiting(true);
+        let mut out = Vec::new();
+        assert!(s.due_writes(t0 + KA * 5, &mut out).is_ok());
+        s.set_writes_waiting(false);
+        let taken = t0 + KA * 6;
+        let mut out = Vec::new();
+        assert!(s.due_writes(taken, &mut out).is_ok());
+        let mut out = Vec::new();
+        assert!(s.due_writes(taken + KA / 2, &mut out).is_ok());
+        let mut out = Vec::new();
+        assert_eq!(
+            s.due_writes(taken + KA, &mut out),
             Err(Dead::PingTimeout(KA))
         );
     }

@@ -479,6 +479,11 @@ pub(crate) fn start(
         failed_commits: 0,
         receipt_changes: Vec::new(),
         receipts_from: HashMap::new(),
+        phases: TurnPhases::default(),
+        slow_turns: SlowTurns {
+            since_log: 0,
+            logged: None,
+        },
         evicted_sending: BTreeMap::new(),
     };
     let thread = std::thread::Builder::new()
@@ -574,6 +579,74 @@ struct Worker {
     /// Per broker, the generation of its last connection without a session: receipts of
     /// messages from earlier connections are not written.
     receipts_from: HashMap<Arc<str>, u64>,
+    /// Where the current turn's time went.
+    phases: TurnPhases,
+    /// Turns that worked longer than [`SLOW_TURN`], for the rate-limited warning.
+    slow_turns: SlowTurns,
+}
+
+/// A turn whose work (not its gathering) takes longer than this is logged with its phases:
+/// every message of the group waits that long for its ack.
+const SLOW_TURN: Duration = Duration::from_millis(500);
+
+/// Time one turn spent in each kind of work, gathering waits excluded.
+#[derive(Debug, Default, Clone, Copy)]
+struct TurnPhases {
+    lease: Duration,
+    read: Duration,
+    other: Duration,
+    deliver: Duration,
+    write: Duration,
+    commit: Duration,
+}
+
+impl TurnPhases {
+    fn worked(&self) -> Duration {
+        self.lease + self.read + self.other + self.deliver + self.write + self.commit
+    }
+}
+
+/// Slow turns since the last warning; warnings at most every [`SLOW_TURN_LOG_EVERY`].
+#[derive(Debug)]
+struct SlowTurns {
+    since_log: u64,
+    logged: Option<std::time::Instant>,
+}
+
+const SLOW_TURN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl SlowTurns {
+    /// Notes a finished turn; warns about a slow one unless a warning went out recently.
+    fn finished(&mut self, p: &TurnPhases, commands: usize, deliveries: usize) {
+        let worked = p.worked();
+        if worked < SLOW_TURN {
+            return;
+        }
+        self.since_log += 1;
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_some_and(|t| now.duration_since(t) < SLOW_TURN_LOG_EVERY)
+        {
+            return;
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::warn!(
+            worked_ms = ms(worked),
+            lease_ms = ms(p.lease),
+            read_ms = ms(p.read),
+            deliver_ms = ms(p.deliver),
+            write_ms = ms(p.write),
+            commit_ms = ms(p.commit),
+            other_ms = ms(p.other),
+            commands,
+            deliveries,
+            slow_turns = self.since_log,
+            "a spool turn was slow: its messages waited that long for their acks (is the disk busy?)"
+        );
+        self.since_log = 0;
+        self.logged = Some(now);
+    }
 }
 
 /// Blocks evicted while being sent that are remembered, to count them delivered should
@@ -652,6 +725,7 @@ impl Worker {
                 }
             };
             let turn_started = std::time::Instant::now();
+            self.phases = TurnPhases::default();
             let limits_before = (self.cap(), self.policy);
             let mut next = first;
             let mut taken = 0;
@@ -694,25 +768,33 @@ impl Worker {
                         limit,
                         reply,
                     } => {
+                        let t = std::time::Instant::now();
                         let mut r = self.store.list_blocks(after, &routes, limit, &delivering);
                         if let Err(e) = &r {
                             if e.is_corrupt() && self.rebuild(e) {
                                 r = self.store.list_blocks(after, &routes, limit, &delivering);
                             }
                         }
+                        self.phases.lease += t.elapsed();
                         let _ = reply.send(r);
                     }
                     Command::Read { mut ids, reply } => {
+                        let t = std::time::Instant::now();
                         ids.retain(|id| !delivering.contains(id));
-                        let _ = reply.send(self.read_blocks(&ids));
+                        let r = self.read_blocks(&ids);
+                        self.phases.read += t.elapsed();
+                        let _ = reply.send(r);
                     }
                     // Rare: their own transactions, at once.
                     Command::Split { id, reply } => {
+                        let t = std::time::Instant::now();
                         self.in_flight.remove(&id);
                         let _ = reply.send(self.store.split_block(id, &mut self.body));
                         self.publish_totals();
+                        self.phases.other += t.elapsed();
                     }
                     Command::Unshippable { id, reply } => {
+                        let t = std::time::Instant::now();
                         self.in_flight.remove(&id);
                         let r = self.store.dead_letter_block(id, self.dead_letter_cap());
                         if let Ok(Some((_, records))) = &r {
@@ -722,6 +804,7 @@ impl Worker {
                         }
                         let _ = reply.send(r);
                         self.publish_totals();
+                        self.phases.other += t.elapsed();
                     }
                     // Answered after this turn's writes, so it sees the commands sent before it.
                     #[cfg(test)]
@@ -766,6 +849,7 @@ impl Worker {
                 }
             }
             self.look_for_room();
+            let delivered_blocks = deliveries.len();
             // Still full and nothing that could make room: no transaction at all.
             let still_blocked = waiting_for_room
                 && appends.is_empty()
@@ -813,6 +897,8 @@ impl Worker {
                     }
                 }
             }
+            self.slow_turns
+                .finished(&self.phases, taken, delivered_blocks);
             for (broker, reply) in receipt_replies {
                 let _ = reply.send(self.store.qos2_receipts(&broker));
             }
@@ -898,6 +984,7 @@ impl Worker {
                     }
                 }
             }
+            let t = std::time::Instant::now();
             for id in deliveries {
                 self.in_flight.remove(id);
                 match self.store.deliver_block(*id)? {
@@ -912,6 +999,8 @@ impl Worker {
                     }
                 }
             }
+            self.phases.deliver += t.elapsed();
+            let t = std::time::Instant::now();
             let mut bytes = 0;
             // What the records accepted so far will take in the file (they are written after
             // this loop): the cap counts them too, or one large transaction overshoots it.
@@ -936,8 +1025,10 @@ impl Worker {
                 accepted.push(incoming);
             }
             self.write_appends(&accepted, &mut fx)?;
+            self.phases.write += t.elapsed();
             let started = std::time::Instant::now();
             let committed = self.store.commit();
+            self.phases.commit += started.elapsed();
             self.stats.commit_latency.record(started.elapsed());
             committed
         })();

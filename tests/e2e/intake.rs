@@ -560,3 +560,155 @@ fn a_refused_subscription_is_asked_again_and_readiness_waits_for_it() {
     rt.block_on(publish(mosquitto.port, 2, 50, Default::default()));
     wait_stream_complete(&rt, &client, stream, 2, 50, Duration::from_secs(60));
 }
+
+/// A broker that sends without reading (Mosquitto 2.0 under saturating publishers reads one
+/// packet per connection per turn of its loop: a subscriber's acks pile up unread): the
+/// agent's acks wait in its own bounded backlog while it goes on reading and committing; once
+/// the broker reads, every ack arrives, each once, and every message is in the stream. The
+/// broker's receive buffer is a few KiB, so an agent that waits for each ack write stops after
+/// a few thousand messages.
+#[test]
+fn a_broker_that_reads_no_acks_for_a_while_does_not_stop_the_intake() {
+    use std::io::{Read, Write};
+    const MESSAGES: u16 = 60_000;
+    let stream = "e2e-intake-unread-acks";
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig(stream, 1);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // A small receive buffer, and small segments (the agent's send buffer is sized by
+        // its segments: on loopback's 64 KiB ones it would hold megabytes of acks).
+        for (level, option, value) in [
+            (libc::SOL_SOCKET, libc::SO_RCVBUF, 4096),
+            (libc::IPPROTO_TCP, libc::TCP_MAXSEG, 536),
+        ] {
+            let value: libc::c_int = value;
+            // SAFETY: a valid socket and an int option; accepted sockets inherit it.
+            let rc = unsafe {
+                libc::setsockopt(
+                    listener.as_raw_fd(),
+                    level,
+                    option,
+                    &value as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+    }
+    let port = listener.local_addr().unwrap().port();
+    let config = agent_config(
+        dir.path(),
+        port,
+        &kinesis.endpoint(),
+        stream,
+        "",
+        "protocol = \"3.1.1\"",
+    )
+    .replace("keep_alive = \"5s\"", "keep_alive = \"60s\"");
+    let agent = Agent::start(dir.path(), &config);
+    let (mut sock, _) = listener.accept().unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let read_packet = |sock: &mut std::net::TcpStream| -> (u8, Vec<u8>) {
+        let mut first = [0u8; 1];
+        sock.read_exact(&mut first).unwrap();
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            sock.read_exact(&mut b).unwrap();
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        sock.read_exact(&mut body).unwrap();
+        (first[0], body)
+    };
+    let (connect, _) = read_packet(&mut sock);
+    assert_eq!(connect, 0x10, "CONNECT first");
+    sock.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+    let (subscribe, body) = read_packet(&mut sock);
+    assert_eq!(subscribe, 0x82, "SUBSCRIBE next");
+    sock.write_all(&[0x90, 0x03, body[0], body[1], 0x01])
+        .unwrap();
+    // Every message at once, reading nothing.
+    let topic = topic_of(0);
+    let mut out = Vec::new();
+    for pkid in 1..=MESSAGES {
+        let p = payload(0, u32::from(pkid - 1));
+        let len = 2 + topic.len() + 2 + p.len();
+        out.push(0x32);
+        let mut l = len;
+        loop {
+            let b = (l & 0x7f) as u8;
+            l >>= 7;
+            out.push(if l > 0 { b | 0x80 } else { b });
+            if l == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(&pkid.to_be_bytes());
+        out.extend_from_slice(&p);
+    }
+    let mut writer = sock.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&out).unwrap());
+    let acc = wait_for(
+        "the agent to commit every message while the broker reads nothing",
+        Duration::from_secs(60),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.received >= u64::from(MESSAGES))
+        },
+    );
+    assert_eq!(acc.received, u64::from(MESSAGES));
+    sender.join().unwrap();
+    let waiting = agent
+        .scrape()
+        .sum("edgeship_mqtt_write_backlog_bytes_max", &[]);
+    assert!(
+        waiting > 0.0,
+        "the acks should have waited for the broker: {}",
+        agent.log()
+    );
+    // Now the broker reads: every ack, each once.
+    let mut acked = vec![0u32; usize::from(MESSAGES) + 1];
+    let mut count = 0;
+    while count < u32::from(MESSAGES) {
+        let (kind, body) = read_packet(&mut sock);
+        if kind == 0x40 {
+            let pkid = u16::from_be_bytes([body[0], body[1]]);
+            acked[usize::from(pkid)] += 1;
+            count += 1;
+        }
+    }
+    assert!(
+        acked[1..].iter().all(|&n| n == 1),
+        "each packet id acked once"
+    );
+    wait_stream_complete(
+        &rt,
+        &client,
+        stream,
+        1,
+        u32::from(MESSAGES),
+        Duration::from_secs(120),
+    );
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("edgeship_mqtt_connections_total", &[]),
+        1.0,
+        "{}",
+        agent.log()
+    );
+}
