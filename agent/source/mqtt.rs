@@ -10,8 +10,9 @@
 //! goes on meanwhile (pings are written, and their answers, queued behind unread messages, are
 //! not awaited). Acks the socket cannot take yet wait in a bounded backlog while reading and
 //! committing go on (a broker may read its subscriber's packets far more slowly than it sends
-//! to it; see [`WRITE_BACKLOG_MAX`]); past the bound reading stops too, and a socket that
-//! takes nothing for [`WRITE_STALL_MAX`] is a dead connection. A packet over `max_packet_bytes` is read past and counted
+//! to it; see [`WRITE_BACKLOG_MAX`]); past the bound reading stops too. A saturated Mosquitto
+//! may take none of them for over a minute, so no timer of the agent's judges that wait: a
+//! broker host gone away is found by TCP (its zero-window probes go unanswered). A packet over `max_packet_bytes` is read past and counted
 //! (`oversize_packet`), the session going on.
 //!
 //! It must never ack a message the spool has not committed, never write an ack on another
@@ -162,10 +163,6 @@ async fn open(
 /// instead, while reading and committing go on; past this bound reading stops, which pushes
 /// back on the broker. Acked messages are committed: nothing waiting here is at risk.
 const WRITE_BACKLOG_MAX: usize = 1 << 20;
-
-/// Acks waiting this long for the socket to take any byte mean a broker that reads nothing:
-/// the connection is given up and opened again.
-const WRITE_STALL_MAX: Duration = Duration::from_secs(60);
 
 /// Runs one broker session until `stop` turns true, routing with the current `plan`.
 pub(crate) async fn run(
@@ -352,8 +349,6 @@ impl Intake<'_> {
         // Bytes of an oversize packet still to pass over.
         let mut skipping: u64 = 0;
         let mut stopping: Option<tokio::time::Instant> = None;
-        // Since when bytes have waited for the socket without it taking any.
-        let mut write_waiting: Option<Instant> = None;
         loop {
             // Packets read while the window was full wait in the buffer until it opens.
             if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
@@ -389,19 +384,6 @@ impl Intake<'_> {
                     return Ended::Stopped;
                 }
             }
-            if wbuf.is_empty() {
-                write_waiting = None;
-            } else if let Some(since) = write_waiting {
-                if since.elapsed() >= WRITE_STALL_MAX {
-                    return Ended::Failed(ConnectionError::Io(format!(
-                        "the broker took no byte from this connection for {} s ({} bytes of acks waiting)",
-                        WRITE_STALL_MAX.as_secs(),
-                        wbuf.len()
-                    )));
-                }
-            } else {
-                write_waiting = Some(Instant::now());
-            }
             self.publish_backlog(wbuf.len());
             if wbuf.len() >= WRITE_BACKLOG_MAX {
                 if let Some(repeats) = self.slow_reader.should_log() {
@@ -427,7 +409,6 @@ impl Intake<'_> {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
                         Ok(n) => {
                             let _ = wbuf.split_to(n);
-                            write_waiting = (!wbuf.is_empty()).then(Instant::now);
                         }
                         Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
                     }
@@ -532,6 +513,7 @@ impl Intake<'_> {
                     granted,
                     refused,
                 } => {
+                    let was_ready = session.ready();
                     session.on_packet(
                         super::session::Inbound::SubAck {
                             pkid,
@@ -551,8 +533,10 @@ impl Intake<'_> {
                             .subscriptions_refused
                             .fetch_add(refused as u64, Ordering::Relaxed);
                         tracing::error!(broker = %self.config.name, refused, granted, "the broker refused topic filters; asking again in a while (check its ACLs)");
-                    } else {
+                    } else if !was_ready && session.ready() {
                         tracing::info!(broker = %self.config.name, filters = granted, "subscribed");
+                    } else {
+                        tracing::debug!(broker = %self.config.name, filters = granted, "subscription granted again");
                     }
                 }
                 Decoded::UnsubAck { pkid } => {

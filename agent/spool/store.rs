@@ -40,7 +40,7 @@ const SEQ_RESERVE: u64 = 1 << 20;
 
 /// The file holding the sequence floor of the spool at `path`.
 pub fn seq_floor_path(path: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.seq", path.display()))
+    beside(path, ".seq")
 }
 
 /// The floor, or 0 when there is none yet (a first start) or it cannot be read.
@@ -1733,7 +1733,12 @@ pub fn read_accounting_at(path: &Path) -> Result<Accounting, SpoolError> {
     .map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(err)?;
-    read_accounting(&conn).map_err(err)
+    // One read transaction, so the counters and the blocks are of the same commit: read
+    // apart, a delivery committed between them unbalances the figures.
+    conn.execute_batch("BEGIN").map_err(err)?;
+    let acc = read_accounting(&conn);
+    let _ = conn.execute_batch("COMMIT");
+    acc.map_err(err)
 }
 
 #[cfg(test)]
