@@ -26,16 +26,18 @@ fn telemetry(device: u32, seq: u32) -> String {
     )
 }
 
+/// A version 2 body (what the spool keeps: a key per record) of `n` messages of 50 devices.
 fn body_of(n: u32) -> (Vec<u8>, u64) {
     let mut body = Vec::new();
     let mut payload = 0;
     for i in 0..n {
         let p = telemetry(i % 50, i);
         payload += p.len() as u64;
-        frame::encode_record(
+        frame::encode_record_v2(
             &mut body,
             u64::from(i),
             1_764_000_000_000 + u64::from(i),
+            &format!("dev-{:03}", i % 50),
             &format!("devices/dev-{:03}/telemetry", i % 50),
             p.as_bytes(),
         );
@@ -43,19 +45,38 @@ fn body_of(n: u32) -> (Vec<u8>, u64) {
     (body, payload)
 }
 
+/// Frames as the agent makes them from spooled bodies: version 3 (index and payload
+/// sections), and version 2 (the body as it is) for comparison.
+fn encode(
+    version: u8,
+    n: u32,
+    body: &[u8],
+    columns: &mut frame::ColumnBody,
+    compressor: &mut zstd::bulk::Compressor<'static>,
+) -> Vec<u8> {
+    if version == frame::VERSION_3 {
+        columns.clear();
+        columns
+            .push_body(body, n, frame::VERSION_2, "")
+            .expect("a version 2 body");
+        frame::encode_frame_v3("gw", columns, Some(compressor)).unwrap()
+    } else {
+        frame::encode_frame_in(version, "gw", n, body, Some(compressor)).unwrap()
+    }
+}
+
 fn frame_encoding(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame_encode");
+    let mut columns = frame::ColumnBody::default();
     for records in [100u32, 1_000, 10_000] {
         let (body, payload) = body_of(records);
-        for level in [1, 3, 9] {
+        for (version, level) in [(3, 1), (3, 3), (3, 9), (2, 3)] {
             g.throughput(Throughput::Elements(u64::from(records)));
             let mut compressor = frame::frame_compressor(level).unwrap();
-            let size = frame::encode_frame("gw", records, &body, Some(&mut compressor))
-                .unwrap()
-                .len();
+            let size = encode(version, records, &body, &mut columns, &mut compressor).len();
             g.bench_with_input(
                 BenchmarkId::new(
-                    format!("zstd{level}"),
+                    format!("v{version} zstd{level}"),
                     format!(
                         "{records} msgs, {:.3} of payload",
                         size as f64 / payload as f64
@@ -63,21 +84,21 @@ fn frame_encoding(c: &mut Criterion) {
                 ),
                 &records,
                 |b, &n| {
-                    b.iter(|| {
-                        frame::encode_frame("gw", n, black_box(&body), Some(&mut compressor))
-                            .unwrap()
-                    })
+                    b.iter(|| encode(version, n, black_box(&body), &mut columns, &mut compressor))
                 },
             );
         }
     }
     let (body, payload) = body_of(10_000);
     let mut compressor = frame::frame_compressor(3).unwrap();
-    let encoded = frame::encode_frame("gw", 10_000, &body, Some(&mut compressor)).unwrap();
-    g.throughput(Throughput::Bytes(payload));
-    g.bench_function("decode zstd3 10000 msgs (payload bytes)", |b| {
-        b.iter(|| frame::decode_frame(black_box(&encoded)).unwrap())
-    });
+    for version in [3, 2] {
+        let encoded = encode(version, 10_000, &body, &mut columns, &mut compressor);
+        g.throughput(Throughput::Bytes(payload));
+        g.bench_function(
+            format!("decode v{version} zstd3 10000 msgs (payload bytes)"),
+            |b| b.iter(|| frame::decode_frame(black_box(&encoded)).unwrap()),
+        );
+    }
     g.finish();
 }
 

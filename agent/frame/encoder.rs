@@ -1,16 +1,17 @@
 //! The one place records become destination records: a run of record bodies (each the
 //! uncompressed record encoding of FORMAT.md, with its record count and body version) is
 //! encoded in a route's format, split until every piece fits the destination's record limit.
-//! Bodies of version 2 (a key per record) make frames of version 2; a run that mixes versions
-//! (a spool written by an older agent) has its version 1 bodies rewritten with the run's key.
+//! Bodies of version 2 (a key per record) make frames of version 3 (version 2's records laid
+//! out in sections, FORMAT.md); a run that mixes versions (a spool written by an older agent)
+//! has its version 1 bodies rewritten with the run's key.
 //!
 //! It knows nothing of spool blocks or destinations: callers pass bodies and a limit, and get
 //! back each encoded record with the range of bodies it holds. No I/O; CPU-bound (zstd), so
 //! async callers run it on a blocking thread.
 
 use super::{
-    decode_records_in, encode_frame_in, encode_record_in, frame_compressor, FrameError, VERSION_1,
-    VERSION_2,
+    decode_records_in, encode_frame_in, encode_frame_v3, encode_record_in, frame_compressor,
+    ColumnBody, FrameError, VERSION_1, VERSION_2,
 };
 use super::{kpl, ndjson};
 use serde::Deserialize;
@@ -83,8 +84,9 @@ pub(crate) struct Encoded {
 /// Encodes records in one format; holds the compressor context between frames (its set-up is
 /// the expensive part).
 pub(crate) enum FrameEncoder {
-    /// edgeship's own frame (FORMAT.md), zstd-compressed.
-    Edgeship(zstd::bulk::Compressor<'static>),
+    /// edgeship's own frame (FORMAT.md), zstd-compressed; the sections of the last frame
+    /// are kept for their memory.
+    Edgeship(zstd::bulk::Compressor<'static>, Box<ColumnBody>),
     /// The KPL aggregated record (uncompressed), for KCL and Lambda deaggregation.
     Kpl,
     /// JSON lines (uncompressed), for Redshift and Firehose.
@@ -94,7 +96,9 @@ pub(crate) enum FrameEncoder {
 impl FrameEncoder {
     pub(crate) fn new(format: FrameFormat, zstd_level: i32) -> Result<FrameEncoder, EncodeError> {
         Ok(match format {
-            FrameFormat::Edgeship => FrameEncoder::Edgeship(frame_compressor(zstd_level)?),
+            FrameFormat::Edgeship => {
+                FrameEncoder::Edgeship(frame_compressor(zstd_level)?, Box::default())
+            }
             FrameFormat::Kpl => FrameEncoder::Kpl,
             FrameFormat::Ndjson => FrameEncoder::Ndjson,
         })
@@ -111,7 +115,12 @@ impl FrameEncoder {
         version: u8,
     ) -> Result<Vec<u8>, EncodeError> {
         match self {
-            FrameEncoder::Edgeship(compressor) => Ok(encode_frame_in(
+            FrameEncoder::Edgeship(compressor, columns) if version == VERSION_2 => {
+                columns.clear();
+                columns.push_body(raw, records as u32, version, key)?;
+                Ok(encode_frame_v3(gateway, columns, Some(compressor))?)
+            }
+            FrameEncoder::Edgeship(compressor, _) => Ok(encode_frame_in(
                 version,
                 gateway,
                 records as u32,
@@ -283,10 +292,10 @@ mod tests {
         assert_eq!(out[0].bodies, 0..8);
     }
 
-    /// A run of version 2 bodies (many keys) makes a version 2 frame; a version 1 body among
+    /// A run of version 2 bodies (many keys) makes a version 3 frame; a version 1 body among
     /// them (an older spool) gets the run's key.
     #[test]
-    fn version_2_bodies_make_version_2_frames_with_every_key() {
+    fn version_2_bodies_make_version_3_frames_with_every_key() {
         let mut v2 = Vec::new();
         for i in 0..10u64 {
             crate::frame::encode_record_v2(&mut v2, i, 1, &format!("dev-{i}"), "t", b"{}");
@@ -312,7 +321,7 @@ mod tests {
             .unwrap();
         assert_eq!(out.len(), 1);
         let (header, _) = crate::frame::read_frame(&out[0].data).unwrap();
-        assert_eq!(header.version, VERSION_2);
+        assert_eq!(header.version, crate::frame::VERSION_3);
         let keys: Vec<String> = decode_frame(&out[0].data)
             .unwrap()
             .records

@@ -1,4 +1,4 @@
-"""Decode edgeship frames ("ESHP" version 1) in Python consumers: AWS Lambda, KCL, scripts.
+"""Decode edgeship frames ("ESHP" versions 1 to 3) in Python consumers: AWS Lambda, KCL, scripts.
 
 An edgeship frame is what the agent puts in one Kinesis record (or one file of a ``directory``
 destination): a header naming the gateway, then many MQTT messages, usually zstd-compressed.
@@ -69,7 +69,8 @@ __all__ = [
 
 MAGIC = b"ESHP"
 #: Version 1: records of one partition key. Version 2: each record carries its own key.
-VERSIONS = (1, 2)
+#: Version 3: version 2's records in two sections (an index, then the payloads).
+VERSIONS = (1, 2, 3)
 FLAG_ZSTD = 0x01
 #: Largest uncompressed body accepted, as in agent/frame/mod.rs.
 MAX_BODY_BYTES = 256 << 20
@@ -151,9 +152,9 @@ def iter_frame(data: Union[bytes, bytearray, memoryview]) -> Iterator[Record]:
     return _iter_records(gateway, body, count, version)
 
 
-def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, bytes, int]:
-    """Checks a frame's header and returns its gateway, record count, uncompressed body and
-    version."""
+def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, Any, int]:
+    """Checks a frame's header and returns its gateway, record count, uncompressed body (for
+    version 3, its index and payload sections) and version."""
     data = bytes(data)
     if len(data) < 4 or data[:4] != MAGIC:
         raise FrameError("not an edgeship frame (magic bytes missing)")
@@ -162,7 +163,7 @@ def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, by
     version, flags, gateway_len = data[4], data[5], data[6]
     if version not in VERSIONS:
         raise FrameError(
-            f"frame version {version} is not supported (this build reads versions 1 and 2)"
+            f"frame version {version} is not supported (this build reads versions 1, 2 and 3)"
         )
     if flags & ~FLAG_ZSTD:
         raise FrameError(f"unknown frame flags {flags:#04x}")
@@ -179,12 +180,19 @@ def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, by
     rest = data[pos + 8 :]
     if body_len > MAX_BODY_BYTES:
         raise FrameError(f"frame body of {body_len} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
-    if flags & FLAG_ZSTD:
-        if body_len > max(len(rest) * MAX_EXPANSION, 1 << 20):
-            raise _corrupt(
-                f"a body of {body_len} bytes cannot come from {len(rest)} compressed bytes"
-                f" (at most {MAX_EXPANSION} times as many)"
-            )
+    compressed = bool(flags & FLAG_ZSTD)
+    if compressed and body_len > max(len(rest) * MAX_EXPANSION, 1 << 20):
+        raise _corrupt(
+            f"a body of {body_len} bytes cannot come from {len(rest)} compressed bytes"
+            f" (at most {MAX_EXPANSION} times as many)"
+        )
+    if version == 3:
+        body = _open_sections(rest, body_len, compressed)
+        # An index entry takes at least 5 bytes: a count beyond that is corrupt.
+        if count > len(body[0]) // 5 + 1:
+            raise _corrupt(f"{count} records cannot fit in an index of {len(body[0])} bytes")
+        return gateway, count, body, version
+    if compressed:
         body = _decompress_exact(rest, body_len)
     elif len(rest) != body_len:
         raise _truncated("body")
@@ -196,8 +204,35 @@ def _open_frame(data: Union[bytes, bytearray, memoryview]) -> Tuple[str, int, by
     return gateway, count, body, version
 
 
-def _iter_records(gateway: str, body: bytes, count: int, version: int) -> Iterator[Record]:
+def _open_sections(rest: bytes, body_len: int, compressed: bool) -> Tuple[bytes, bytes]:
+    """A version 3 body's index and payload sections, uncompressed and checked against the
+    lengths the frame declares."""
+    if len(rest) < 8:
+        raise _truncated("section lengths")
+    index_len, stored = struct.unpack_from("<II", rest, 0)
+    if index_len > body_len:
+        raise _corrupt(f"an index of {index_len} bytes in a body of {body_len}")
+    if not compressed and stored != index_len:
+        raise _corrupt(f"an uncompressed index stored in {stored} bytes, {index_len} long")
+    rest = rest[8:]
+    if stored > len(rest):
+        raise _truncated("index section")
+    index, payloads = rest[:stored], rest[stored:]
+    if compressed:
+        return (
+            _decompress_exact(index, index_len),
+            _decompress_exact(payloads, body_len - index_len),
+        )
+    if len(payloads) != body_len - index_len:
+        raise _truncated("payload section")
+    return index, payloads
+
+
+def _iter_records(gateway: str, body: Any, count: int, version: int) -> Iterator[Record]:
     """Parses ``count`` records from an uncompressed body that must end right after them."""
+    if version == 3:
+        yield from _iter_sections(gateway, body[0], body[1], count)
+        return
     pos = 0
     for _ in range(count):
         seq, pos = _read_varint(body, pos)
@@ -205,19 +240,56 @@ def _iter_records(gateway: str, body: bytes, count: int, version: int) -> Iterat
         key_text = ""
         if version == 2:
             key, pos = _read_field(body, pos)
-            try:
-                key_text = key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _corrupt("key is not UTF-8") from None
+            key_text = _text(key, "key")
         topic, pos = _read_field(body, pos)
-        try:
-            topic_text = topic.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _corrupt("topic is not UTF-8") from None
+        topic_text = _text(topic, "topic")
         payload, pos = _read_field(body, pos)
         yield Record(f"{gateway}:{seq}", seq, gateway, topic_text, ts_ms, payload, key_text)
     if pos != len(body):
         raise _corrupt(f"{len(body) - pos} bytes after the last record")
+
+
+def _unzigzag(value: int) -> int:
+    """The signed difference a zigzag varint holds, as a 64-bit two's complement number."""
+    return (value >> 1) ^ (_U64_MASK if value & 1 else 0)
+
+
+def _iter_sections(gateway: str, index: bytes, payloads: bytes, count: int) -> Iterator[Record]:
+    """Parses ``count`` records from a version 3 body's index and payload sections; each must
+    end right after them. Ids and times are differences from the record before, wrapping."""
+    pos = at = seq = ts_ms = 0
+    for _ in range(count):
+        delta, pos = _read_varint(index, pos)
+        seq = (seq + _unzigzag(delta)) & _U64_MASK
+        delta, pos = _read_varint(index, pos)
+        ts_ms = (ts_ms + _unzigzag(delta)) & _U64_MASK
+        key, pos = _read_field(index, pos)
+        topic, pos = _read_field(index, pos)
+        length, pos = _read_varint(index, pos)
+        if at + length > len(payloads):
+            raise _truncated("payload beyond the payload section")
+        payload = payloads[at : at + length]
+        at += length
+        yield Record(
+            f"{gateway}:{seq}",
+            seq,
+            gateway,
+            _text(topic, "topic"),
+            ts_ms,
+            payload,
+            _text(key, "key"),
+        )
+    if pos != len(index):
+        raise _corrupt(f"{len(index) - pos} bytes after the last index entry")
+    if at != len(payloads):
+        raise _corrupt(f"{len(payloads) - at} bytes after the last payload")
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _corrupt(f"{what} is not UTF-8") from None
 
 
 def _read_varint(body: bytes, pos: int) -> Tuple[int, int]:

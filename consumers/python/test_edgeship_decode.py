@@ -37,6 +37,11 @@ DOC_EXAMPLE_V2 = bytes.fromhex("455348500200026777010000000c00000005090264310361
 DOC_EXAMPLE_V2_LINE = (
     '{"gateway":"gw","id":"gw:5","key":"d1","payload":"{}","seq":5,"topic":"a/b","ts_ms":9}'
 )
+# Its version 3 form: an index section (id and time as zigzag differences, key, topic, payload
+# length), then the payloads.
+DOC_EXAMPLE_V3 = bytes.fromhex(
+    "455348500300026777010000000c0000000a0000000a0000000a1202643103612f62027b7d"
+)
 
 
 def varint(value):
@@ -57,6 +62,45 @@ def record_bytes_v2(seq, ts_ms, key, topic, payload):
     key = key.encode() if isinstance(key, str) else key
     rest = record_bytes(seq, ts_ms, topic, payload)[len(varint(seq)) + len(varint(ts_ms)) :]
     return varint(seq) + varint(ts_ms) + varint(len(key)) + key + rest
+
+
+def zigzag(delta):
+    delta &= (1 << 64) - 1
+    signed = delta - (1 << 64) if delta >> 63 else delta
+    return ((signed << 1) ^ (signed >> 63)) & ((1 << 64) - 1)
+
+
+def sections_v3(records):
+    """A version 3 body's index and payload sections for (seq, ts_ms, key, topic, payload)."""
+    index, payloads, seq, ts = bytearray(), bytearray(), 0, 0
+    for r_seq, r_ts, key, topic, payload in records:
+        key = key.encode() if isinstance(key, str) else key
+        topic = topic.encode() if isinstance(topic, str) else topic
+        index += varint(zigzag(r_seq - seq)) + varint(zigzag(r_ts - ts))
+        index += varint(len(key)) + key + varint(len(topic)) + topic + varint(len(payload))
+        payloads += payload
+        seq, ts = r_seq, r_ts
+    return bytes(index), bytes(payloads)
+
+
+def frame_v3(gateway, count, index, payloads, compress=False, index_len=None, stored=None):
+    """A version 3 frame around its sections, each compressed on its own if ``compress``."""
+    stored_index = zstd(index) if compress else index
+    body = struct.pack(
+        "<II",
+        len(index) if index_len is None else index_len,
+        len(stored_index) if stored is None else stored,
+    )
+    body += stored_index + (zstd(payloads) if compress else payloads)
+    return frame_bytes(
+        gateway,
+        count,
+        b"",
+        body,
+        flags=ed.FLAG_ZSTD if compress else 0,
+        body_len=len(index) + len(payloads),
+        version=3,
+    )
 
 
 def frame_bytes(gateway, count, body, compressed=None, flags=None, body_len=None, version=1):
@@ -102,6 +146,9 @@ _ESCAPES = b"".join(
 _ONE = record_bytes(5, 9, "a/b", b"{}")
 _V2 = record_bytes_v2(1, 2, _TEXT, "t/1", b"{}") + record_bytes_v2(2, 2, "", "t/2", b"\xff")
 _SKIPPABLE = struct.pack("<II", 0x184D2A53, 3) + b"abc"
+_V3 = sections_v3(
+    [(2**64 - 1, 5, _TEXT, "t/1", _TEXT.encode()), (3, 2**64 - 2, "", "t/2", b"\xff")]
+)
 CRAFTED = {
     "escapes plain": frame_bytes("gw-é", 4, _ESCAPES),
     "escapes zstd": frame_bytes("gw", 4, _ESCAPES, zstd(_ESCAPES)),
@@ -147,7 +194,19 @@ CRAFTED = {
     "version 2, key not UTF-8": frame_bytes(
         "gw", 1, record_bytes_v2(5, 9, b"\xff", "a/b", b"{}"), version=2
     ),
-    "version 3": frame_bytes("gw", 1, _ONE, version=3),
+    "version 1 body read as version 3": frame_bytes("gw", 1, _ONE, version=3),
+    "version 3": DOC_EXAMPLE_V3,
+    "version 3, escaped, zstd": frame_v3("gw", 2, *_V3, compress=True),
+    "version 3, plain": frame_v3("gw", 2, *_V3),
+    "version 3, index_len past the body": frame_v3("gw", 2, *_V3, index_len=99_999),
+    "version 3, index stored past the input": frame_v3("gw", 2, *_V3, compress=True, stored=9999),
+    "version 3, index stored short": frame_v3("gw", 2, *_V3, compress=True, stored=5),
+    "version 3, plain index stored length differs": frame_v3("gw", 2, *_V3, stored=1),
+    "version 3, payload past its section": frame_v3("gw", 2, _V3[0], _V3[1][:-1]),
+    "version 3, a payload byte left over": frame_v3("gw", 2, _V3[0], _V3[1] + b"x"),
+    "version 3, count 1 too high": frame_v3("gw", 3, *_V3),
+    "version 3, count 1 too low": frame_v3("gw", 1, *_V3),
+    "version 4": DOC_EXAMPLE[:4] + b"\x04" + DOC_EXAMPLE[5:],
 }
 for _n in range(1, 10):
     CRAFTED[f"{_n} bytes after the zstd frame"] = frame_bytes("gw", 1, _ONE, zstd(_ONE) + bytes(_n))
@@ -169,6 +228,39 @@ class FormatTests(unittest.TestCase):
         body = b"".join(record_bytes_v2(i, i, f"d{i % 3}", "t", b"x") for i in range(50))
         records = ed.decode_frame(frame_bytes("gw", 50, body, zstd(body), version=2)).records
         self.assertEqual([r.key for r in records], [f"d{i % 3}" for i in range(50)])
+
+    def test_documented_version_3_example(self):
+        frame = ed.decode_frame(DOC_EXAMPLE_V3)
+        self.assertEqual(frame.records, [ed.Record("gw:5", 5, "gw", "a/b", 9, b"{}", "d1")])
+        self.assertEqual(ed.json_line(frame.records[0]), DOC_EXAMPLE_V2_LINE)
+        self.assertEqual(frame_v3("gw", 1, *sections_v3([(5, 9, "d1", "a/b", b"{}")])), DOC_EXAMPLE_V3)
+
+    def test_version_3_round_trip_with_differences_that_wrap(self):
+        rng = random.Random(3)
+        records = [(0, 0, "", "", b"")]
+        records += [
+            (rng.randrange(2**64), rng.randrange(2**64), f"d{i % 7}", f"t/{i}", rng.randbytes(i % 50))
+            for i in range(500)
+        ]
+        records += [(2**64 - 1, 2**64 - 1, "k", "t", b"x"), (1, 0, "k", "t", b"")]
+        index, payloads = sections_v3(records)
+        for compress in (False, True):
+            data = frame_v3("gw", len(records), index, payloads, compress=compress)
+            got = [(r.seq, r.ts_ms, r.key, r.topic, r.payload) for r in ed.decode_frame(data).records]
+            self.assertEqual(got, records)
+            self.assertEqual(len(list(ed.iter_frame(data))), len(records))
+        cases = {
+            "an index of": CRAFTED["version 3, index_len past the body"],
+            "truncated: index section": CRAFTED["version 3, index stored past the input"],
+            "stored in 1 bytes": CRAFTED["version 3, plain index stored length differs"],
+            "payload beyond the payload section": CRAFTED["version 3, payload past its section"],
+            "1 bytes after the last payload": CRAFTED["version 3, a payload byte left over"],
+            "bytes after the last index entry": CRAFTED["version 3, count 1 too low"],
+            "truncated: section lengths": DOC_EXAMPLE_V3[:20],
+        }
+        for reason, data in cases.items():
+            with self.subTest(reason), self.assertRaisesRegex(ed.FrameError, re.escape(reason)):
+                ed.decode_frame(data)
 
     def test_round_trip_plain_and_compressed(self):
         plain = frame_bytes("gw-1", 3, SAMPLE_BODY)
@@ -207,7 +299,7 @@ class FormatTests(unittest.TestCase):
         bad_checksum[-1] ^= 1
         cases = {
             "magic bytes missing": b"ESHX" + DOC_EXAMPLE[4:],
-            "version 3 is not supported": DOC_EXAMPLE[:4] + b"\x03" + DOC_EXAMPLE[5:],
+            "version 4 is not supported": CRAFTED["version 4"],
             "unknown frame flags 0x02": frame_bytes("gw", 3, body, flags=0x02),
             "truncated: header": DOC_EXAMPLE[:6],
             "truncated: gateway id": DOC_EXAMPLE[:8],
