@@ -1,5 +1,5 @@
 //! Per-device partition keys at scale: records of many keys bound for one shard share the
-//! spool's blocks and the stream's records (frames of version 2), each keeping its own key,
+//! spool's blocks and the stream's records (keyed frames, version 3), each keeping its own key,
 //! its shard and its order.
 
 use crate::support::*;
@@ -83,8 +83,8 @@ fn many_keys_share_frames_per_shard_and_keep_their_order() {
         contents
             .raw_records
             .iter()
-            .all(|r| r.starts_with(b"ESHP\x02")),
-        "frames of version 2"
+            .all(|r| r.starts_with(b"ESHP\x03")),
+        "keyed frames of version 3"
     );
     eprintln!(
         "{total} messages of {devices} keys in {} Kinesis records ({} PUT payload units)",

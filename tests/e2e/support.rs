@@ -390,7 +390,7 @@ pub struct StreamContents {
     /// Every record's data as it came out of the stream.
     pub raw_records: Vec<Vec<u8>>,
     /// For each message: the shard id that held it, and its own partition key (the one its
-    /// route gave it: carried per record in version 2 frames and KPL aggregates, else the
+    /// route gave it: carried per record in keyed frames (versions 2 and 3) and KPL aggregates, else the
     /// Kinesis record's).
     pub placed: Vec<(String, String)>,
 }
