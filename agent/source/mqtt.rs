@@ -126,6 +126,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 << 10;
 
+/// Room left in the read buffer below which a fresh chunk is taken for the next read.
+///
+/// A message's payload is a slice of the chunk it was read into, and keeps that whole chunk
+/// alive until the spool has stored it. Asking for a full `READ_CHUNK` of room before every
+/// read took a fresh chunk each time the last one still had messages waiting for their
+/// commit, so a stream that arrives a message per read (1,000 msg/s) held 64 KiB per waiting
+/// message: with a second's gathering per commit (`spool.commit_max_wait`) the agent's peak
+/// RSS was 37-43 MiB instead of 16. Reading into the chunk's remaining room first keeps what
+/// waiting messages hold close to their own size.
+const READ_MIN: usize = 4 << 10;
+
+/// Makes room for the next read (see [`READ_MIN`]).
+fn make_room(rbuf: &mut BytesMut) {
+    if rbuf.capacity() - rbuf.len() < READ_MIN {
+        rbuf.reserve(READ_CHUNK);
+    }
+}
+
 async fn open(
     config: &BrokerConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -302,7 +320,7 @@ impl Intake<'_> {
                 if let Some(d) = codec::decode(protocol, &mut rbuf, max_bytes)? {
                     return Ok::<_, ConnectionError>(d);
                 }
-                rbuf.reserve(READ_CHUNK);
+                make_room(&mut rbuf);
                 match rd.read_buf(&mut rbuf).await {
                     Ok(0) => return Err(ConnectionError::Closed),
                     Ok(_) => {}
@@ -395,7 +413,7 @@ impl Intake<'_> {
             let reading =
                 session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
             if reading {
-                rbuf.reserve(READ_CHUNK);
+                make_room(&mut rbuf);
             }
             tokio::select! {
                 biased;
@@ -681,5 +699,52 @@ impl Intake<'_> {
         self.stats
             .misdirected_acks
             .store(counts.misdirected, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MqttProtocol;
+
+    /// Messages that arrive one per read, as a steady low-rate stream does, are read into
+    /// the room their chunk has left, so all the messages waiting for a commit hold about
+    /// their own size rather than a chunk each.
+    #[test]
+    fn messages_read_one_at_a_time_share_their_chunk() {
+        let payload = [7u8; 200];
+        let mut packet = BytesMut::new();
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            "devices/a/telemetry",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            payload.to_vec(),
+        );
+        p.pkid = 1;
+        rumqttc::mqttbytes::v4::Packet::Publish(p)
+            .write(&mut packet, usize::MAX)
+            .unwrap();
+
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut waiting = Vec::new();
+        for _ in 0..250 {
+            make_room(&mut rbuf);
+            // What a read of one message does: it lands in the buffer's spare room.
+            rbuf.extend_from_slice(&packet);
+            match codec::decode(MqttProtocol::V311, &mut rbuf, 1 << 20).unwrap() {
+                Some(Decoded::Publish { payload, .. }) => waiting.push(payload),
+                other => panic!("not a publish: {other:?}"),
+            }
+        }
+        assert!(waiting.iter().all(|p| p[..] == payload[..]));
+        let chunks = 1 + waiting
+            .windows(2)
+            .filter(|w| w[1].as_ptr() != w[0].as_ptr().wrapping_add(packet.len()))
+            .count();
+        let held = 250 * packet.len();
+        assert!(
+            chunks <= held / (READ_CHUNK - READ_MIN) + 1,
+            "250 waiting messages of {} bytes hold {chunks} chunks of {READ_CHUNK} bytes",
+            packet.len()
+        );
     }
 }
