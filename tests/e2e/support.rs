@@ -390,8 +390,8 @@ pub struct StreamContents {
     /// Every record's data as it came out of the stream.
     pub raw_records: Vec<Vec<u8>>,
     /// For each message: the shard id that held it, and its own partition key (the one its
-    /// route gave it: carried per record in keyed frames (versions 2 and 3) and KPL aggregates, else the
-    /// Kinesis record's).
+    /// route gave it: carried per record in keyed frames, versions 2 and 3, and in KPL
+    /// aggregates, else the Kinesis record's).
     pub placed: Vec<(String, String)>,
 }
 
