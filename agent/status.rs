@@ -298,6 +298,22 @@ pub fn render(doc: &StatusDoc) -> String {
             "DOES NOT HOLD"
         }
     );
+    for (pair, t) in &acc.destinations {
+        let (route, dest) = pair.split_once('/').unwrap_or((pair, ""));
+        let _ = writeln!(
+            s,
+            "route      {route} -> {dest}  received {}  delivered {}  dropped {}  pending {}{}",
+            t.received,
+            t.delivered,
+            t.dropped,
+            t.pending,
+            if t.balances() {
+                ""
+            } else {
+                "  DOES NOT BALANCE"
+            }
+        );
+    }
     for b in &doc.brokers {
         let _ = writeln!(
             s,

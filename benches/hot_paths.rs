@@ -134,7 +134,7 @@ fn spool_append_commit(c: &mut Criterion) {
                         let meta = store
                             .append_block("telemetry", "gw", &records, &mut buf)
                             .unwrap();
-                        store.deliver_block(meta.id).unwrap();
+                        store.deliver_block("", meta.id).unwrap();
                         store.commit().unwrap();
                     })
                 },

@@ -12,9 +12,12 @@ use crate::sink::DestinationConfig;
 use crate::spool::Counter;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// The destination a route's records go to ("" for messages no route took).
-fn destination_of<'a>(config: &'a crate::config::Config, route: &str) -> &'a str {
-    config.route(route).map_or("", |r| r.destination.as_str())
+/// The destinations a route's records go to, comma-separated ("" for messages no route
+/// took).
+fn destination_of(config: &crate::config::Config, route: &str) -> String {
+    config
+        .route(route)
+        .map_or_else(String::new, |r| r.destinations.join(","))
 }
 
 pub(crate) fn render(live: &Live) -> String {
@@ -25,6 +28,63 @@ pub(crate) fn render(live: &Live) -> String {
     destinations(&mut e, live);
     agent(&mut e, live);
     e.finish()
+}
+
+/// Each destination's own terms: a route with several destinations keeps one copy of a
+/// record and a cursor per destination, so one destination's backlog shows here while the
+/// route's figures count a record once.
+fn destination_terms(e: &mut Exposition, c: &crate::spool::store::Committed) {
+    let pairs = c.pairs();
+    for (name, counter, help) in [
+        (
+            "edgeship_destination_records_received_total",
+            Counter::Received,
+            "Records stored for a destination of their route, by route and destination.",
+        ),
+        (
+            "edgeship_destination_records_delivered_total",
+            Counter::Delivered,
+            "Records a destination accepted, by route and destination.",
+        ),
+    ] {
+        e.family(name, Kind::Counter, help);
+        for (route, dest) in &pairs {
+            let labels = [("route", route.as_str()), ("destination", dest.as_str())];
+            e.sample(name, &labels, c.pair_counter(route, dest, counter));
+        }
+    }
+    e.family(
+        "edgeship_destination_records_dropped_total",
+        Kind::Counter,
+        "Records dropped for a destination, by route, destination and reason.",
+    );
+    for ((route, dest, counter), value) in &c.pair_counters {
+        if let Counter::Dropped(reason) = counter {
+            let labels = [
+                ("route", route.as_str()),
+                ("destination", dest.as_str()),
+                ("reason", reason.as_str()),
+            ];
+            e.sample(
+                "edgeship_destination_records_dropped_total",
+                &labels,
+                *value,
+            );
+        }
+    }
+    e.family(
+        "edgeship_destination_records_pending",
+        Kind::Gauge,
+        "Records a destination still owes (its backlog), by route and destination. For each pair received = delivered + dropped + pending.",
+    );
+    for (route, dest) in &pairs {
+        let pending = c
+            .pair_pending
+            .get(&(route.clone(), dest.clone()))
+            .map_or(0, |p| p.0);
+        let labels = [("route", route.as_str()), ("destination", dest.as_str())];
+        e.sample("edgeship_destination_records_pending", &labels, pending);
+    }
 }
 
 fn accounting(e: &mut Exposition, live: &Live) {
@@ -51,7 +111,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         for route in &routes {
             let labels = [
                 ("route", *route),
-                ("destination", destination_of(&config, route)),
+                ("destination", &destination_of(&config, route)),
             ];
             e.sample(name, &labels, c.counter(route, counter));
         }
@@ -65,7 +125,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         if let Counter::Dropped(reason) = counter {
             let labels = [
                 ("route", route.as_str()),
-                ("destination", destination_of(&config, route)),
+                ("destination", &destination_of(&config, route)),
                 ("reason", reason.as_str()),
             ];
             e.sample("edgeship_records_dropped_total", &labels, *value);
@@ -80,10 +140,11 @@ fn accounting(e: &mut Exposition, live: &Live) {
         let pending = c.pending.get(*route).map_or(0, |p| p.0);
         let labels = [
             ("route", *route),
-            ("destination", destination_of(&config, route)),
+            ("destination", &destination_of(&config, route)),
         ];
         e.sample("edgeship_records_pending", &labels, pending);
     }
+    destination_terms(e, &c);
     e.family(
         "edgeship_records_orphaned",
         Kind::Gauge,
@@ -105,7 +166,7 @@ fn accounting(e: &mut Exposition, live: &Live) {
         let bytes = c.pending.get(*route).map_or(0, |p| p.1);
         let labels = [
             ("route", *route),
-            ("destination", destination_of(&config, route)),
+            ("destination", &destination_of(&config, route)),
         ];
         e.sample("edgeship_spool_pending_bytes", &labels, bytes);
     }

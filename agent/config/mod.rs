@@ -493,6 +493,37 @@ stream = "s"
     }
 
     #[test]
+    fn a_route_may_name_several_destinations_each_once_and_defined() {
+        let two = format!(
+            "{}[destination.archive]\ntype = \"directory\"\npath = \"/tmp/archive\"\n",
+            MINIMAL.replace(
+                "destination = \"main\"",
+                "destinations = [\"main\", \"archive\"]"
+            )
+        );
+        let c = Config::parse(&two, "m.toml").unwrap();
+        assert_eq!(c.routes[0].destinations, ["main", "archive"]);
+        for (bad, said) in [
+            (
+                "destinations = [\"main\", \"nope\"]",
+                "`nope`, which is not defined",
+            ),
+            ("destinations = [\"main\", \"main\"]", "`main` twice"),
+            ("destinations = []", "names no destination"),
+            (
+                "destination = \"main\"\ndestinations = [\"main\"]",
+                "sets both `destination` and `destinations`",
+            ),
+            ("", "has no `destination`"),
+        ] {
+            let text = MINIMAL.replace("destination = \"main\"", bad);
+            let e = Config::parse(&text, "m.toml").unwrap_err().to_string();
+            assert!(e.contains("m.toml:"), "{e}");
+            assert!(e.contains(said), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn password_is_not_in_debug_output() {
         let text = MINIMAL.replace(
             "host = \"127.0.0.1\"",

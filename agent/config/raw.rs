@@ -191,7 +191,8 @@ pub enum MqttProtocol {
 pub(crate) struct RawRoute {
     pub(crate) name: Spanned<String>,
     pub(crate) topics: Spanned<Vec<String>>,
-    pub(crate) destination: Spanned<String>,
+    pub(crate) destination: Option<Spanned<String>>,
+    pub(crate) destinations: Option<Spanned<Vec<String>>>,
     pub(crate) partition_key: Option<Spanned<String>>,
     pub(crate) explicit_hash_key: Option<Spanned<String>>,
     pub(crate) qos: Option<Spanned<u8>>,

@@ -17,7 +17,9 @@ const RECORD_ROOM: u64 = 65 << 10;
 pub struct RouteConfig {
     pub(crate) name: String,
     pub(crate) filters: Vec<TopicFilter>,
-    pub(crate) destination: String,
+    /// Where its records go: each destination takes every record (one copy in the spool,
+    /// a cursor per destination). The first groups them into blocks by its shards.
+    pub(crate) destinations: Vec<String>,
     pub(crate) partition_key: KeyTemplate,
     /// Chooses the shard instead of the partition key's MD5: a 128-bit decimal as written,
     /// or the MD5 of what the template renders (e.g. spread one gateway's records over the
@@ -55,16 +57,56 @@ pub(super) fn routes(
                 format!("route `{name}` is defined twice"),
             ));
         }
-        let dest_span = route.destination.span();
-        let destination = route.destination.into_inner();
-        let Some(dest) = destinations.get(&destination) else {
-            let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
+        let (dest_span, names, field) = match (route.destination, route.destinations) {
+            (Some(one), None) => {
+                let span = one.span();
+                (span, vec![one.into_inner()], "route.destination")
+            }
+            (None, Some(list)) => {
+                let span = list.span();
+                (span, list.into_inner(), "route.destinations")
+            }
+            (Some(one), Some(_)) => {
+                return Err(src.error_at(
+                    Some(one.span()),
+                    "route.destination",
+                    format!("route `{name}` sets both `destination` and `destinations`; use one"),
+                ))
+            }
+            (None, None) => {
+                return Err(src.error_at(
+                    Some(name_span),
+                    "route.destination",
+                    format!("route `{name}` has no `destination` (or `destinations = [...]`)"),
+                ))
+            }
+        };
+        if names.is_empty() {
             return Err(src.error_at(
                 Some(dest_span),
-                "route.destination",
-                format!("route `{name}` names destination `{destination}`, which is not defined (defined: {known:?})"),
+                field,
+                format!("route `{name}` names no destination"),
             ));
-        };
+        }
+        let mut dests = Vec::new();
+        for (i, destination) in names.iter().enumerate() {
+            if names[..i].contains(destination) {
+                return Err(src.error_at(
+                    Some(dest_span.clone()),
+                    field,
+                    format!("route `{name}` names destination `{destination}` twice"),
+                ));
+            }
+            let Some(dest) = destinations.get(destination) else {
+                let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
+                return Err(src.error_at(
+                    Some(dest_span.clone()),
+                    field,
+                    format!("route `{name}` names destination `{destination}`, which is not defined (defined: {known:?})"),
+                ));
+            };
+            dests.push((destination.clone(), dest));
+        }
         let topics_span = route.topics.span();
         let topics = route.topics.into_inner();
         if topics.is_empty() {
@@ -131,19 +173,21 @@ pub(super) fn routes(
             None => 1,
         };
         // Room for the record's topic (MQTT allows 64KiB) and the frame's own bytes.
-        if batch.max_message_bytes + RECORD_ROOM > max_record_bytes(dest) {
-            return Err(src.error_at(
-                Some(dest_span),
-                "batch.max_message_bytes",
-                format!(
-                    "must leave 65KiB of room (topic and framing) under destination `{destination}`'s max_record_bytes"
-                ),
-            ));
+        for (destination, dest) in &dests {
+            if batch.max_message_bytes + RECORD_ROOM > max_record_bytes(dest) {
+                return Err(src.error_at(
+                    Some(dest_span.clone()),
+                    "batch.max_message_bytes",
+                    format!(
+                        "must leave 65KiB of room (topic and framing) under destination `{destination}`'s max_record_bytes"
+                    ),
+                ));
+            }
         }
         routes.push(RouteConfig {
             name,
             filters,
-            destination,
+            destinations: dests.into_iter().map(|(d, _)| d).collect(),
             partition_key,
             explicit_hash_key,
             qos,

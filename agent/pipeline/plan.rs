@@ -1,9 +1,10 @@
 //! What a config calls for, and what a config change does to the running shippers: decided
 //! without I/O, so each rule is unit-tested.
 //!
-//! One shipper per destination that has routes. Routes a change removes keep shipping what
-//! they spooled to the destination of the same name, if the new config still has it
-//! (retired routes); a route named again is live again. A destination whose settings or
+//! One shipper per destination that has routes (a route with several destinations is in
+//! each one's). Routes a change removes keep shipping what they spooled to the destinations
+//! of the same names the new config still has (retired routes); a route named again is live
+//! again. A destination whose settings or
 //! routes changed gets a new shipper (the old one stops first), an unchanged one keeps its
 //! own.
 
@@ -21,9 +22,9 @@ pub(crate) struct Spec {
     pub(crate) shipper: ShipperSpec,
 }
 
-/// Routes a config change removed, with the destination (and format) that still ships what
+/// Routes a config change removed, with the destinations (and format) that still ship what
 /// they spooled.
-pub(crate) type Retired = BTreeMap<String, (String, FrameFormat)>;
+pub(crate) type Retired = BTreeMap<String, (Vec<String>, FrameFormat)>;
 
 /// The shippers `config` calls for: one per destination with routes (its own and the retired
 /// ones it drains).
@@ -31,18 +32,22 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
     let mut specs = BTreeMap::new();
     for (name, dest) in &config.destinations {
         let mut routes = Vec::new();
+        let mut placed_routes = Vec::new();
         let mut route_formats = Vec::new();
         let mine = config
             .routes
             .iter()
-            .filter(|r| &r.destination == name)
-            .map(|r| (&r.name, r.format));
+            .filter(|r| r.destinations.contains(name))
+            .map(|r| (&r.name, &r.destinations, r.format));
         let drained = retired
             .iter()
-            .filter(|(_, (d, _))| d == name)
-            .map(|(route, (_, format))| (route, *format));
-        for (route, format) in mine.chain(drained) {
+            .filter(|(_, (d, _))| d.contains(name))
+            .map(|(route, (d, format))| (route, d, *format));
+        for (route, dests, format) in mine.chain(drained) {
             routes.push(route.clone());
+            if dests.first() == Some(name) {
+                placed_routes.push(route.clone());
+            }
             if format != FrameFormat::Edgeship {
                 route_formats.push((route.clone(), format));
             }
@@ -56,6 +61,7 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
                 destination: dest.clone(),
                 shipper: ShipperSpec {
                     routes,
+                    placed_routes,
                     route_formats,
                     batch: config.batch.clone(),
                     max_queued_bytes: (config.spool.max_bytes / 4) as usize,
@@ -67,26 +73,30 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
 }
 
 /// Updates `retired` for a change from `old` to `new`: routes `new` drops are retired to
-/// their destination; retired routes whose destination is gone, or that `new` names again,
-/// are no longer.
+/// their destinations; retired routes none of whose destinations is left, or that `new`
+/// names again, are no longer.
 pub(crate) fn retire(old: &Config, new: &Config, retired: &mut Retired) {
     for r in &old.routes {
         if new.route(&r.name).is_none() {
-            retired.insert(r.name.clone(), (r.destination.clone(), r.format));
+            retired.insert(r.name.clone(), (r.destinations.clone(), r.format));
         }
     }
-    retired.retain(|route, (dest, _)| {
-        new.route(route).is_none() && new.destinations.contains_key(dest)
+    retired.retain(|route, (dests, _)| {
+        dests.retain(|d| new.destinations.contains_key(d));
+        new.route(route).is_none() && !dests.is_empty()
     });
 }
 
-/// Where each route's records go (its own and the retired ones): route -> (destination,
+/// Where each route's records go (its own and the retired ones): route -> (destinations,
 /// frame format), as the spool records it.
-pub(crate) fn route_map(config: &Config, retired: &Retired) -> BTreeMap<String, (String, String)> {
+pub(crate) fn route_map(
+    config: &Config,
+    retired: &Retired,
+) -> BTreeMap<String, (Vec<String>, String)> {
     config
         .routes
         .iter()
-        .map(|r| (r.name.clone(), (r.destination.clone(), r.format)))
+        .map(|r| (r.name.clone(), (r.destinations.clone(), r.format)))
         .chain(
             retired
                 .iter()
@@ -96,24 +106,26 @@ pub(crate) fn route_map(config: &Config, retired: &Retired) -> BTreeMap<String, 
         .collect()
 }
 
-/// Routes the spool holds records of that `config` no longer has, whose recorded destination
-/// it still has: they are drained there (retired). `pending` are the routes with records
-/// spooled, `recorded` where the spool says each route's records go.
+/// Routes the spool holds records of that `config` no longer has, whose recorded
+/// destinations it still has (some of them): they are drained there (retired). `pending` are
+/// the routes with records spooled, `recorded` where the spool says each route's records go.
 pub(crate) fn retired_at_start<'a>(
     config: &Config,
     pending: impl IntoIterator<Item = &'a String>,
-    recorded: &BTreeMap<String, (String, String)>,
+    recorded: &BTreeMap<String, (Vec<String>, String)>,
 ) -> Retired {
     pending
         .into_iter()
         .filter(|route| config.route(route).is_none())
         .filter_map(|route| {
-            let (dest, format) = recorded.get(route)?;
+            let (dests, format) = recorded.get(route)?;
             let format = FrameFormat::parse(format)?;
-            config
-                .destinations
-                .contains_key(dest)
-                .then(|| (route.clone(), (dest.clone(), format)))
+            let dests: Vec<String> = dests
+                .iter()
+                .filter(|d| config.destinations.contains_key(*d))
+                .cloned()
+                .collect();
+            (!dests.is_empty()).then(|| (route.clone(), (dests, format)))
         })
         .collect()
 }
@@ -209,6 +221,25 @@ mod tests {
         // Its destination is gone too: nothing drains it (reported as orphaned).
         let elsewhere = config(&[("t2", "b")], &["b"]);
         assert!(retired_at_start(&elsewhere, &pending, &recorded).is_empty());
+    }
+
+    #[test]
+    fn a_route_with_two_destinations_is_in_both_shippers_and_placed_by_the_first() {
+        let c = config(&[("t", "a"), ("u", "b")], &["a", "b"]);
+        let mut c2 = c.clone();
+        c2.routes[0].destinations = vec!["b".into(), "a".into()];
+        let s = specs(&c2, &Retired::new());
+        assert_eq!(s["a"].shipper.routes, ["t"]);
+        assert!(s["a"].shipper.placed_routes.is_empty(), "b is t's first");
+        assert_eq!(s["b"].shipper.routes, ["t", "u"]);
+        assert_eq!(s["b"].shipper.placed_routes, ["t", "u"]);
+        assert_eq!(route_map(&c2, &Retired::new())["t"].0, ["b", "a"]);
+        // Removed: it drains to each destination still configured.
+        let mut retired = Retired::new();
+        let only_a = config(&[("u", "a")], &["a"]);
+        retire(&c2, &only_a, &mut retired);
+        assert_eq!(retired["t"].0, ["a"]);
+        assert_eq!(specs(&only_a, &retired)["a"].shipper.routes, ["u", "t"]);
     }
 
     #[test]

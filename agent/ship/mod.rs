@@ -42,6 +42,9 @@ use tokio::sync::watch;
 pub(crate) struct ShipperSpec {
     /// Routes whose records this destination receives.
     pub(crate) routes: Vec<String>,
+    /// Those of them that this destination is the first of: it says how their records are
+    /// grouped into blocks (its shards).
+    pub(crate) placed_routes: Vec<String>,
     /// Those of them whose records are not in the default format, and theirs.
     pub(crate) route_formats: Vec<(String, FrameFormat)>,
     pub(crate) batch: BatchConfig,
@@ -70,7 +73,10 @@ enum ShipError {
 pub(crate) struct Shipper {
     sink: Arc<Sink>,
     spool: SpoolHandle,
+    /// The destination's name: the spool keeps what it owes under it.
+    dest: Arc<str>,
     routes: Arc<[String]>,
+    placed_routes: Arc<[String]>,
     gateway: Arc<str>,
     zstd_level: i32,
     settings: Settings,
@@ -109,7 +115,9 @@ impl Shipper {
         Shipper {
             sink,
             spool,
+            dest: name.into(),
             routes: spec.routes.clone().into(),
+            placed_routes: spec.placed_routes.clone().into(),
             gateway,
             zstd_level: spec.batch.zstd_level,
             settings,
@@ -160,7 +168,11 @@ impl Shipper {
             self.place(&mut placed);
             match state.next(Instant::now(), &*self.sink) {
                 Action::Lease { after, limit } => {
-                    match self.spool.lease(self.routes.clone(), after, limit).await {
+                    match self
+                        .spool
+                        .lease(self.dest.clone(), self.routes.clone(), after, limit)
+                        .await
+                    {
                         Ok(blocks) => state.leased(
                             blocks,
                             &*self.sink,
@@ -185,9 +197,9 @@ impl Shipper {
                             .expect("the block is the job's");
                         let block = &job.blocks[body];
                         let replaced = if block.records > 1 {
-                            self.spool.split(block.id).await
+                            self.spool.split(self.dest.clone(), block.id).await
                         } else {
-                            self.spool.unshippable(block.id).await.map(|gone| {
+                            self.spool.unshippable(self.dest.clone(), block.id).await.map(|gone| {
                                 tracing::error!(destination = %name, block = block.id, bytes, limit, route = ?gone.map(|g| g.0), "a record is larger than the destination takes however it is encoded; moved to the dead letters (counted as dropped: unshippable)");
                                 Vec::new()
                             })
@@ -203,19 +215,19 @@ impl Shipper {
                             ),
                             Err(e) => {
                                 tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
-                                let _ = self.spool.release(job.block_ids());
+                                let _ = self.spool.release(self.dest.clone(), job.block_ids());
                                 break;
                             }
                         }
                     }
                     Err(ShipError::Spool(e)) => {
                         tracing::error!(destination = %name, error = %e, "shipper stops: spool unavailable");
-                        let _ = self.spool.release(job.block_ids());
+                        let _ = self.spool.release(self.dest.clone(), job.block_ids());
                         break;
                     }
                     Err(e) => {
                         tracing::error!(destination = %name, error = %e, "cannot build records of these blocks; shipping stops and starts again");
-                        let _ = self.spool.release(job.block_ids());
+                        let _ = self.spool.release(self.dest.clone(), job.block_ids());
                         break;
                     }
                 },
@@ -230,7 +242,9 @@ impl Shipper {
                         Instant::now(),
                         crate::clock::now_ms(),
                     );
-                    if !delivered.is_empty() && self.spool.delivered(delivered).is_err() {
+                    if !delivered.is_empty()
+                        && self.spool.delivered(self.dest.clone(), delivered).is_err()
+                    {
                         tracing::error!(destination = %name, "spool stopped before deliveries were recorded; they will be resent");
                     }
                 }
@@ -261,7 +275,7 @@ impl Shipper {
                 }
             }
         }
-        let _ = self.spool.release(state.give_back());
+        let _ = self.spool.release(self.dest.clone(), state.give_back());
     }
 
     /// Tells the spool where this destination's routes' records go, when the destination's
@@ -282,7 +296,7 @@ impl Shipper {
         });
         self.spool
             .placements()
-            .set(&self.routes, placement.as_ref());
+            .set(&self.placed_routes, placement.as_ref());
         *placed = starts;
     }
 
@@ -291,7 +305,7 @@ impl Shipper {
     async fn encode(&self, job: &Job) -> Result<Vec<Pending>, ShipError> {
         let bodies = self
             .spool
-            .read(job.block_ids())
+            .read(self.dest.clone(), job.block_ids())
             .await
             .map_err(ShipError::Spool)?;
         if bodies.is_empty() {

@@ -166,28 +166,35 @@ enum Command {
         reply: Reply<Vec<u16>>,
     },
     Lease {
+        dest: Arc<str>,
         routes: Arc<[String]>,
         after: i64,
         limit: usize,
         reply: Reply<Vec<BlockMeta>>,
     },
     Read {
+        dest: Arc<str>,
         ids: Vec<i64>,
         reply: Reply<Vec<(BlockMeta, Vec<u8>)>>,
     },
     Delivered {
+        dest: Arc<str>,
         ids: Vec<i64>,
     },
     Release {
+        dest: Arc<str>,
         ids: Vec<i64>,
     },
     /// Replace a block by two halves (it encodes larger than its destination takes).
     Split {
+        dest: Arc<str>,
         id: i64,
         reply: Reply<Vec<BlockMeta>>,
     },
-    /// Move a one-record block that no destination can take to the dead letters.
+    /// A one-record block the destination cannot take: dropped for it (and to the dead
+    /// letters when no other destination owes it).
     Unshippable {
+        dest: Arc<str>,
         id: i64,
         reply: Reply<Option<(String, u32)>>,
     },
@@ -201,9 +208,9 @@ enum Command {
     LimitPages(u32),
     /// New limits from a config change; appends waiting for space are retried against them.
     Limits(SpoolLimits),
-    /// Where each route's records go now (route -> destination, format), recorded in the
-    /// file so records of a route a later config removes still find their destination.
-    Routes(BTreeMap<String, (String, String)>),
+    /// Where each route's records go now (route -> destinations, format), recorded in the
+    /// file so records of a route a later config removes still find their destinations.
+    Routes(BTreeMap<String, (Vec<String>, String)>),
     /// Commit what is queued and stop; parked appends stay unacked (the broker redelivers).
     Close,
     /// A source can take no more until this turn's appends commit (its window is full):
@@ -321,9 +328,11 @@ impl SpoolHandle {
         self.tx.send(Command::Flush).map_err(closed)
     }
 
-    /// Up to `limit` blocks of `routes` with ids above `after`, oldest first (metadata only).
+    /// Up to `limit` blocks of `routes` with ids above `after` that destination `dest` owes,
+    /// oldest first (metadata only).
     pub(crate) async fn lease(
         &self,
+        dest: Arc<str>,
         routes: Arc<[String]>,
         after: i64,
         limit: usize,
@@ -331,6 +340,7 @@ impl SpoolHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Lease {
+                dest,
                 routes,
                 after,
                 limit,
@@ -345,39 +355,56 @@ impl SpoolHandle {
     /// quarantined as corrupt) is left out.
     pub(crate) async fn read(
         &self,
+        dest: Arc<str>,
         ids: Vec<i64>,
     ) -> Result<Vec<(BlockMeta, Vec<u8>)>, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Read { ids, reply }).map_err(closed)?;
-        rx.await.map_err(closed)?
-    }
-
-    /// The destination accepted these blocks: delete them and count them delivered.
-    pub(crate) fn delivered(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
-        self.tx.send(Command::Delivered { ids }).map_err(closed)
-    }
-
-    /// Replaces a block that encodes larger than its destination takes by two of half its
-    /// records each (same sequence numbers); returns them, to be planned instead.
-    pub(crate) async fn split(&self, id: i64) -> Result<Vec<BlockMeta>, SpoolError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Split { id, reply }).map_err(closed)?;
-        rx.await.map_err(closed)?
-    }
-
-    /// Moves a one-record block that no destination can take to the dead letters, counted
-    /// as dropped `unshippable`; returns its route and records (`None` if it is gone).
-    pub(crate) async fn unshippable(&self, id: i64) -> Result<Option<(String, u32)>, SpoolError> {
-        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Unshippable { id, reply })
+            .send(Command::Read { dest, ids, reply })
             .map_err(closed)?;
         rx.await.map_err(closed)?
     }
 
-    /// These blocks will not be shipped by this shipper after all (it is stopping).
-    pub(crate) fn release(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
-        self.tx.send(Command::Release { ids }).map_err(closed)
+    /// Destination `dest` accepted these blocks: counted delivered for it; each leaves the
+    /// spool when no other destination owes it.
+    pub(crate) fn delivered(&self, dest: Arc<str>, ids: Vec<i64>) -> Result<(), SpoolError> {
+        self.tx
+            .send(Command::Delivered { dest, ids })
+            .map_err(closed)
+    }
+
+    /// Replaces a block that encodes larger than `dest` takes by two of half its records
+    /// each (same sequence numbers); returns them, to be planned instead.
+    pub(crate) async fn split(
+        &self,
+        dest: Arc<str>,
+        id: i64,
+    ) -> Result<Vec<BlockMeta>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Split { dest, id, reply })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// A one-record block `dest` cannot take: counted dropped `unshippable` for it, and moved
+    /// to the dead letters when no other destination owes it; returns its route and records
+    /// (`None` if it is gone).
+    pub(crate) async fn unshippable(
+        &self,
+        dest: Arc<str>,
+        id: i64,
+    ) -> Result<Option<(String, u32)>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unshippable { dest, id, reply })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// These blocks will not be shipped by `dest`'s shipper after all (it is stopping).
+    pub(crate) fn release(&self, dest: Arc<str>, ids: Vec<i64>) -> Result<(), SpoolError> {
+        self.tx.send(Command::Release { dest, ids }).map_err(closed)
     }
 
     #[cfg(test)]
@@ -401,10 +428,10 @@ impl SpoolHandle {
         self.tx.send(Command::Limits(limits)).map_err(closed)
     }
 
-    /// Records where each route's records go (route -> destination, frame format).
+    /// Records where each route's records go (route -> destinations, frame format).
     pub(crate) fn set_routes(
         &self,
-        routes: BTreeMap<String, (String, String)>,
+        routes: BTreeMap<String, (Vec<String>, String)>,
     ) -> Result<(), SpoolError> {
         self.tx.send(Command::Routes(routes)).map_err(closed)
     }
@@ -466,7 +493,7 @@ pub(crate) fn start(
         commit_max_wait: config.commit_max_wait,
         last_append: std::time::Instant::now(),
         append_gap: Duration::ZERO,
-        in_flight: HashSet::new(),
+        in_flight: InFlight::default(),
         parked: VecDeque::new(),
         retry_deliveries: Vec::new(),
         body: Vec::new(),
@@ -545,16 +572,16 @@ struct Worker {
     /// Blocks whose bodies a shipper has read (they are in frames being sent) and that are
     /// not yet delivered or released: `drop_oldest` never evicts these. Blocks only planned
     /// (leased metadata) may be evicted; the shipper skips them when it reads.
-    in_flight: HashSet<i64>,
+    in_flight: InFlight,
     /// Appends waiting for space (policy `block`) or for a failed commit to be retried, in
     /// arrival order. Bounded by the sources' permits.
     parked: VecDeque<Incoming>,
     /// Deliveries whose commit failed, retried with the next transaction.
-    retry_deliveries: Vec<i64>,
+    retry_deliveries: Vec<(Arc<str>, i64)>,
     /// Reused encoding buffer.
     body: Vec<u8>,
     /// Where routes' records go, to record in the next transaction.
-    routes: Option<BTreeMap<String, (String, String)>>,
+    routes: Option<BTreeMap<String, (Vec<String>, String)>>,
     /// Most appends in one transaction: a quarter of the failed one's after a full disk,
     /// doubled back after each commit that fits.
     group_limit: usize,
@@ -567,10 +594,11 @@ struct Worker {
     room_cap: Option<u64>,
     /// When the disk was last checked for the room to leave that state.
     room_checked: std::time::Instant,
-    /// Blocks `drop_oldest` evicted while a shipper was sending them (route, records): if
-    /// their destination accepts them after all, they are counted delivered, not dropped.
-    /// The newest [`MAX_EVICTED_SENDING`] are remembered.
-    evicted_sending: BTreeMap<i64, (String, u32)>,
+    /// Blocks `drop_oldest` evicted while a shipper was sending them: if a destination that
+    /// owed one accepts it after all, it is counted delivered for that destination, not
+    /// dropped (and for the route, once all that owed it did). The newest
+    /// [`MAX_EVICTED_SENDING`] are remembered.
+    evicted_sending: BTreeMap<i64, EvictedSending>,
     /// Commits failed in a row for other reasons than a full disk: at
     /// [`CHECK_AFTER_FAILURES`] the file is checked, and rebuilt if damaged.
     failed_commits: u32,
@@ -656,6 +684,44 @@ const MAX_EVICTED_SENDING: usize = 4096;
 /// Failed commits in a row (I/O errors) after which the spool file is checked for damage.
 const CHECK_AFTER_FAILURES: u32 = 5;
 
+/// Which destinations have read each block and not finished with it.
+#[derive(Debug, Default)]
+struct InFlight(HashMap<i64, Vec<Arc<str>>>);
+
+impl InFlight {
+    fn insert(&mut self, id: i64, dest: &Arc<str>) {
+        let dests = self.0.entry(id).or_default();
+        if !dests.contains(dest) {
+            dests.push(dest.clone());
+        }
+    }
+
+    fn remove(&mut self, id: i64, dest: &str) {
+        if let Some(dests) = self.0.get_mut(&id) {
+            dests.retain(|d| &**d != dest);
+            if dests.is_empty() {
+                self.0.remove(&id);
+            }
+        }
+    }
+
+    fn contains(&self, id: i64) -> bool {
+        self.0.contains_key(&id)
+    }
+}
+
+/// A block evicted while it was being sent (see `Worker::evicted_sending`).
+#[derive(Debug, Clone)]
+struct EvictedSending {
+    route: String,
+    records: u32,
+    /// The destinations that owed it and may still accept it; empty for a route whose
+    /// destinations were never recorded (any delivery counts).
+    owing: Vec<String>,
+    /// Every destination that owed it accepted it so far.
+    all_accepted: bool,
+}
+
 /// What one transaction did, applied to the live stats only after it commits.
 #[derive(Default)]
 struct TxEffects {
@@ -664,10 +730,10 @@ struct TxEffects {
     dropped: u64,
     /// Records dropped before, now counted delivered (see `Worker::evicted_sending`).
     undropped: u64,
-    /// Blocks evicted while being sent: (id, route, records).
-    evicted_sending: Vec<(i64, String, u32)>,
-    /// Ids of such blocks whose delivery was counted in this transaction.
-    recounted: Vec<i64>,
+    /// Blocks evicted while being sent.
+    evicted_sending: Vec<(i64, EvictedSending)>,
+    /// Such blocks a destination accepted in this transaction: (id, destination).
+    recounted: Vec<(i64, Arc<str>)>,
     /// Appends were left parked for want of room (not for the size of the group).
     waiting_for_room: bool,
     raw_bytes: u64,
@@ -685,7 +751,8 @@ impl Worker {
             // Blocks reported delivered but not yet deleted (that happens at this turn's
             // commit): never listed or read again, or a shipper started meanwhile (a config
             // change) would send them a second time.
-            let mut delivering: HashSet<i64> = deliveries.iter().copied().collect();
+            let mut delivering: HashSet<(i64, Arc<str>)> =
+                deliveries.iter().map(|(d, id)| (*id, d.clone())).collect();
             // Parked appends that only a delivery, a drop or new limits can make room for:
             // nothing to retry until a command comes (a blocked spool writes nothing).
             let waiting_for_room = !self.parked.is_empty()
@@ -752,56 +819,67 @@ impl Worker {
                     Command::LoadReceipts { broker, reply } => {
                         receipt_replies.push((broker, reply))
                     }
-                    Command::Delivered { ids } => {
-                        delivering.extend(ids.iter().copied());
-                        deliveries.extend(ids);
+                    Command::Delivered { dest, ids } => {
+                        delivering.extend(ids.iter().map(|id| (*id, dest.clone())));
+                        deliveries.extend(ids.into_iter().map(|id| (dest.clone(), id)));
                     }
-                    Command::Release { ids } => {
+                    Command::Release { dest, ids } => {
                         for id in ids {
-                            self.in_flight.remove(&id);
-                            self.evicted_sending.remove(&id);
+                            self.in_flight.remove(id, &dest);
+                            self.give_up_evicted(id, &dest);
                         }
                     }
                     Command::Lease {
+                        dest,
                         routes,
                         after,
                         limit,
                         reply,
                     } => {
                         let t = std::time::Instant::now();
-                        let mut r = self.store.list_blocks(after, &routes, limit, &delivering);
+                        let skip = |id| delivering.contains(&(id, dest.clone()));
+                        let mut r = self.store.list_blocks(&dest, after, &routes, limit, skip);
                         if let Err(e) = &r {
                             if e.is_corrupt() && self.rebuild(e) {
-                                r = self.store.list_blocks(after, &routes, limit, &delivering);
+                                r = self.store.list_blocks(&dest, after, &routes, limit, skip);
                             }
                         }
                         self.phases.lease += t.elapsed();
                         let _ = reply.send(r);
                     }
-                    Command::Read { mut ids, reply } => {
+                    Command::Read {
+                        dest,
+                        mut ids,
+                        reply,
+                    } => {
                         let t = std::time::Instant::now();
-                        ids.retain(|id| !delivering.contains(id));
-                        let r = self.read_blocks(&ids);
+                        ids.retain(|id| !delivering.contains(&(*id, dest.clone())));
+                        let r = self.read_blocks(&dest, &ids);
                         self.phases.read += t.elapsed();
                         let _ = reply.send(r);
                     }
                     // Rare: their own transactions, at once.
-                    Command::Split { id, reply } => {
+                    Command::Split { dest, id, reply } => {
                         let t = std::time::Instant::now();
-                        self.in_flight.remove(&id);
+                        self.in_flight.remove(id, &dest);
                         let _ = reply.send(self.store.split_block(id, &mut self.body));
                         self.publish_totals();
                         self.phases.other += t.elapsed();
                     }
-                    Command::Unshippable { id, reply } => {
+                    Command::Unshippable { dest, id, reply } => {
                         let t = std::time::Instant::now();
-                        self.in_flight.remove(&id);
-                        let r = self.store.dead_letter_block(id, self.dead_letter_cap());
-                        if let Ok(Some((_, records))) = &r {
-                            self.stats
-                                .dropped
-                                .fetch_add(u64::from(*records), Ordering::Relaxed);
+                        self.in_flight.remove(id, &dest);
+                        let r = self
+                            .store
+                            .dead_letter_block(&dest, id, self.dead_letter_cap());
+                        if let Ok(Some(settled)) = &r {
+                            if let Some(store::Counter::Dropped(_)) = settled.left {
+                                self.stats
+                                    .dropped
+                                    .fetch_add(u64::from(settled.records), Ordering::Relaxed);
+                            }
                         }
+                        let r = r.map(|s| s.map(|s| (s.route, s.records)));
                         let _ = reply.send(r);
                         self.publish_totals();
                         self.phases.other += t.elapsed();
@@ -964,7 +1042,11 @@ impl Worker {
 
     /// One transaction: deliveries, then appends while there is room, then commit, then acks.
     /// On error everything is rolled back and the appends are parked again.
-    fn apply(&mut self, queue: VecDeque<Incoming>, deliveries: &[i64]) -> Result<(), SpoolError> {
+    fn apply(
+        &mut self,
+        queue: VecDeque<Incoming>,
+        deliveries: &[(Arc<str>, i64)],
+    ) -> Result<(), SpoolError> {
         let mut fx = TxEffects::default();
         let mut accepted: Vec<Incoming> = Vec::with_capacity(queue.len());
         let mut queue = queue;
@@ -985,18 +1067,15 @@ impl Worker {
                 }
             }
             let t = std::time::Instant::now();
-            for id in deliveries {
-                self.in_flight.remove(id);
-                match self.store.deliver_block(*id)? {
-                    Some((_, records)) => fx.delivered += u64::from(records),
-                    None => {
-                        if let Some((route, records)) = self.evicted_sending.get(id) {
-                            self.store.recount_as_delivered(route, *records);
-                            fx.delivered += u64::from(*records);
-                            fx.undropped += u64::from(*records);
-                            fx.recounted.push(*id);
-                        }
-                    }
+            for (dest, id) in deliveries {
+                self.in_flight.remove(*id, dest);
+                match self.store.deliver_block(dest, *id)? {
+                    Some(settled) => match settled.left {
+                        Some(Counter::Delivered) => fx.delivered += u64::from(settled.records),
+                        Some(Counter::Dropped(_)) => fx.dropped += u64::from(settled.records),
+                        _ => {}
+                    },
+                    None => self.recount_evicted(dest, *id, &mut fx),
                 }
             }
             self.phases.deliver += t.elapsed();
@@ -1059,11 +1138,11 @@ impl Worker {
                 self.stats
                     .dropped
                     .fetch_sub(fx.undropped, Ordering::Relaxed);
-                for id in &fx.recounted {
-                    self.evicted_sending.remove(id);
+                for (id, dest) in std::mem::take(&mut fx.recounted) {
+                    self.give_up_evicted(id, &dest);
                 }
-                for (id, route, records) in std::mem::take(&mut fx.evicted_sending) {
-                    self.evicted_sending.insert(id, (route, records));
+                for (id, evicted) in std::mem::take(&mut fx.evicted_sending) {
+                    self.evicted_sending.insert(id, evicted);
                 }
                 while self.evicted_sending.len() > MAX_EVICTED_SENDING {
                     self.evicted_sending.pop_first();
@@ -1094,12 +1173,73 @@ impl Worker {
         }
     }
 
-    fn read_blocks(&mut self, ids: &[i64]) -> Result<Vec<(BlockMeta, Vec<u8>)>, SpoolError> {
+    /// A block `dest` accepted that was evicted while it was being sent: counted delivered
+    /// for it (and for the route once every destination that owed it did), no longer dropped.
+    fn recount_evicted(&mut self, dest: &Arc<str>, id: i64, fx: &mut TxEffects) {
+        let Some(e) = self.evicted_sending.get(&id) else {
+            return;
+        };
+        let done: Vec<&Arc<str>> = fx
+            .recounted
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, d)| d)
+            .collect();
+        if done.contains(&dest) {
+            return;
+        }
+        let records = e.records;
+        let route_done = if e.owing.is_empty() {
+            done.is_empty()
+        } else {
+            if !e.owing.iter().any(|d| **d == **dest) {
+                return;
+            }
+            let left = e
+                .owing
+                .iter()
+                .filter(|d| ***d != **dest && !done.iter().any(|x| ***x == ***d))
+                .count();
+            self.store
+                .recount_as_delivered(&store::pair_row(&e.route, dest), records);
+            left == 0 && e.all_accepted
+        };
+        if route_done {
+            let route = e.route.clone();
+            self.store.recount_as_delivered(&route, records);
+            fx.delivered += u64::from(records);
+            fx.undropped += u64::from(records);
+        }
+        fx.recounted.push((id, dest.clone()));
+    }
+
+    /// `dest` is done with an evicted block (accepted and counted, or gave it back).
+    fn give_up_evicted(&mut self, id: i64, dest: &str) {
+        if let Some(e) = self.evicted_sending.get_mut(&id) {
+            if e.owing.is_empty() {
+                self.evicted_sending.remove(&id);
+                return;
+            }
+            let before = e.owing.len();
+            e.owing.retain(|d| d != dest);
+            if e.owing.is_empty() {
+                self.evicted_sending.remove(&id);
+            } else if e.owing.len() < before {
+                e.all_accepted = false;
+            }
+        }
+    }
+
+    fn read_blocks(
+        &mut self,
+        dest: &Arc<str>,
+        ids: &[i64],
+    ) -> Result<Vec<(BlockMeta, Vec<u8>)>, SpoolError> {
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
             match self.store.read_block(id) {
                 Ok(Some(found)) => {
-                    self.in_flight.insert(id);
+                    self.in_flight.insert(id, dest);
                     out.push(found);
                 }
                 Ok(None) => {}
@@ -1242,8 +1382,9 @@ impl Worker {
             if self.policy == FullPolicy::Block {
                 return Ok(false);
             }
-            match self.store.evict_oldest(&self.in_flight)? {
-                Some((_, route, records)) => {
+            let in_flight = &self.in_flight;
+            match self.store.evict_oldest(|id| in_flight.contains(id))? {
+                Some((_, store::Removed { route, records, .. })) => {
                     fx.dropped += u64::from(records);
                     tracing::warn!(
                         route,
@@ -1254,15 +1395,23 @@ impl Worker {
                 // Everything spooled is being sent (a small cap, or a disk that filled
                 // early): the oldest of those goes too, or the spool would stop acking.
                 // Should its destination take it after all, it counts as delivered.
-                None => match self.store.evict_oldest(&HashSet::new())? {
-                    Some((id, route, records)) => {
-                        fx.dropped += u64::from(records);
+                None => match self.store.evict_oldest(|_| false)? {
+                    Some((id, removed)) => {
+                        fx.dropped += u64::from(removed.records);
                         tracing::warn!(
-                            route,
-                            records,
+                            route = removed.route,
+                            records = removed.records,
                             "spool full: dropped the oldest block, which was being sent (policy drop_oldest)"
                         );
-                        fx.evicted_sending.push((id, route, records));
+                        fx.evicted_sending.push((
+                            id,
+                            EvictedSending {
+                                route: removed.route,
+                                records: removed.records,
+                                owing: removed.owing,
+                                all_accepted: true,
+                            },
+                        ));
                     }
                     None => return Ok(false),
                 },
@@ -1382,6 +1531,8 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    /// The destination the tests' shipper stands for (their routes record none).
+    const D: &str = "d";
     use super::*;
     use crate::config::SyncLevel;
 
@@ -1454,15 +1605,22 @@ mod tests {
             assert_eq!(ack_rx.recv().await.unwrap().pkid, pkid);
         }
         let routes: Arc<[String]> = vec!["r".to_string()].into();
-        let blocks = spool.lease(routes.clone(), 0, 1000).await.unwrap();
+        let blocks = spool
+            .lease(D.into(), routes.clone(), 0, 1000)
+            .await
+            .unwrap();
         let total: u32 = blocks.iter().map(|b| b.records).sum();
         assert_eq!(total, 100);
-        let (_, body) = spool.read(vec![blocks[0].id]).await.unwrap().remove(0);
+        let (_, body) = spool
+            .read(D.into(), vec![blocks[0].id])
+            .await
+            .unwrap()
+            .remove(0);
         let first =
             crate::frame::decode_records_in(&body, blocks[0].records, blocks[0].version).unwrap();
         assert_eq!(first[0].payload, b"m1");
         spool
-            .delivered(blocks.iter().map(|b| b.id).collect())
+            .delivered(D.into(), blocks.iter().map(|b| b.id).collect())
             .unwrap();
         let acc = spool.accounting().await.unwrap();
         assert_eq!((acc.received, acc.delivered, acc.pending), (100, 100, 0));
@@ -1501,11 +1659,11 @@ mod tests {
             ack_rx.recv().await.unwrap();
         }
         let routes: Arc<[String]> = vec!["r".to_string()].into();
-        let blocks = spool.lease(routes, 0, 1000).await.unwrap();
+        let blocks = spool.lease(D.into(), routes, 0, 1000).await.unwrap();
         assert_eq!(blocks.len(), 2, "{blocks:?}");
         let mut seen = 0;
         for (meta, body) in spool
-            .read(blocks.iter().map(|b| b.id).collect())
+            .read(D.into(), blocks.iter().map(|b| b.id).collect())
             .await
             .unwrap()
         {
@@ -1680,7 +1838,7 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let routes: Arc<[String]> = vec!["r".to_string()].into();
-        let _ = spool.lease(routes.clone(), 0, 1).await.unwrap();
+        let _ = spool.lease(D.into(), routes.clone(), 0, 1).await.unwrap();
         assert_eq!(
             (
                 spool.stats().commits.load(Ordering::Relaxed),
@@ -1689,9 +1847,9 @@ mod tests {
             before,
             "a blocked spool wrote"
         );
-        let blocks = spool.lease(routes, 0, 2).await.unwrap();
+        let blocks = spool.lease(D.into(), routes, 0, 2).await.unwrap();
         spool
-            .delivered(blocks.iter().map(|b| b.id).collect())
+            .delivered(D.into(), blocks.iter().map(|b| b.id).collect())
             .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
             .await
@@ -1792,9 +1950,12 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "stuck at {acked} acks"
             );
-            let blocks = spool.lease(vec!["r".into()].into(), 0, 100).await.unwrap();
+            let blocks = spool
+                .lease(D.into(), vec!["r".into()].into(), 0, 100)
+                .await
+                .unwrap();
             spool
-                .delivered(blocks.iter().map(|b| b.id).collect())
+                .delivered(D.into(), blocks.iter().map(|b| b.id).collect())
                 .unwrap();
             while let Ok(Some(_)) =
                 tokio::time::timeout(Duration::from_millis(200), ack_rx.recv()).await

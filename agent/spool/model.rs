@@ -139,7 +139,7 @@ fn run(ops: Vec<Op>) {
             Op::Lease => {
                 let routes = vec!["r0".to_string(), "r1".to_string()];
                 let listed: Vec<i64> = store
-                    .list_blocks(0, &routes, 10_000, &HashSet::new())
+                    .list_blocks("", 0, &routes, 10_000, |_| false)
                     .unwrap()
                     .iter()
                     .map(|m: &BlockMeta| m.id)
@@ -149,10 +149,10 @@ fn run(ops: Vec<Op>) {
             Op::Deliver { i } => {
                 if let Some(id) = model.nth(i) {
                     store.begin().unwrap();
-                    let removed = store.deliver_block(id).unwrap();
+                    let removed = store.deliver_block("", id).unwrap();
                     store.commit().unwrap();
                     let (_, records) = model.blocks.remove(&id).unwrap();
-                    assert_eq!(removed.map(|r| r.1 as usize), Some(records.len()));
+                    assert_eq!(removed.map(|r| r.records as usize), Some(records.len()));
                     for (seq, _) in records {
                         assert!(
                             model.delivered_seqs.insert(seq),
@@ -162,7 +162,7 @@ fn run(ops: Vec<Op>) {
                     }
                     // Reported delivered again (a late duplicate report): nothing changes.
                     store.begin().unwrap();
-                    assert_eq!(store.deliver_block(id).unwrap(), None);
+                    assert_eq!(store.deliver_block("", id).unwrap(), None);
                     store.commit().unwrap();
                 }
             }
@@ -170,7 +170,7 @@ fn run(ops: Vec<Op>) {
             Op::DropOldest { in_flight } => {
                 let skip: HashSet<i64> = model.nth(in_flight).into_iter().collect();
                 store.begin().unwrap();
-                let evicted = store.evict_oldest(&skip).unwrap();
+                let evicted = store.evict_oldest(|id| skip.contains(&id)).unwrap();
                 store.commit().unwrap();
                 let expected = model.blocks.keys().copied().find(|id| !skip.contains(id));
                 match (evicted, expected) {
@@ -204,6 +204,7 @@ fn run(ops: Vec<Op>) {
                 if let Some(id) = model.nth(i) {
                     store
                         .dead_letter_block(
+                            "",
                             id,
                             super::store::DeadLetterCap {
                                 records: 1_000,

@@ -17,6 +17,8 @@
 //! - `mqtt_qos2_receipts`: per broker, the packet ids of QoS 2 messages spooled whose PUBREL
 //!   has not come, written in the transaction that spools the message (so a PUBLISH the
 //!   broker sends again, after a restart too, is not spooled twice).
+//! - `fanout` and `taken`: each route's destinations and what each still owes, so a record
+//!   stored once leaves when every destination took it (see [`fanout`]).
 //! - `meta`: the schema version. The next sequence number (never reused, even when the spool
 //!   empties) is the `counters` row (`''`, `next_seq`), so each commit updates one small table.
 //!
@@ -29,6 +31,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+mod fanout;
 
 /// 2: `blocks.body_version` (version 1 files gain the column, their blocks keep version 1).
 const SCHEMA_VERSION: i64 = 2;
@@ -251,6 +255,64 @@ impl Counter {
     }
 }
 
+/// route -> its destinations and the first record id each takes.
+type Fanout = BTreeMap<String, Vec<(String, i64)>>;
+
+/// How a destination finished with a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Accepted,
+    Dropped(DropReason),
+}
+
+impl Outcome {
+    fn counter(self) -> Counter {
+        match self {
+            Outcome::Accepted => Counter::Delivered,
+            Outcome::Dropped(reason) => Counter::Dropped(reason),
+        }
+    }
+}
+
+/// What one destination's outcome did to a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub(crate) route: String,
+    pub(crate) records: u32,
+    /// The block left the spool, counted under this at the route level; `None` while other
+    /// destinations still owe it.
+    pub(crate) left: Option<Counter>,
+}
+
+/// A block removed for every destination (evicted, corrupt, removed by an operator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Removed {
+    pub(crate) route: String,
+    pub(crate) records: u32,
+    /// The destinations that still owed it (each counts it dropped).
+    pub(crate) owing: Vec<String>,
+}
+
+/// The `counters` route name of a (route, destination) pair.
+pub(crate) fn pair_row(route: &str, destination: &str) -> String {
+    format!("{route}/{destination}")
+}
+
+/// The (route, destination) of a `counters` route name, `None` for a route's own row.
+pub(crate) fn split_pair_row(row: &str) -> Option<(&str, &str)> {
+    row.split_once('/')
+}
+
+const FANOUT_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS fanout (
+        route TEXT NOT NULL, destination TEXT NOT NULL, since INTEGER NOT NULL,
+        PRIMARY KEY (route, destination)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS taken (
+        block INTEGER NOT NULL, destination TEXT NOT NULL, dropped TEXT,
+        PRIMARY KEY (block, destination)
+    ) WITHOUT ROWID;";
+
 /// How many dead letters are kept, and how many bytes of them: past either, the oldest go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DeadLetterCap {
@@ -293,12 +355,40 @@ pub struct Accounting {
     pub pending_bytes: u64,
     pub dead_letters: u64,
     pub(crate) quarantined_blocks: u64,
+    /// Each destination's own terms, by `route/destination`.
+    #[serde(default)]
+    pub destinations: BTreeMap<String, Terms>,
+}
+
+/// The accounting terms of one (route, destination) pair.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Terms {
+    pub received: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub pending: u64,
+}
+
+impl Terms {
+    fn add(&mut self, counter: Counter, value: u64) {
+        match counter {
+            Counter::Received => self.received += value,
+            Counter::Delivered => self.delivered += value,
+            Counter::Dropped(_) => self.dropped += value,
+        }
+    }
+
+    pub fn balances(&self) -> bool {
+        self.received == self.delivered + self.dropped + self.pending
+    }
 }
 
 impl Accounting {
-    /// The contract's equation: received = delivered + dropped + pending.
+    /// The contract's equation: received = delivered + dropped + pending, for all routes
+    /// together and for each (route, destination) pair.
     pub fn balances(&self) -> bool {
         self.received == self.delivered + self.dropped + self.pending
+            && self.destinations.values().all(Terms::balances)
     }
 }
 
@@ -314,8 +404,12 @@ pub(crate) struct Committed {
     pub(crate) quarantined_blocks: u64,
     /// Receipt time (ms since the Unix epoch) of the oldest spooled record.
     pub(crate) oldest_pending_ms: Option<u64>,
-    /// Where each route's records go, as last recorded: route -> (destination, format).
-    pub(crate) routes: BTreeMap<String, (String, String)>,
+    /// Where each route's records go, as last recorded: route -> (destinations, format).
+    pub(crate) routes: BTreeMap<String, (Vec<String>, String)>,
+    /// (route, destination, counter) -> value: each destination's own terms.
+    pub(crate) pair_counters: BTreeMap<(String, String, Counter), u64>,
+    /// (route, destination) -> (records, stored bytes) that destination still owes.
+    pub(crate) pair_pending: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl Committed {
@@ -340,6 +434,18 @@ impl Committed {
         }
         acc.dead_letters = self.dead_letters;
         acc.quarantined_blocks = self.quarantined_blocks;
+        for ((route, dest, counter), value) in &self.pair_counters {
+            acc.destinations
+                .entry(pair_row(route, dest))
+                .or_default()
+                .add(*counter, *value);
+        }
+        for ((route, dest), (records, _)) in &self.pair_pending {
+            acc.destinations
+                .entry(pair_row(route, dest))
+                .or_default()
+                .pending += records;
+        }
         acc
     }
 
@@ -349,6 +455,27 @@ impl Committed {
             .get(&(route.to_string(), counter))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// A counter of one (route, destination) pair, 0 if it never moved.
+    pub(crate) fn pair_counter(&self, route: &str, destination: &str, counter: Counter) -> u64 {
+        self.pair_counters
+            .get(&(route.to_string(), destination.to_string(), counter))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The (route, destination) pairs with figures.
+    pub(crate) fn pairs(&self) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = self
+            .pair_counters
+            .keys()
+            .map(|(r, d, _)| (r.clone(), d.clone()))
+            .chain(self.pair_pending.keys().cloned())
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        pairs
     }
 }
 
@@ -378,8 +505,13 @@ pub struct Store {
     /// Published after every successful commit.
     committed: Arc<Mutex<Committed>>,
     compressor: zstd::bulk::Compressor<'static>,
-    /// Counter changes of the open transaction, written just before commit.
+    /// Counter changes of the open transaction, written just before commit (a pair's under
+    /// its `route/destination` name).
     counter_deltas: HashMap<(String, Counter), i64>,
+    /// Each route's destinations (the `fanout` table).
+    fanout: Fanout,
+    /// Records and bytes each (route, destination) still owes.
+    pair_pending: BTreeMap<(String, String), (u64, u64)>,
 }
 
 /// What opening found: a corrupt file moved aside is reported, never silently replaced.
@@ -657,7 +789,9 @@ impl Store {
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS mqtt_qos2_receipts (
                  broker TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (broker, pkid)
-             ) WITHOUT ROWID;"
+             ) WITHOUT ROWID;
+             {}",
+            FANOUT_SCHEMA
         ))
         .map_err(err)?;
         let version: Option<i64> = conn
@@ -765,7 +899,33 @@ impl Store {
             committed: Arc::default(),
             compressor,
             counter_deltas: HashMap::new(),
+            fanout: BTreeMap::new(),
+            pair_pending: BTreeMap::new(),
         };
+        store.load_fanout()?;
+        let unadopted: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM routes r WHERE NOT EXISTS (SELECT 1 FROM fanout f WHERE f.route = r.route)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if unadopted > 0 {
+            store.begin()?;
+            store.counter_deltas.clear();
+            let adopted = store.adopt_recorded_routes().and_then(|()| {
+                for ((row, counter), delta) in &store.counter_deltas {
+                    counters.insert((row.clone(), *counter), (*delta).max(0) as u64);
+                }
+                store.commit()
+            });
+            if let Err(e) = adopted {
+                store.rollback();
+                return Err(e);
+            }
+            store.load_fanout()?;
+        }
         store.reload_totals()?;
         store.publish(Some(counters));
         Ok(store)
@@ -837,7 +997,7 @@ impl Store {
     /// changed, in the open transaction.
     pub(crate) fn record_routes(
         &mut self,
-        routes: &BTreeMap<String, (String, String)>,
+        routes: &BTreeMap<String, (Vec<String>, String)>,
     ) -> Result<bool, SpoolError> {
         let known = self
             .committed
@@ -846,17 +1006,19 @@ impl Store {
             .routes
             .clone();
         let mut changed = false;
-        for (route, (dest, format)) in routes {
-            if known.get(route) != Some(&(dest.clone(), format.clone())) {
+        for (route, (dests, format)) in routes {
+            let Some(first) = dests.first() else { continue };
+            if known.get(route).map(|(d, f)| (d.first(), f)) != Some((Some(first), format)) {
                 self.conn
                     .prepare_cached(
                         "INSERT INTO routes (route, destination, format) VALUES (?1, ?2, ?3)
                          ON CONFLICT (route) DO UPDATE SET destination = excluded.destination, format = excluded.format",
                     )
-                    .and_then(|mut s| s.execute(params![route, dest, format]))
+                    .and_then(|mut s| s.execute(params![route, first, format]))
                     .map_err(|e| self.err(e))?;
                 changed = true;
             }
+            changed |= self.record_fanout(route, dests)?;
         }
         self.routes_dirty |= changed;
         Ok(changed)
@@ -873,8 +1035,8 @@ impl Store {
         self.begin()?;
         let mut records = 0;
         for id in ids {
-            match self.remove_block(id, Counter::Dropped(DropReason::Removed)) {
-                Ok(Some((_, n))) => records += u64::from(n),
+            match self.remove_for_all(id, DropReason::Removed) {
+                Ok(Some(removed)) => records += u64::from(removed.records),
                 Ok(None) => {}
                 Err(e) => {
                     self.rollback();
@@ -895,12 +1057,28 @@ impl Store {
             .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
             .unwrap_or(None);
         let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut *c;
+        fn add(c: &mut Committed, row: &str, counter: Counter, delta: i64) {
+            let v = match split_pair_row(row) {
+                Some((route, dest)) => c
+                    .pair_counters
+                    .entry((route.to_string(), dest.to_string(), counter))
+                    .or_insert(0),
+                None => c.counters.entry((row.to_string(), counter)).or_insert(0),
+            };
+            *v = v.saturating_add_signed(delta);
+        }
         match counters {
-            Some(all) => c.counters = all,
+            Some(all) => {
+                c.counters.clear();
+                c.pair_counters.clear();
+                for ((row, counter), value) in all {
+                    add(c, &row, counter, value as i64);
+                }
+            }
             None => {
-                for ((route, counter), delta) in &self.counter_deltas {
-                    let v = c.counters.entry((route.clone(), *counter)).or_insert(0);
-                    *v = v.saturating_add_signed(*delta);
+                for ((row, counter), delta) in &self.counter_deltas {
+                    add(c, row, *counter, *delta);
                 }
             }
         }
@@ -915,11 +1093,18 @@ impl Store {
             if let Ok(routes) = routes {
                 c.routes = routes
                     .into_iter()
-                    .map(|(route, dest, format)| (route, (dest, format)))
+                    .map(|(route, dest, format)| {
+                        let dests = match self.fanout.get(&route) {
+                            Some(f) if !f.is_empty() => f.iter().map(|(d, _)| d.clone()).collect(),
+                            _ => vec![dest],
+                        };
+                        (route, (dests, format))
+                    })
                     .collect();
             }
         }
         c.pending.clone_from(&self.pending_by_route);
+        c.pair_pending.clone_from(&self.pair_pending);
         c.dead_letters = self.dead_letters;
         c.quarantined_blocks = self.quarantined_blocks;
         c.oldest_pending_ms = oldest.map(|ms| ms.max(0) as u64);
@@ -1012,6 +1197,8 @@ impl Store {
         for (route, records, bytes) in by_route {
             self.add_pending(&route, records as u64, bytes as u64);
         }
+        self.load_fanout()?;
+        self.reload_pair_pending()?;
         let (count, bytes): (i64, i64) = self
             .conn
             .query_row(
@@ -1083,6 +1270,7 @@ impl Store {
         self.next_seq += records.len() as u64;
         self.add_pending(route, records.len() as u64, data.len() as u64);
         self.count(route, Counter::Received, records.len() as u64);
+        self.bind_new(route, meta.id, records.len() as u64, data.len() as u64);
         Ok(meta)
     }
 
@@ -1119,7 +1307,9 @@ impl Store {
             );
             let a = self.insert_block(&meta.route, &meta.key, meta.version, left, body)?;
             let b = self.insert_block(&meta.route, &meta.key, meta.version, right, body)?;
-            Ok(vec![a, b])
+            let halves = vec![a, b];
+            self.rebind_split(&meta, &halves)?;
+            Ok(halves)
         })();
         match result {
             Ok(parts) => {
@@ -1177,16 +1367,33 @@ impl Store {
         Ok(meta)
     }
 
-    /// Moves the records of a block that no destination can take (each larger than the
-    /// record limit, however encoded) to the dead letters, counted as dropped `unshippable`.
+    /// A block `dest` cannot take (each record larger than its record limit, however
+    /// encoded): dropped `unshippable` for it. When no other destination owes the block, its
+    /// records move to the dead letters.
     pub(crate) fn dead_letter_block(
         &mut self,
+        dest: &str,
         id: i64,
         cap: DeadLetterCap,
-    ) -> Result<Option<(String, u32)>, SpoolError> {
+    ) -> Result<Option<Settled>, SpoolError> {
         let Some((meta, raw)) = self.read_block(id)? else {
             return Ok(None);
         };
+        let owing = self.owing(&meta.route, id)?;
+        if owing.iter().any(|d| d != dest) {
+            self.begin()?;
+            let r = self.settle(dest, id, Outcome::Dropped(DropReason::Unshippable));
+            return match r {
+                Ok(settled) => {
+                    self.commit()?;
+                    Ok(settled)
+                }
+                Err(e) => {
+                    self.rollback();
+                    Err(e)
+                }
+            };
+        }
         let records = frame::decode_records_in(&raw, meta.records, meta.version).map_err(|e| {
             SpoolError::CorruptBlock {
                 id,
@@ -1205,7 +1412,7 @@ impl Store {
                     cap,
                 )?;
             }
-            self.remove_block(id, Counter::Dropped(DropReason::Unshippable))
+            self.settle(dest, id, Outcome::Dropped(DropReason::Unshippable))
         })();
         match result {
             Ok(removed) => {
@@ -1252,7 +1459,46 @@ impl Store {
                             .collect::<rusqlite::Result<BTreeMap<String, (String, String)>>>()
                     })
                 {
-                    self.record_routes(&routes)?;
+                    for (route, (dest, format)) in routes {
+                        self.conn
+                            .execute(
+                                "INSERT OR REPLACE INTO routes (route, destination, format) VALUES (?1, ?2, ?3)",
+                                params![route, dest, format],
+                            )
+                            .map_err(|e| self.err(e))?;
+                    }
+                    self.routes_dirty = true;
+                }
+                // Each destination's cursor: without them every destination owes every block
+                // that came across (sent twice rather than lost).
+                let fanout: rusqlite::Result<Vec<(String, String, i64)>> = old
+                    .prepare("SELECT route, destination, since FROM fanout")
+                    .and_then(|mut st| {
+                        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                            .collect()
+                    });
+                let fanout_read = fanout.is_ok();
+                for (route, dest, since) in fanout.unwrap_or_default() {
+                    self.conn
+                        .execute(
+                            "INSERT OR REPLACE INTO fanout (route, destination, since) VALUES (?1, ?2, ?3)",
+                            params![route, dest, since],
+                        )
+                        .map_err(|e| self.err(e))?;
+                }
+                let taken: rusqlite::Result<Vec<(i64, String, Option<String>)>> = old
+                    .prepare("SELECT block, destination, dropped FROM taken")
+                    .and_then(|mut st| {
+                        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                            .collect()
+                    });
+                for (block, dest, dropped) in taken.unwrap_or_default() {
+                    self.conn
+                        .execute(
+                            "INSERT OR REPLACE INTO taken (block, destination, dropped) VALUES (?1, ?2, ?3)",
+                            params![block, dest, dropped],
+                        )
+                        .map_err(|e| self.err(e))?;
                 }
                 for block in readable_blocks(old) {
                     self.conn
@@ -1263,6 +1509,14 @@ impl Store {
                     records += u64::from(block.meta.records);
                     *carried.entry(block.meta.route).or_default() += u64::from(block.meta.records);
                 }
+                if !fanout_read {
+                    self.adopt_recorded_routes()?;
+                }
+            }
+            self.load_fanout()?;
+            self.reload_pair_pending()?;
+            for ((route, dest), (n, _)) in &self.pair_pending {
+                carried.insert(pair_row(route, dest), *n);
             }
             let lost = match counters {
                 Some(counters) => {
@@ -1322,6 +1576,7 @@ impl Store {
         self.keep_dead_letter(route, ts_ms, topic, reason, payload, cap)?;
         self.count(route, Counter::Received, 1);
         self.count(route, Counter::Dropped(reason), 1);
+        self.drop_for_pairs(route, reason);
         Ok(())
     }
 
@@ -1365,15 +1620,18 @@ impl Store {
     pub(crate) fn drop_message(&mut self, route: &str, reason: DropReason) {
         self.count(route, Counter::Received, 1);
         self.count(route, Counter::Dropped(reason), 1);
+        self.drop_for_pairs(route, reason);
     }
 
-    /// Blocks after `after` (by id) of the given routes, oldest first.
+    /// Blocks after `after` (by id) of the given routes that `dest` owes, oldest first,
+    /// leaving out those `skip` names.
     pub(crate) fn list_blocks(
         &self,
+        dest: &str,
         after: i64,
         routes: &[String],
         limit: usize,
-        skip: &std::collections::HashSet<i64>,
+        skip: impl Fn(i64) -> bool,
     ) -> Result<Vec<BlockMeta>, SpoolError> {
         let mut stmt = self
             .conn
@@ -1394,7 +1652,7 @@ impl Store {
                 let meta = row.map_err(|e| self.err(e))?;
                 seen += 1;
                 cursor = meta.id;
-                if routes.contains(&meta.route) && !skip.contains(&meta.id) {
+                if routes.contains(&meta.route) && !skip(meta.id) && self.owes(dest, &meta)? {
                     out.push(meta);
                     if out.len() >= limit {
                         break 'scan;
@@ -1446,29 +1704,19 @@ impl Store {
         data: &[u8],
     ) -> Result<(), SpoolError> {
         self.begin()?;
-        let r = (|| {
-            self.conn.execute(
+        let r = self
+            .conn
+            .execute(
                 "INSERT OR REPLACE INTO quarantine (id, route, records, reason, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![meta.id, meta.route, meta.records, reason, data],
-            )?;
-            self.conn
-                .execute("DELETE FROM blocks WHERE id = ?1", [meta.id])
-        })();
+            )
+            .map_err(|e| self.err(e))
+            .and_then(|_| self.remove_for_all(meta.id, DropReason::Corrupt));
         if let Err(e) = r {
             self.rollback();
-            return Err(self.err(e));
+            return Err(e);
         }
-        self.sub_pending(
-            &meta.route,
-            u64::from(meta.records),
-            u64::from(meta.stored_bytes),
-        );
         self.quarantined_blocks += 1;
-        self.count(
-            &meta.route,
-            Counter::Dropped(DropReason::Corrupt),
-            u64::from(meta.records),
-        );
         self.commit()
     }
 
@@ -1498,27 +1746,30 @@ impl Store {
         }
     }
 
-    /// Removes a block whose records the destination accepted; counts them as delivered.
-    pub fn deliver_block(&mut self, id: i64) -> Result<Option<(String, u32)>, SpoolError> {
-        self.remove_block(id, Counter::Delivered)
+    /// `dest` accepted the records of block `id`: counted delivered for it; the block leaves
+    /// when no other destination owes it.
+    pub fn deliver_block(&mut self, dest: &str, id: i64) -> Result<Option<Settled>, SpoolError> {
+        self.settle(dest, id, Outcome::Accepted)
     }
 
-    /// Records of a block evicted while it was being sent, which its destination then
-    /// accepted: counted delivered, and no longer dropped.
-    pub(crate) fn recount_as_delivered(&mut self, route: &str, records: u32) {
-        self.count(route, Counter::Delivered, u64::from(records));
+    /// Records of a block evicted while it was being sent, which a destination then accepted:
+    /// counted delivered, and no longer dropped, for `row` (a route, or a route and
+    /// destination pair's [`pair_row`]).
+    pub(crate) fn recount_as_delivered(&mut self, row: &str, records: u32) {
+        self.count(row, Counter::Delivered, u64::from(records));
         *self
             .counter_deltas
-            .entry((route.to_string(), Counter::Dropped(DropReason::SpoolFull)))
+            .entry((row.to_string(), Counter::Dropped(DropReason::SpoolFull)))
             .or_insert(0) -= i64::from(records);
     }
 
-    /// Removes the oldest block not in `skip`, counting its records as dropped `spool_full`.
-    /// Returns its id, route and records.
+    /// Removes the oldest block `skip` does not name, counting its records as dropped
+    /// `spool_full` for its route and every destination that owed it. Returns its id and what
+    /// was removed.
     pub(crate) fn evict_oldest(
         &mut self,
-        skip: &std::collections::HashSet<i64>,
-    ) -> Result<Option<(i64, String, u32)>, SpoolError> {
+        skip: impl Fn(i64) -> bool,
+    ) -> Result<Option<(i64, Removed)>, SpoolError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT id FROM blocks WHERE id > ?1 ORDER BY id LIMIT 64")
@@ -1533,39 +1784,17 @@ impl Store {
                 break None;
             }
             cursor = *ids.last().expect("non-empty");
-            if let Some(id) = ids.into_iter().find(|id| !skip.contains(id)) {
+            if let Some(id) = ids.into_iter().find(|id| !skip(*id)) {
                 break Some(id);
             }
         };
         drop(stmt);
         match victim {
             Some(id) => Ok(self
-                .remove_block(id, Counter::Dropped(DropReason::SpoolFull))?
-                .map(|(route, records)| (id, route, records))),
+                .remove_for_all(id, DropReason::SpoolFull)?
+                .map(|removed| (id, removed))),
             None => Ok(None),
         }
-    }
-
-    fn remove_block(
-        &mut self,
-        id: i64,
-        counter: Counter,
-    ) -> Result<Option<(String, u32)>, SpoolError> {
-        let row: Option<(String, u32, i64)> = self
-            .conn
-            .prepare_cached(
-                "DELETE FROM blocks WHERE id = ?1 RETURNING route, records, LENGTH(data)",
-            )
-            .and_then(|mut s| {
-                s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()
-            })
-            .map_err(|e| self.err(e))?;
-        Ok(row.map(|(route, records, bytes)| {
-            self.sub_pending(&route, u64::from(records), bytes as u64);
-            self.count(&route, counter, u64::from(records));
-            (route, records)
-        }))
     }
 
     /// The accounting terms as committed.
@@ -1680,7 +1909,7 @@ fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
 fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     let mut acc = Accounting::default();
     let mut stmt = conn
-        .prepare("SELECT name, SUM(value) FROM counters WHERE name <> 'next_seq' GROUP BY name")?;
+        .prepare("SELECT name, SUM(value) FROM counters WHERE name <> 'next_seq' AND instr(route, '/') = 0 GROUP BY name")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     for row in rows {
         let (name, value) = row?;
@@ -1709,7 +1938,38 @@ fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     acc.quarantined_blocks = conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
         r.get::<_, i64>(0)
     })? as u64;
+    let mut stmt =
+        conn.prepare("SELECT route, name, value FROM counters WHERE instr(route, '/') > 0")?;
+    for row in stmt.query_map([], text_text_int)? {
+        let (pair, name, value) = row?;
+        if let Some(counter) = Counter::parse(&name) {
+            acc.destinations
+                .entry(pair)
+                .or_default()
+                .add(counter, value.max(0) as u64);
+        }
+    }
+    // A file from before destinations had cursors has no `fanout` table: no pairs.
+    if let Ok(mut stmt) = conn.prepare(PAIR_PENDING) {
+        for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+            let (route, dest, records): (String, String, i64) = row?;
+            acc.destinations
+                .entry(pair_row(&route, &dest))
+                .or_default()
+                .pending += records.max(0) as u64;
+        }
+    }
     Ok(acc)
+}
+
+/// Records and stored bytes each (route, destination) pair still owes.
+const PAIR_PENDING: &str = "SELECT b.route, f.destination, SUM(b.records), SUM(LENGTH(b.data))
+     FROM blocks b JOIN fanout f ON f.route = b.route AND b.id >= f.since
+     WHERE NOT EXISTS (SELECT 1 FROM taken t WHERE t.block = b.id AND t.destination = f.destination)
+     GROUP BY b.route, f.destination";
+
+fn text_text_int(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
 /// Reads the accounting of a spool file without taking part in its writes: works while the
@@ -1842,7 +2102,7 @@ mod tests {
         assert_eq!(records[1].seq, 2);
 
         s.begin().unwrap();
-        s.deliver_block(a.id).unwrap();
+        s.deliver_block("", a.id).unwrap();
         s.commit().unwrap();
         let acc = s.accounting().unwrap();
         assert_eq!(
@@ -1853,7 +2113,7 @@ mod tests {
 
         // Sequence numbers are never reused, even after the spool empties and reopens.
         s.begin().unwrap();
-        s.deliver_block(b.id).unwrap();
+        s.deliver_block("", b.id).unwrap();
         s.commit().unwrap();
         drop(s);
         let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
@@ -1916,16 +2176,18 @@ mod tests {
         let in_flight = std::collections::HashSet::from([a.id]);
         s.begin().unwrap();
         assert_eq!(
-            s.evict_oldest(&in_flight).unwrap(),
+            s.evict_oldest(|id| in_flight.contains(&id))
+                .unwrap()
+                .map(|(id, r)| (id, r.route, r.records)),
             Some((b.id, "r".into(), 2))
         );
-        assert_eq!(s.evict_oldest(&in_flight).unwrap(), None);
+        assert_eq!(s.evict_oldest(|id| in_flight.contains(&id)).unwrap(), None);
         s.commit().unwrap();
         let acc = s.accounting().unwrap();
         assert_eq!(acc.dropped_by_reason["spool_full"], 2);
         assert!(acc.balances());
         assert!(s
-            .list_blocks(0, &["r".into()], 10, &Default::default())
+            .list_blocks("", 0, &["r".into()], 10, |_| false)
             .unwrap()
             .iter()
             .all(|m| m.id != b.id));
@@ -1980,13 +2242,15 @@ mod tests {
         assert_eq!(lone.len(), 1, "one record cannot be split");
         assert_eq!(
             s.dead_letter_block(
+                "",
                 lone[0].id,
                 DeadLetterCap {
                     records: 10,
                     bytes: 1 << 20
                 }
             )
-            .unwrap(),
+            .unwrap()
+            .map(|s| (s.route, s.records)),
             Some(("r".into(), 1))
         );
         let acc = s.accounting().unwrap();
@@ -2047,7 +2311,7 @@ mod tests {
         s.commit().unwrap();
         s.begin().unwrap();
         for id in 1..=10 {
-            s.deliver_block(id).unwrap();
+            s.deliver_block("", id).unwrap();
         }
         s.commit().unwrap();
         s.truncate_wal();
@@ -2082,7 +2346,7 @@ mod tests {
         assert_eq!(acc.dropped_by_reason["corrupt"], lost);
         assert!(acc.balances(), "{acc:?}");
         let blocks = s
-            .list_blocks(0, &["r".to_string()], 1_000, &Default::default())
+            .list_blocks("", 0, &["r".to_string()], 1_000, |_| false)
             .unwrap();
         assert_eq!(blocks.len() as u64, report.salvaged_blocks);
         for meta in blocks {

@@ -9,6 +9,7 @@ mod support;
 
 mod bad_input;
 mod consumers;
+mod destinations;
 mod disk;
 mod fleet;
 mod intake;
