@@ -10,6 +10,7 @@
 //! cargo bench --bench shapes -- --skip "10000 devices, saturating" --messages 200000
 //! cargo bench --bench shapes -- --only "20 msg/s" --spool 'commit_max_wait = "5s"'
 //! cargo bench --bench shapes -- --only "1000 msg/s" --broker 'set_tcp_nodelay true'
+//! cargo bench --bench shapes -- --destinations 2  # the route feeds a second stream too
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
@@ -112,6 +113,9 @@ struct Args {
     spool: Vec<String>,
     /// Lines added to the broker's configuration (`--broker 'set_tcp_nodelay true'`).
     broker: Vec<String>,
+    /// 2: the route also feeds a second stream (one copy in the spool, two cursors); every
+    /// message is looked for in both.
+    destinations: u32,
 }
 
 fn parse_args() -> Args {
@@ -125,6 +129,7 @@ fn parse_args() -> Args {
         json: None,
         spool: Vec::new(),
         broker: Vec::new(),
+        destinations: 1,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -146,6 +151,13 @@ fn parse_args() -> Args {
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
             "--spool" => a.spool.push(value("--spool")),
             "--broker" => a.broker.push(value("--broker")),
+            "--destinations" => {
+                a.destinations = value("--destinations")
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=2).contains(n))
+                    .expect("--destinations 1 or 2")
+            }
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -352,7 +364,8 @@ fn run_shape(
         spool_settings += "\n";
         spool_settings += setting;
     }
-    let config = agent_config(
+    let copy = format!("{stream}-copy");
+    let mut config = agent_config(
         &agent_dir,
         broker_port,
         &kinesis.endpoint(),
@@ -371,6 +384,17 @@ fn run_shape(
         "partition_key = \"{topic[1]}\"",
         &format!("partition_key = \"{key}\"\nformat = \"{}\"", args.format),
     );
+    if args.destinations == 2 {
+        rt.block_on(create_stream(&client, &copy, 1));
+        config = config.replace(
+            "destination = \"stream\"",
+            "destinations = [\"stream\", \"copy\"]",
+        );
+        config += &format!(
+            "[destination.copy]\ntype = \"kinesis\"\nstream = \"{copy}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\n",
+            kinesis.endpoint()
+        );
+    }
     let mut agent = Agent::start(&agent_dir, &config);
     agent.wait_connected(1);
     let pid = agent.pid().unwrap();
@@ -412,6 +436,15 @@ fn run_shape(
         "{}: messages missing from the stream",
         shape.name()
     );
+    if args.destinations == 2 {
+        let copied = rt.block_on(read_stream(&client, &copy));
+        let found: HashSet<(u32, u32)> = copied
+            .messages
+            .iter()
+            .filter_map(|m| parse_payload(&m.payload).map(|(d, s, _)| (d, s)))
+            .collect();
+        assert_eq!(found, seen, "{}: the second stream differs", shape.name());
+    }
     latencies.sort_unstable();
     let msgs_per_s = total as f64 / elapsed;
     let payload = payload_bytes as f64;
@@ -492,8 +525,13 @@ fn main() {
 
     println!();
     println!(
-        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, 1 shard, default batch settings",
-        args.format
+        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, 1 shard, default batch settings{}",
+        args.format,
+        if args.destinations == 2 {
+            "; the route feeds two streams (Kinesis figures: the first)"
+        } else {
+            ""
+        }
     );
     for (protocol, rate) in &baselines {
         println!("broker -> do-nothing MQTT {protocol} QoS 1 subscriber: {rate:.0} msg/s");
@@ -540,6 +578,7 @@ fn main() {
 
     let json = serde_json::json!({
         "format": args.format,
+        "destinations": args.destinations,
         "spool_settings": args.spool,
         "broker_settings": args.broker,
         "quick": args.quick,

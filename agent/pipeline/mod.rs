@@ -182,7 +182,7 @@ pub(crate) async fn start(config: Config) -> Result<Pipeline, PipelineError> {
         plan::retired_at_start(&config, pending, &committed.routes)
     };
     for (route, (dest, _)) in &retired {
-        tracing::warn!(%route, destinations = ?dest, "the spool holds records of a route the config no longer has; they are shipped to the destinations they were routed to");
+        tracing::warn!(%route, destinations = ?dest, "the spool holds records of a route the config no longer has; they are shipped to the destination they were routed to");
     }
     let mut pipeline = Pipeline {
         gateway: config.gateway_id.as_str().into(),

@@ -1,8 +1,10 @@
 //! The spool file against a model: random sequences of appends, leases, deliveries, failed
 //! sends, `drop_oldest` evictions, corrupt blocks, splits, dead letters and reopenings, each
-//! checked after every step against a plain in-memory model of what must be there.
+//! checked after every step against a plain in-memory model of what must be there. One route
+//! feeds two destinations, each with its own deliveries and dead letters.
 //!
-//! At every step: `received = delivered + dropped + pending`, each term equal to the model's;
+//! At every step: `received = delivered + dropped + pending`, each term equal to the model's,
+//! for the routes and for each (route, destination) pair;
 //! every pending record readable with its payload; a record is delivered at most once and
 //! never lost; ids only grow, across reopenings too. Failures proptest finds are kept in
 //! `proptest-regressions/spool/model.txt` and replayed first.
@@ -16,10 +18,10 @@ use std::collections::{BTreeMap, HashSet};
 enum Op {
     /// Append `n` records of route `r` (0 or 1) in one commit.
     Append { r: u8, n: u8 },
-    /// Lease everything and compare with the model.
+    /// Lease everything each destination owes and compare with the model.
     Lease,
-    /// The destination accepted the `i`-th pending block (modulo their number).
-    Deliver { i: u8 },
+    /// Destination `d` accepted the `i`-th pending block (modulo their number).
+    Deliver { i: u8, d: u8 },
     /// A send failed: nothing changes.
     Fail,
     /// `drop_oldest` evicts the oldest block not in flight; the `i`-th is in flight.
@@ -28,8 +30,9 @@ enum Op {
     Corrupt { i: u8 },
     /// The `i`-th pending block is split in halves.
     Split { i: u8 },
-    /// The `i`-th pending block cannot be shipped: its records become dead letters.
-    DeadLetter { i: u8 },
+    /// Destination `d` cannot ship the `i`-th pending block: dropped for it, and its records
+    /// become dead letters when no other destination owes it.
+    DeadLetter { i: u8, d: u8 },
     /// The spool is closed and opened again.
     Reopen,
 }
@@ -38,18 +41,39 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..2, 1u8..6).prop_map(|(r, n)| Op::Append { r, n }),
         1 => Just(Op::Lease),
-        3 => any::<u8>().prop_map(|i| Op::Deliver { i }),
+        4 => (any::<u8>(), 0u8..2).prop_map(|(i, d)| Op::Deliver { i, d }),
         1 => Just(Op::Fail),
         1 => any::<u8>().prop_map(|in_flight| Op::DropOldest { in_flight }),
         1 => any::<u8>().prop_map(|i| Op::Corrupt { i }),
         1 => any::<u8>().prop_map(|i| Op::Split { i }),
-        1 => any::<u8>().prop_map(|i| Op::DeadLetter { i }),
+        1 => (any::<u8>(), 0u8..2).prop_map(|(i, d)| Op::DeadLetter { i, d }),
         1 => Just(Op::Reopen),
     ]
 }
 
-/// A block's route and records (each its seq and payload).
-type ModelBlock = (String, Vec<(u64, Vec<u8>)>);
+/// Route `r0` feeds destinations `a` and `b`, route `r1` only `a`.
+const DESTS: [&str; 2] = ["a", "b"];
+
+fn dests_of(route: &str) -> Vec<&'static str> {
+    if route == "r0" {
+        DESTS.to_vec()
+    } else {
+        vec!["a"]
+    }
+}
+
+/// A pending block: its route, records (each its seq and payload), the destinations that
+/// still owe it, and the first reason one of them dropped it for.
+#[derive(Clone)]
+struct ModelBlock {
+    route: String,
+    records: Vec<(u64, Vec<u8>)>,
+    owed: Vec<&'static str>,
+    dropped: Option<&'static str>,
+}
+
+/// A (route, destination) pair's received, delivered and dropped.
+type PairTerms = (u64, u64, u64);
 
 /// What must be in the spool: pending blocks by id.
 #[derive(Default)]
@@ -58,13 +82,15 @@ struct Model {
     received: u64,
     delivered: u64,
     dropped: BTreeMap<&'static str, u64>,
-    delivered_seqs: HashSet<u64>,
+    pairs: BTreeMap<String, PairTerms>,
+    /// (destination, seq) pairs accepted.
+    delivered_seqs: HashSet<(&'static str, u64)>,
     highest_seq: u64,
 }
 
 impl Model {
     fn pending(&self) -> u64 {
-        self.blocks.values().map(|(_, r)| r.len() as u64).sum()
+        self.blocks.values().map(|b| b.records.len() as u64).sum()
     }
 
     fn nth(&self, i: u8) -> Option<i64> {
@@ -78,9 +104,46 @@ impl Model {
         })
     }
 
+    fn pair(&mut self, route: &str, dest: &str) -> &mut PairTerms {
+        self.pairs.entry(format!("{route}/{dest}")).or_default()
+    }
+
+    /// The block leaves for every destination (evicted, corrupt).
     fn drop_block(&mut self, id: i64, reason: &'static str) {
-        let (_, records) = self.blocks.remove(&id).expect("model block");
-        *self.dropped.entry(reason).or_default() += records.len() as u64;
+        let b = self.blocks.remove(&id).expect("model block");
+        let n = b.records.len() as u64;
+        for d in &b.owed {
+            self.pair(&b.route, d).2 += n;
+        }
+        *self.dropped.entry(reason).or_default() += n;
+    }
+
+    /// Destination `dest` is done with block `id` (accepted, or dropped for `reason`).
+    fn settle(&mut self, id: i64, dest: &'static str, reason: Option<&'static str>) {
+        let mut b = self.blocks.remove(&id).expect("model block");
+        let n = b.records.len() as u64;
+        b.owed.retain(|d| *d != dest);
+        match reason {
+            None => {
+                self.pair(&b.route, dest).1 += n;
+                for (seq, _) in &b.records {
+                    assert!(
+                        self.delivered_seqs.insert((dest, *seq)),
+                        "seq {seq} delivered twice to {dest}"
+                    );
+                }
+            }
+            Some(_) => self.pair(&b.route, dest).2 += n,
+        }
+        b.dropped = b.dropped.or(reason);
+        if b.owed.is_empty() {
+            match b.dropped {
+                Some(r) => *self.dropped.entry(r).or_default() += n,
+                None => self.delivered += n,
+            }
+        } else {
+            self.blocks.insert(id, b);
+        }
     }
 }
 
@@ -94,15 +157,43 @@ fn check(store: &Store, model: &Model) {
         assert_eq!(acc.dropped_by_reason.get(*reason), Some(n), "{reason}");
     }
     assert_eq!(acc.dropped, model.dropped.values().sum::<u64>(), "dropped");
+    for (pair, (received, delivered, dropped)) in &model.pairs {
+        let (route, dest) = pair.split_once('/').unwrap();
+        let pending: u64 = model
+            .blocks
+            .values()
+            .filter(|b| b.route == route && b.owed.contains(&dest))
+            .map(|b| b.records.len() as u64)
+            .sum();
+        let t = acc.destinations.get(pair).cloned().unwrap_or_default();
+        assert_eq!(
+            (t.received, t.delivered, t.dropped, t.pending),
+            (*received, *delivered, *dropped, pending),
+            "{pair}"
+        );
+    }
 }
 
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let (mut store, _) = Store::open(&path, SyncLevel::Off).unwrap();
+    store.begin().unwrap();
+    let routes = ["r0", "r1"]
+        .map(|r| {
+            let dests = dests_of(r).into_iter().map(String::from).collect();
+            (r.to_string(), (dests, "edgeship".to_string()))
+        })
+        .into();
+    store.record_routes(&routes).unwrap();
+    store.commit().unwrap();
     let mut model = Model::default();
     let mut body = Vec::new();
     let mut counter = 0u32;
+    let cap = super::store::DeadLetterCap {
+        records: 1_000,
+        bytes: 1 << 20,
+    };
     for op in ops {
         match op {
             Op::Append { r, n } => {
@@ -129,40 +220,59 @@ fn run(ops: Vec<Op>) {
                 assert!(first > model.highest_seq, "id {first} reused");
                 model.highest_seq = first + u64::from(n) - 1;
                 model.received += u64::from(n);
+                for d in dests_of(&route) {
+                    model.pair(&route, d).0 += u64::from(n);
+                }
                 let records = payloads
                     .into_iter()
                     .enumerate()
                     .map(|(i, p)| (first + i as u64, p))
                     .collect();
-                model.blocks.insert(meta.id, (route, records));
+                let owed = dests_of(&route);
+                model.blocks.insert(
+                    meta.id,
+                    ModelBlock {
+                        route,
+                        records,
+                        owed,
+                        dropped: None,
+                    },
+                );
             }
             Op::Lease => {
                 let routes = vec!["r0".to_string(), "r1".to_string()];
-                let listed: Vec<i64> = store
-                    .list_blocks("", 0, &routes, 10_000, |_| false)
-                    .unwrap()
-                    .iter()
-                    .map(|m: &BlockMeta| m.id)
-                    .collect();
-                assert_eq!(listed, model.blocks.keys().copied().collect::<Vec<_>>());
+                for d in DESTS {
+                    let listed: Vec<i64> = store
+                        .list_blocks(d, 0, &routes, 10_000, |_| false)
+                        .unwrap()
+                        .iter()
+                        .map(|m: &BlockMeta| m.id)
+                        .collect();
+                    let owed: Vec<i64> = model
+                        .blocks
+                        .iter()
+                        .filter(|(_, b)| b.owed.contains(&d))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    assert_eq!(listed, owed, "{d}");
+                }
             }
-            Op::Deliver { i } => {
+            Op::Deliver { i, d } => {
                 if let Some(id) = model.nth(i) {
+                    let dest = DESTS[usize::from(d)];
                     store.begin().unwrap();
-                    let removed = store.deliver_block("", id).unwrap();
+                    let settled = store.deliver_block(dest, id).unwrap();
                     store.commit().unwrap();
-                    let (_, records) = model.blocks.remove(&id).unwrap();
-                    assert_eq!(removed.map(|r| r.records as usize), Some(records.len()));
-                    for (seq, _) in records {
-                        assert!(
-                            model.delivered_seqs.insert(seq),
-                            "seq {seq} delivered twice"
-                        );
-                        model.delivered += 1;
+                    let b = &model.blocks[&id];
+                    if b.owed.contains(&dest) {
+                        assert_eq!(settled.map(|s| s.records as usize), Some(b.records.len()));
+                        model.settle(id, dest, None);
+                    } else {
+                        assert_eq!(settled, None, "{dest} does not owe block {id}");
                     }
                     // Reported delivered again (a late duplicate report): nothing changes.
                     store.begin().unwrap();
-                    assert_eq!(store.deliver_block("", id).unwrap(), None);
+                    assert_eq!(store.deliver_block(dest, id).unwrap(), None);
                     store.commit().unwrap();
                 }
             }
@@ -174,7 +284,11 @@ fn run(ops: Vec<Op>) {
                 store.commit().unwrap();
                 let expected = model.blocks.keys().copied().find(|id| !skip.contains(id));
                 match (evicted, expected) {
-                    (Some(_), Some(id)) => model.drop_block(id, "spool_full"),
+                    (Some((got, removed)), Some(id)) => {
+                        assert_eq!(got, id);
+                        assert_eq!(removed.owing, model.blocks[&id].owed);
+                        model.drop_block(id, "spool_full")
+                    }
                     (None, None) => {}
                     other => panic!("eviction {other:?}"),
                 }
@@ -189,30 +303,31 @@ fn run(ops: Vec<Op>) {
             Op::Split { i } => {
                 if let Some(id) = model.nth(i) {
                     let parts = store.split_block(id, &mut body).unwrap();
-                    let (route, records) = model.blocks.remove(&id).unwrap();
-                    let mut left = records.as_slice();
+                    let b = model.blocks.remove(&id).unwrap();
+                    let mut left = b.records.as_slice();
                     for p in &parts {
                         let (mine, rest) = left.split_at(p.records as usize);
                         assert_eq!(p.id as u64, mine[0].0, "a part starts at its first seq");
-                        model.blocks.insert(p.id, (route.clone(), mine.to_vec()));
+                        let part = ModelBlock {
+                            records: mine.to_vec(),
+                            ..b.clone()
+                        };
+                        model.blocks.insert(p.id, part);
                         left = rest;
                     }
                     assert!(left.is_empty(), "every record in a part");
                 }
             }
-            Op::DeadLetter { i } => {
+            Op::DeadLetter { i, d } => {
                 if let Some(id) = model.nth(i) {
-                    store
-                        .dead_letter_block(
-                            "",
-                            id,
-                            super::store::DeadLetterCap {
-                                records: 1_000,
-                                bytes: 1 << 20,
-                            },
-                        )
-                        .unwrap();
-                    model.drop_block(id, "unshippable");
+                    let dest = DESTS[usize::from(d)];
+                    let settled = store.dead_letter_block(dest, id, cap).unwrap();
+                    if model.blocks[&id].owed.contains(&dest) {
+                        assert!(settled.is_some());
+                        model.settle(id, dest, Some("unshippable"));
+                    } else {
+                        assert_eq!(settled, None, "{dest} does not owe block {id}");
+                    }
                 }
             }
             Op::Reopen => {
@@ -222,11 +337,11 @@ fn run(ops: Vec<Op>) {
         }
         check(&store, &model);
         // Every pending record is there, byte for byte.
-        for (id, (_, records)) in &model.blocks {
+        for (id, b) in &model.blocks {
             let (meta, raw) = store.read_block(*id).unwrap().expect("pending block");
             let got = crate::frame::decode_records_in(&raw, meta.records, meta.version).unwrap();
             let got: Vec<(u64, Vec<u8>)> = got.into_iter().map(|r| (r.seq, r.payload)).collect();
-            assert_eq!(&got, records, "block {id}");
+            assert_eq!(got, b.records, "block {id}");
         }
     }
 }

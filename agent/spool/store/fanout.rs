@@ -796,6 +796,24 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuilt_file_keeps_each_destinations_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("spool.db"), SyncLevel::Normal).unwrap();
+        set(&mut s, &["a"]);
+        let old = append(&mut s, 2);
+        set(&mut s, &["a", "b"]);
+        let new = append(&mut s, 2);
+        deliver(&mut s, "b", &new[..1]);
+        let report = s.rebuild().unwrap();
+        assert_eq!(report.salvaged_blocks, 4);
+        assert_eq!(listed(&s, "a"), [old, new.clone()].concat());
+        assert_eq!(listed(&s, "b"), new[1..]);
+        let acc = checked(&s);
+        assert_eq!(terms(&acc, "a"), (4, 0, 0, 4));
+        assert_eq!(terms(&acc, "b"), (2, 1, 0, 1));
+    }
+
+    #[test]
     fn a_spool_from_before_cursors_gives_its_routes_their_recorded_destination() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
