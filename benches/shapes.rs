@@ -397,6 +397,17 @@ fn run_shape(
     }
     let mut agent = Agent::start(&agent_dir, &config);
     agent.wait_connected(1);
+    // Until a destination has learned its shards, commits store a block per device (see
+    // spool/placement.rs) and the first frames go out one device each: measure from after.
+    wait_for(
+        "the agent to learn its streams' shards",
+        Duration::from_secs(60),
+        || {
+            (agent.log().matches("learned the stream's shards").count()
+                >= args.destinations as usize)
+                .then_some(())
+        },
+    );
     let pid = agent.pid().unwrap();
     let before = proc_stats(pid);
     let start = Instant::now();

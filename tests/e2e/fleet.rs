@@ -1222,3 +1222,120 @@ fn a_named_device_shadow_delivers_the_document_and_gets_it_reported() {
     assert_eq!(reported["edgeship_status"]["applied_version"], 40);
     assert_eq!(report(&agent).unwrap().applied_version, 40);
 }
+
+/// A push that gives the running route a second destination while devices publish: the new
+/// stream gets the records received from the apply on, none from before, and the first stream
+/// keeps getting every message once; each destination's terms balance.
+#[test]
+fn a_pushed_second_destination_takes_the_records_after_the_apply() {
+    let Rig {
+        dir,
+        rt,
+        client,
+        kinesis,
+    } = rig("fleet-fan-first", 1);
+    rt.block_on(create_stream(&client, "fleet-fan-second", 1));
+    let mosquitto = Mosquitto::start(dir.path());
+    let op = Operator::new(dir.path(), "fleet", mosquitto.port);
+    let endpoint = kinesis.endpoint();
+    let base = agent_config(
+        dir.path(),
+        mosquitto.port,
+        &endpoint,
+        "fleet-fan-first",
+        "",
+        "",
+    ) + &fleet_section(dir.path(), &[&op.public], "");
+    let mut agent = Agent::start(dir.path(), &base);
+    agent.wait_connected(1);
+    wait_report(&agent, "the fleet report", |r| r.state == "running");
+
+    let devices = 4;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..devices)
+        .map(|d| rt.spawn(publish_until(mosquitto.port, d, stop.clone())))
+        .collect();
+    wait_for("messages flowing", Duration::from_secs(60), || {
+        agent
+            .accounting()
+            .filter(|a| a.received >= 2_000)
+            .map(|_| ())
+    });
+    let second = format!(
+        r#"
+[destination.second]
+type = "kinesis"
+stream = "fleet-fan-second"
+region = "us-east-1"
+endpoint = "{endpoint}"
+"#
+    );
+    let text = document_text(&endpoint, "fleet-fan-first", "100ms", &second).replace(
+        "destination = \"stream\"",
+        "destinations = [\"stream\", \"second\"]",
+    );
+    let doc = op.sign(&text, "gateway:gw-test", 5);
+    op.push(&doc, "gateway:gw-test");
+    wait_report(&agent, "version 5 applied", |r| r.state == "applied");
+    let at_apply = agent.accounting().unwrap().received;
+    wait_for("more after the apply", Duration::from_secs(60), || {
+        agent
+            .accounting()
+            .filter(|a| a.received >= at_apply + 2_000)
+            .map(|_| ())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let sent: Vec<u32> = publishers
+        .into_iter()
+        .map(|p| rt.block_on(p).unwrap())
+        .collect();
+    let total: u32 = sent.iter().sum();
+    let first = wait_stream_complete_with(
+        &rt,
+        &client,
+        "fleet-fan-first",
+        Duration::from_secs(120),
+        |t| t.len() >= total as usize,
+    );
+    for (d, n) in sent.iter().enumerate() {
+        assert_exactly(&first, &topic_of(d as u32), d as u32, *n);
+    }
+    let acc = wait_for("the spool to drain", Duration::from_secs(60), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+    let taken = acc.destinations["telemetry/second"].clone();
+    assert_eq!(
+        (taken.delivered, taken.dropped, taken.pending),
+        (taken.received, 0, 0)
+    );
+    let second = wait_stream_complete_with(
+        &rt,
+        &client,
+        "fleet-fan-second",
+        Duration::from_secs(60),
+        |t| t.len() >= taken.received as usize,
+    );
+    // The second stream holds exactly the first stream's records from its first id on.
+    let since = second.messages.iter().map(|m| m.seq).min().unwrap();
+    let mut after: Vec<u64> = first
+        .messages
+        .iter()
+        .map(|m| m.seq)
+        .filter(|s| *s >= since)
+        .collect();
+    let mut got: Vec<u64> = second.messages.iter().map(|m| m.seq).collect();
+    after.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(
+        got, after,
+        "the second stream: every record from the apply on, once"
+    );
+    let before = first.messages.iter().filter(|m| m.seq < since).count() as u64;
+    assert!(
+        before >= 2_000 && before <= at_apply,
+        "{before} records from before the apply (received by then: {at_apply})"
+    );
+    assert_eq!(taken.received, got.len() as u64);
+    assert_eq!(agent.stop().code(), Some(0));
+}
