@@ -826,7 +826,7 @@ impl Worker {
                     Command::Release { dest, ids } => {
                         for id in ids {
                             self.in_flight.remove(id, &dest);
-                            self.give_up_evicted(id, &dest);
+                            self.forget_evicted(id, &dest, false);
                         }
                     }
                     Command::Lease {
@@ -1139,7 +1139,7 @@ impl Worker {
                     .dropped
                     .fetch_sub(fx.undropped, Ordering::Relaxed);
                 for (id, dest) in std::mem::take(&mut fx.recounted) {
-                    self.give_up_evicted(id, &dest);
+                    self.forget_evicted(id, &dest, true);
                 }
                 for (id, evicted) in std::mem::take(&mut fx.evicted_sending) {
                     self.evicted_sending.insert(id, evicted);
@@ -1213,8 +1213,9 @@ impl Worker {
         fx.recounted.push((id, dest.clone()));
     }
 
-    /// `dest` is done with an evicted block (accepted and counted, or gave it back).
-    fn give_up_evicted(&mut self, id: i64, dest: &str) {
+    /// `dest` is done with an evicted block: it `accepted` it (and that was counted), or
+    /// gave it back.
+    fn forget_evicted(&mut self, id: i64, dest: &str, accepted: bool) {
         if let Some(e) = self.evicted_sending.get_mut(&id) {
             if e.owing.is_empty() {
                 self.evicted_sending.remove(&id);
@@ -1224,7 +1225,7 @@ impl Worker {
             e.owing.retain(|d| d != dest);
             if e.owing.is_empty() {
                 self.evicted_sending.remove(&id);
-            } else if e.owing.len() < before {
+            } else if e.owing.len() < before && !accepted {
                 e.all_accepted = false;
             }
         }
