@@ -1094,10 +1094,14 @@ impl Store {
                 c.routes = routes
                     .into_iter()
                     .map(|(route, dest, format)| {
-                        let dests = match self.fanout.get(&route) {
-                            Some(f) if !f.is_empty() => f.iter().map(|(d, _)| d.clone()).collect(),
-                            _ => vec![dest],
-                        };
+                        // The recorded destination is the route's first (it places the
+                        // route's blocks); the others follow.
+                        let mut dests = vec![dest];
+                        for (d, _) in self.fanout.get(&route).into_iter().flatten() {
+                            if !dests.contains(d) {
+                                dests.push(d.clone());
+                            }
+                        }
                         (route, (dests, format))
                     })
                     .collect();

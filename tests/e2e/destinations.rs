@@ -16,36 +16,27 @@ fn config_with(
     prefix: &str,
     (near_endpoint, far_endpoint): (&str, &str),
 ) -> String {
-    format!(
-        r#"gateway_id = "gw-test"
-shutdown_timeout = "5s"
-[spool]
-path = "{spool}"
-[batch]
-linger = "200ms"
-[[broker]]
-name = "test"
-host = "127.0.0.1"
-port = {broker}
-keep_alive = "5s"
-[[route]]
-name = "telemetry"
-topics = ["devices/+/telemetry"]
-destinations = {destinations}
-partition_key = "{{topic[1]}}"
-[destination.near]
-type = "kinesis"
-stream = "{prefix}-near"
-region = "us-east-1"
-endpoint = "{near_endpoint}"
-[destination.far]
+    agent_config(
+        dir,
+        broker,
+        near_endpoint,
+        &format!("{prefix}-near"),
+        "",
+        "",
+    )
+    .replace(
+        "destination = \"stream\"",
+        &format!("destinations = {destinations}"),
+    )
+    .replace("[destination.stream]", "[destination.near]")
+        + &format!(
+            r#"[destination.far]
 type = "kinesis"
 stream = "{prefix}-far"
 region = "us-east-1"
 endpoint = "{far_endpoint}"
-"#,
-        spool = dir.join("spool.db").display()
-    )
+"#
+        )
 }
 
 fn terms(acc: &edgeship::spool::Accounting, dest: &str) -> edgeship::spool::store::Terms {

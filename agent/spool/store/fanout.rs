@@ -162,11 +162,16 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    fn delete_block_rows(&mut self, id: i64) -> Result<(), SpoolError> {
+    /// Deletes block `id`, and its `taken` rows when its route has several destinations
+    /// (`shared`; a block owed by one destination never has any).
+    fn delete_block_rows(&mut self, id: i64, shared: bool) -> Result<(), SpoolError> {
         self.conn
             .prepare_cached("DELETE FROM blocks WHERE id = ?1")
             .and_then(|mut s| s.execute([id]))
             .map_err(|e| self.err(e))?;
+        if !shared {
+            return Ok(());
+        }
         self.conn
             .prepare_cached("DELETE FROM taken WHERE block = ?1")
             .and_then(|mut s| s.execute([id]))
@@ -192,7 +197,7 @@ impl Store {
             .map(str::to_string)
             .collect();
         if bound.is_empty() {
-            self.delete_block_rows(id)?;
+            self.delete_block_rows(id, false)?;
             self.sub_pending(&route, u64::from(records), bytes);
             self.count(&route, outcome.counter(), u64::from(records));
             return Ok(Some(Settled {
@@ -243,7 +248,7 @@ impl Store {
             .find_map(|(_, reason)| *reason)
             .map(Counter::Dropped);
         let counter = first_drop.unwrap_or(outcome.counter());
-        self.delete_block_rows(id)?;
+        self.delete_block_rows(id, bound.len() > 1)?;
         self.sub_pending(&route, u64::from(records), bytes);
         self.count(&route, counter, u64::from(records));
         Ok(Some(Settled {
@@ -263,6 +268,7 @@ impl Store {
         let Some((route, records, bytes)) = self.block_size(id)? else {
             return Ok(None);
         };
+        let shared = self.bound_for(&route, id).len() > 1;
         let owing = self.owing(&route, id)?;
         for d in &owing {
             self.count(
@@ -272,7 +278,7 @@ impl Store {
             );
             self.sub_pair_pending(&route, d, u64::from(records), bytes);
         }
-        self.delete_block_rows(id)?;
+        self.delete_block_rows(id, shared)?;
         self.sub_pending(&route, u64::from(records), bytes);
         self.count(&route, Counter::Dropped(reason), u64::from(records));
         Ok(Some(Removed {
@@ -482,7 +488,7 @@ impl Store {
                     .find_map(|(_, r)| *r)
                     .map_or(Counter::Delivered, Counter::Dropped)
             };
-            self.delete_block_rows(id)?;
+            self.delete_block_rows(id, true)?;
             self.sub_pending(route, u64::from(records), bytes);
             self.count(route, counter, u64::from(records));
         }
