@@ -1,17 +1,19 @@
-//! The agent's one HTTP client, for its own small GETs: the AWS IoT credentials provider (over
-//! mutual TLS) and `edgeship status` asking the running agent (plain loopback). One request
-//! per connection, HTTP/1.1 through hyper's client connection, the answer's body bounded.
+//! The agent's one HTTP client: the AWS IoT credentials provider (over mutual TLS), `edgeship
+//! status` asking the running agent (plain loopback), and the S3 destination's signed
+//! requests. One request per connection, HTTP/1.1 through hyper's client connection, the
+//! answer's body bounded.
 //!
 //! It never follows redirects, never retries, and never reads more than the caller allows.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A received answer.
 #[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) status: u16,
+    pub(crate) headers: hyper::HeaderMap,
     pub(crate) body: Bytes,
 }
 
@@ -51,30 +53,49 @@ pub(crate) async fn get<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut request = hyper::Request::get(path).header(hyper::header::HOST, host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(stream, request.body(Full::new(Bytes::new()))?, max_body).await
+}
+
+/// Sends `request` over `stream` (already connected, TLS done; the request carries its own
+/// `Host`) and reads the answer, whose body may be at most `max_body` bytes.
+pub(crate) async fn send<S>(
+    stream: S,
+    mut request: hyper::Request<Full<Bytes>>,
+    max_body: usize,
+) -> Result<Answer, HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(HttpError::Handshake)?;
     let driver = tokio::spawn(connection);
-    let mut request = hyper::Request::get(path)
-        .header(hyper::header::HOST, host)
-        .header(hyper::header::CONNECTION, "close");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Empty::<Bytes>::new())?;
+    request.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
     let result = async {
         let answer = sender
             .send_request(request)
             .await
             .map_err(HttpError::Request)?;
         let status = answer.status().as_u16();
+        let headers = answer.headers().clone();
         let body = Limited::new(answer.into_body(), max_body)
             .collect()
             .await
             .map_err(|e| HttpError::Body(e.to_string()))?
             .to_bytes();
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
     }
     .await;
     driver.abort();

@@ -22,7 +22,7 @@ npm ci --prefix tests/support --no-audit --no-fund --loglevel=error
 
 # Python tools the tests run: prometheus-client (exposition parser) and zstandard (the consumer
 # decoder in consumers/python). A venv keeps them off the system Python.
-echo "==> Python test tools (PyPI: prometheus-client, zstandard)"
+echo "==> Python test tools (PyPI: prometheus-client, zstandard, moto[server], duckdb)"
 if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv
@@ -43,6 +43,17 @@ if [ ! -x tests/support/bin/promtool ]; then
   mkdir -p tests/support/bin
   cp "$tmp/root/usr/bin/promtool" tests/support/bin/promtool
   rm -rf "$tmp"
+fi
+
+# s3s-fs, the stricter of the two S3 servers the tests run (it refuses parts under 5 MiB),
+# built once into a folder outside the clone, keyed by its version, and reused.
+s3s_version=0.14.1
+tools="${EDGESHIP_TOOLS:-$HOME/.cache/edgeship/tools}"
+export EDGESHIP_S3S_FS="$tools/s3s-fs-$s3s_version/bin/s3s-fs"
+if [ ! -x "$EDGESHIP_S3S_FS" ]; then
+  echo "==> s3s-fs $s3s_version (crates.io; built once into $tools)"
+  cargo install s3s-fs --version "$s3s_version" --features binary --locked --quiet \
+    --root "$tools/s3s-fs-$s3s_version"
 fi
 
 echo "==> cargo fmt --check"

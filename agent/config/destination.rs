@@ -6,9 +6,11 @@ use super::source::{ConfigError, Source};
 use crate::sink::call::ShardLimits;
 use crate::sink::directory::{self, DirectoryConfig};
 use crate::sink::kinesis::{self, KinesisConfig};
+use crate::sink::s3::{self, layout::KeyTemplate, Compression, S3Config, UploadWindow};
 use crate::sink::DestinationConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 use toml::Spanned;
 
 /// Largest single record (data and key) a destination takes, as configured.
@@ -16,6 +18,26 @@ pub(crate) fn max_record_bytes(destination: &DestinationConfig) -> u64 {
     match destination {
         DestinationConfig::Kinesis(k) => k.max_record_bytes,
         DestinationConfig::Directory(_) => directory::MAX_RECORD_BYTES,
+        // A record larger than an object's window still makes one object of its own.
+        DestinationConfig::S3(_) => u64::MAX,
+    }
+}
+
+/// An endpoint override is an http(s) URL.
+fn check_endpoint(
+    endpoint: Option<&str>,
+    name: &str,
+    span: std::ops::Range<usize>,
+    src: &Source,
+) -> Result<(), ConfigError> {
+    match endpoint {
+        Some(ep) if !(ep.starts_with("http://") || ep.starts_with("https://")) => Err(src
+            .error_at(
+                Some(span),
+                &format!("destination.{name}.endpoint"),
+                format!("`{ep}` must start with http:// or https://"),
+            )),
+        _ => Ok(()),
     }
 }
 
@@ -67,15 +89,7 @@ pub(super) fn destinations(
                         "a Kinesis stream name has 1 to 128 characters",
                     ));
                 }
-                if let Some(ep) = &endpoint {
-                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                        return Err(src.error_at(
-                            Some(span),
-                            &format!("destination.{name}.endpoint"),
-                            format!("`{ep}` must start with http:// or https://"),
-                        ));
-                    }
-                }
+                check_endpoint(endpoint.as_deref(), &name, span.clone(), src)?;
                 DestinationConfig::Kinesis(KinesisConfig {
                     stream,
                     region,
@@ -87,6 +101,131 @@ pub(super) fn destinations(
             RawDestination::Directory { path } => DestinationConfig::Directory(DirectoryConfig {
                 path: PathBuf::from(path),
             }),
+            RawDestination::S3 {
+                bucket,
+                prefix,
+                region,
+                endpoint,
+                path_style,
+                key_template,
+                compression,
+                compression_level,
+                max_object_bytes,
+                max_object_age,
+                part_bytes,
+                upload_windows,
+                sse_kms_key_id,
+            } => {
+                let at = |field: &str, why: String| {
+                    src.error_at(
+                        Some(span.clone()),
+                        &format!("destination.{name}.{field}"),
+                        why,
+                    )
+                };
+                // Bucket names: 3-63 lower-case letters, digits, dots and hyphens.
+                let bucket_ok = (3..=63).contains(&bucket.len())
+                    && bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                    });
+                if !bucket_ok {
+                    return Err(at(
+                        "bucket",
+                        format!("`{bucket}` is not an S3 bucket name (3 to 63 lower-case letters, digits, dots, hyphens)"),
+                    ));
+                }
+                if let Some(ep) = &endpoint {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        return Err(at(
+                            "endpoint",
+                            format!("`{ep}` must start with http:// or https://"),
+                        ));
+                    }
+                }
+                let key_template = KeyTemplate::parse(
+                    key_template
+                        .as_deref()
+                        .unwrap_or(s3::layout::DEFAULT_TEMPLATE),
+                )
+                .map_err(|why| at("key_template", why))?;
+                let compression = match compression.as_deref().unwrap_or("zstd") {
+                    "zstd" => Compression::Zstd,
+                    "gzip" => Compression::Gzip,
+                    other => {
+                        return Err(at(
+                            "compression",
+                            format!("`{other}` is not one of zstd, gzip"),
+                        ))
+                    }
+                };
+                let compression_level = compression_level.unwrap_or(match compression {
+                    Compression::Zstd => 3,
+                    Compression::Gzip => 6,
+                });
+                let levels = match compression {
+                    Compression::Zstd => 1..=19,
+                    Compression::Gzip => 1..=9,
+                };
+                if !levels.contains(&compression_level) {
+                    return Err(at(
+                        "compression_level",
+                        format!("must be within {levels:?} for this compression"),
+                    ));
+                }
+                let max_object_bytes = max_object_bytes.map_or(64 << 20, |b| b.bytes());
+                let part_bytes = part_bytes.map_or(8 << 20, |b| b.bytes());
+                if part_bytes < s3::MIN_PART_BYTES {
+                    return Err(at(
+                        "part_bytes",
+                        "must be at least 5MiB (S3's smallest part)".into(),
+                    ));
+                }
+                if !(1 << 10..=4 << 30).contains(&max_object_bytes) {
+                    return Err(at(
+                        "max_object_bytes",
+                        "must be between 1KiB and 4GiB".into(),
+                    ));
+                }
+                // Even incompressible payloads (written as base64, 4/3 and the line's fields)
+                // stay within S3's 10,000 parts.
+                if max_object_bytes * 2 > part_bytes * s3::MAX_PARTS {
+                    return Err(at(
+                        "part_bytes",
+                        "too small for max_object_bytes: an object could need more than 10,000 parts".into(),
+                    ));
+                }
+                let max_object_age = max_object_age.map_or(Duration::from_secs(15 * 60), |d| d.0);
+                if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&max_object_age) {
+                    return Err(at(
+                        "max_object_age",
+                        "must be between 1s and 1h (objects close at the hour anyway)".into(),
+                    ));
+                }
+                let mut windows = Vec::new();
+                for w in upload_windows.unwrap_or_default() {
+                    windows.push(UploadWindow::parse(&w).ok_or_else(|| {
+                        at(
+                            "upload_windows",
+                            format!("`{w}` is not a local time span HH:MM-HH:MM"),
+                        )
+                    })?);
+                }
+                DestinationConfig::S3(S3Config {
+                    bucket,
+                    prefix: prefix.unwrap_or_default().trim_matches('/').to_string(),
+                    region,
+                    endpoint,
+                    path_style: path_style.unwrap_or(false),
+                    key_template,
+                    compression,
+                    compression_level,
+                    max_object_bytes,
+                    max_object_age,
+                    part_bytes,
+                    upload_windows: windows,
+                    sse_kms_key_id,
+                })
+            }
         };
         destinations.insert(name, dest);
     }

@@ -493,6 +493,54 @@ stream = "s"
     }
 
     #[test]
+    fn an_s3_destination_is_checked_with_its_defaults_said() {
+        let lake = |extra: &str| {
+            format!(
+                "{}[destination.lake]\ntype = \"s3\"\nbucket = \"my-lake\"\n{extra}\n",
+                MINIMAL.replace(
+                    "destination = \"main\"",
+                    "destinations = [\"main\", \"lake\"]"
+                )
+            )
+        };
+        let c = Config::parse(&lake(""), "m.toml").unwrap();
+        let Some(DestinationConfig::S3(s3)) = c.destinations.get("lake") else {
+            panic!("an s3 destination")
+        };
+        assert_eq!(
+            (s3.max_object_bytes, s3.max_object_age, s3.part_bytes),
+            (64 << 20, std::time::Duration::from_secs(900), 8 << 20)
+        );
+        assert_eq!(s3.compression, crate::sink::s3::Compression::Zstd);
+        for (bad, said) in [
+            (
+                "key_template = \"{prefix}/{date}/{first_seq}\"",
+                "unknown field `{date}`",
+            ),
+            (
+                "key_template = \"{prefix}/{dt}.json\"",
+                "must contain {first_seq}",
+            ),
+            ("compression = \"lz4\"", "not one of zstd, gzip"),
+            ("part_bytes = \"1MiB\"", "at least 5MiB"),
+            ("upload_windows = [\"1am-5am\"]", "HH:MM-HH:MM"),
+            ("endpoint = \"127.0.0.1:9000\"", "must start with http"),
+            ("max_object_age = \"2h\"", "between 1s and 1h"),
+        ] {
+            let e = Config::parse(&lake(bad), "m.toml").unwrap_err().to_string();
+            assert!(
+                e.contains("m.toml:") && e.contains("destination.lake."),
+                "{e}"
+            );
+            assert!(e.contains(said), "{bad}: {e}");
+        }
+        let e = Config::parse(&lake("").replace("my-lake", "My_Lake"), "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an S3 bucket name"), "{e}");
+    }
+
+    #[test]
     fn a_route_may_name_several_destinations_each_once_and_defined() {
         let two = format!(
             "{}[destination.archive]\ntype = \"directory\"\npath = \"/tmp/archive\"\n",

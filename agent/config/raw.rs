@@ -213,4 +213,19 @@ pub(crate) enum RawDestination {
     Directory {
         path: String,
     },
+    S3 {
+        bucket: String,
+        prefix: Option<String>,
+        region: Option<String>,
+        endpoint: Option<String>,
+        path_style: Option<bool>,
+        key_template: Option<String>,
+        compression: Option<String>,
+        compression_level: Option<i32>,
+        max_object_bytes: Option<ByteSize>,
+        max_object_age: Option<HumanDuration>,
+        part_bytes: Option<ByteSize>,
+        upload_windows: Option<Vec<String>>,
+        sse_kms_key_id: Option<String>,
+    },
 }

@@ -19,6 +19,7 @@ pub(crate) mod plan;
 
 use crate::config::Config;
 use crate::live::{Destination, Live};
+use crate::ship::objects::ObjectShipper;
 use crate::ship::stats::ShipperStats;
 use crate::ship::Shipper;
 use crate::sink::call::SinkError;
@@ -81,8 +82,14 @@ struct RunningShipper {
 /// destination must never run at once (both would send the same blocks).
 struct ReadyShipper {
     spec: Spec,
-    shipper: Shipper,
+    shipper: Runner,
     destination: Destination,
+}
+
+/// What ships to a destination: records in calls (streams, folders), or objects (S3).
+enum Runner {
+    Stream(Shipper),
+    Objects(ObjectShipper),
 }
 
 impl ReadyShipper {
@@ -91,7 +98,10 @@ impl ReadyShipper {
         RunningShipper {
             spec: self.spec,
             stop,
-            task: tokio::spawn(self.shipper.supervise(stop_rx)),
+            task: match self.shipper {
+                Runner::Stream(s) => tokio::spawn(s.supervise(stop_rx)),
+                Runner::Objects(o) => tokio::spawn(o.supervise(stop_rx)),
+            },
             destination: self.destination,
         }
     }
@@ -245,14 +255,24 @@ impl Pipeline {
             })?;
         let sink = Arc::new(sink);
         let stats = self.stats.entry(name.to_string()).or_default().clone();
-        let shipper = Shipper::new(
-            name,
-            sink.clone(),
-            self.spool.clone(),
-            self.gateway.clone(),
-            &spec.shipper,
-            stats.clone(),
-        );
+        let shipper = match &*sink {
+            Sink::S3(_) => Runner::Objects(ObjectShipper::new(
+                name,
+                sink.clone(),
+                self.spool.clone(),
+                self.gateway.clone(),
+                &spec.shipper,
+                stats.clone(),
+            )),
+            _ => Runner::Stream(Shipper::new(
+                name,
+                sink.clone(),
+                self.spool.clone(),
+                self.gateway.clone(),
+                &spec.shipper,
+                stats.clone(),
+            )),
+        };
         Ok(ReadyShipper {
             spec,
             shipper,

@@ -17,6 +17,7 @@
 //! spool, so a shipper started after it (a config change) sends them.
 
 pub mod batcher;
+pub(crate) mod objects;
 pub(crate) mod pacing;
 pub(crate) mod state;
 pub(crate) mod stats;
@@ -66,6 +67,44 @@ enum ShipError {
     Encode(#[from] EncodeError),
     #[error("the encoding thread: {0}")]
     Thread(#[from] tokio::task::JoinError),
+}
+
+/// Runs a destination's shipping (`run`) until `stop` turns true; a run that ends on its own
+/// (an error it cannot ship past, a panic) is started again after a backoff, with the
+/// figures showing it.
+pub(crate) async fn supervise<F, Fut>(
+    name: &str,
+    stats: &ShipperStats,
+    stop: watch::Receiver<bool>,
+    run: F,
+) where
+    F: Fn(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut stop_wait = stop.clone();
+    loop {
+        stats.shipping.store(true, Ordering::Relaxed);
+        let ended = tokio::spawn(run(stop.clone())).await;
+        stats.shipping.store(false, Ordering::Relaxed);
+        if *stop.borrow() {
+            return;
+        }
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        match ended {
+            Ok(()) => {
+                tracing::error!(destination = %name, retry_in_ms = delay.as_millis() as u64, "shipping stopped on its own; starting it again")
+            }
+            Err(e) => {
+                tracing::error!(destination = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "shipping panicked; starting it again")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_wait.changed() => return,
+        }
+    }
 }
 
 /// The driver of one destination's shipping.
@@ -128,31 +167,8 @@ impl Shipper {
     /// Ships until `stop` turns true; a run that stops on its own (an error it cannot ship
     /// past, a panic) is started again after a backoff, with the figures showing it.
     pub(crate) async fn supervise(self, stop: watch::Receiver<bool>) {
-        let name = self.settings.name.clone();
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let mut stop_wait = stop.clone();
-        loop {
-            self.stats.shipping.store(true, Ordering::Relaxed);
-            let run = tokio::spawn(self.clone().run(stop.clone())).await;
-            self.stats.shipping.store(false, Ordering::Relaxed);
-            if *stop.borrow() {
-                return;
-            }
-            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-            let delay = backoff.next_delay();
-            match run {
-                Ok(()) => {
-                    tracing::error!(destination = %name, retry_in_ms = delay.as_millis() as u64, "shipping stopped on its own; starting it again")
-                }
-                Err(e) => {
-                    tracing::error!(destination = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "shipping panicked; starting it again")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop_wait.changed() => return,
-            }
-        }
+        let (name, stats) = (self.settings.name.clone(), self.stats.clone());
+        supervise(&name, &stats, stop, move |stop| self.clone().run(stop)).await
     }
 
     /// Ships until `stop` turns true, then gives back what it holds.

@@ -14,11 +14,13 @@
 pub(crate) mod call;
 pub(crate) mod directory;
 pub mod kinesis;
+pub(crate) mod s3;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
 use call::{CallLimits, Destination, Entry, Outcome, ShardLimits, SinkError};
 use directory::{DirectoryConfig, DirectorySink};
 use kinesis::{KinesisConfig, KinesisSink};
+use s3::{S3Config, S3Sink};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +29,7 @@ use std::time::Duration;
 pub enum DestinationConfig {
     Kinesis(KinesisConfig),
     Directory(DirectoryConfig),
+    S3(S3Config),
 }
 
 impl DestinationConfig {
@@ -35,6 +38,7 @@ impl DestinationConfig {
         match self {
             DestinationConfig::Kinesis(_) => "kinesis",
             DestinationConfig::Directory(_) => "directory",
+            DestinationConfig::S3(_) => "s3",
         }
     }
 }
@@ -43,6 +47,8 @@ impl DestinationConfig {
 pub(crate) enum Sink {
     Kinesis(KinesisSink),
     Directory(DirectorySink),
+    /// Objects, not records: shipped by `ship::objects`, never by a stream shipper.
+    S3(Box<S3Sink>),
 }
 
 impl Sink {
@@ -57,6 +63,9 @@ impl Sink {
                 Sink::Kinesis(KinesisSink::connect(name, k, credentials).await)
             }
             DestinationConfig::Directory(d) => Sink::Directory(DirectorySink::open(name, d)?),
+            DestinationConfig::S3(s) => {
+                Sink::S3(Box::new(S3Sink::connect(name, s, credentials).await?))
+            }
         })
     }
 }
@@ -66,6 +75,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.call_limits(),
             Sink::Directory(d) => d.call_limits(),
+            Sink::S3(s) => s.call_limits(),
         }
     }
 
@@ -73,6 +83,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.max_record_bytes(),
             Sink::Directory(d) => d.max_record_bytes(),
+            Sink::S3(s) => s.max_record_bytes(),
         }
     }
 
@@ -80,6 +91,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.shard_limits(),
             Sink::Directory(d) => d.shard_limits(),
+            Sink::S3(s) => s.shard_limits(),
         }
     }
 
@@ -87,6 +99,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.shard_for(key),
             Sink::Directory(d) => d.shard_for(key),
+            Sink::S3(s) => s.shard_for(key),
         }
     }
 
@@ -94,6 +107,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.shard_starts(),
             Sink::Directory(d) => d.shard_starts(),
+            Sink::S3(s) => s.shard_starts(),
         }
     }
 
@@ -101,6 +115,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.put(entries, timeout).await,
             Sink::Directory(d) => d.put(entries, timeout).await,
+            Sink::S3(s) => s.put(entries, timeout).await,
         }
     }
 
@@ -108,6 +123,7 @@ impl Destination for Sink {
         match self {
             Sink::Kinesis(k) => k.probe().await,
             Sink::Directory(d) => d.probe().await,
+            Sink::S3(s) => s.probe().await,
         }
     }
 }

@@ -198,6 +198,22 @@ enum Command {
         id: i64,
         reply: Reply<Option<(String, u32)>>,
     },
+    /// The object `dest` was uploading when it stopped (read at its start).
+    LoadUpload {
+        dest: Arc<str>,
+        reply: Reply<Option<store::Upload>>,
+    },
+    /// A change to `dest`'s object in upload, committed before the reply.
+    ChangeUpload {
+        dest: Arc<str>,
+        change: store::UploadChange,
+        reply: Reply<()>,
+    },
+    /// `dest`'s object is uploaded: its row goes in the transaction that records the
+    /// deliveries sent before this.
+    EndUpload {
+        dest: Arc<str>,
+    },
     /// The accounting as committed (unit tests: the agent reads committed figures).
     #[cfg(test)]
     Accounting {
@@ -402,6 +418,41 @@ impl SpoolHandle {
         rx.await.map_err(closed)?
     }
 
+    /// The object `dest` (an object destination) was uploading when it last stopped.
+    pub(crate) async fn upload_of(
+        &self,
+        dest: Arc<str>,
+    ) -> Result<Option<store::Upload>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::LoadUpload { dest, reply })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// Changes `dest`'s object in upload; durable when this returns.
+    pub(crate) async fn change_upload(
+        &self,
+        dest: Arc<str>,
+        change: store::UploadChange,
+    ) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ChangeUpload {
+                dest,
+                change,
+                reply,
+            })
+            .map_err(closed)?;
+        rx.await.map_err(closed)?
+    }
+
+    /// `dest`'s object is uploaded; send after [`SpoolHandle::delivered`] of its blocks: its
+    /// row leaves in the transaction that records them.
+    pub(crate) fn end_upload(&self, dest: Arc<str>) -> Result<(), SpoolError> {
+        self.tx.send(Command::EndUpload { dest }).map_err(closed)
+    }
+
     /// These blocks will not be shipped by `dest`'s shipper after all (it is stopping).
     pub(crate) fn release(&self, dest: Arc<str>, ids: Vec<i64>) -> Result<(), SpoolError> {
         self.tx.send(Command::Release { dest, ids }).map_err(closed)
@@ -505,6 +556,7 @@ pub(crate) fn start(
         room_checked: std::time::Instant::now(),
         failed_commits: 0,
         receipt_changes: Vec::new(),
+        ended_uploads: Vec::new(),
         receipts_from: HashMap::new(),
         phases: TurnPhases::default(),
         slow_turns: SlowTurns {
@@ -604,6 +656,9 @@ struct Worker {
     failed_commits: u32,
     /// QoS 2 receipt changes for the next transaction, in arrival order.
     receipt_changes: Vec<ReceiptChange>,
+    /// Object destinations whose object is uploaded: their upload rows go in the next
+    /// transaction, after its deliveries.
+    ended_uploads: Vec<Arc<str>>,
     /// Per broker, the generation of its last connection without a session: receipts of
     /// messages from earlier connections are not written.
     receipts_from: HashMap<Arc<str>, u64>,
@@ -884,6 +939,19 @@ impl Worker {
                         self.publish_totals();
                         self.phases.other += t.elapsed();
                     }
+                    Command::LoadUpload { dest, reply } => {
+                        let _ = reply.send(self.store.upload_of(&dest));
+                    }
+                    // Its own small transaction, at once (no transaction is open while
+                    // commands are gathered).
+                    Command::ChangeUpload {
+                        dest,
+                        change,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.store.change_upload(&dest, &change));
+                    }
+                    Command::EndUpload { dest } => self.ended_uploads.push(dest),
                     // Answered after this turn's writes, so it sees the commands sent before it.
                     #[cfg(test)]
                     Command::Accounting { reply } => accounting_replies.push(reply),
@@ -936,6 +1004,7 @@ impl Worker {
                 && self.store.pending_bytes() >= self.cap();
             let nothing_to_do = appends.is_empty()
                 && deliveries.is_empty()
+                && self.ended_uploads.is_empty()
                 && self.receipt_changes.is_empty()
                 && self.parked.is_empty()
                 && self.routes.is_none();
@@ -1078,6 +1147,9 @@ impl Worker {
                     None => self.recount_evicted(dest, *id, &mut fx),
                 }
             }
+            for dest in &self.ended_uploads {
+                self.store.end_upload(dest)?;
+            }
             self.phases.deliver += t.elapsed();
             let t = std::time::Instant::now();
             let mut bytes = 0;
@@ -1115,6 +1187,7 @@ impl Worker {
             Ok(()) => {
                 self.routes = None;
                 self.receipt_changes.clear();
+                self.ended_uploads.clear();
                 self.group_limit = (self.group_limit * 2).min(MAX_GROUP);
                 if self.room_cap.is_some() {
                     // The log's pages go back to the file system after each commit, so
@@ -1493,7 +1566,12 @@ impl Worker {
                     m.payload.len(),
                 ) + key.len()
                     + 2;
-                if !chunk.is_empty() && chunk_bytes + size > BLOCK_RAW_MAX {
+                // A block never holds records of two clock hours (UTC), so objects cut
+                // at the hour take whole blocks.
+                let new_hour = chunk
+                    .first()
+                    .is_some_and(|f| f.ts_ms / HOUR_MS != m.ts_ms / HOUR_MS);
+                if !chunk.is_empty() && (chunk_bytes + size > BLOCK_RAW_MAX || new_hour) {
                     self.flush_block(route, &block_key, &chunk, fx)?;
                     chunk.clear();
                     chunk_bytes = 0;
@@ -1529,6 +1607,9 @@ impl Worker {
         Ok(())
     }
 }
+
+/// An hour in milliseconds: no block holds records of two (see `write_appends`).
+pub(crate) const HOUR_MS: u64 = 3_600_000;
 
 #[cfg(test)]
 mod tests {

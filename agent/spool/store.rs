@@ -19,6 +19,8 @@
 //!   broker sends again, after a restart too, is not spooled twice).
 //! - `fanout` and `taken`: each route's destinations and what each still owes, so a record
 //!   stored once leaves when every destination took it (see [`fanout`]).
+//! - `uploads`: the object each object destination (S3) is uploading, fixed before its upload
+//!   starts, so an upload cut off by a crash resumes under the same key (see [`uploads`]).
 //! - `meta`: the schema version. The next sequence number (never reused, even when the spool
 //!   empties) is the `counters` row (`''`, `next_seq`), so each commit updates one small table.
 //!
@@ -33,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 mod fanout;
+mod uploads;
 
 /// 2: `blocks.body_version` (version 1 files gain the column, their blocks keep version 1).
 const SCHEMA_VERSION: i64 = 2;
@@ -312,6 +315,47 @@ const FANOUT_SCHEMA: &str = "
         block INTEGER NOT NULL, destination TEXT NOT NULL, dropped TEXT,
         PRIMARY KEY (block, destination)
     ) WITHOUT ROWID;";
+
+// The `uploads` table and its rows (see `store/uploads.rs`).
+const UPLOADS_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS uploads (
+        destination TEXT PRIMARY KEY, route TEXT NOT NULL, key TEXT NOT NULL,
+        first_block INTEGER NOT NULL, last_block INTEGER NOT NULL,
+        upload_id TEXT, parts TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;";
+
+/// One uploaded part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedPart {
+    /// The ETag S3 answered, quotes included, as CompleteMultipartUpload wants it back.
+    pub etag: String,
+    /// The MD5 of the part's bytes (hex): a resumed upload re-encodes the object and skips
+    /// a part only when its bytes are the same.
+    pub md5: String,
+}
+
+/// An object fixed for upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub destination: String,
+    pub route: String,
+    pub key: String,
+    pub first_block: i64,
+    pub last_block: i64,
+    pub upload_id: Option<String>,
+    pub parts: Vec<UploadedPart>,
+}
+
+/// A change to a destination's upload row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadChange {
+    /// The object is fixed; its upload starts (replaces any earlier row of the destination).
+    Begin(Upload),
+    /// The multipart upload was created (`Some`), or was given up (`None`: start again).
+    UploadId(Option<String>),
+    /// One more part was uploaded.
+    Part(UploadedPart),
+}
 
 /// How many dead letters are kept, and how many bytes of them: past either, the oldest go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -790,8 +834,10 @@ impl Store {
              CREATE TABLE IF NOT EXISTS mqtt_qos2_receipts (
                  broker TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (broker, pkid)
              ) WITHOUT ROWID;
+             {}
              {}",
-            FANOUT_SCHEMA
+            FANOUT_SCHEMA,
+            UPLOADS_SCHEMA
         ))
         .map_err(err)?;
         let version: Option<i64> = conn
@@ -1503,6 +1549,12 @@ impl Store {
                             params![block, dest, dropped],
                         )
                         .map_err(|e| self.err(e))?;
+                }
+                // An object in upload keeps its key (without it the object is planned again,
+                // most likely the same, and a multipart upload is left for the bucket's
+                // lifecycle rule to abort).
+                for u in Store::all_uploads(old).unwrap_or_default() {
+                    self.change_upload(&u.destination.clone(), &UploadChange::Begin(u))?;
                 }
                 for block in readable_blocks(old) {
                     self.conn

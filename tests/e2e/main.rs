@@ -20,5 +20,6 @@ mod package;
 mod pipeline;
 mod power;
 mod producer;
+mod s3;
 mod security;
 mod torture;

@@ -1,0 +1,543 @@
+//! The batch path: a route feeding a Kinesis stream and an S3 bucket from one spool. Objects
+//! are read back with clients that are not edgeship's (boto3, DuckDB) from real S3 servers on
+//! 127.0.0.1: moto's, and s3s-fs (stricter: it enforces the 5 MiB minimum part).
+
+use crate::support::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An S3 server on a free port, stopped on drop.
+pub struct S3Server {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// moto's server (PyPI `moto[server]`, in the tests' venv).
+    pub fn moto(dir: &Path) -> S3Server {
+        let port = free_port();
+        let bin = python().with_file_name("moto_server");
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh installs it)", bin.display()));
+        wait_port(port, Duration::from_secs(60), "moto_server");
+        S3Server { port, child }
+    }
+
+    /// s3s-fs (crates.io), serving a folder, with the tests' credentials.
+    pub fn s3s_fs(dir: &Path) -> S3Server {
+        let port = free_port();
+        let bin = std::env::var_os("EDGESHIP_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("s3s-fs"));
+        let root = dir.join("s3s-root");
+        std::fs::create_dir_all(&root).unwrap();
+        let log = std::fs::File::create(dir.join("s3s-fs.log")).unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "AKIAEDGESHIPTEST",
+                "--secret-key",
+                "edgeship-test-secret",
+            ])
+            .arg(&root)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/test.sh builds it and sets EDGESHIP_S3S_FS)",
+                    bin.display()
+                )
+            });
+        wait_port(port, Duration::from_secs(60), "s3s-fs");
+        S3Server { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Runs `s3_tool.py` with these arguments; its JSON answer.
+fn s3_tool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(repo_root_path().join("tests/support/s3_tool.py"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("s3_tool.py");
+    assert!(out.status.success(), "s3_tool.py {args:?} failed");
+    serde_json::from_slice(&out.stdout).expect("s3_tool.py prints JSON")
+}
+
+fn repo_root_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The agent's config: route `telemetry` to the Kinesis stream `stream` and the bucket
+/// destination `lake` (`lake` holds the rest of its section).
+fn config_with_lake(dir: &Path, broker: u16, kinesis: &str, stream: &str, lake: &str) -> String {
+    agent_config(dir, broker, kinesis, stream, "", "").replace(
+        "destination = \"stream\"",
+        "destinations = [\"stream\", \"lake\"]",
+    ) + &format!(
+        r#"[destination.lake]
+type = "s3"
+region = "us-east-1"
+path_style = true
+prefix = "telemetry"
+{lake}
+"#
+    )
+}
+
+/// One object fetched back.
+struct Object {
+    key: String,
+    first_seq: u64,
+    last_seq: u64,
+    /// (id, topic, payload text, ts_ms) of each line.
+    lines: Vec<(String, String, Vec<u8>, u64)>,
+}
+
+/// Downloads every object of `bucket` to `folder` and parses it (zstd JSON lines).
+fn fetch(endpoint: &str, bucket: &str, folder: &Path) -> Vec<Object> {
+    let _ = std::fs::remove_dir_all(folder);
+    std::fs::create_dir_all(folder).unwrap();
+    let answer = s3_tool(&[endpoint, "fetch", bucket, folder.to_str().unwrap()]);
+    let mut objects = Vec::new();
+    for key in answer["keys"].as_array().unwrap() {
+        let key = key.as_str().unwrap().to_string();
+        let data = std::fs::read(folder.join(&key)).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut zstd::stream::read::Decoder::new(&data[..]).unwrap(),
+            &mut text,
+        )
+        .unwrap();
+        // telemetry/dt=YYYY-MM-DD/hr=HH/gw-test-FIRST-LAST.ndjson.zst
+        let name = key.rsplit('/').next().unwrap();
+        let seqs = name
+            .strip_prefix("gw-test-")
+            .and_then(|s| s.strip_suffix(".ndjson.zst"))
+            .unwrap_or_else(|| panic!("unexpected key {key}"));
+        let (first, last) = seqs.split_once('-').unwrap();
+        let (first_seq, last_seq) = (first.parse().unwrap(), last.parse().unwrap());
+        let mut lines = Vec::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            // The payload is the line's last field, as the agent wrote it (JSON as it came),
+            // or the bytes of `payload_base64`.
+            let payload = match line.find(",\"payload\":") {
+                Some(at) => line.as_bytes()[at + 11..line.len() - 1].to_vec(),
+                None => {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(v["payload_base64"].as_str().expect("a payload"))
+                        .unwrap()
+                }
+            };
+            lines.push((
+                v["id"].as_str().unwrap().to_string(),
+                v["topic"].as_str().unwrap().to_string(),
+                payload,
+                v["ts_ms"].as_u64().unwrap(),
+            ));
+        }
+        objects.push(Object {
+            key,
+            first_seq,
+            last_seq,
+            lines,
+        });
+    }
+    objects
+}
+
+/// Checks the objects: keys name their hour and first/last sequence numbers, no object
+/// straddles an hour, no record is in two objects; returns the tally of (topic, payload)
+/// and the lines per `dt/hr`.
+/// How often each (topic, payload) is in the objects.
+type Tally = BTreeMap<(String, Vec<u8>), u32>;
+
+fn check_objects(objects: &[Object]) -> (Tally, BTreeMap<String, u64>) {
+    let mut tally = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    let mut by_hour = BTreeMap::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for o in objects {
+        assert!(!o.lines.is_empty(), "{} is empty", o.key);
+        let seqs: Vec<u64> = o
+            .lines
+            .iter()
+            .map(|(id, ..)| id.strip_prefix("gw-test:").unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(
+            (seqs[0], *seqs.last().unwrap()),
+            (o.first_seq, o.last_seq),
+            "{}: the key names its first and last record",
+            o.key
+        );
+        ranges.push((o.first_seq, o.last_seq));
+        let hour = |ts: u64| {
+            let secs = (ts / 1000) as i64;
+            let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            (days, rest / 3600)
+        };
+        let h0 = hour(o.lines[0].3);
+        for (id, topic, payload, ts) in &o.lines {
+            assert_eq!(hour(*ts), h0, "{} straddles an hour at {id}", o.key);
+            assert!(ids.insert(id.clone()), "{id} is in two objects");
+            *tally.entry((topic.clone(), payload.clone())).or_insert(0) += 1;
+        }
+        let dt_hr: Vec<&str> = o.key.split('/').skip(1).take(2).collect();
+        let part = format!(
+            "{}/{}",
+            dt_hr[0].trim_start_matches("dt="),
+            dt_hr[1].trim_start_matches("hr=")
+        );
+        *by_hour.entry(part).or_insert(0) += o.lines.len() as u64;
+    }
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(
+            w[0].1 < w[1].0,
+            "objects overlap: {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    (tally, by_hour)
+}
+
+fn lake(acc: &edgeship::spool::Accounting) -> edgeship::spool::store::Terms {
+    acc.destinations
+        .get("telemetry/lake")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// 200,000 messages through one route into a Kinesis stream and an S3 bucket (moto): every
+/// message is in the stream and in exactly one object; keys are Hive partitions of the
+/// receive hour named by their first and last record; DuckDB reads the downloaded objects
+/// with `hive_partitioning` and counts the same rows per hour.
+#[test]
+fn a_route_feeds_kinesis_and_s3_and_duckdb_reads_every_record_back() {
+    let Rig {
+        dir, rt, client, ..
+    } = rig("e2e-s3-stream", 1);
+    let s3 = S3Server::moto(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = config_with_lake(
+        dir.path(),
+        mosquitto.port,
+        &kinesis().endpoint(),
+        "e2e-s3-stream",
+        &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nmax_object_bytes = \"8MiB\"\nmax_object_age = \"5s\"",
+            s3.endpoint()
+        ),
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let (devices, per_device) = (100, 2_000);
+    rt.block_on(publish(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let stream = wait_stream_complete(
+        &rt,
+        &client,
+        "e2e-s3-stream",
+        devices,
+        per_device,
+        Duration::from_secs(300),
+    );
+    let acc = wait_for(
+        "the lake to take every record",
+        Duration::from_secs(120),
+        || {
+            agent
+                .accounting()
+                .filter(|a| lake(a).delivered >= 200_000 && a.pending == 0)
+        },
+    );
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!((acc.received, acc.dropped), (200_000, 0), "{acc:?}");
+
+    let folder = dir.path().join("fetched");
+    let objects = fetch(&s3.endpoint(), "lake", &folder);
+    let uploads = s3_tool(&[&s3.endpoint(), "uploads", "lake"]);
+    assert_eq!(
+        uploads["uploads"],
+        serde_json::json!([]),
+        "no multipart upload left"
+    );
+    let (tally, by_hour) = check_objects(&objects);
+    for d in 0..devices {
+        for s in 0..per_device {
+            assert_eq!(
+                tally.get(&(topic_of(d), payload(d, s))),
+                Some(&1),
+                "device {d} message {s} is in the objects once"
+            );
+        }
+    }
+    assert_eq!(tally.values().sum::<u32>(), 200_000);
+    // 200,000 messages of ~230 bytes make ~46 MB spooled: objects of 8 MiB or 5 s, not
+    // thousands of small ones.
+    assert!(
+        (6..=60).contains(&objects.len()),
+        "{} objects",
+        objects.len()
+    );
+
+    let counted = s3_tool(&["-", "duckdb", folder.to_str().unwrap(), "**/*.ndjson.zst"]);
+    assert_eq!(counted["rows"], 200_000, "{counted}");
+    assert_eq!(counted["ids"], 200_000, "{counted}");
+    let duck: BTreeMap<String, u64> = serde_json::from_value(counted["by_hour"].clone()).unwrap();
+    assert_eq!(duck, by_hour, "DuckDB's rows per dt/hr partition");
+    eprintln!(
+        "s3: {} objects, {} records, by hour {by_hour:?}; stream {} messages",
+        objects.len(),
+        tally.values().sum::<u32>(),
+        stream.messages.len()
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// A multipart upload cut by kill -9 (s3s-fs, which refuses parts under 5 MiB, behind a slow
+/// link): after the restart the upload resumes under the key fixed before it began, the
+/// object is whole, no record is missing or in two objects, and no upload is left open. The
+/// S3 link is then cut while Kinesis goes on taking every record; the bucket drains after.
+#[test]
+fn a_multipart_upload_cut_by_kill_9_resumes_and_s3_down_does_not_hold_back_kinesis() {
+    let Rig {
+        dir, rt, client, ..
+    } = rig("e2e-s3-kill", 1);
+    let s3 = S3Server::s3s_fs(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    // 2 MB/s: a 5 MiB part takes over two seconds.
+    let link = Uplink::start_limited(s3.port, 2_000_000);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = config_with_lake(
+        dir.path(),
+        mosquitto.port,
+        &kinesis().endpoint(),
+        "e2e-s3-kill",
+        &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nmax_object_bytes = \"24MiB\"\nmax_object_age = \"3s\"\npart_bytes = \"5MiB\"",
+            link.endpoint()
+        ),
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    // Incompressible payloads (noise, written as base64): 20 devices x 1,000 x 1 KiB make
+    // objects of several parts.
+    let (devices, per_device) = (20, 1_000);
+    let noisy = |d: u32, s: u32| noise(d, s, 1024);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        noisy,
+        "",
+    ));
+    let (key, parts) = wait_for(
+        "a multipart upload with a part uploaded",
+        Duration::from_secs(120),
+        || {
+            let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
+            (upload_id && parts >= 1).then_some((key, parts))
+        },
+    );
+    agent.kill();
+    let cut = agent.accounting().expect("accounting");
+    assert!(lake(&cut).pending > 0, "the kill cut an upload: {cut:?}");
+    agent.spawn();
+    agent.wait_connected(2);
+    let acc = wait_for(
+        "the lake to take every record",
+        Duration::from_secs(180),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0, "{acc:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("resuming the upload of an object"),
+        "the restarted agent resumed the recorded upload"
+    );
+    // Encoded again from the same records, the uploaded parts matched: not sent twice.
+    assert!(
+        !log.contains("records changed since its upload began"),
+        "the resumed upload started over: {log}"
+    );
+
+    // S3 down: Kinesis takes the next 5,000 meanwhile, the bucket's backlog waits.
+    link.cut();
+    rt.block_on(publish_with(
+        mosquitto.port,
+        devices,
+        250,
+        Arc::new(AtomicU64::new(0)),
+        payload,
+        "b-",
+    ));
+    let stream =
+        wait_stream_complete_with(&rt, &client, "e2e-s3-kill", Duration::from_secs(180), |t| {
+            (0..devices).all(|d| (0..250).all(|s| t.contains_key(&(topic_of(d), payload(d, s)))))
+        });
+    let during = agent.accounting().expect("accounting");
+    assert!(
+        lake(&during).pending >= 5_000,
+        "the bucket's backlog is spooled while S3 is down: {during:?}"
+    );
+    link.restore();
+    let acc = wait_for("the lake to drain", Duration::from_secs(180), || {
+        agent.accounting().filter(|a| a.pending == 0)
+    });
+    assert!(acc.balances(), "{acc:?}");
+
+    let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    let (tally, _) = check_objects(&objects);
+    assert!(
+        objects.iter().any(|o| o.key == key),
+        "the object cut by the kill is under the key fixed before its upload, {key}"
+    );
+    // At least once: what the kill cut before its ack may come twice (the broker's
+    // redelivery); every message is there.
+    for d in 0..devices {
+        for s in 0..per_device {
+            assert!(
+                tally.contains_key(&(topic_of(d), noisy(d, s))),
+                "device {d} message {s}"
+            );
+        }
+        for s in 0..250 {
+            assert!(
+                tally.contains_key(&(topic_of(d), payload(d, s))),
+                "device {d} message {s} (b)"
+            );
+        }
+    }
+    let twice = tally.values().filter(|n| **n > 1).count();
+    assert!(twice < 1_000, "{twice} messages twice");
+    // No part left behind: the resumed upload completed (or the first was aborted).
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("s3s-root"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".upload_id-") && n.contains(".part-"))
+        .collect();
+    assert!(left.is_empty(), "parts of unfinished uploads: {left:?}");
+    eprintln!(
+        "s3 kill: {} objects; {} parts were uploaded at the kill; stream {} messages",
+        objects.len(),
+        parts,
+        stream.messages.len()
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// The S3 upload the agent recorded in its spool: its key, whether it has an upload id, and
+/// how many parts it recorded.
+fn recorded_upload(spool: &Path) -> Option<(String, bool, usize)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row(
+        "SELECT key, upload_id IS NOT NULL, parts FROM uploads WHERE destination = 'lake'",
+        [],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?.lines().count(),
+            ))
+        },
+    )
+    .ok()
+}
+
+/// A bucket that does not exist: the agent says so (status names the bucket's error), keeps
+/// every record spooled, and uploads them all once the bucket is there.
+#[test]
+fn a_missing_bucket_is_named_in_status_and_nothing_is_lost() {
+    let dir = tempdir();
+    let rt = runtime();
+    let s3 = S3Server::moto(dir.path());
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = config_with_lake(
+        dir.path(),
+        mosquitto.port,
+        &kinesis().endpoint(),
+        "unused",
+        &format!(
+            "bucket = \"not-yet\"\nendpoint = \"{}\"\nmax_object_age = \"1s\"",
+            s3.endpoint()
+        ),
+    )
+    .replace(
+        "destinations = [\"stream\", \"lake\"]",
+        "destination = \"lake\"",
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    rt.block_on(publish(
+        mosquitto.port,
+        10,
+        100,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let status = wait_for(
+        "status to name the missing bucket",
+        Duration::from_secs(60),
+        || {
+            let (_, body) = agent.get("/status")?;
+            body.contains("NoSuchBucket").then_some(body)
+        },
+    );
+    let acc = agent.accounting().expect("accounting");
+    assert_eq!((acc.pending, acc.dropped), (1_000, 0), "{status}\n{acc:?}");
+
+    s3_tool(&[&s3.endpoint(), "mkbucket", "not-yet"]);
+    let acc = wait_for(
+        "the bucket to take the backlog",
+        Duration::from_secs(120),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert_eq!((acc.delivered, acc.dropped), (1_000, 0), "{acc:?}");
+    let objects = fetch(&s3.endpoint(), "not-yet", &dir.path().join("fetched"));
+    let (tally, _) = check_objects(&objects);
+    for d in 0..10 {
+        for s in 0..100 {
+            assert_eq!(tally.get(&(topic_of(d), payload(d, s))), Some(&1));
+        }
+    }
+    assert_eq!(agent.stop().code(), Some(0));
+}
