@@ -48,6 +48,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The S3 batch path's tools.
+    S3 {
+        #[command(subcommand)]
+        command: S3Command,
+    },
     /// Operator actions on the spool file (the agent must be stopped).
     Spool {
         #[command(subcommand)]
@@ -68,6 +73,26 @@ enum Command {
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum S3Command {
+    /// Print the Athena CREATE EXTERNAL TABLE (partition projection over dt=/hr=) for a
+    /// route's objects, or with --glue the Glue TableInput JSON for `aws glue create-table`.
+    Ddl {
+        #[arg(long, short, default_value = "/etc/edgeship/edgeship.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        route: String,
+        /// The route's S3 destination, if it has several.
+        #[arg(long)]
+        destination: Option<String>,
+        /// The table's name (default: the route's).
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        glue: bool,
     },
 }
 
@@ -311,6 +336,31 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Decode { files } => decode(files),
+        Command::S3 {
+            command:
+                S3Command::Ddl {
+                    config,
+                    route,
+                    destination,
+                    table,
+                    glue,
+                },
+        } => {
+            let config = Config::load(&config)?;
+            let text = edgeship::sink::athena_ddl(
+                &config,
+                &route,
+                destination.as_deref(),
+                table.as_deref(),
+                glue,
+            )
+            .map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status {
             config,
             spool,

@@ -11,6 +11,8 @@
 //! cargo bench --bench shapes -- --only "20 msg/s" --spool 'commit_max_wait = "5s"'
 //! cargo bench --bench shapes -- --only "1000 msg/s" --broker 'set_tcp_nodelay true'
 //! cargo bench --bench shapes -- --destinations 2  # the route feeds a second stream too
+//! cargo bench --bench shapes -- --s3 30s           # ... and an S3 bucket (moto), objects
+//!                                                  # closing at 30 s or 64 MiB of records
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
@@ -116,6 +118,9 @@ struct Args {
     /// 2: the route also feeds a second stream (one copy in the spool, two cursors); every
     /// message is looked for in both.
     destinations: u32,
+    /// The route also feeds an S3 bucket (moto) whose objects close at this age (or at the
+    /// default 64 MiB of records); S3 figures are reported.
+    s3_age: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -130,6 +135,7 @@ fn parse_args() -> Args {
         spool: Vec::new(),
         broker: Vec::new(),
         destinations: 1,
+        s3_age: None,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -158,6 +164,7 @@ fn parse_args() -> Args {
                     .filter(|n| (1..=2).contains(n))
                     .expect("--destinations 1 or 2")
             }
+            "--s3" => a.s3_age = Some(value("--s3")),
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -324,6 +331,19 @@ struct Figures {
     peak_rss_mib: f64,
     accepted_p50_ms: u64,
     accepted_p99_ms: u64,
+    s3: Option<S3Figures>,
+}
+
+/// The S3 destination's figures.
+struct S3Figures {
+    objects: usize,
+    /// Object bytes (compressed) over payload bytes.
+    bytes_per_payload: f64,
+    /// S3 requests (PUT, multipart calls) per million messages.
+    requests_per_million: f64,
+    /// Records spooled per 64 MiB (the default object size): with the rate, how many
+    /// objects an hour fill by size.
+    records_per_default_object: f64,
 }
 
 fn percentile(sorted: &[u64], q: f64) -> u64 {
@@ -342,6 +362,7 @@ fn run_shape(
     dir: &std::path::Path,
     broker_port: u16,
     baseline_rate: Option<f64>,
+    s3: Option<&S3Server>,
 ) -> Figures {
     let kinesis = kinesis();
     let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
@@ -395,6 +416,19 @@ fn run_shape(
             kinesis.endpoint()
         );
     }
+    let bucket = format!("lake-{index}");
+    if let (Some(s3), Some(age)) = (s3, &args.s3_age) {
+        s3_tool(&[&s3.endpoint(), "mkbucket", &bucket]);
+        config = config.replace("destination = \"stream\"", "destinations = [\"stream\"]");
+        config = config.replace(
+            "destinations = [\"stream\"",
+            "destinations = [\"stream\", \"lake\"",
+        );
+        config += &format!(
+            "[destination.lake]\ntype = \"s3\"\nbucket = \"{bucket}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\npath_style = true\nprefix = \"shapes\"\nmax_object_age = \"{age}\"\n",
+            s3.endpoint()
+        );
+    }
     let mut agent = Agent::start(&agent_dir, &config);
     agent.wait_connected(1);
     // Until a destination has learned its shards, commits store a block per device (see
@@ -426,6 +460,7 @@ fn run_shape(
     let elapsed = start.elapsed().as_secs_f64();
     rt.block_on(publisher).unwrap();
     let after = proc_stats(pid);
+    let scrape = agent.scrape();
     assert_eq!(agent.stop().code(), Some(0), "the agent stopped cleanly");
     rt.block_on(forget_session(broker_port, &format!("edgeship-{gateway}")));
 
@@ -459,6 +494,46 @@ fn run_shape(
     latencies.sort_unstable();
     let msgs_per_s = total as f64 / elapsed;
     let payload = payload_bytes as f64;
+    let s3 = s3.map(|s3| {
+        let folder = agent_dir.join("objects");
+        let listed = s3_tool(&[&s3.endpoint(), "fetch", &bucket, folder.to_str().unwrap()]);
+        let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
+        let mut object_bytes = 0u64;
+        let mut found = HashSet::new();
+        for key in &keys {
+            let data = std::fs::read(folder.join(key)).unwrap();
+            object_bytes += data.len() as u64;
+            let mut text = String::new();
+            std::io::Read::read_to_string(
+                &mut zstd::stream::read::Decoder::new(&data[..]).unwrap(),
+                &mut text,
+            )
+            .unwrap();
+            for line in text.lines() {
+                let at = line.find(",\"payload\":").expect("JSON payloads") + 11;
+                let (d, s, _) = parse_payload(&line.as_bytes()[at..line.len() - 1])
+                    .expect("a payload the program published");
+                found.insert((d, s));
+            }
+        }
+        assert_eq!(
+            found,
+            seen,
+            "{}: the bucket differs from the stream",
+            shape.name()
+        );
+        let raw_per_record = scrape.sum("edgeship_spool_appended_bytes_total", &[]) / total as f64;
+        S3Figures {
+            objects: keys.len(),
+            bytes_per_payload: object_bytes as f64 / payload,
+            requests_per_million: scrape.sum(
+                "edgeship_destination_calls_total",
+                &[("destination", "lake")],
+            ) * 1e6
+                / total as f64,
+            records_per_default_object: (64u64 << 20) as f64 / raw_per_record,
+        }
+    });
     Figures {
         messages: total,
         msgs_per_s,
@@ -471,6 +546,7 @@ fn run_shape(
         peak_rss_mib: after.hwm_kib as f64 / 1024.0,
         accepted_p50_ms: percentile(&latencies, 0.5),
         accepted_p99_ms: percentile(&latencies, 0.99),
+        s3,
     }
 }
 
@@ -511,6 +587,7 @@ fn main() {
         broker_settings += "\n";
     }
     let mosquitto = Mosquitto::start_with(dir.path(), &broker_settings);
+    let s3 = args.s3_age.as_ref().map(|_| S3Server::moto(dir.path()));
 
     let mut baselines = std::collections::BTreeMap::new();
     for protocol in ["5", "3.1.1"] {
@@ -530,7 +607,16 @@ fn main() {
     for (i, shape) in shapes.iter().enumerate() {
         eprintln!("  {} ...", shape.name());
         let base = shape.rate.is_none().then(|| baselines[shape.protocol]);
-        let f = run_shape(&rt, i, *shape, &args, dir.path(), mosquitto.port, base);
+        let f = run_shape(
+            &rt,
+            i,
+            *shape,
+            &args,
+            dir.path(),
+            mosquitto.port,
+            base,
+            s3.as_ref(),
+        );
         results.push((*shape, f));
     }
 
@@ -586,10 +672,34 @@ fn main() {
         "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6}",
         "budget (issue 18)", "", ">= 0.90", "<= 10", "<= 0.5", "<= 0.15", "<= 1000", "<= 32"
     );
+    if let Some(age) = &args.s3_age {
+        println!();
+        println!("S3 (moto; objects close at {age} or 64 MiB of records; the route also feeds the stream):");
+        println!(
+            "{:<52} {:>8} {:>10} {:>12} {:>18}",
+            "shape", "objects", "bytes/pay", "requests/1M", "objects/h by size"
+        );
+        for (shape, f) in &results {
+            let Some(s3) = &f.s3 else { continue };
+            // At this shape's rate (or 1,000 msg/s for a saturating one), how many 64 MiB
+            // objects an hour fills; at least 4 (the default 15-minute age).
+            let rate = f64::from(shape.rate.unwrap_or(1_000));
+            let per_hour = (3600.0 * rate / s3.records_per_default_object).max(4.0);
+            println!(
+                "{:<52} {:>8} {:>10.3} {:>12.1} {:>18.1}",
+                shape.name(),
+                s3.objects,
+                s3.bytes_per_payload,
+                s3.requests_per_million,
+                per_hour
+            );
+        }
+    }
 
     let json = serde_json::json!({
         "format": args.format,
         "destinations": args.destinations,
+        "s3_max_object_age": args.s3_age,
         "spool_settings": args.spool,
         "broker_settings": args.broker,
         "quick": args.quick,
@@ -610,6 +720,12 @@ fn main() {
             "kinesis_records": f.kinesis_records,
             "peak_rss_mib": f.peak_rss_mib,
             "publish_to_accepted_ms": {"p50": f.accepted_p50_ms, "p99": f.accepted_p99_ms},
+            "s3": f.s3.as_ref().map(|s3| serde_json::json!({
+                "objects": s3.objects,
+                "object_bytes_per_payload_byte": s3.bytes_per_payload,
+                "requests_per_million": s3.requests_per_million,
+                "records_per_64mib_object": s3.records_per_default_object,
+            })),
         })).collect::<Vec<_>>(),
     });
     let path = args.json.unwrap_or_else(|| {

@@ -1612,3 +1612,86 @@ pub async fn do_nothing_subscriber(
         .expect("the baseline subscriber subscribed");
     subscriber
 }
+
+// ---------------------------------------------------------------------------------------
+// S3 servers
+
+/// An S3 server on a free port, stopped on drop.
+pub struct S3Server {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// moto's server (PyPI `moto[server]`, in the tests' venv).
+    pub fn moto(dir: &Path) -> S3Server {
+        let port = free_port();
+        let bin = python().with_file_name("moto_server");
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh installs it)", bin.display()));
+        wait_port(port, Duration::from_secs(60), "moto_server");
+        S3Server { port, child }
+    }
+
+    /// s3s-fs (crates.io), serving a folder, with the tests' credentials.
+    pub fn s3s_fs(dir: &Path) -> S3Server {
+        let port = free_port();
+        let bin = std::env::var_os("EDGESHIP_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("s3s-fs"));
+        let root = dir.join("s3s-root");
+        std::fs::create_dir_all(&root).unwrap();
+        let log = std::fs::File::create(dir.join("s3s-fs.log")).unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "AKIAEDGESHIPTEST",
+                "--secret-key",
+                "edgeship-test-secret",
+            ])
+            .arg(&root)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/test.sh builds it and sets EDGESHIP_S3S_FS)",
+                    bin.display()
+                )
+            });
+        wait_port(port, Duration::from_secs(60), "s3s-fs");
+        S3Server { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Runs `s3_tool.py` with these arguments; its JSON answer.
+pub fn s3_tool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/support/s3_tool.py"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("s3_tool.py");
+    assert!(out.status.success(), "s3_tool.py {args:?} failed");
+    serde_json::from_slice(&out.stdout).expect("s3_tool.py prints JSON")
+}

@@ -37,8 +37,9 @@ use super::stats::ShipperStats;
 
 /// Blocks leased per spool call while planning.
 const LEASE_PAGE: usize = 1024;
-/// Block bodies read per spool call while encoding (uncompressed bytes, about).
-const READ_BYTES: u64 = 4 << 20;
+/// Block bodies read per spool call while encoding (uncompressed bytes, about): small beside
+/// the part being filled, which is what an object in upload holds in memory.
+const READ_BYTES: u64 = 1 << 20;
 
 /// Why an upload did not finish.
 enum Stop {
@@ -414,6 +415,7 @@ impl ObjectShipper {
             })
             .await?;
             summary.calls += 1;
+            summary.parts = 1;
         } else {
             parts_sent += 1;
             self.send_part(u, parts_sent, last, stop).await?;

@@ -40,6 +40,7 @@ enum Piece {
 /// A checked key template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyTemplate {
+    text: String,
     pieces: Vec<Piece>,
 }
 
@@ -91,7 +92,15 @@ impl KeyTemplate {
         if !pieces.contains(&Piece::Field("first_seq")) {
             return Err("must contain {first_seq}, or two objects could get one key".into());
         }
-        Ok(KeyTemplate { pieces })
+        Ok(KeyTemplate {
+            text: text.to_string(),
+            pieces,
+        })
+    }
+
+    /// The template as written.
+    pub(crate) fn source(&self) -> &str {
+        &self.text
     }
 
     /// The key of one object: the template filled in, empty path segments (an empty prefix)

@@ -12,6 +12,7 @@
 //! It never retries (the shipper does, with backoff), never logs credentials, and reports a
 //! call done only on S3's 2xx answer, after which the data is durable in the bucket.
 
+pub(crate) mod athena;
 pub(crate) mod layout;
 
 use crate::sink::call::{CallLimits, Destination, Entry, Failure, FailureKind, Outcome, SinkError};
