@@ -347,7 +347,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let config = Config::load(&config)?;
-            let text = edgeship::sink::athena_ddl(
+            let text = edgeship::config::athena_ddl(
                 &config,
                 &route,
                 destination.as_deref(),

@@ -41,8 +41,9 @@ lower=${triple//-/_}
 export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
 export "CC_${lower}=$gnu-gcc" "AR_${lower}=$gnu-ar"
 
-echo "==> cargo build --profile dist --no-default-features --target $triple"
-cargo build --locked --profile dist --no-default-features --target "$triple" --bin edgeship
+# The packages' features: no demo (gateways have a broker), Parquet objects for S3.
+echo "==> cargo build --profile dist --no-default-features --features parquet --target $triple"
+cargo build --locked --profile dist --no-default-features --features parquet --target "$triple" --bin edgeship
 
 bin="${CARGO_TARGET_DIR:-target}/$triple/dist/edgeship"
 version=$("$qemu" -L "/usr/$gnu" "$bin" --version)

@@ -12,7 +12,7 @@ out=${1:-target/deb}
 mkdir -p "$out"
 target_dir=${CARGO_TARGET_DIR:-target}
 
-cargo build --locked --profile dist --no-default-features --bin edgeship
+cargo build --locked --profile dist --no-default-features --features parquet --bin edgeship
 packaging/build-deb.sh --arch amd64 --binary "$target_dir/dist/edgeship" --out "$out"
 for arch in aarch64 armv7; do
   bin=$(cross/build.sh "$arch" | tail -1)

@@ -6,7 +6,9 @@ use super::source::{ConfigError, Source};
 use crate::sink::call::ShardLimits;
 use crate::sink::directory::{self, DirectoryConfig};
 use crate::sink::kinesis::{self, KinesisConfig};
-use crate::sink::s3::{self, layout::KeyTemplate, Compression, S3Config, UploadWindow};
+use crate::sink::s3::{
+    self, layout::KeyTemplate, Compression, ObjectFormat, S3Config, UploadWindow,
+};
 use crate::sink::DestinationConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -108,6 +110,7 @@ pub(super) fn destinations(
                 endpoint,
                 path_style,
                 key_template,
+                format,
                 compression,
                 compression_level,
                 max_object_bytes,
@@ -148,6 +151,30 @@ pub(super) fn destinations(
                         .unwrap_or(s3::layout::DEFAULT_TEMPLATE),
                 )
                 .map_err(|why| at("key_template", why))?;
+                let format =
+                    match format.as_deref().unwrap_or("ndjson") {
+                        "ndjson" => ObjectFormat::Ndjson,
+                        "parquet" if cfg!(feature = "parquet") => ObjectFormat::Parquet,
+                        "parquet" => return Err(at(
+                            "format",
+                            "this build has no Parquet (cargo feature `parquet`); use \"ndjson\""
+                                .into(),
+                        )),
+                        other => {
+                            return Err(at(
+                                "format",
+                                format!("`{other}` is not one of ndjson, parquet"),
+                            ))
+                        }
+                    };
+                if format == ObjectFormat::Parquet
+                    && compression.as_deref().is_some_and(|c| c != "zstd")
+                {
+                    return Err(at(
+                        "compression",
+                        "Parquet objects are compressed with zstd, inside".into(),
+                    ));
+                }
                 let compression = match compression.as_deref().unwrap_or("zstd") {
                     "zstd" => Compression::Zstd,
                     "gzip" => Compression::Gzip,
@@ -217,6 +244,7 @@ pub(super) fn destinations(
                     endpoint,
                     path_style: path_style.unwrap_or(false),
                     key_template,
+                    format,
                     compression,
                     compression_level,
                     max_object_bytes,

@@ -220,6 +220,7 @@ pub(crate) enum RawDestination {
         endpoint: Option<String>,
         path_style: Option<bool>,
         key_template: Option<String>,
+        format: Option<String>,
         compression: Option<String>,
         compression_level: Option<i32>,
         max_object_bytes: Option<ByteSize>,

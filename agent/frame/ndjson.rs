@@ -78,13 +78,13 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// True when `payload` is one complete JSON value (UTF-8, RFC 8259).
-fn is_json(payload: &[u8]) -> bool {
+pub(crate) fn is_json(payload: &[u8]) -> bool {
     !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }
 
 /// Copies a valid JSON text without the whitespace between its tokens. Inside a valid JSON
 /// string a raw newline cannot occur (it must be escaped), so what is left is one line.
-fn compact_json(out: &mut Vec<u8>, json: &[u8]) {
+pub(crate) fn compact_json(out: &mut Vec<u8>, json: &[u8]) {
     if !json
         .iter()
         .any(|b| matches!(b, b'\n' | b'\r' | b' ' | b'\t'))

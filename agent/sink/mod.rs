@@ -43,53 +43,6 @@ impl DestinationConfig {
     }
 }
 
-/// The Athena `CREATE EXTERNAL TABLE` (or, with `glue`, the Glue `TableInput` JSON) for the
-/// objects route `route` writes to its S3 destination (`destination`, if it has several):
-/// what `edgeship s3 ddl` prints. `table` defaults to the route's name.
-pub fn athena_ddl(
-    config: &crate::config::Config,
-    route: &str,
-    destination: Option<&str>,
-    table: Option<&str>,
-    glue: bool,
-) -> Result<String, String> {
-    let r = config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .ok_or_else(|| format!("the config has no route `{route}`"))?;
-    let buckets: Vec<(&String, &S3Config)> = r
-        .destinations
-        .iter()
-        .filter(|d| destination.is_none_or(|want| want == d.as_str()))
-        .filter_map(|d| match config.destinations.get(d) {
-            Some(DestinationConfig::S3(s)) => Some((d, s)),
-            _ => None,
-        })
-        .collect();
-    let (_, s3) = match buckets.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(format!(
-                "route `{route}` has no S3 destination{}",
-                destination.map_or(String::new(), |d| format!(" named `{d}`"))
-            ))
-        }
-        _ => {
-            return Err(format!(
-                "route `{route}` has several S3 destinations: name one with --destination"
-            ))
-        }
-    };
-    // Athena table names: lower case, digits, underscores.
-    let table = table.map_or_else(|| route.replace('-', "_").to_lowercase(), str::to_string);
-    if glue {
-        s3::athena::glue_table_input(s3, route, &table)
-    } else {
-        s3::athena::create_table(s3, route, &table)
-    }
-}
-
 /// Every destination, behind one interface.
 pub(crate) enum Sink {
     Kinesis(KinesisSink),

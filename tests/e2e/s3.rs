@@ -145,6 +145,19 @@ fn check_objects(objects: &[Object]) -> (Tally, BTreeMap<String, u64>) {
     (tally, by_hour)
 }
 
+/// Every message of `devices` x `per_device` is in the tally exactly once.
+fn assert_each_once(tally: &Tally, devices: u32, per_device: u32) {
+    for d in 0..devices {
+        for s in 0..per_device {
+            assert_eq!(
+                tally.get(&(topic_of(d), payload(d, s))),
+                Some(&1),
+                "device {d} message {s} is in the objects once"
+            );
+        }
+    }
+}
+
 fn lake(acc: &edgeship::spool::Accounting) -> edgeship::spool::store::Terms {
     acc.destinations
         .get("telemetry/lake")
@@ -212,15 +225,7 @@ fn a_route_feeds_kinesis_and_s3_and_duckdb_reads_every_record_back() {
         "no multipart upload left"
     );
     let (tally, by_hour) = check_objects(&objects);
-    for d in 0..devices {
-        for s in 0..per_device {
-            assert_eq!(
-                tally.get(&(topic_of(d), payload(d, s))),
-                Some(&1),
-                "device {d} message {s} is in the objects once"
-            );
-        }
-    }
+    assert_each_once(&tally, devices, per_device);
     assert_eq!(tally.values().sum::<u32>(), 200_000);
     // 200,000 messages of ~230 bytes make ~46 MB spooled: objects of 8 MiB or 5 s, not
     // thousands of small ones.
@@ -449,10 +454,72 @@ fn a_missing_bucket_is_named_in_status_and_nothing_is_lost() {
     assert_eq!((acc.delivered, acc.dropped), (1_000, 0), "{acc:?}");
     let objects = fetch(&s3.endpoint(), "not-yet", &dir.path().join("fetched"));
     let (tally, _) = check_objects(&objects);
-    for d in 0..10 {
-        for s in 0..100 {
-            assert_eq!(tally.get(&(topic_of(d), payload(d, s))), Some(&1));
-        }
+    assert_each_once(&tally, 10, 100);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// `format = "parquet"` (cargo feature `parquet`): objects pyarrow reads as one dataset with
+/// hive partitioning, every message in it once.
+#[cfg(feature = "parquet")]
+#[test]
+fn parquet_objects_are_read_back_by_pyarrow_with_every_record() {
+    let dir = tempdir();
+    let rt = runtime();
+    let s3 = S3Server::moto(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = config_with_lake(
+        dir.path(),
+        mosquitto.port,
+        &kinesis().endpoint(),
+        "unused",
+        &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nformat = \"parquet\"\nmax_object_bytes = \"2MiB\"\nmax_object_age = \"3s\"",
+            s3.endpoint()
+        ),
+    )
+    .replace("destinations = [\"stream\", \"lake\"]", "destination = \"lake\"");
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let (devices, per_device) = (20, 1_000);
+    rt.block_on(publish(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let acc = wait_for(
+        "the lake to take every record",
+        Duration::from_secs(120),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.pending == 0 && a.received >= 20_000)
+        },
+    );
+    assert_eq!((acc.delivered, acc.dropped), (20_000, 0), "{acc:?}");
+    let folder = dir.path().join("fetched");
+    std::fs::create_dir_all(&folder).unwrap();
+    let listed = s3_tool(&[&s3.endpoint(), "fetch", "lake", folder.to_str().unwrap()]);
+    let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
+    assert!(keys.len() > 1, "objects of 2 MiB of records: {keys:?}");
+    for key in &keys {
+        assert!(
+            key.starts_with("telemetry/dt=") && key.contains("/hr=") && key.ends_with(".parquet"),
+            "{key}"
+        );
     }
+    let read = s3_tool(&["-", "parquet", folder.join("telemetry").to_str().unwrap()]);
+    assert_eq!(
+        (read["rows"].as_u64(), read["ids"].as_u64()),
+        (Some(20_000), Some(20_000))
+    );
+    let mut tally: Tally = BTreeMap::new();
+    for r in read["records"].as_array().unwrap() {
+        let topic = r[0].as_str().unwrap().to_string();
+        let payload = r[1].as_str().unwrap().as_bytes().to_vec();
+        *tally.entry((topic, payload)).or_insert(0) += 1;
+    }
+    assert_each_once(&tally, devices, per_device);
     assert_eq!(agent.stop().code(), Some(0));
 }

@@ -7,6 +7,9 @@ with moto) for the bucket, DuckDB for reading the objects the way Athena would.
                                            incomplete multipart uploads
     s3_tool.py - duckdb DIR GLOB           prints {"rows", "ids", "by_hour": {"dt/hr": n}} of
                                            read_json_auto(DIR/GLOB, hive_partitioning = true)
+    s3_tool.py - parquet DIR               the same of the Parquet files under DIR (pyarrow,
+                                           hive partitioning), and "records": [[topic,
+                                           payload or payload_base64], ...]
 """
 
 import json
@@ -71,6 +74,24 @@ def main(argv):
             ).fetchall()
         }
         print(json.dumps({"rows": rows, "ids": ids, "by_hour": by_hour}))
+    elif command == "parquet":
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(argv[3], format="parquet", partitioning="hive").to_table()
+        by_hour = {}
+        for dt, hr in zip(table.column("dt").to_pylist(), table.column("hr").to_pylist()):
+            key = f"{dt}/{int(hr):02d}"
+            by_hour[key] = by_hour.get(key, 0) + 1
+        records = [
+            [t, p if p is not None else b]
+            for t, p, b in zip(
+                table.column("topic").to_pylist(),
+                table.column("payload").to_pylist(),
+                table.column("payload_base64").to_pylist(),
+            )
+        ]
+        ids = table.column("id").to_pylist()
+        print(json.dumps({"rows": table.num_rows, "ids": len(set(ids)), "by_hour": by_hour, "records": records}))
     else:
         raise SystemExit(f"unknown command {command}")
 

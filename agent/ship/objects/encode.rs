@@ -1,6 +1,6 @@
 //! An object's bytes, built as a stream: record bodies in, JSON lines (`frame::ndjson`)
-//! through one compression stream (zstd or gzip), cut into parts of at least `part_bytes`
-//! as they fill. At most one part and one body's lines are in memory, however large the
+//! through one compression stream (zstd or gzip), or Parquet row groups (feature
+//! `parquet`), cut into parts of at least `part_bytes` as they fill. At most one part and one body's lines are in memory, however large the
 //! object. The whole object is one compressed stream (one zstd frame, one gzip member), so
 //! any reader of the format reads it whole; parts are byte ranges of it.
 //!
@@ -9,7 +9,7 @@
 //! with the one it recorded before it skips it). No I/O; CPU-bound.
 
 use crate::frame::{self, ndjson};
-use crate::sink::s3::Compression;
+use crate::sink::s3::{Compression, ObjectFormat};
 use std::io::Write;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,11 +18,16 @@ pub(crate) enum ObjectEncodeError {
     Corrupt { id: i64, reason: String },
     #[error("compressing: {0}")]
     Io(#[from] std::io::Error),
+    #[cfg(feature = "parquet")]
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
 }
 
 enum Stream {
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    #[cfg(feature = "parquet")]
+    Parquet(Box<super::parquet::ParquetStream>),
 }
 
 /// Builds one object's parts.
@@ -37,10 +42,25 @@ pub(crate) struct ObjectEncoder {
 
 impl ObjectEncoder {
     pub(crate) fn new(
+        format: ObjectFormat,
         compression: Compression,
         level: i32,
         part_bytes: usize,
+        gateway: &str,
     ) -> Result<ObjectEncoder, ObjectEncodeError> {
+        #[cfg(feature = "parquet")]
+        if format == ObjectFormat::Parquet {
+            return Ok(ObjectEncoder {
+                stream: Stream::Parquet(Box::new(super::parquet::ParquetStream::new(
+                    level, gateway, part_bytes,
+                )?)),
+                part_bytes,
+                lines: Vec::new(),
+                records: 0,
+                line_bytes: 0,
+            });
+        }
+        let _ = (format, gateway);
         let stream = match compression {
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(Vec::new(), level)?;
@@ -65,6 +85,8 @@ impl ObjectEncoder {
         match &mut self.stream {
             Stream::Zstd(e) => e.get_mut(),
             Stream::Gzip(e) => e.get_mut(),
+            #[cfg(feature = "parquet")]
+            Stream::Parquet(p) => p.output(),
         }
     }
 
@@ -84,6 +106,16 @@ impl ObjectEncoder {
                 reason: e.to_string(),
             }
         })?;
+        #[cfg(feature = "parquet")]
+        if let Stream::Parquet(p) = &mut self.stream {
+            p.add(gateway, &decoded)?;
+            self.records += decoded.len() as u64;
+            self.line_bytes += body.len() as u64;
+            if self.output().len() >= self.part_bytes {
+                return Ok(Some(std::mem::take(self.output())));
+            }
+            return Ok(None);
+        }
         self.lines.clear();
         for r in &decoded {
             ndjson::write_line(
@@ -100,6 +132,8 @@ impl ObjectEncoder {
         match &mut self.stream {
             Stream::Zstd(e) => e.write_all(&self.lines)?,
             Stream::Gzip(e) => e.write_all(&self.lines)?,
+            #[cfg(feature = "parquet")]
+            Stream::Parquet(_) => unreachable!("handled above"),
         }
         if self.output().len() >= self.part_bytes {
             return Ok(Some(std::mem::take(self.output())));
@@ -112,6 +146,8 @@ impl ObjectEncoder {
         Ok(match self.stream {
             Stream::Zstd(e) => e.finish()?,
             Stream::Gzip(e) => e.finish()?,
+            #[cfg(feature = "parquet")]
+            Stream::Parquet(p) => p.finish()?,
         })
     }
 }
@@ -130,7 +166,7 @@ mod tests {
     }
 
     fn encode(c: Compression, part: usize, bodies: &[Vec<u8>], n: u32) -> Vec<Vec<u8>> {
-        let mut e = ObjectEncoder::new(c, 3, part).unwrap();
+        let mut e = ObjectEncoder::new(ObjectFormat::Ndjson, c, 3, part, "gw").unwrap();
         let mut parts = Vec::new();
         for (i, b) in bodies.iter().enumerate() {
             if let Some(p) = e.add("gw", i as i64, b, n, frame::VERSION_2).unwrap() {

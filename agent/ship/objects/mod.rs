@@ -15,6 +15,8 @@
 //! CompleteMultipartUpload) with success, and never put one record in two objects.
 
 pub(crate) mod encode;
+#[cfg(feature = "parquet")]
+pub(crate) mod parquet;
 pub(crate) mod plan;
 
 use crate::backoff::Backoff;
@@ -231,7 +233,7 @@ impl ObjectShipper {
             hour_ms: o.hour_ms,
             first_seq: o.first_seq,
             last_seq: o.last_seq,
-            ext: config.compression.ext(),
+            ext: config.ext(),
         });
         Upload {
             destination: self.dest.to_string(),
@@ -341,9 +343,11 @@ impl ObjectShipper {
         let members = self.members(u).await?;
         let mut encoder = Some(
             ObjectEncoder::new(
+                config.format,
                 config.compression,
                 config.compression_level,
                 config.part_bytes as usize,
+                &self.gateway,
             )
             .map_err(|e| Stop::Failed(e.to_string()))?,
         );

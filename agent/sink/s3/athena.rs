@@ -7,7 +7,7 @@
 //! string holding the message's JSON (query it with `json_extract_scalar`), read with the
 //! OpenX JSON SerDe, which keeps a nested object's text in a string column. No I/O.
 
-use super::S3Config;
+use super::{ObjectFormat, S3Config};
 
 /// The folders of the objects' keys as a projection template (`s3://b/p/dt=${dt}/hr=${hr}/`),
 /// or why the key template cannot be projected.
@@ -111,7 +111,10 @@ pub fn create_table(config: &S3Config, route: &str, table: &str) -> Result<Strin
         .collect();
     sql.push_str(&columns.join(",\n"));
     sql.push_str("\n)\nPARTITIONED BY (`dt` string, `hr` string)\n");
-    sql.push_str("ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n");
+    sql.push_str(match config.format {
+        ObjectFormat::Ndjson => "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n",
+        ObjectFormat::Parquet => "STORED AS PARQUET\n",
+    });
     sql.push_str(&format!(
         "LOCATION '{}'\nTBLPROPERTIES (\n",
         location(&template)
@@ -132,7 +135,23 @@ pub fn glue_table_input(config: &S3Config, route: &str, table: &str) -> Result<S
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
-    parameters.insert("classification".into(), "json".into());
+    let storage = match config.format {
+        ObjectFormat::Ndjson => (
+            "org.apache.hadoop.mapred.TextInputFormat",
+            "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat",
+            "org.openx.data.jsonserde.JsonSerDe",
+        ),
+        ObjectFormat::Parquet => (
+            "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
+            "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
+            "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe",
+        ),
+    };
+    let classification = match config.format {
+        ObjectFormat::Ndjson => "json",
+        ObjectFormat::Parquet => "parquet",
+    };
+    parameters.insert("classification".into(), classification.into());
     parameters.insert("EXTERNAL".into(), "TRUE".into());
     let input = serde_json::json!({
         "Name": table,
@@ -142,9 +161,9 @@ pub fn glue_table_input(config: &S3Config, route: &str, table: &str) -> Result<S
         "StorageDescriptor": {
             "Columns": COLUMNS.iter().map(|(n, t, c)| serde_json::json!({"Name": n, "Type": t, "Comment": c})).collect::<Vec<_>>(),
             "Location": location(&template),
-            "InputFormat": "org.apache.hadoop.mapred.TextInputFormat",
-            "OutputFormat": "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat",
-            "SerdeInfo": {"SerializationLibrary": "org.openx.data.jsonserde.JsonSerDe"},
+            "InputFormat": storage.0,
+            "OutputFormat": storage.1,
+            "SerdeInfo": {"SerializationLibrary": storage.2},
         },
     });
     Ok(serde_json::to_string_pretty(&input).expect("JSON values"))
@@ -163,6 +182,7 @@ mod tests {
             endpoint: None,
             path_style: false,
             key_template: KeyTemplate::parse(template).unwrap(),
+            format: ObjectFormat::Ndjson,
             compression: super::super::Compression::Zstd,
             compression_level: 3,
             max_object_bytes: 64 << 20,

@@ -46,6 +46,15 @@ impl Compression {
     }
 }
 
+/// What an object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectFormat {
+    /// JSON lines (FORMAT.md), compressed as a whole.
+    Ndjson,
+    /// Parquet (cargo feature `parquet`), zstd inside.
+    Parquet,
+}
+
 /// A daily span of local time in which uploads may run, `[start, end)` in minutes after
 /// midnight; one that ends before it starts runs over midnight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +98,7 @@ pub struct S3Config {
     /// `endpoint/bucket/key` instead of `bucket.endpoint/key`.
     pub(crate) path_style: bool,
     pub(crate) key_template: KeyTemplate,
+    pub(crate) format: ObjectFormat,
     pub(crate) compression: Compression,
     pub(crate) compression_level: i32,
     /// An object closes when its records reach this many bytes as spooled, uncompressed.
@@ -102,6 +112,16 @@ pub struct S3Config {
     pub(crate) upload_windows: Vec<UploadWindow>,
     /// SSE-KMS: objects encrypted with this KMS key (id, ARN or alias).
     pub(crate) sse_kms_key_id: Option<String>,
+}
+
+impl S3Config {
+    /// The key's extension (`{ext}`).
+    pub(crate) fn ext(&self) -> &'static str {
+        match self.format {
+            ObjectFormat::Parquet => "parquet",
+            ObjectFormat::Ndjson => self.compression.ext(),
+        }
+    }
 }
 
 /// S3's smallest part (but the last) of a multipart upload, and its most parts.
@@ -430,7 +450,11 @@ impl S3Sink {
     }
 
     fn content_type(&self) -> (&'static str, String) {
-        ("content-type", "application/x-ndjson".to_string())
+        let kind = match self.config.format {
+            ObjectFormat::Ndjson => "application/x-ndjson",
+            ObjectFormat::Parquet => "application/vnd.apache.parquet",
+        };
+        ("content-type", kind.to_string())
     }
 
     /// Stores `body` at `key` in one `PutObject`.
