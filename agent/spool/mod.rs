@@ -1713,6 +1713,37 @@ mod tests {
     /// With its destination's shards known, a commit of 400 messages from 200 devices is two
     /// blocks (one per shard), not 200; every record keeps its own key, and each block's key
     /// places it on the shard all its records' keys map to.
+    /// Records of one commit that straddle a UTC hour go in two blocks, each of one hour,
+    /// in order: an object cut at the hour takes whole blocks.
+    #[tokio::test]
+    async fn a_block_never_holds_records_of_two_hours() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        cfg.commit_interval = Duration::from_secs(5);
+        let (spool, thread) = start(&cfg).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let hour_end = 490_000 * HOUR_MS;
+        for (i, ts) in [hour_end - 2, hour_end - 1, hour_end, hour_end + 1]
+            .into_iter()
+            .enumerate()
+        {
+            let mut m = record("r", format!("m{i}").as_bytes(), &ack_tx, i as u16 + 1);
+            m.ts_ms = ts;
+            spool.append(m).unwrap();
+        }
+        spool.flush().unwrap();
+        for _ in 0..4 {
+            ack_rx.recv().await.unwrap();
+        }
+        let routes: Arc<[String]> = vec!["r".to_string()].into();
+        let blocks = spool.lease(D.into(), routes, 0, 10).await.unwrap();
+        let got: Vec<(u32, u64)> = blocks.iter().map(|b| (b.records, b.created_ms)).collect();
+        assert_eq!(got, [(2, hour_end - 2), (2, hour_end)]);
+        assert!(blocks[0].id < blocks[1].id);
+        spool.close();
+        thread.join().unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn a_commit_stores_one_block_per_shard_whatever_the_number_of_keys() {
         let dir = tempfile::tempdir().unwrap();

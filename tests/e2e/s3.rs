@@ -26,6 +26,14 @@ prefix = "telemetry"
     )
 }
 
+/// The agent's config with route `telemetry` feeding only the bucket destination `lake`.
+fn lake_only_config(dir: &Path, broker: u16, lake: &str) -> String {
+    config_with_lake(dir, broker, &kinesis().endpoint(), "unused", lake).replace(
+        "destinations = [\"stream\", \"lake\"]",
+        "destination = \"lake\"",
+    )
+}
+
 /// One object fetched back.
 struct Object {
     key: String,
@@ -412,19 +420,13 @@ fn a_missing_bucket_is_named_in_status_and_nothing_is_lost() {
     let rt = runtime();
     let s3 = S3Server::moto(dir.path());
     let mosquitto = Mosquitto::start(dir.path());
-    let config = config_with_lake(
+    let config = lake_only_config(
         dir.path(),
         mosquitto.port,
-        &kinesis().endpoint(),
-        "unused",
         &format!(
             "bucket = \"not-yet\"\nendpoint = \"{}\"\nmax_object_age = \"1s\"",
             s3.endpoint()
         ),
-    )
-    .replace(
-        "destinations = [\"stream\", \"lake\"]",
-        "destination = \"lake\"",
     );
     let mut agent = Agent::start(dir.path(), &config);
     agent.wait_connected(1);
@@ -468,17 +470,10 @@ fn parquet_objects_are_read_back_by_pyarrow_with_every_record() {
     let s3 = S3Server::moto(dir.path());
     s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
     let mosquitto = Mosquitto::start(dir.path());
-    let config = config_with_lake(
-        dir.path(),
-        mosquitto.port,
-        &kinesis().endpoint(),
-        "unused",
-        &format!(
+    let config = lake_only_config(dir.path(), mosquitto.port, &format!(
             "bucket = \"lake\"\nendpoint = \"{}\"\nformat = \"parquet\"\nmax_object_bytes = \"2MiB\"\nmax_object_age = \"3s\"",
             s3.endpoint()
-        ),
-    )
-    .replace("destinations = [\"stream\", \"lake\"]", "destination = \"lake\"");
+        ));
     let mut agent = Agent::start(dir.path(), &config);
     agent.wait_connected(1);
     let (devices, per_device) = (20, 1_000);
@@ -521,5 +516,131 @@ fn parquet_objects_are_read_back_by_pyarrow_with_every_record() {
         *tally.entry((topic, payload)).or_insert(0) += 1;
     }
     assert_each_once(&tally, devices, per_device);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Credentials the bucket refuses (s3s-fs with another secret): status says S3's answer, the
+/// records stay spooled; with the right credentials after a restart they all arrive.
+#[test]
+fn refused_credentials_are_named_in_status_and_nothing_is_lost() {
+    let dir = tempdir();
+    let rt = runtime();
+    let s3 = S3Server::s3s_fs(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let mosquitto = Mosquitto::start(dir.path());
+    let config = lake_only_config(
+        dir.path(),
+        mosquitto.port,
+        &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nmax_object_age = \"1s\"",
+            s3.endpoint()
+        ),
+    );
+    let mut agent = Agent::start_with_env(
+        dir.path(),
+        &config,
+        &[("AWS_SECRET_ACCESS_KEY", Some("not-the-secret"))],
+    );
+    agent.wait_connected(1);
+    rt.block_on(publish(mosquitto.port, 10, 50, Arc::new(AtomicU64::new(0))));
+    let status = wait_for(
+        "status to say S3 refused the request",
+        Duration::from_secs(60),
+        || {
+            let (_, body) = agent.get("/status")?;
+            (body.contains("SignatureDoesNotMatch") || body.contains("AccessDenied"))
+                .then_some(body)
+        },
+    );
+    let acc = agent.accounting().expect("accounting");
+    assert_eq!((acc.pending, acc.dropped), (500, 0), "{status}\n{acc:?}");
+    assert_eq!(agent.stop().code(), Some(0));
+
+    agent.env.clear();
+    agent.spawn();
+    let acc = wait_for(
+        "the bucket to take the backlog",
+        Duration::from_secs(120),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert_eq!((acc.delivered, acc.dropped), (500, 0), "{acc:?}");
+    let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    let (tally, _) = check_objects(&objects);
+    assert_each_once(&tally, 10, 50);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Local time now: (minutes after midnight, seconds into the minute).
+fn local_now() -> (u32, u32) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    assert!(!unsafe { libc::localtime_r(&now, &mut tm) }.is_null());
+    ((tm.tm_hour * 60 + tm.tm_min) as u32, tm.tm_sec as u32)
+}
+
+/// `upload_windows` that opens a minute or two from now: objects close and wait in the spool
+/// (nothing in the bucket) until the window opens, then all go up.
+#[test]
+fn outside_the_upload_windows_objects_wait_in_the_spool() {
+    let dir = tempdir();
+    let rt = runtime();
+    let s3 = S3Server::moto(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let mosquitto = Mosquitto::start(dir.path());
+    let (minute, second) = local_now();
+    // The next minute, or the one after if this one is nearly over (time to publish first).
+    let start = (minute + 1 + u32::from(second > 40)) % 1440;
+    let end = (start + 60) % 1440;
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        start / 60,
+        start % 60,
+        end / 60,
+        end % 60
+    );
+    let config = lake_only_config(dir.path(), mosquitto.port, &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nmax_object_age = \"1s\"\nupload_windows = [\"{window}\"]",
+            s3.endpoint()
+        ));
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    rt.block_on(publish(mosquitto.port, 10, 50, Arc::new(AtomicU64::new(0))));
+    wait_for(
+        "an object to wait for its window",
+        Duration::from_secs(60),
+        || {
+            agent
+                .log()
+                .contains("outside the upload windows")
+                .then_some(())
+        },
+    );
+    let listed = s3_tool(&[
+        &s3.endpoint(),
+        "fetch",
+        "lake",
+        dir.path().join("early").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        listed["keys"],
+        serde_json::json!([]),
+        "nothing uploaded before {window}"
+    );
+    assert_eq!(agent.accounting().expect("accounting").pending, 500);
+    let acc = wait_for(
+        "the window to open and the objects to go up",
+        Duration::from_secs(180),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert_eq!((acc.delivered, acc.dropped), (500, 0), "{acc:?}");
+    let (m, _) = local_now();
+    assert!((m + 1440 - start) % 1440 <= 60, "uploaded inside {window}");
+    let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    let (tally, _) = check_objects(&objects);
+    assert_each_once(&tally, 10, 50);
     assert_eq!(agent.stop().code(), Some(0));
 }

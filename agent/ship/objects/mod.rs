@@ -43,6 +43,9 @@ const LEASE_PAGE: usize = 1024;
 /// the part being filled, which is what an object in upload holds in memory.
 const READ_BYTES: u64 = 1 << 20;
 
+/// How often, outside the upload windows, the clock is looked at again.
+const WINDOW_CHECK: Duration = Duration::from_secs(5);
+
 /// Why an upload did not finish.
 enum Stop {
     /// The shipper is told to stop.
@@ -133,6 +136,12 @@ impl ObjectShipper {
             .as_ref()
             .map(|u| (u.route.clone(), u.first_block, u.last_block));
         if let Some(u) = resumed {
+            if !self
+                .wait_for_window(&config.upload_windows, &mut stop)
+                .await
+            {
+                return;
+            }
             tracing::info!(destination = %self.dest, key = %u.key, parts_uploaded = u.parts.len(), "resuming the upload of an object fixed before the agent stopped");
             match self.upload(u, &mut stop).await {
                 Ok(()) => {}
@@ -262,7 +271,7 @@ impl ObjectShipper {
                 said = true;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(20)) => {}
+                _ = tokio::time::sleep(WINDOW_CHECK) => {}
                 _ = stop.changed() => return false,
             }
         }
@@ -386,7 +395,7 @@ impl ObjectShipper {
             for (id, records, created_ms) in done {
                 read.push(id);
                 summary.records += u64::from(records);
-                summary.first_ms.get_or_insert(created_ms);
+                summary.blocks.push((created_ms, records));
             }
             for part in parts {
                 parts_sent += 1;
@@ -574,10 +583,11 @@ impl ObjectShipper {
             .fetch_add(s.line_bytes, Ordering::Relaxed);
         let now = crate::clock::now_ms();
         stats.last_success_ms.store(now, Ordering::Relaxed);
-        if let Some(first) = s.first_ms {
-            stats
-                .end_to_end_latency
-                .record_n(Duration::from_millis(now.saturating_sub(first)), s.records);
+        for (created_ms, records) in &s.blocks {
+            stats.end_to_end_latency.record_n(
+                Duration::from_millis(now.saturating_sub(*created_ms)),
+                u64::from(*records),
+            );
         }
         tracing::info!(destination = %self.dest, key = %u.key, records = s.records, bytes = s.bytes, parts = s.parts, "object uploaded");
     }
@@ -591,7 +601,8 @@ struct Summary {
     line_bytes: u64,
     parts: u64,
     calls: u64,
-    first_ms: Option<u64>,
+    /// Receive time and records of each block: the records' time to S3.
+    blocks: Vec<(u64, u32)>,
 }
 
 /// Minutes after local midnight now (the upload windows are in local time, as operators

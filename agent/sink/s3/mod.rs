@@ -307,11 +307,11 @@ impl S3Sink {
 
     /// The path of `key` (or of the bucket, for `None`) on the endpoint.
     fn path(&self, key: Option<&str>) -> String {
-        let key = key.map(encode_key).unwrap_or_default();
-        if self.config.path_style {
-            format!("/{}/{key}", self.config.bucket)
-        } else {
-            format!("/{key}")
+        match (key.map(encode_key), self.config.path_style) {
+            (Some(key), true) => format!("/{}/{key}", self.config.bucket),
+            (None, true) => format!("/{}", self.config.bucket),
+            (Some(key), false) => format!("/{key}"),
+            (None, false) => "/".to_string(),
         }
     }
 
