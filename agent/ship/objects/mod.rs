@@ -427,7 +427,6 @@ impl ObjectShipper {
                 self.s3().put_object(&u.key, body.clone())
             })
             .await?;
-            summary.calls += 1;
             summary.parts = 1;
         } else {
             parts_sent += 1;
@@ -448,7 +447,6 @@ impl ObjectShipper {
                 Err(_) => return Err(Stop::Restart),
             }
             summary.parts = parts_sent as u64;
-            summary.calls += parts_sent as u64 + 2;
         }
         Ok(Some(summary))
     }
@@ -600,7 +598,6 @@ struct Summary {
     bytes: u64,
     line_bytes: u64,
     parts: u64,
-    calls: u64,
     /// Receive time and records of each block: the records' time to S3.
     blocks: Vec<(u64, u32)>,
 }
