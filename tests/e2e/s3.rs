@@ -53,16 +53,23 @@ fn fetch(endpoint: &str, bucket: &str, folder: &Path) -> Vec<Object> {
         let key = key.as_str().unwrap().to_string();
         let data = std::fs::read(folder.join(&key)).unwrap();
         let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut zstd::stream::read::Decoder::new(&data[..]).unwrap(),
-            &mut text,
-        )
-        .unwrap();
-        // telemetry/dt=YYYY-MM-DD/hr=HH/gw-test-FIRST-LAST.ndjson.zst
+        // telemetry/dt=YYYY-MM-DD/hr=HH/gw-test-FIRST-LAST.ndjson.zst (or .ndjson.gz)
         let name = key.rsplit('/').next().unwrap();
-        let seqs = name
+        let seqs = if let Some(seqs) = name.strip_suffix(".ndjson.gz") {
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&data[..]), &mut text)
+                .unwrap();
+            seqs
+        } else {
+            std::io::Read::read_to_string(
+                &mut zstd::stream::read::Decoder::new(&data[..]).unwrap(),
+                &mut text,
+            )
+            .unwrap();
+            name.strip_suffix(".ndjson.zst")
+                .unwrap_or_else(|| panic!("unexpected key {key}"))
+        };
+        let seqs = seqs
             .strip_prefix("gw-test-")
-            .and_then(|s| s.strip_suffix(".ndjson.zst"))
             .unwrap_or_else(|| panic!("unexpected key {key}"));
         let (first, last) = seqs.split_once('-').unwrap();
         let (first_seq, last_seq) = (first.parse().unwrap(), last.parse().unwrap());
@@ -642,5 +649,54 @@ fn outside_the_upload_windows_objects_wait_in_the_spool() {
     let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
     let (tally, _) = check_objects(&objects);
     assert_each_once(&tally, 10, 50);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// `compression = "gzip"` with SSE-KMS (moto): `.ndjson.gz` objects that gzip readers
+/// decode to every line, each stored encrypted with the configured KMS key.
+#[test]
+fn gzip_objects_with_an_sse_kms_key() {
+    let dir = tempdir();
+    let rt = runtime();
+    let s3 = S3Server::moto(dir.path());
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let mosquitto = Mosquitto::start(dir.path());
+    let lake = format!(
+        "bucket = \"lake\"\nendpoint = \"{}\"\ncompression = \"gzip\"\nsse_kms_key_id = \"alias/telemetry\"\nmax_object_bytes = \"64KiB\"\nmax_object_age = \"2s\"",
+        s3.endpoint()
+    );
+    let config = lake_only_config(dir.path(), mosquitto.port, &lake);
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    rt.block_on(publish(
+        mosquitto.port,
+        10,
+        200,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let acc = wait_for(
+        "the bucket to take every record",
+        Duration::from_secs(120),
+        || {
+            agent
+                .accounting()
+                .filter(|a| a.pending == 0 && a.received >= 2_000)
+        },
+    );
+    assert_eq!((acc.delivered, acc.dropped), (2_000, 0), "{acc:?}");
+    let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    assert!(objects.len() > 1, "objects of 64 KiB of records");
+    assert!(objects.iter().all(|o| o.key.ends_with(".ndjson.gz")));
+    let (tally, _) = check_objects(&objects);
+    assert_each_once(&tally, 10, 200);
+    let heads = s3_tool(&[&s3.endpoint(), "heads", "lake"]);
+    for o in &objects {
+        assert_eq!(
+            heads[&o.key],
+            serde_json::json!({"sse": "aws:kms", "kms_key": "alias/telemetry", "type": "application/x-ndjson"}),
+            "{}",
+            o.key
+        );
+    }
     assert_eq!(agent.stop().code(), Some(0));
 }

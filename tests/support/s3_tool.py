@@ -5,6 +5,7 @@ with moto) for the bucket, DuckDB for reading the objects the way Athena would.
     s3_tool.py ENDPOINT fetch BUCKET DIR   objects to DIR/<key>; prints {"keys": [...]}
     s3_tool.py ENDPOINT uploads BUCKET     prints {"uploads": [{"key", "parts"}...]}, the
                                            incomplete multipart uploads
+    s3_tool.py ENDPOINT heads BUCKET       prints {"KEY": {"sse", "kms_key", "type"}} per object
     s3_tool.py - duckdb DIR GLOB           prints {"rows", "ids", "by_hour": {"dt/hr": n}} of
                                            read_json_auto(DIR/GLOB, hive_partitioning = true)
     s3_tool.py - parquet DIR               the same of the Parquet files under DIR (pyarrow,
@@ -54,6 +55,16 @@ def main(argv):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 s3.download_file(bucket, o["Key"], path)
         print(json.dumps({"keys": keys}))
+    elif command == "heads":
+        s3, bucket, out = client(endpoint), argv[3], {}
+        for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            h = s3.head_object(Bucket=bucket, Key=o["Key"])
+            out[o["Key"]] = {
+                "sse": h.get("ServerSideEncryption"),
+                "kms_key": h.get("SSEKMSKeyId"),
+                "type": h.get("ContentType"),
+            }
+        print(json.dumps(out))
     elif command == "uploads":
         print(json.dumps({"uploads": uploads(client(endpoint), argv[3])}))
     elif command == "duckdb":
