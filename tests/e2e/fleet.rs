@@ -223,11 +223,14 @@ async fn publish_until(port: u16, device: u32, stop: Arc<AtomicBool>) -> u32 {
     }
 }
 
-/// The `[fleet]` section pinning `keys`, keeping its state in `dir`.
+/// The `[fleet]` section pinning `keys`, keeping its state in `dir`. The health timeout is
+/// 15 s: a good document's probe must pass even while the emulator answers slowly under the
+/// other e2e tests' load (5 s was seen to roll back a healthy version in CI); a dead endpoint
+/// still fails at once and is retried until the deadline, so the rollback test waits 15 s.
 fn fleet_section(dir: &Path, keys: &[&str], extra: &str) -> String {
     let keys: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
     format!(
-        "\n[fleet]\nkeys = [{}]\nstate_dir = \"{}\"\nhealth_timeout = \"5s\"\nstatus_interval = \"1s\"\n{extra}\n",
+        "\n[fleet]\nkeys = [{}]\nstate_dir = \"{}\"\nhealth_timeout = \"15s\"\nstatus_interval = \"1s\"\n{extra}\n",
         keys.join(", "),
         dir.join("fleet-state").display()
     )
