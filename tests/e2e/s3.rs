@@ -307,7 +307,7 @@ fn a_multipart_upload_cut_by_kill_9_resumes_and_s3_down_does_not_hold_back_kines
         Duration::from_secs(120),
         || {
             let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
-            (upload_id && parts >= 1).then_some((key, parts))
+            (upload_id.is_some() && parts >= 1).then_some((key, parts))
         },
     );
     agent.kill();
@@ -399,24 +399,189 @@ fn a_multipart_upload_cut_by_kill_9_resumes_and_s3_down_does_not_hold_back_kines
     assert_eq!(agent.stop().code(), Some(0));
 }
 
-/// The S3 upload the agent recorded in its spool: its key, whether it has an upload id, and
-/// how many parts it recorded.
-fn recorded_upload(spool: &Path) -> Option<(String, bool, usize)> {
+/// The S3 upload the agent recorded in its spool: its key, its upload id (once S3 gave one)
+/// and how many parts it recorded.
+fn recorded_upload(spool: &Path) -> Option<(String, Option<String>, usize)> {
     let conn =
         rusqlite::Connection::open_with_flags(spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .ok()?;
     conn.query_row(
-        "SELECT key, upload_id IS NOT NULL, parts FROM uploads WHERE destination = 'lake'",
+        "SELECT key, upload_id, parts FROM uploads WHERE destination = 'lake'",
         [],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get::<_, bool>(1)?,
-                r.get::<_, String>(2)?.lines().count(),
-            ))
-        },
+        |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?.lines().count())),
     )
     .ok()
+}
+
+/// An agent killed (-9) in the middle of a multipart upload to moto, with what it recorded.
+struct CutUpload {
+    agent: Agent,
+    mosquitto: Mosquitto,
+    s3: S3Server,
+    /// The 2 MB/s link between the agent and moto (kept open for the restarted agent).
+    link: Uplink,
+    key: String,
+}
+
+/// The incompressible messages [`cut_upload`] publishes: 20 devices x 1,000 x 1 KiB.
+const CUT_DEVICES: u32 = 20;
+const CUT_PER_DEVICE: u32 = 1_000;
+fn cut_noise(d: u32, s: u32) -> Vec<u8> {
+    noise(d, s, 1024)
+}
+
+/// Starts an agent feeding only the bucket `lake` on moto through a 2 MB/s link, publishes
+/// [`cut_noise`] messages (objects of several 5 MiB parts) and kills it with -9 once its
+/// upload has a part recorded.
+fn cut_upload(dir: &Path, rt: &tokio::runtime::Runtime) -> CutUpload {
+    let s3 = S3Server::moto(dir);
+    s3_tool(&[&s3.endpoint(), "mkbucket", "lake"]);
+    let link = Uplink::start_limited(s3.port, 2_000_000);
+    let mosquitto = Mosquitto::start(dir);
+    let config = lake_only_config(
+        dir,
+        mosquitto.port,
+        &format!(
+            "bucket = \"lake\"\nendpoint = \"{}\"\nmax_object_bytes = \"24MiB\"\nmax_object_age = \"3s\"\npart_bytes = \"5MiB\"",
+            link.endpoint()
+        ),
+    );
+    let mut agent = Agent::start(dir, &config);
+    agent.wait_connected(1);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        CUT_DEVICES,
+        CUT_PER_DEVICE,
+        Arc::new(AtomicU64::new(0)),
+        cut_noise,
+        "",
+    ));
+    let key = wait_for(
+        "a multipart upload with a part uploaded",
+        Duration::from_secs(120),
+        || {
+            let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
+            (upload_id.is_some() && parts >= 1).then_some(key)
+        },
+    );
+    agent.kill();
+    CutUpload {
+        agent,
+        mosquitto,
+        s3,
+        link,
+        key,
+    }
+}
+
+/// Incomplete multipart uploads left in `bucket`.
+fn open_uploads(s3: &S3Server, bucket: &str) -> serde_json::Value {
+    s3_tool(&[&s3.endpoint(), "uploads", bucket])["uploads"].clone()
+}
+
+/// How many of the [`cut_noise`] messages are in the tally (each counted once).
+fn cut_noise_found(tally: &Tally) -> u64 {
+    let mut found = 0;
+    for d in 0..CUT_DEVICES {
+        for s in 0..CUT_PER_DEVICE {
+            found += u64::from(tally.contains_key(&(topic_of(d), cut_noise(d, s))));
+        }
+    }
+    found
+}
+
+/// The blocks of a recorded upload evicted from a full spool (`drop_oldest`) while the
+/// restarted agent waited for its upload window: the object is encoded again from the
+/// records left, its old upload aborted, and it goes up under the same key; the evicted
+/// records are counted dropped, the rest arrive, no upload is left open.
+#[test]
+fn a_recorded_upload_whose_records_were_evicted_starts_again_under_its_key() {
+    let dir = tempdir();
+    let rt = runtime();
+    let CutUpload {
+        mut agent,
+        mosquitto,
+        s3,
+        link: _link,
+        key,
+    } = cut_upload(dir.path(), &rt);
+    // Restarted with a spool capped below its backlog and a window opening in a minute or
+    // two: the object waits, and new records evict its first blocks meanwhile.
+    let (minute, second) = local_now();
+    let start = (minute + 1 + u32::from(second > 40)) % 1440;
+    let end = (start + 60) % 1440;
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        start / 60,
+        start % 60,
+        end / 60,
+        end % 60
+    );
+    let config = std::fs::read_to_string(&agent.config_path)
+        .unwrap()
+        .replace(
+            "[spool]\n",
+            "[spool]\nmax_bytes = \"8MiB\"\nfull_policy = \"drop_oldest\"\n",
+        )
+        .replace(
+            "prefix = \"telemetry\"\n",
+            &format!("prefix = \"telemetry\"\nupload_windows = [\"{window}\"]\n"),
+        );
+    std::fs::write(&agent.config_path, config).unwrap();
+    agent.spawn();
+    agent.wait_connected(2);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        CUT_DEVICES,
+        100,
+        Arc::new(AtomicU64::new(0)),
+        payload,
+        "b-",
+    ));
+    let during = wait_for(
+        "records evicted from the full spool",
+        Duration::from_secs(60),
+        || agent.accounting().filter(|a| lake(a).dropped > 0),
+    );
+    let acc = wait_for(
+        "the window to open and the lake to take the rest",
+        Duration::from_secs(240),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert!(acc.balances(), "{acc:?}");
+    let (m, _) = local_now();
+    assert!((m + 1440 - start) % 1440 <= 60, "uploaded inside {window}");
+    assert!(
+        agent
+            .log()
+            .contains("records changed since its upload began"),
+        "the resumed upload found its records changed and started again"
+    );
+    let mut objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    // The cut object keeps its key; what is left of it lies within the range the key names,
+    // its first records evicted.
+    let cut = objects
+        .iter_mut()
+        .find(|o| o.key == key)
+        .unwrap_or_else(|| panic!("the object is under the key fixed before, {key}"));
+    let seq = |id: &str| -> u64 { id.rsplit(':').next().unwrap().parse().unwrap() };
+    let (first, last) = (seq(&cut.lines[0].0), seq(&cut.lines.last().unwrap().0));
+    assert!(
+        cut.first_seq < first && last <= cut.last_seq,
+        "{key} holds {first}..={last}, after its evicted first records"
+    );
+    (cut.first_seq, cut.last_seq) = (first, last);
+    let (tally, _) = check_objects(&objects);
+    assert_each_once(&tally, CUT_DEVICES, 100);
+    let dropped = lake(&acc).dropped;
+    assert!(dropped >= lake(&during).dropped && dropped > 0, "{acc:?}");
+    assert!(
+        cut_noise_found(&tally) + dropped >= u64::from(CUT_DEVICES * CUT_PER_DEVICE),
+        "every message not counted dropped is in the bucket: {} found, {dropped} dropped",
+        cut_noise_found(&tally)
+    );
+    assert_eq!(open_uploads(&s3, "lake"), serde_json::json!([]));
+    assert_eq!(agent.stop().code(), Some(0));
 }
 
 /// A bucket that does not exist: the agent says so (status names the bucket's error), keeps
