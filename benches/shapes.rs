@@ -13,6 +13,7 @@
 //! cargo bench --bench shapes -- --destinations 2  # the route feeds a second stream too
 //! cargo bench --bench shapes -- --s3 30s           # ... and an S3 bucket (moto), objects
 //!                                                  # closing at 30 s or 64 MiB of records
+//! cargo bench --bench shapes -- --firehose         # ... and a Firehose delivery stream (moto)
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
@@ -121,6 +122,9 @@ struct Args {
     /// The route also feeds an S3 bucket (moto) whose objects close at this age (or at the
     /// default 64 MiB of records); S3 figures are reported.
     s3_age: Option<String>,
+    /// The route also feeds a Firehose delivery stream (moto, into a bucket it serves);
+    /// Firehose figures are reported.
+    firehose: bool,
 }
 
 fn parse_args() -> Args {
@@ -136,6 +140,7 @@ fn parse_args() -> Args {
         broker: Vec::new(),
         destinations: 1,
         s3_age: None,
+        firehose: false,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -165,6 +170,7 @@ fn parse_args() -> Args {
                     .expect("--destinations 1 or 2")
             }
             "--s3" => a.s3_age = Some(value("--s3")),
+            "--firehose" => a.firehose = true,
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -332,6 +338,18 @@ struct Figures {
     accepted_p50_ms: u64,
     accepted_p99_ms: u64,
     s3: Option<S3Figures>,
+    firehose: Option<FirehoseFigures>,
+}
+
+/// The Firehose destination's figures.
+struct FirehoseFigures {
+    /// Record bytes sent (before base64) over payload bytes.
+    bytes_per_payload: f64,
+    /// Firehose records, and `PutRecordBatch` calls, per million messages.
+    records_per_million: f64,
+    calls_per_million: f64,
+    /// Average record size: Firehose bills each record in 5 KB steps.
+    record_bytes: f64,
 }
 
 /// The S3 destination's figures.
@@ -417,6 +435,20 @@ fn run_shape(
         );
     }
     let bucket = format!("lake-{index}");
+    let hose = format!("hose-{index}");
+    if let (Some(s3), true) = (s3, args.firehose) {
+        s3_tool(&[&s3.endpoint(), "mkbucket", &hose]);
+        s3_tool(&[&s3.endpoint(), "mkfirehose", &hose, &hose]);
+        config = config.replace("destination = \"stream\"", "destinations = [\"stream\"]");
+        config = config.replace(
+            "destinations = [\"stream\"",
+            "destinations = [\"stream\", \"hose\"",
+        );
+        config += &format!(
+            "[destination.hose]\ntype = \"firehose\"\ndelivery_stream = \"{hose}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\n",
+            s3.endpoint()
+        );
+    }
     if let (Some(s3), Some(age)) = (s3, &args.s3_age) {
         s3_tool(&[&s3.endpoint(), "mkbucket", &bucket]);
         config = config.replace("destination = \"stream\"", "destinations = [\"stream\"]");
@@ -494,7 +526,44 @@ fn run_shape(
     latencies.sort_unstable();
     let msgs_per_s = total as f64 / elapsed;
     let payload = payload_bytes as f64;
-    let s3 = s3.map(|s3| {
+    let firehose = s3.filter(|_| args.firehose).map(|s3| {
+        let folder = agent_dir.join("firehose");
+        let listed = s3_tool(&[&s3.endpoint(), "fetch", &hose, folder.to_str().unwrap()]);
+        let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
+        let mut sent = 0u64;
+        let mut found = HashSet::new();
+        for key in &keys {
+            let data = std::fs::read(folder.join(key)).unwrap();
+            sent += data.len() as u64;
+            for line in std::str::from_utf8(&data).expect("JSON lines").lines() {
+                let at = line.find(",\"payload\":").expect("JSON payloads") + 11;
+                let (d, s, _) = parse_payload(&line.as_bytes()[at..line.len() - 1])
+                    .expect("a payload the program published");
+                found.insert((d, s));
+            }
+        }
+        assert_eq!(
+            found,
+            seen,
+            "{}: Firehose differs from the stream",
+            shape.name()
+        );
+        let hose_label = [("destination", "hose")];
+        let records = scrape.sum("edgeship_destination_records_accepted_total", &hose_label);
+        let entries = scrape.sum(
+            "edgeship_destination_entries_total",
+            &[("destination", "hose"), ("outcome", "accepted")],
+        );
+        assert_eq!(records as u64, total, "every message accepted by Firehose");
+        FirehoseFigures {
+            bytes_per_payload: sent as f64 / payload,
+            records_per_million: entries * 1e6 / total as f64,
+            calls_per_million: scrape.sum("edgeship_destination_calls_total", &hose_label) * 1e6
+                / total as f64,
+            record_bytes: sent as f64 / entries.max(1.0),
+        }
+    });
+    let s3 = s3.filter(|_| args.s3_age.is_some()).map(|s3| {
         let folder = agent_dir.join("objects");
         let listed = s3_tool(&[&s3.endpoint(), "fetch", &bucket, folder.to_str().unwrap()]);
         let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
@@ -547,6 +616,7 @@ fn run_shape(
         accepted_p50_ms: percentile(&latencies, 0.5),
         accepted_p99_ms: percentile(&latencies, 0.99),
         s3,
+        firehose,
     }
 }
 
@@ -587,7 +657,7 @@ fn main() {
         broker_settings += "\n";
     }
     let mosquitto = Mosquitto::start_with(dir.path(), &broker_settings);
-    let s3 = args.s3_age.as_ref().map(|_| S3Server::moto(dir.path()));
+    let s3 = (args.s3_age.is_some() || args.firehose).then(|| S3Server::moto(dir.path()));
 
     let mut baselines = std::collections::BTreeMap::new();
     for protocol in ["5", "3.1.1"] {
@@ -696,8 +766,29 @@ fn main() {
         }
     }
 
+    if args.firehose {
+        println!();
+        println!("Firehose (moto; the route also feeds the stream):");
+        println!(
+            "{:<52} {:>10} {:>12} {:>10} {:>12}",
+            "shape", "bytes/pay", "records/1M", "calls/1M", "B/record"
+        );
+        for (shape, f) in &results {
+            let Some(h) = &f.firehose else { continue };
+            println!(
+                "{:<52} {:>10.3} {:>12.1} {:>10.1} {:>12.0}",
+                shape.name(),
+                h.bytes_per_payload,
+                h.records_per_million,
+                h.calls_per_million,
+                h.record_bytes
+            );
+        }
+    }
+
     let json = serde_json::json!({
         "format": args.format,
+        "firehose": args.firehose,
         "destinations": args.destinations,
         "s3_max_object_age": args.s3_age,
         "spool_settings": args.spool,
@@ -725,6 +816,12 @@ fn main() {
                 "object_bytes_per_payload_byte": s3.bytes_per_payload,
                 "requests_per_million": s3.requests_per_million,
                 "records_per_64mib_object": s3.records_per_default_object,
+            })),
+            "firehose": f.firehose.as_ref().map(|h| serde_json::json!({
+                "bytes_per_payload_byte": h.bytes_per_payload,
+                "records_per_million": h.records_per_million,
+                "calls_per_million": h.calls_per_million,
+                "bytes_per_record": h.record_bytes,
             })),
         })).collect::<Vec<_>>(),
     });

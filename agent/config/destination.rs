@@ -5,6 +5,7 @@ use super::raw::RawDestination;
 use super::source::{ConfigError, Source};
 use crate::sink::call::ShardLimits;
 use crate::sink::directory::{self, DirectoryConfig};
+use crate::sink::firehose::{self, FirehoseConfig};
 use crate::sink::kinesis::{self, KinesisConfig};
 use crate::sink::s3::{
     self, layout::KeyTemplate, Compression, ObjectFormat, S3Config, UploadWindow,
@@ -22,6 +23,7 @@ pub(crate) fn max_record_bytes(destination: &DestinationConfig) -> u64 {
         DestinationConfig::Directory(_) => directory::MAX_RECORD_BYTES,
         // A record larger than an object's window still makes one object of its own.
         DestinationConfig::S3(_) => u64::MAX,
+        DestinationConfig::Firehose(f) => f.max_record_bytes,
     }
 }
 
@@ -252,6 +254,46 @@ pub(super) fn destinations(
                     part_bytes,
                     upload_windows: windows,
                     sse_kms_key_id,
+                })
+            }
+            RawDestination::Firehose {
+                delivery_stream,
+                region,
+                endpoint,
+                max_record_bytes,
+            } => {
+                let at = |field: &str, why: &str| {
+                    src.error_at(
+                        Some(span.clone()),
+                        &format!("destination.{name}.{field}"),
+                        why,
+                    )
+                };
+                // Delivery stream names: 1-64 letters, digits, underscores, hyphens, dots.
+                let named = (1..=64).contains(&delivery_stream.len())
+                    && delivery_stream
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+                if !named {
+                    return Err(at(
+                        "delivery_stream",
+                        "a Firehose delivery stream name has 1 to 64 letters, digits, `_`, `-`, `.`",
+                    ));
+                }
+                let max_record_bytes =
+                    max_record_bytes.map_or(firehose::MAX_RECORD_BYTES, |b| b.bytes());
+                if !(64 << 10..=firehose::MAX_RECORD_BYTES).contains(&max_record_bytes) {
+                    return Err(at(
+                        "max_record_bytes",
+                        "must be between 64KiB and 1000KiB (the Firehose maximum)",
+                    ));
+                }
+                check_endpoint(endpoint.as_deref(), &name, span.clone(), src)?;
+                DestinationConfig::Firehose(FirehoseConfig {
+                    delivery_stream,
+                    region,
+                    endpoint,
+                    max_record_bytes,
                 })
             }
         };

@@ -229,4 +229,10 @@ pub(crate) enum RawDestination {
         upload_windows: Option<Vec<String>>,
         sse_kms_key_id: Option<String>,
     },
+    Firehose {
+        delivery_stream: String,
+        region: Option<String>,
+        endpoint: Option<String>,
+        max_record_bytes: Option<ByteSize>,
+    },
 }

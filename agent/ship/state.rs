@@ -791,6 +791,39 @@ mod tests {
         vec![Outcome::Accepted { shard: None }; n]
     }
 
+    /// Firehose's limits hold in the calls the shipper assembles: 500 records of 1 KB go in
+    /// one call and no more; records of 9 KB stop at 4 MiB (465 of them), not at 500.
+    #[test]
+    fn calls_to_firehose_keep_its_record_and_byte_limits() {
+        let mut settings = settings(None);
+        settings.call = crate::sink::firehose::CALL;
+        for (bytes, most) in [(1_000, 500), (9_000, (4 << 20) / 9_005)] {
+            let mut s = ShipState::new(settings.clone(), Arc::default());
+            // A fast link measured: calls are sized by the destination's limits alone.
+            s.uplink.answered(4 << 20, Duration::from_millis(10));
+            for id in 0..1_200 {
+                let job = Job {
+                    key: "dev-1".into(),
+                    format: FrameFormat::Ndjson,
+                    blocks: vec![block(id, "dev-1", 100)],
+                    limit: 1 << 20,
+                    attempts: 0,
+                    front: false,
+                };
+                s.queue.extend(frame(&job, bytes, &VIEW));
+            }
+            let mut sent = 0;
+            while sent < 1_200 {
+                let call = s.pick_call(Instant::now()).expect("a call");
+                let n = call.entries.len();
+                let total: usize = call.entries.iter().map(|p| p.cost()).sum();
+                assert!(n <= 500 && total <= 4 << 20, "{n} records, {total} bytes");
+                assert_eq!(n, most.min(1_200 - sent), "{bytes}-byte records");
+                sent += n;
+            }
+        }
+    }
+
     #[test]
     fn full_frames_go_at_once_and_partial_ones_after_linger() {
         let mut s = state(None);

@@ -2,8 +2,10 @@
 //!
 //! [`call`] is the vocabulary between the shipper and a destination (entries, limits,
 //! classified outcomes) and the [`Destination`] trait every destination implements; each
-//! destination lives in its own module: [`kinesis`] (Kinesis Data Streams) and [`directory`]
-//! (a local folder). [`Sink`] is the set of them behind the one interface.
+//! destination lives in its own module: [`kinesis`] (Kinesis Data Streams), [`firehose`]
+//! (Amazon Data Firehose), [`s3`] (objects in a bucket, shipped by `ship::objects`) and
+//! [`directory`] (a local folder); [`signed`] is the SigV4 client the hand-written AWS ones
+//! share. [`Sink`] is the set of them behind the one interface.
 //!
 //! To add a destination: a folder here that implements [`Destination`] (its limits, its
 //! sending, its classification of outcomes), a variant in [`Sink`] and
@@ -13,12 +15,15 @@
 
 pub(crate) mod call;
 pub(crate) mod directory;
+pub(crate) mod firehose;
 pub mod kinesis;
 pub(crate) mod s3;
+pub(crate) mod signed;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
 use call::{CallLimits, Destination, Entry, Outcome, ShardLimits, SinkError};
 use directory::{DirectoryConfig, DirectorySink};
+use firehose::{FirehoseConfig, FirehoseSink};
 use kinesis::{KinesisConfig, KinesisSink};
 use s3::{S3Config, S3Sink};
 use std::sync::Arc;
@@ -30,6 +35,7 @@ pub enum DestinationConfig {
     Kinesis(KinesisConfig),
     Directory(DirectoryConfig),
     S3(S3Config),
+    Firehose(FirehoseConfig),
 }
 
 impl DestinationConfig {
@@ -39,6 +45,7 @@ impl DestinationConfig {
             DestinationConfig::Kinesis(_) => "kinesis",
             DestinationConfig::Directory(_) => "directory",
             DestinationConfig::S3(_) => "s3",
+            DestinationConfig::Firehose(_) => "firehose",
         }
     }
 }
@@ -49,6 +56,7 @@ pub(crate) enum Sink {
     Directory(DirectorySink),
     /// Objects, not records: shipped by `ship::objects`, never by a stream shipper.
     S3(Box<S3Sink>),
+    Firehose(Box<FirehoseSink>),
 }
 
 impl Sink {
@@ -66,6 +74,9 @@ impl Sink {
             DestinationConfig::S3(s) => {
                 Sink::S3(Box::new(S3Sink::connect(name, s, credentials).await?))
             }
+            DestinationConfig::Firehose(f) => {
+                Sink::Firehose(Box::new(FirehoseSink::connect(name, f, credentials).await?))
+            }
         })
     }
 }
@@ -76,6 +87,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.call_limits(),
             Sink::Directory(d) => d.call_limits(),
             Sink::S3(s) => s.call_limits(),
+            Sink::Firehose(f) => f.call_limits(),
         }
     }
 
@@ -84,6 +96,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.max_record_bytes(),
             Sink::Directory(d) => d.max_record_bytes(),
             Sink::S3(s) => s.max_record_bytes(),
+            Sink::Firehose(f) => f.max_record_bytes(),
         }
     }
 
@@ -92,6 +105,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.shard_limits(),
             Sink::Directory(d) => d.shard_limits(),
             Sink::S3(s) => s.shard_limits(),
+            Sink::Firehose(f) => f.shard_limits(),
         }
     }
 
@@ -100,6 +114,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.shard_for(key),
             Sink::Directory(d) => d.shard_for(key),
             Sink::S3(s) => s.shard_for(key),
+            Sink::Firehose(f) => f.shard_for(key),
         }
     }
 
@@ -108,6 +123,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.shard_starts(),
             Sink::Directory(d) => d.shard_starts(),
             Sink::S3(s) => s.shard_starts(),
+            Sink::Firehose(f) => f.shard_starts(),
         }
     }
 
@@ -116,6 +132,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.put(entries, timeout).await,
             Sink::Directory(d) => d.put(entries, timeout).await,
             Sink::S3(s) => s.put(entries, timeout).await,
+            Sink::Firehose(f) => f.put(entries, timeout).await,
         }
     }
 
@@ -124,6 +141,7 @@ impl Destination for Sink {
             Sink::Kinesis(k) => k.probe().await,
             Sink::Directory(d) => d.probe().await,
             Sink::S3(s) => s.probe().await,
+            Sink::Firehose(f) => f.probe().await,
         }
     }
 }

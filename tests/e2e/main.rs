@@ -11,6 +11,7 @@ mod bad_input;
 mod consumers;
 mod destinations;
 mod disk;
+mod firehose;
 mod fleet;
 mod intake;
 mod keys;

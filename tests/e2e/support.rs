@@ -477,7 +477,7 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
 /// JSON lines, each ending in a newline, whose `payload` is the message when it is JSON (its
 /// exact bytes: the test payloads have no whitespace to drop) or else `payload_base64`.
 /// The lines carry no partition key; the Kinesis record's, `key`, stands for them.
-fn ndjson_as_frame(data: &[u8], key: &str) -> frame::Frame {
+pub fn ndjson_as_frame(data: &[u8], key: &str) -> frame::Frame {
     use base64::Engine;
     let text = std::str::from_utf8(data).expect("an ndjson record is UTF-8");
     assert!(text.ends_with('\n'), "an ndjson record ends its last line");

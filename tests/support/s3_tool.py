@@ -1,10 +1,11 @@
-"""S3 and DuckDB from the tests' side, with clients that are not edgeship's: boto3 (installed
+"""S3, Firehose and DuckDB from the tests' side, with clients that are not edgeship's: boto3 (installed
 with moto) for the bucket, DuckDB for reading the objects the way Athena would.
 
     s3_tool.py ENDPOINT mkbucket BUCKET
     s3_tool.py ENDPOINT fetch BUCKET DIR   objects to DIR/<key>; prints {"keys": [...]}
     s3_tool.py ENDPOINT uploads BUCKET     prints {"uploads": [{"key", "parts"}...]}, the
                                            incomplete multipart uploads
+    s3_tool.py ENDPOINT mkfirehose NAME BUCKET   a Firehose delivery stream (moto) into BUCKET
     s3_tool.py ENDPOINT heads BUCKET       prints {"KEY": {"sse", "kms_key", "type"}} per object
     s3_tool.py - duckdb DIR GLOB           prints {"rows", "ids", "by_hour": {"dt/hr": n}} of
                                            read_json_auto(DIR/GLOB, hive_partitioning = true)
@@ -65,6 +66,25 @@ def main(argv):
                 "type": h.get("ContentType"),
             }
         print(json.dumps(out))
+    elif command == "mkfirehose":
+        import boto3
+
+        boto3.client(
+            "firehose",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="AKIAEDGESHIPTEST",
+            aws_secret_access_key="edgeship-test-secret",
+        ).create_delivery_stream(
+            DeliveryStreamName=argv[3],
+            DeliveryStreamType="DirectPut",
+            ExtendedS3DestinationConfiguration={
+                "RoleARN": "arn:aws:iam::123456789012:role/firehose",
+                "BucketARN": f"arn:aws:s3:::{argv[4]}",
+                "Prefix": "firehose/",
+            },
+        )
+        print("{}")
     elif command == "uploads":
         print(json.dumps({"uploads": uploads(client(endpoint), argv[3])}))
     elif command == "duckdb":

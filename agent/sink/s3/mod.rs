@@ -16,18 +16,12 @@ pub(crate) mod athena;
 pub(crate) mod layout;
 
 use crate::sink::call::{CallLimits, Destination, Entry, Failure, FailureKind, Outcome, SinkError};
-use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode,
-};
+use crate::sink::signed::{self, Endpoint, Payload, SignedClient};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::Full;
 use layout::KeyTemplate;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// How objects are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,25 +125,11 @@ pub(crate) const MAX_PARTS: u64 = 10_000;
 /// Longest answer body read (errors, upload ids).
 const MAX_ANSWER: usize = 64 << 10;
 
-/// Where requests go.
-#[derive(Debug, Clone)]
-struct Endpoint {
-    https: bool,
-    /// `host[:port]` as the `Host` header says it.
-    authority: String,
-    host: String,
-    port: u16,
-}
-
 /// One bucket.
 pub(crate) struct S3Sink {
     name: String,
     config: S3Config,
-    region: String,
-    endpoint: Endpoint,
-    credentials: Option<SharedCredentialsProvider>,
-    cached: Mutex<Option<Credentials>>,
-    tls: Option<tokio_rustls::TlsConnector>,
+    client: SignedClient,
 }
 
 fn failure(kind: FailureKind, code: &str, message: impl Into<String>) -> Failure {
@@ -218,91 +198,29 @@ impl S3Sink {
             destination: name.to_string(),
             failure: failure(FailureKind::Refused, "Config", m),
         };
-        let sdk = crate::aws::sdk_config(config.region.as_deref(), None, credentials).await;
-        let region = config
-            .region
-            .clone()
-            .or_else(|| sdk.region().map(|r| r.to_string()))
-            .unwrap_or_else(|| "us-east-1".to_string());
+        let (region, credentials) =
+            signed::region_and_credentials(config.region.as_deref(), credentials).await;
         let url = config
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-        let (https, rest) = match url.split_once("://") {
-            Some(("https", r)) => (true, r),
-            Some(("http", r)) => (false, r),
-            _ => return Err(refused(format!("endpoint `{url}` is not http(s)://"))),
-        };
-        let base = rest.trim_end_matches('/');
-        let base_authority = base.split('/').next().unwrap_or(base).to_string();
         let authority = if config.path_style {
-            base_authority
-        } else {
-            format!("{}.{base_authority}", config.bucket)
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().unwrap()),
-            _ => (authority.clone(), if https { 443 } else { 80 }),
-        };
-        let tls = if https {
-            let tls = crate::tls::client_config(&crate::tls::TlsConfig::default())
-                .map_err(|e| refused(e.to_string()))?;
-            Some(tokio_rustls::TlsConnector::from(tls))
-        } else {
             None
+        } else {
+            let base = Endpoint::parse(&url, None).map_err(refused)?.authority;
+            Some(format!("{}.{base}", config.bucket))
         };
+        let endpoint = Endpoint::parse(&url, authority.as_deref()).map_err(refused)?;
+        let client = SignedClient::new("s3", region, endpoint, credentials).map_err(refused)?;
         Ok(S3Sink {
             name: name.to_string(),
             config: config.clone(),
-            region,
-            endpoint: Endpoint {
-                https,
-                authority,
-                host,
-                port,
-            },
-            credentials: sdk.credentials_provider(),
-            cached: Mutex::new(None),
-            tls,
+            client,
         })
     }
 
     pub(crate) fn config(&self) -> &S3Config {
         &self.config
-    }
-
-    /// Credentials from the chain, cached until five minutes before they expire.
-    async fn credentials(&self) -> Result<Credentials, Failure> {
-        if let Some(c) = self
-            .cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let fresh = c.expiry().is_none_or(|e| {
-                e.duration_since(SystemTime::now())
-                    .is_ok_and(|left| left > Duration::from_secs(300))
-            });
-            if fresh {
-                return Ok(c.clone());
-            }
-        }
-        let Some(provider) = &self.credentials else {
-            return Err(failure(
-                FailureKind::Refused,
-                "NoCredentials",
-                "no AWS credentials (environment, profile, container, instance or aws.iot_credentials)",
-            ));
-        };
-        let c = provider.provide_credentials().await.map_err(|e| {
-            failure(
-                FailureKind::Transient,
-                "Credentials",
-                format!("AWS credentials: {}", crate::aws::describe_sdk_error(&e)),
-            )
-        })?;
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-        Ok(c)
     }
 
     /// The path of `key` (or of the bucket, for `None`) on the endpoint.
@@ -324,108 +242,22 @@ impl S3Sink {
         body: Bytes,
         timeout: Duration,
     ) -> Result<crate::http::Answer, Failure> {
-        let creds = self.credentials().await?;
-        let identity = creds.into();
-        let mut settings = SigningSettings::default();
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .map_err(|e| failure(FailureKind::Refused, "Signing", e.to_string()))?
-            .into();
-        let scheme = if self.endpoint.https { "https" } else { "http" };
-        let url = format!("{scheme}://{}{path_and_query}", self.endpoint.authority);
-        let mut all: Vec<(&str, &str)> = vec![("host", self.endpoint.authority.as_str())];
-        all.extend(headers.iter().map(|(n, v)| (*n, v.as_str())));
-        let signable = SignableRequest::new(
-            method,
-            &url,
-            all.iter().copied(),
-            SignableBody::UnsignedPayload,
-        )
-        .map_err(|e| failure(FailureKind::Refused, "Signing", e.to_string()))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| failure(FailureKind::Refused, "Signing", e.to_string()))?
-            .into_parts();
-        let mut request = hyper::Request::builder().method(method).uri(path_and_query);
-        for (n, v) in &all {
-            request = request.header(*n, *v);
-        }
-        let mut request = request
-            .body(Full::new(body))
-            .map_err(|e| failure(FailureKind::Refused, "Request", e.to_string()))?;
-        instructions.apply_to_request_http1x(&mut request);
-        let answer = tokio::time::timeout(timeout, self.send(request))
-            .await
-            .map_err(|_| {
-                failure(
-                    FailureKind::TimedOut,
-                    "Timeout",
-                    format!("no answer from S3 within {timeout:?}"),
-                )
-            })??;
+        let answer = self
+            .client
+            .call(
+                method,
+                path_and_query,
+                headers,
+                body,
+                Payload::Unsigned,
+                MAX_ANSWER,
+                timeout,
+            )
+            .await?;
         if (200..300).contains(&answer.status) {
             Ok(answer)
         } else {
             Err(classify(answer.status, &answer.body))
-        }
-    }
-
-    async fn send(
-        &self,
-        request: hyper::Request<Full<Bytes>>,
-    ) -> Result<crate::http::Answer, Failure> {
-        let ep = &self.endpoint;
-        let tcp = tokio::time::timeout(
-            crate::aws::CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
-        )
-        .await
-        .map_err(|_| {
-            failure(
-                FailureKind::Transient,
-                "Connect",
-                format!("connecting to {}: timed out", ep.authority),
-            )
-        })?
-        .map_err(|e| {
-            failure(
-                FailureKind::Transient,
-                "Connect",
-                format!("connecting to {}: {e}", ep.authority),
-            )
-        })?;
-        let http = |e: crate::http::HttpError| {
-            failure(
-                FailureKind::Transient,
-                "Http",
-                format!("{}: {e}", ep.authority),
-            )
-        };
-        match &self.tls {
-            Some(tls) => {
-                let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
-                    .map_err(|e| failure(FailureKind::Refused, "Tls", e.to_string()))?;
-                let stream = tls.connect(name, tcp).await.map_err(|e| {
-                    failure(
-                        FailureKind::Transient,
-                        "Tls",
-                        format!("TLS to {}: {e}", ep.authority),
-                    )
-                })?;
-                crate::http::send(stream, request, MAX_ANSWER)
-                    .await
-                    .map_err(http)
-            }
-            None => crate::http::send(tcp, request, MAX_ANSWER)
-                .await
-                .map_err(http),
         }
     }
 
