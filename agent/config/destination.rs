@@ -202,7 +202,7 @@ pub(super) fn destinations(
                     ));
                 }
                 let max_object_bytes = max_object_bytes.map_or(64 << 20, |b| b.bytes());
-                let part_bytes = part_bytes.map_or(8 << 20, |b| b.bytes());
+                let part_bytes = part_bytes.map_or(s3::MIN_PART_BYTES, |b| b.bytes());
                 if part_bytes < s3::MIN_PART_BYTES {
                     return Err(at(
                         "part_bytes",

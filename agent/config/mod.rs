@@ -556,7 +556,7 @@ stream = "s"
         };
         assert_eq!(
             (s3.max_object_bytes, s3.max_object_age, s3.part_bytes),
-            (64 << 20, std::time::Duration::from_secs(900), 8 << 20)
+            (64 << 20, std::time::Duration::from_secs(900), 5 << 20)
         );
         assert_eq!(s3.compression, crate::sink::s3::Compression::Zstd);
         for (bad, said) in [

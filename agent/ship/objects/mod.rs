@@ -41,7 +41,7 @@ use super::stats::ShipperStats;
 const LEASE_PAGE: usize = 1024;
 /// Block bodies read per spool call while encoding (uncompressed bytes, about): small beside
 /// the part being filled, which is what an object in upload holds in memory.
-const READ_BYTES: u64 = 1 << 20;
+const READ_BYTES: u64 = 256 << 10;
 
 /// How often, outside the upload windows, the clock is looked at again.
 const WINDOW_CHECK: Duration = Duration::from_secs(5);

@@ -187,7 +187,7 @@ mod tests {
             compression_level: 3,
             max_object_bytes: 64 << 20,
             max_object_age: std::time::Duration::from_secs(900),
-            part_bytes: 8 << 20,
+            part_bytes: 5 << 20,
             upload_windows: Vec::new(),
             sse_kms_key_id: None,
         }
