@@ -421,6 +421,7 @@ struct CutUpload {
     /// The 2 MB/s link between the agent and moto (kept open for the restarted agent).
     link: Uplink,
     key: String,
+    upload_id: String,
 }
 
 /// The incompressible messages [`cut_upload`] publishes: 20 devices x 1,000 x 1 KiB.
@@ -456,12 +457,12 @@ fn cut_upload(dir: &Path, rt: &tokio::runtime::Runtime) -> CutUpload {
         cut_noise,
         "",
     ));
-    let key = wait_for(
+    let (key, upload_id) = wait_for(
         "a multipart upload with a part uploaded",
         Duration::from_secs(120),
         || {
             let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
-            (upload_id.is_some() && parts >= 1).then_some(key)
+            (parts >= 1).then_some((key, upload_id?))
         },
     );
     agent.kill();
@@ -471,6 +472,7 @@ fn cut_upload(dir: &Path, rt: &tokio::runtime::Runtime) -> CutUpload {
         s3,
         link,
         key,
+        upload_id,
     }
 }
 
@@ -490,6 +492,53 @@ fn cut_noise_found(tally: &Tally) -> u64 {
     found
 }
 
+/// The multipart upload recorded in the spool was aborted while the agent was down (as a
+/// bucket's lifecycle rule does): the restarted agent finds S3 no longer knows it (moto
+/// answers its parts with HTTP 500, not `NoSuchUpload`: the agent asks `ListParts`), uploads
+/// the object again under the same key, and every message arrives; no upload is left open.
+#[test]
+fn an_upload_s3_forgot_while_the_agent_was_down_starts_again_under_its_key() {
+    let dir = tempdir();
+    let rt = runtime();
+    let CutUpload {
+        mut agent,
+        mosquitto: _mosquitto,
+        s3,
+        link: _link,
+        key,
+        upload_id,
+    } = cut_upload(dir.path(), &rt);
+    s3_tool(&[&s3.endpoint(), "abort", "lake", &key, &upload_id]);
+    agent.spawn();
+    agent.wait_connected(2);
+    let acc = wait_for(
+        "the lake to take every record",
+        Duration::from_secs(180),
+        || agent.accounting().filter(|a| a.pending == 0),
+    );
+    assert!(acc.balances(), "{acc:?}");
+    assert_eq!(acc.dropped, 0, "{acc:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("S3 no longer knows the multipart upload")
+            && log.contains("records changed since its upload began"),
+        "the resumed upload found S3 had forgotten it and started again"
+    );
+    let objects = fetch(&s3.endpoint(), "lake", &dir.path().join("fetched"));
+    let (tally, _) = check_objects(&objects);
+    assert!(
+        objects.iter().any(|o| o.key == key),
+        "the object is under the key fixed before its first upload, {key}"
+    );
+    assert_eq!(
+        cut_noise_found(&tally),
+        u64::from(CUT_DEVICES * CUT_PER_DEVICE),
+        "every message is in the bucket"
+    );
+    assert_eq!(open_uploads(&s3, "lake"), serde_json::json!([]));
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
 /// The blocks of a recorded upload evicted from a full spool (`drop_oldest`) while the
 /// restarted agent waited for its upload window: the object is encoded again from the
 /// records left, its old upload aborted, and it goes up under the same key; the evicted
@@ -504,6 +553,7 @@ fn a_recorded_upload_whose_records_were_evicted_starts_again_under_its_key() {
         s3,
         link: _link,
         key,
+        ..
     } = cut_upload(dir.path(), &rt);
     // Restarted with a spool capped below its backlog and a window opening in a minute or
     // two: the object waits, and new records evict its first blocks meanwhile.

@@ -6,6 +6,7 @@ with moto) for the bucket, DuckDB for reading the objects the way Athena would.
     s3_tool.py ENDPOINT uploads BUCKET     prints {"uploads": [{"key", "parts"}...]}, the
                                            incomplete multipart uploads
     s3_tool.py ENDPOINT mkfirehose NAME BUCKET   a Firehose delivery stream (moto) into BUCKET
+    s3_tool.py ENDPOINT abort BUCKET KEY UPLOAD_ID   aborts that multipart upload
     s3_tool.py ENDPOINT heads BUCKET       prints {"KEY": {"sse", "kms_key", "type"}} per object
     s3_tool.py - duckdb DIR GLOB           prints {"rows", "ids", "by_hour": {"dt/hr": n}} of
                                            read_json_auto(DIR/GLOB, hive_partitioning = true)
@@ -84,6 +85,9 @@ def main(argv):
                 "Prefix": "firehose/",
             },
         )
+        print("{}")
+    elif command == "abort":
+        client(endpoint).abort_multipart_upload(Bucket=argv[3], Key=argv[4], UploadId=argv[5])
         print("{}")
     elif command == "uploads":
         print(json.dumps({"uploads": uploads(client(endpoint), argv[3])}))

@@ -43,6 +43,9 @@ const LEASE_PAGE: usize = 1024;
 /// the part being filled, which is what an object in upload holds in memory.
 const READ_BYTES: u64 = 256 << 10;
 
+/// Failed calls on a multipart upload between checks that S3 still knows it.
+const CHECK_UPLOAD_EVERY: u32 = 3;
+
 /// How often, outside the upload windows, the clock is looked at again.
 const WINDOW_CHECK: Duration = Duration::from_secs(5);
 
@@ -437,7 +440,7 @@ impl ObjectShipper {
             let id = u.upload_id.clone().expect("parts were sent");
             let etags: Vec<String> = u.parts.iter().map(|p| p.etag.clone()).collect();
             match self
-                .retry_until(stop, "CompleteMultipartUpload", || {
+                .retry_until(stop, "CompleteMultipartUpload", Some((&u.key, &id)), || {
                     self.s3().complete_multipart(&u.key, &id, &etags)
                 })
                 .await?
@@ -484,7 +487,7 @@ impl ObjectShipper {
         };
         let body = Bytes::from(part);
         let outcome = self
-            .retry_until(stop, "UploadPart", || {
+            .retry_until(stop, "UploadPart", Some((&u.key, &id)), || {
                 self.s3().upload_part(&u.key, &id, number, body.clone())
             })
             .await?;
@@ -512,7 +515,7 @@ impl ObjectShipper {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
-        match self.retry_until(stop, what, call).await? {
+        match self.retry_until(stop, what, None, call).await? {
             Ok(v) => Ok(v),
             // NoSuchUpload where it is not expected: the upload was lost; begin again.
             Err(_) => Err(Stop::Restart),
@@ -520,11 +523,14 @@ impl ObjectShipper {
     }
 
     /// Runs an S3 call until it succeeds or S3 says the upload does not exist (`Err`), with
-    /// backoff; `Stop::Asked` if told to stop first.
+    /// backoff; `Stop::Asked` if told to stop first. A call on an `upload` (key, id) that
+    /// keeps failing asks S3 whether the upload still exists, every few failures: stores that
+    /// answer a forgotten upload with another error would otherwise be retried forever.
     async fn retry_until<T, F, Fut>(
         &self,
         stop: &mut watch::Receiver<bool>,
         what: &str,
+        upload: Option<(&str, &str)>,
         call: F,
     ) -> Result<Result<T, Failure>, Stop>
     where
@@ -533,6 +539,7 @@ impl ObjectShipper {
     {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
         let mut failing = Repeated::new(Duration::from_secs(30));
+        let mut failures = 0u32;
         loop {
             if *stop.borrow() {
                 return Err(Stop::Asked);
@@ -551,6 +558,17 @@ impl ObjectShipper {
                 }
                 Err(f) if f.code == "NoSuchUpload" => return Ok(Err(f)),
                 Err(f) => {
+                    failures += 1;
+                    if let (Some((key, id)), true) = (upload, failures % CHECK_UPLOAD_EVERY == 0) {
+                        if let Ok(false) = self.s3().upload_exists(key, id).await {
+                            tracing::warn!(destination = %self.dest, key, call = what, code = %f.code, "S3 no longer knows the multipart upload (it answered its calls with errors)");
+                            return Ok(Err(Failure::new(
+                                f.kind,
+                                "NoSuchUpload",
+                                "the upload is gone",
+                            )));
+                        }
+                    }
                     self.stats.call_failures.fetch_add(1, Ordering::Relaxed);
                     self.stats.count_error(&f.code, 1);
                     self.stats.failing.store(true, Ordering::Relaxed);

@@ -383,11 +383,7 @@ impl S3Sink {
         let answer = self
             .call(
                 "POST",
-                &format!(
-                    "{}?uploadId={}",
-                    self.path(Some(key)),
-                    encode_query(upload_id)
-                ),
+                &self.upload_path(key, upload_id),
                 &[
                     ("content-md5", md5),
                     ("content-type", "application/xml".to_string()),
@@ -405,25 +401,49 @@ impl S3Sink {
         Ok(())
     }
 
+    /// Whether S3 still knows a multipart upload (`ListParts` of one part): asked when calls
+    /// on it keep failing, since some S3-compatible stores answer an upload they no longer
+    /// have with a server error or `AccessDenied` instead of `NoSuchUpload`. `Err` when the
+    /// store gives no answer either way.
+    pub(crate) async fn upload_exists(&self, key: &str, upload_id: &str) -> Result<bool, Failure> {
+        let path = format!("{}&max-parts=1", self.upload_path(key, upload_id));
+        match self.small_call("GET", &path).await {
+            Ok(_) => Ok(true),
+            Err(f) if f.code == "NoSuchUpload" => Ok(false),
+            Err(f) => Err(f),
+        }
+    }
+
     /// Abandons a multipart upload (its parts are freed).
     pub(crate) async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), Failure> {
         match self
-            .call(
-                "DELETE",
-                &format!(
-                    "{}?uploadId={}",
-                    self.path(Some(key)),
-                    encode_query(upload_id)
-                ),
-                &[],
-                Bytes::new(),
-                crate::aws::SMALL_CALL_TIMEOUT,
-            )
+            .small_call("DELETE", &self.upload_path(key, upload_id))
             .await
         {
             Err(f) if f.code == "NoSuchUpload" => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// `key`'s path with the query naming one of its multipart uploads.
+    fn upload_path(&self, key: &str, upload_id: &str) -> String {
+        format!(
+            "{}?uploadId={}",
+            self.path(Some(key)),
+            encode_query(upload_id)
+        )
+    }
+
+    /// A call without a body or headers, answered within the small-call timeout.
+    async fn small_call(&self, method: &str, path: &str) -> Result<crate::http::Answer, Failure> {
+        self.call(
+            method,
+            path,
+            &[],
+            Bytes::new(),
+            crate::aws::SMALL_CALL_TIMEOUT,
+        )
+        .await
     }
 
     /// The MD5 (hex) of a part, as kept with its ETag.
