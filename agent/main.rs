@@ -261,7 +261,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            edgeship::logging::init("info,aws_config=error");
+            edgeship::logging::init("info,aws_config=error,rskafka=warn");
             let base = edgeship::fleet::Base::load(&config)?;
             runtime()?.block_on(edgeship::app::run(base, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

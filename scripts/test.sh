@@ -11,6 +11,8 @@ missing=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+# TLS in front of the Kafka broker in the Kafka tests (tansu does not terminate TLS itself).
+command -v stunnel4 >/dev/null || missing+=(stunnel4)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt)"
   as_root apt-get update -qq
@@ -54,6 +56,16 @@ if [ ! -x "$EDGESHIP_S3S_FS" ]; then
   echo "==> s3s-fs $s3s_version (crates.io; built once into $tools)"
   cargo install s3s-fs --version "$s3s_version" --features binary --locked --quiet \
     --root "$tools/s3s-fs-$s3s_version"
+fi
+
+# tansu, a Kafka-compatible broker (its SQLite storage keeps users and survives restarts),
+# built the same way, at opt-level 1 (a test broker: the build is the cost, not its speed).
+tansu_version=0.6.0
+export EDGESHIP_TANSU="$tools/tansu-$tansu_version/bin/tansu"
+if [ ! -x "$EDGESHIP_TANSU" ]; then
+  echo "==> tansu $tansu_version (crates.io; built once into $tools)"
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=1 cargo install tansu --version "$tansu_version" \
+    --features libsql --locked --quiet --root "$tools/tansu-$tansu_version"
 fi
 
 echo "==> cargo fmt --check"

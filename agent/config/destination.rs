@@ -6,6 +6,7 @@ use super::source::{ConfigError, Source};
 use crate::sink::call::ShardLimits;
 use crate::sink::directory::{self, DirectoryConfig};
 use crate::sink::firehose::{self, FirehoseConfig};
+use crate::sink::kafka::{self, KafkaConfig, KafkaRecords, KafkaSasl};
 use crate::sink::kinesis::{self, KinesisConfig};
 use crate::sink::s3::{
     self, layout::KeyTemplate, Compression, ObjectFormat, S3Config, UploadWindow,
@@ -24,7 +25,23 @@ pub(crate) fn max_record_bytes(destination: &DestinationConfig) -> u64 {
         // A record larger than an object's window still makes one object of its own.
         DestinationConfig::S3(_) => u64::MAX,
         DestinationConfig::Firehose(f) => f.max_record_bytes,
+        DestinationConfig::Kafka(k) => k.max_record_bytes(),
     }
+}
+
+/// An error in field `field` of destination `name`, at the section's place in the file.
+fn field_error(
+    src: &Source,
+    span: &std::ops::Range<usize>,
+    name: &str,
+    field: &str,
+    why: &str,
+) -> ConfigError {
+    src.error_at(
+        Some(span.clone()),
+        &format!("destination.{name}.{field}"),
+        why,
+    )
 }
 
 /// An endpoint override is an http(s) URL.
@@ -262,13 +279,7 @@ pub(super) fn destinations(
                 endpoint,
                 max_record_bytes,
             } => {
-                let at = |field: &str, why: &str| {
-                    src.error_at(
-                        Some(span.clone()),
-                        &format!("destination.{name}.{field}"),
-                        why,
-                    )
-                };
+                let at = |field: &str, why: &str| field_error(src, &span, &name, field, why);
                 // Delivery stream names: 1-64 letters, digits, underscores, hyphens, dots.
                 let named = (1..=64).contains(&delivery_stream.len())
                     && delivery_stream
@@ -294,6 +305,123 @@ pub(super) fn destinations(
                     region,
                     endpoint,
                     max_record_bytes,
+                })
+            }
+            RawDestination::Kafka {
+                brokers,
+                topic,
+                records,
+                message_max_bytes,
+                tls,
+                sasl,
+            } => {
+                let at = |field: &str, why: &str| field_error(src, &span, &name, field, why);
+                let address = |b: &String| {
+                    b.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    })
+                };
+                if brokers.is_empty() || !brokers.iter().all(address) {
+                    return Err(at(
+                        "brokers",
+                        "list the bootstrap brokers as \"host:port\" (at least one)",
+                    ));
+                }
+                // Kafka topic names: 1-249 letters, digits, `.`, `_`, `-`.
+                let named = (1..=249).contains(&topic.len())
+                    && topic != "."
+                    && topic != ".."
+                    && topic
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !named {
+                    return Err(at(
+                        "topic",
+                        "a Kafka topic name has 1 to 249 letters, digits, `.`, `_`, `-`",
+                    ));
+                }
+                let records = match records.as_deref() {
+                    None | Some("message") => KafkaRecords::Message,
+                    Some("frame") => KafkaRecords::Frame,
+                    Some(other) => {
+                        return Err(at(
+                            "records",
+                            &format!("`{other}` is not one of \"message\" (one Kafka record per message) or \"frame\" (one per frame)"),
+                        ))
+                    }
+                };
+                let message_max_bytes =
+                    message_max_bytes.map_or(kafka::DEFAULT_MESSAGE_MAX_BYTES, |b| b.bytes());
+                if !(64 << 10..=256 << 20).contains(&message_max_bytes) {
+                    return Err(at(
+                        "message_max_bytes",
+                        "must be between 64KiB and 256MiB (the brokers' message.max.bytes)",
+                    ));
+                }
+                let tls = match tls {
+                    Some(t) => Some(super::broker::tls(
+                        t,
+                        src,
+                        span.clone(),
+                        &format!("destination.{name}.tls"),
+                    )?),
+                    None => None,
+                };
+                let sasl = match sasl {
+                    None => None,
+                    Some(s) => {
+                        let mechanism = s.mechanism.to_ascii_lowercase();
+                        let user = |s: &super::raw::RawKafkaSasl| match (&s.username, &s.password) {
+                            (Some(u), Some(p)) if !u.is_empty() => Ok((u.clone(), p.clone())),
+                            _ => Err(at(
+                                "sasl",
+                                &format!("mechanism `{mechanism}` needs `username` and `password`"),
+                            )),
+                        };
+                        Some(match mechanism.as_str() {
+                            "plain" => {
+                                let (username, password) = user(&s)?;
+                                KafkaSasl::Plain { username, password }
+                            }
+                            "scram-sha-256" => {
+                                let (username, password) = user(&s)?;
+                                KafkaSasl::ScramSha256 { username, password }
+                            }
+                            "scram-sha-512" => {
+                                let (username, password) = user(&s)?;
+                                KafkaSasl::ScramSha512 { username, password }
+                            }
+                            "aws-msk-iam" => {
+                                if s.username.is_some() || s.password.is_some() {
+                                    return Err(at(
+                                        "sasl",
+                                        "aws-msk-iam signs with the agent's AWS credentials: remove `username` and `password`",
+                                    ));
+                                }
+                                if tls.is_none() {
+                                    return Err(at(
+                                        "tls",
+                                        "aws-msk-iam needs TLS (MSK's IAM listener, port 9098): add a `tls` section",
+                                    ));
+                                }
+                                KafkaSasl::AwsMskIam { region: s.region }
+                            }
+                            other => {
+                                return Err(at(
+                                    "sasl.mechanism",
+                                    &format!("`{other}` is not one of plain, scram-sha-256, scram-sha-512, aws-msk-iam"),
+                                ))
+                            }
+                        })
+                    }
+                };
+                DestinationConfig::Kafka(KafkaConfig {
+                    brokers,
+                    topic,
+                    records,
+                    message_max_bytes,
+                    tls,
+                    sasl,
                 })
             }
         };

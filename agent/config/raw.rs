@@ -235,4 +235,22 @@ pub(crate) enum RawDestination {
         endpoint: Option<String>,
         max_record_bytes: Option<ByteSize>,
     },
+    Kafka {
+        brokers: Vec<String>,
+        topic: String,
+        records: Option<String>,
+        message_max_bytes: Option<ByteSize>,
+        tls: Option<RawTls>,
+        sasl: Option<RawKafkaSasl>,
+    },
+}
+
+/// `[destination.NAME.sasl]` of a Kafka destination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKafkaSasl {
+    pub(crate) mechanism: String,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) region: Option<String>,
 }

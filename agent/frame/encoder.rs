@@ -13,7 +13,7 @@ use super::{
     decode_records_in, encode_frame_in, encode_frame_v3, encode_record_in, frame_compressor,
     ColumnBody, FrameError, VERSION_1, VERSION_2,
 };
-use super::{kpl, ndjson};
+use super::{kpl, messages, ndjson};
 use serde::Deserialize;
 
 /// How a route's records are packed into destination records.
@@ -29,6 +29,11 @@ pub(crate) enum FrameFormat {
     /// Newline-delimited JSON, one line per message ([`ndjson`]): what Redshift streaming
     /// ingestion and Firehose parse; not compressed.
     Ndjson,
+    /// Each message apart, as spooled ([`messages`]): for destinations that send one record
+    /// per message (Kafka) and compress on their own. Never a route's `format`: only a
+    /// destination asks for it.
+    #[serde(skip)]
+    Messages,
 }
 
 impl FrameFormat {
@@ -37,6 +42,7 @@ impl FrameFormat {
             FrameFormat::Edgeship => "edgeship",
             FrameFormat::Kpl => "kpl",
             FrameFormat::Ndjson => "ndjson",
+            FrameFormat::Messages => "messages",
         }
     }
 
@@ -91,6 +97,8 @@ pub(crate) enum FrameEncoder {
     Kpl,
     /// JSON lines (uncompressed), for Redshift and Firehose.
     Ndjson,
+    /// The records as spooled, for one record per message at the destination.
+    Messages,
 }
 
 impl FrameEncoder {
@@ -101,6 +109,7 @@ impl FrameEncoder {
             }
             FrameFormat::Kpl => FrameEncoder::Kpl,
             FrameFormat::Ndjson => FrameEncoder::Ndjson,
+            FrameFormat::Messages => FrameEncoder::Messages,
         })
     }
 
@@ -141,6 +150,11 @@ impl FrameEncoder {
                 for r in &records {
                     ndjson::write_line(&mut out, gateway, r.seq, &r.topic, r.ts_ms, &r.payload);
                 }
+                Ok(out)
+            }
+            FrameEncoder::Messages => {
+                let mut out = Vec::new();
+                messages::encode(gateway, records as u32, version, raw, &mut out);
                 Ok(out)
             }
         }

@@ -26,11 +26,13 @@
 //! Decoding never trusts a length: every size is checked against the input and against
 //! [`MAX_BODY_BYTES`] before anything is allocated, and corrupt input is an error, never a panic.
 //! This module does no I/O. Its children: [`kpl`], the Kinesis Producer Library's aggregated
-//! record; [`ndjson`], the JSON line of one message; and [`encoder`], the one place records
-//! become destination records in any of the formats.
+//! record; [`ndjson`], the JSON line of one message; [`messages`], the records as spooled, for
+//! destinations that send each message apart; and [`encoder`], the one place records become
+//! destination records in any of the formats.
 
 pub(crate) mod encoder;
 pub mod kpl;
+pub(crate) mod messages;
 pub(crate) mod ndjson;
 
 use std::fmt;

@@ -48,11 +48,7 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
             if dests.first() == Some(name) {
                 placed_routes.push(route.clone());
             }
-            // Firehose parses what it is given: its records are always JSON lines.
-            let format = match dest {
-                DestinationConfig::Firehose(_) => FrameFormat::Ndjson,
-                _ => format,
-            };
+            let format = dest.required_format().unwrap_or(format);
             if format != FrameFormat::Edgeship {
                 route_formats.push((route.clone(), format));
             }

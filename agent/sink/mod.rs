@@ -3,7 +3,7 @@
 //! [`call`] is the vocabulary between the shipper and a destination (entries, limits,
 //! classified outcomes) and the [`Destination`] trait every destination implements; each
 //! destination lives in its own module: [`kinesis`] (Kinesis Data Streams), [`firehose`]
-//! (Amazon Data Firehose), [`s3`] (objects in a bucket, shipped by `ship::objects`) and
+//! (Amazon Data Firehose), [`kafka`] (Apache Kafka and Amazon MSK), [`s3`] (objects in a bucket, shipped by `ship::objects`) and
 //! [`directory`] (a local folder); [`signed`] is the SigV4 client the hand-written AWS ones
 //! share. [`Sink`] is the set of them behind the one interface.
 //!
@@ -16,6 +16,7 @@
 pub(crate) mod call;
 pub(crate) mod directory;
 pub(crate) mod firehose;
+pub mod kafka;
 pub mod kinesis;
 pub(crate) mod s3;
 pub(crate) mod signed;
@@ -24,6 +25,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use call::{CallLimits, Destination, Entry, Outcome, ShardLimits, SinkError};
 use directory::{DirectoryConfig, DirectorySink};
 use firehose::{FirehoseConfig, FirehoseSink};
+use kafka::{KafkaConfig, KafkaSink};
 use kinesis::{KinesisConfig, KinesisSink};
 use s3::{S3Config, S3Sink};
 use std::sync::Arc;
@@ -36,9 +38,20 @@ pub enum DestinationConfig {
     Directory(DirectoryConfig),
     S3(S3Config),
     Firehose(FirehoseConfig),
+    Kafka(KafkaConfig),
 }
 
 impl DestinationConfig {
+    /// The record format the destination takes whatever its routes say: Firehose parses what
+    /// it is given, so its records are always JSON lines; Kafka's are its own choice.
+    pub(crate) fn required_format(&self) -> Option<crate::frame::encoder::FrameFormat> {
+        match self {
+            DestinationConfig::Firehose(_) => Some(crate::frame::encoder::FrameFormat::Ndjson),
+            DestinationConfig::Kafka(k) => k.format(),
+            _ => None,
+        }
+    }
+
     /// The kind of destination, for metric labels and messages.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -46,6 +59,7 @@ impl DestinationConfig {
             DestinationConfig::Directory(_) => "directory",
             DestinationConfig::S3(_) => "s3",
             DestinationConfig::Firehose(_) => "firehose",
+            DestinationConfig::Kafka(_) => "kafka",
         }
     }
 }
@@ -57,6 +71,7 @@ pub(crate) enum Sink {
     /// Objects, not records: shipped by `ship::objects`, never by a stream shipper.
     S3(Box<S3Sink>),
     Firehose(Box<FirehoseSink>),
+    Kafka(Box<KafkaSink>),
 }
 
 impl Sink {
@@ -77,6 +92,9 @@ impl Sink {
             DestinationConfig::Firehose(f) => {
                 Sink::Firehose(Box::new(FirehoseSink::connect(name, f, credentials).await?))
             }
+            DestinationConfig::Kafka(k) => {
+                Sink::Kafka(Box::new(KafkaSink::connect(name, k, credentials).await?))
+            }
         })
     }
 }
@@ -88,6 +106,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.call_limits(),
             Sink::S3(s) => s.call_limits(),
             Sink::Firehose(f) => f.call_limits(),
+            Sink::Kafka(k) => k.call_limits(),
         }
     }
 
@@ -97,6 +116,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.max_record_bytes(),
             Sink::S3(s) => s.max_record_bytes(),
             Sink::Firehose(f) => f.max_record_bytes(),
+            Sink::Kafka(k) => k.max_record_bytes(),
         }
     }
 
@@ -106,6 +126,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.shard_limits(),
             Sink::S3(s) => s.shard_limits(),
             Sink::Firehose(f) => f.shard_limits(),
+            Sink::Kafka(k) => k.shard_limits(),
         }
     }
 
@@ -115,6 +136,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.shard_for(key),
             Sink::S3(s) => s.shard_for(key),
             Sink::Firehose(f) => f.shard_for(key),
+            Sink::Kafka(k) => k.shard_for(key),
         }
     }
 
@@ -124,6 +146,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.shard_starts(),
             Sink::S3(s) => s.shard_starts(),
             Sink::Firehose(f) => f.shard_starts(),
+            Sink::Kafka(k) => k.shard_starts(),
         }
     }
 
@@ -133,6 +156,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.put(entries, timeout).await,
             Sink::S3(s) => s.put(entries, timeout).await,
             Sink::Firehose(f) => f.put(entries, timeout).await,
+            Sink::Kafka(k) => k.put(entries, timeout).await,
         }
     }
 
@@ -142,6 +166,7 @@ impl Destination for Sink {
             Sink::Directory(d) => d.probe().await,
             Sink::S3(s) => s.probe().await,
             Sink::Firehose(f) => f.probe().await,
+            Sink::Kafka(k) => k.probe().await,
         }
     }
 }

@@ -14,6 +14,7 @@ mod disk;
 mod firehose;
 mod fleet;
 mod intake;
+mod kafka;
 mod keys;
 mod memory;
 mod observe;

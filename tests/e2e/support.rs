@@ -1695,3 +1695,186 @@ pub fn s3_tool(args: &[&str]) -> serde_json::Value {
     assert!(out.status.success(), "s3_tool.py {args:?} failed");
     serde_json::from_slice(&out.stdout).expect("s3_tool.py prints JSON")
 }
+
+/// A tansu broker on a free port, its SQLite database in the test's folder.
+pub struct Tansu {
+    pub port: u16,
+    /// The port it tells clients to connect to (a TLS proxy's in front of it), if not its own.
+    pub advertised: Option<u16>,
+    dir: PathBuf,
+    pub authentication: bool,
+    child: Option<Child>,
+}
+
+fn tansu_program() -> PathBuf {
+    std::env::var_os("EDGESHIP_TANSU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("tansu"))
+}
+
+impl Tansu {
+    pub fn start(dir: &Path) -> Tansu {
+        let dir = dir.join("tansu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut t = Tansu {
+            port: free_port(),
+            advertised: None,
+            dir,
+            authentication: false,
+            child: None,
+        };
+        t.spawn();
+        t
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .unwrap();
+        let mut cmd = Command::new(tansu_program());
+        cmd.current_dir(&self.dir)
+            .arg("broker")
+            .args(["--listener-url", &self.url()])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port)),
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .arg("--silent")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if self.authentication {
+            cmd.arg("--authentication");
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/test.sh builds it and sets EDGESHIP_TANSU)",
+                tansu_program().display()
+            )
+        });
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(60), "tansu");
+    }
+
+    /// Kills it (as a crash would) and starts it again on the same port and database.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs tansu's own command line against it.
+    fn cli(&self, args: &[&str]) {
+        let out = Command::new(tansu_program())
+            .current_dir(&self.dir)
+            .args(args)
+            .args(["--broker", &self.url()])
+            .output()
+            .expect("tansu");
+        assert!(
+            out.status.success(),
+            "tansu {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        self.cli(&[
+            "topic",
+            "create",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+        ]);
+    }
+
+    /// A SCRAM-SHA-512 user, then authentication required from the next start on.
+    pub fn require_scram_user(&mut self, user: &str, password: &str) {
+        self.cli(&["user", "create", user, password, "--mechanism", "scram512"]);
+        self.authentication = true;
+        self.restart();
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One record read back.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: u32,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub timestamp: u64,
+}
+
+pub fn kafka_tool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/support/kafka_tool.py"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("kafka_tool.py");
+    assert!(out.status.success(), "kafka_tool.py {args:?} failed");
+    serde_json::from_slice(&out.stdout).expect("kafka_tool.py prints JSON")
+}
+
+/// Every record of `topic`, and its partition count.
+pub fn kafka_consume(bootstrap: &str, topic: &str, options: &[&str]) -> (Vec<Consumed>, u32) {
+    let mut args = vec![bootstrap, "consume", topic];
+    args.extend_from_slice(options);
+    let answer = kafka_tool(&args);
+    let records = answer["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Consumed {
+            partition: r["partition"].as_u64().unwrap() as u32,
+            key: r["key"].as_str().unwrap_or_default().to_string(),
+            value: base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                r["value_b64"].as_str().unwrap(),
+            )
+            .unwrap(),
+            headers: r["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect(),
+            timestamp: r["timestamp"].as_u64().unwrap(),
+        })
+        .collect();
+    (records, answer["partitions"].as_u64().unwrap() as u32)
+}
+
+/// The partitions kafka-python's default partitioner gives each key.
+pub fn partitions_of(
+    keys: &std::collections::BTreeSet<String>,
+    partitions: u32,
+) -> std::collections::BTreeMap<String, u32> {
+    keys.iter()
+        .map(|k| {
+            let p = kafka_tool(&["-", "partition", k, &partitions.to_string()]);
+            (k.clone(), p.as_u64().unwrap() as u32)
+        })
+        .collect()
+}
