@@ -14,6 +14,7 @@
 //! cargo bench --bench shapes -- --s3 30s           # ... and an S3 bucket (moto), objects
 //!                                                  # closing at 30 s or 64 MiB of records
 //! cargo bench --bench shapes -- --firehose         # ... and a Firehose delivery stream (moto)
+//! cargo bench --bench shapes -- --kafka            # ... and a Kafka topic (tansu, 4 partitions)
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
@@ -125,6 +126,9 @@ struct Args {
     /// The route also feeds a Firehose delivery stream (moto, into a bucket it serves);
     /// Firehose figures are reported.
     firehose: bool,
+    /// The route also feeds a Kafka topic of 4 partitions (tansu, through a counting proxy);
+    /// Kafka figures are reported.
+    kafka: bool,
 }
 
 fn parse_args() -> Args {
@@ -141,6 +145,7 @@ fn parse_args() -> Args {
         destinations: 1,
         s3_age: None,
         firehose: false,
+        kafka: false,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -171,6 +176,7 @@ fn parse_args() -> Args {
             }
             "--s3" => a.s3_age = Some(value("--s3")),
             "--firehose" => a.firehose = true,
+            "--kafka" => a.kafka = true,
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -339,6 +345,23 @@ struct Figures {
     accepted_p99_ms: u64,
     s3: Option<S3Figures>,
     firehose: Option<FirehoseFigures>,
+    kafka: Option<KafkaFigures>,
+}
+
+/// The Kafka destination's figures.
+struct KafkaFigures {
+    /// Bytes the agent sent to the brokers (produce requests, metadata, all) over payload bytes.
+    bytes_per_payload: f64,
+    /// Produce requests per million messages.
+    requests_per_million: f64,
+    /// Records in the topic beyond one per message (resends).
+    repeats: u64,
+}
+
+/// The Kafka broker every shape's topic is on, behind a proxy that counts what the agent sends.
+struct KafkaSide {
+    tansu: Tansu,
+    link: Uplink,
 }
 
 /// The Firehose destination's figures.
@@ -364,6 +387,16 @@ struct S3Figures {
     records_per_default_object: f64,
 }
 
+/// `config` with its route also feeding destination `name` (whose section the caller adds).
+fn also_to(config: &str, name: &str) -> String {
+    config
+        .replace("destination = \"stream\"", "destinations = [\"stream\"]")
+        .replace(
+            "destinations = [\"stream\"",
+            &format!("destinations = [\"stream\", \"{name}\""),
+        )
+}
+
 fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -381,6 +414,7 @@ fn run_shape(
     broker_port: u16,
     baseline_rate: Option<f64>,
     s3: Option<&S3Server>,
+    kafka: Option<&KafkaSide>,
 ) -> Figures {
     let kinesis = kinesis();
     let client = rt.block_on(kinesis_client(&kinesis.endpoint()));
@@ -439,28 +473,39 @@ fn run_shape(
     if let (Some(s3), true) = (s3, args.firehose) {
         s3_tool(&[&s3.endpoint(), "mkbucket", &hose]);
         s3_tool(&[&s3.endpoint(), "mkfirehose", &hose, &hose]);
-        config = config.replace("destination = \"stream\"", "destinations = [\"stream\"]");
-        config = config.replace(
-            "destinations = [\"stream\"",
-            "destinations = [\"stream\", \"hose\"",
-        );
-        config += &format!(
+        config = also_to(&config, "hose")
+            + &format!(
             "[destination.hose]\ntype = \"firehose\"\ndelivery_stream = \"{hose}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\n",
             s3.endpoint()
         );
     }
     if let (Some(s3), Some(age)) = (s3, &args.s3_age) {
         s3_tool(&[&s3.endpoint(), "mkbucket", &bucket]);
-        config = config.replace("destination = \"stream\"", "destinations = [\"stream\"]");
-        config = config.replace(
-            "destinations = [\"stream\"",
-            "destinations = [\"stream\", \"lake\"",
-        );
-        config += &format!(
+        config = also_to(&config, "lake")
+            + &format!(
             "[destination.lake]\ntype = \"s3\"\nbucket = \"{bucket}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\npath_style = true\nprefix = \"shapes\"\nmax_object_age = \"{age}\"\n",
             s3.endpoint()
         );
     }
+    let topic = format!("shapes-{index}");
+    if let Some(k) = kafka {
+        k.tansu.create_topic(&topic, 4);
+        config = also_to(&config, "events")
+            + &format!(
+            "[destination.events]\ntype = \"kafka\"\nbrokers = [\"127.0.0.1:{}\"]\ntopic = \"{topic}\"\n",
+            k.link.port
+        );
+    }
+    let kafka_before = kafka.map(|k| {
+        (
+            k.link
+                .upstream_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            k.link
+                .kafka_produce_requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
     let mut agent = Agent::start(&agent_dir, &config);
     agent.wait_connected(1);
     // Until a destination has learned its shards, commits store a block per device (see
@@ -563,6 +608,36 @@ fn run_shape(
             record_bytes: sent as f64 / entries.max(1.0),
         }
     });
+    let kafka = kafka.zip(kafka_before).map(|(k, (bytes, requests))| {
+        let held = kafka_tool(&[&format!("127.0.0.1:{}", k.tansu.port), "offsets", &topic])
+            .as_u64()
+            .unwrap();
+        let accepted = scrape.sum(
+            "edgeship_destination_records_accepted_total",
+            &[("destination", "events")],
+        );
+        assert_eq!(accepted as u64, total, "every message accepted by Kafka");
+        assert!(
+            held >= total,
+            "{}: the topic holds {held} of {total}",
+            shape.name()
+        );
+        let sent = k
+            .link
+            .upstream_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - bytes;
+        let produced = k
+            .link
+            .kafka_produce_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - requests;
+        KafkaFigures {
+            bytes_per_payload: sent as f64 / payload,
+            requests_per_million: produced as f64 * 1e6 / total as f64,
+            repeats: held - total,
+        }
+    });
     let s3 = s3.filter(|_| args.s3_age.is_some()).map(|s3| {
         let folder = agent_dir.join("objects");
         let listed = s3_tool(&[&s3.endpoint(), "fetch", &bucket, folder.to_str().unwrap()]);
@@ -617,6 +692,7 @@ fn run_shape(
         accepted_p99_ms: percentile(&latencies, 0.99),
         s3,
         firehose,
+        kafka,
     }
 }
 
@@ -658,6 +734,14 @@ fn main() {
     }
     let mosquitto = Mosquitto::start_with(dir.path(), &broker_settings);
     let s3 = (args.s3_age.is_some() || args.firehose).then(|| S3Server::moto(dir.path()));
+    let kafka = args.kafka.then(|| {
+        let mut tansu = Tansu::start(dir.path());
+        let link = Uplink::start(tansu.port);
+        // Clients are sent to the proxy for every connection after the first.
+        tansu.advertised = Some(link.port);
+        tansu.restart();
+        KafkaSide { tansu, link }
+    });
 
     let mut baselines = std::collections::BTreeMap::new();
     for protocol in ["5", "3.1.1"] {
@@ -686,6 +770,7 @@ fn main() {
             mosquitto.port,
             base,
             s3.as_ref(),
+            kafka.as_ref(),
         );
         results.push((*shape, f));
     }
@@ -786,8 +871,28 @@ fn main() {
         }
     }
 
+    if args.kafka {
+        println!();
+        println!("Kafka (tansu, 4 partitions; the route also feeds the stream):");
+        println!(
+            "{:<52} {:>10} {:>14} {:>8}",
+            "shape", "bytes/pay", "requests/1M", "repeats"
+        );
+        for (shape, f) in &results {
+            let Some(k) = &f.kafka else { continue };
+            println!(
+                "{:<52} {:>10.3} {:>14.1} {:>8}",
+                shape.name(),
+                k.bytes_per_payload,
+                k.requests_per_million,
+                k.repeats
+            );
+        }
+    }
+
     let json = serde_json::json!({
         "format": args.format,
+        "kafka": args.kafka,
         "firehose": args.firehose,
         "destinations": args.destinations,
         "s3_max_object_age": args.s3_age,
@@ -816,6 +921,11 @@ fn main() {
                 "object_bytes_per_payload_byte": s3.bytes_per_payload,
                 "requests_per_million": s3.requests_per_million,
                 "records_per_64mib_object": s3.records_per_default_object,
+            })),
+            "kafka": f.kafka.as_ref().map(|k| serde_json::json!({
+                "bytes_per_payload_byte": k.bytes_per_payload,
+                "produce_requests_per_million": k.requests_per_million,
+                "repeated_records": k.repeats,
             })),
             "firehose": f.firehose.as_ref().map(|h| serde_json::json!({
                 "bytes_per_payload_byte": h.bytes_per_payload,

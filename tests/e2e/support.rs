@@ -559,6 +559,43 @@ pub struct Uplink {
     generation: Arc<AtomicU64>,
     /// While set, what the client sends is read and thrown away (the connection stays up).
     muted: Arc<AtomicBool>,
+    /// Bytes the clients sent through it, and the Kafka produce requests among them.
+    pub upstream_bytes: Arc<AtomicU64>,
+    pub kafka_produce_requests: Arc<AtomicU64>,
+}
+
+/// Follows the Kafka request frames (a 4-byte length, then the request, whose first two
+/// bytes are its API key) of one connection's client side, counting produce requests (key 0).
+#[derive(Default)]
+struct KafkaFrames {
+    /// Bytes of the current frame's length prefix and API key read so far.
+    head: Vec<u8>,
+    /// Bytes of the current frame's body still to come after its head.
+    left: usize,
+}
+
+impl KafkaFrames {
+    fn feed(&mut self, mut data: &[u8], produce: &AtomicU64) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (6 - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.head.len() == 6 {
+                let len = u32::from_be_bytes(self.head[..4].try_into().unwrap()) as usize;
+                if self.head[4..6] == [0, 0] {
+                    produce.fetch_add(1, Ordering::Relaxed);
+                }
+                self.left = len.saturating_sub(2);
+                self.head.clear();
+            }
+        }
+    }
 }
 
 /// Paces the bytes of one direction of a [`Uplink`] to a rate, over all its connections.
@@ -606,6 +643,9 @@ impl Uplink {
         let generation = Arc::new(AtomicU64::new(0));
         let muted = Arc::new(AtomicBool::new(false));
         let (d, g, m) = (down.clone(), generation.clone(), muted.clone());
+        let upstream_bytes = Arc::new(AtomicU64::new(0));
+        let kafka_produce_requests = Arc::new(AtomicU64::new(0));
+        let (sent, produce) = (upstream_bytes.clone(), kafka_produce_requests.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -626,7 +666,9 @@ impl Uplink {
                 .zip([true, false])
                 {
                     let (g, d, m) = (g.clone(), d.clone(), m.clone());
+                    let (sent, produce) = (sent.clone(), produce.clone());
                     std::thread::spawn(move || {
+                        let mut frames = KafkaFrames::default();
                         from.set_read_timeout(Some(Duration::from_millis(100)))
                             .unwrap();
                         // Paced links move small chunks, so the rate holds within a second.
@@ -643,6 +685,10 @@ impl Uplink {
                                     }
                                     if upstream && m.load(Ordering::SeqCst) {
                                         continue;
+                                    }
+                                    if upstream {
+                                        sent.fetch_add(n as u64, Ordering::Relaxed);
+                                        frames.feed(&buf[..n], &produce);
                                     }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
@@ -668,6 +714,8 @@ impl Uplink {
             down,
             generation,
             muted,
+            upstream_bytes,
+            kafka_produce_requests,
         }
     }
 

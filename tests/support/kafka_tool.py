@@ -4,6 +4,8 @@
   kafka_tool.py BOOTSTRAP consume TOPIC [--sasl MECHANISM USER PASSWORD] [--ca CA_FILE]
       every record of every partition, from the start to the end offsets read first:
       [{"partition", "offset", "key", "value_b64", "headers": {name: text}, "timestamp"}]
+  kafka_tool.py BOOTSTRAP offsets TOPIC
+      how many records the topic holds: the sum of its partitions' end offsets
   kafka_tool.py - partition KEY PARTITIONS
       the partition kafka-python's default partitioner (murmur2) gives KEY
 """
@@ -75,10 +77,23 @@ def consume(bootstrap, topic, options):
     return {"partitions": len(tps), "records": out}
 
 
+def offsets(bootstrap, topic):
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    total = sum(consumer.end_offsets(tps).values())
+    consumer.close()
+    return total
+
+
 def main():
     bootstrap, command, *rest = sys.argv[1:]
     if command == "consume":
         answer = consume(bootstrap, rest[0], rest[1:])
+    elif command == "offsets":
+        answer = offsets(bootstrap, rest[0])
     elif command == "partition":
         answer = partition(rest[0], int(rest[1]))
     else:
