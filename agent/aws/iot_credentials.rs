@@ -2,10 +2,12 @@
 //! the account's credentials endpoint over mutual TLS with the device's X.509 certificate
 //! (`GET /role-aliases/{alias}/credentials`, header `x-amzn-iot-thingname`).
 //!
-//! Credentials are cached and refreshed in the background before they expire (at the latest
-//! five minutes, at most half their lifetime, ahead), so a PutRecords call never waits for a
-//! fetch once the first one succeeded. A failed fetch is retried with jittered backoff
-//! (1 s .. 5 min) while the cached credentials, if still valid, keep being used.
+//! Credentials are cached and refreshed by one background task before they expire (at the
+//! latest five minutes, at most half their lifetime, ahead). Callers never fetch: while the
+//! cached credentials are valid they get them at once, even while a refresh is on its way or
+//! hangs; only a caller with nothing valid to use waits for the task's next fetch. A failed
+//! fetch is retried with jittered backoff (1 s .. 5 min) while the cached credentials, if still
+//! valid, keep being used.
 //!
 //! It must never log or expose the secret key or session token, and never send a request
 //! without the client certificate.
@@ -60,7 +62,19 @@ struct Inner {
     port: u16,
     connector: tokio_rustls::TlsConnector,
     server_name: ServerName<'static>,
-    state: tokio::sync::Mutex<State>,
+    cache: Cache,
+}
+
+/// The credentials held and the one task that replaces them. Its lock is never held across
+/// a fetch.
+struct Cache {
+    endpoint: String,
+    role_alias: String,
+    state: std::sync::Mutex<State>,
+    /// A caller with nothing valid asks the refresh task to look now.
+    wake: tokio::sync::Notify,
+    /// Counts finished fetches, whatever their outcome: waiting callers watch it.
+    fetched: tokio::sync::watch::Sender<u64>,
     stats: Arc<CredentialStats>,
 }
 
@@ -194,53 +208,66 @@ impl IotCredentials {
             port,
             connector: tokio_rustls::TlsConnector::from(tls),
             server_name,
-            state: tokio::sync::Mutex::new(State {
+            cache: Cache::new(&config.endpoint, &config.role_alias),
+        });
+        let task = inner.clone();
+        tokio::spawn(async move { task.cache.run(|| task.fetch()).await });
+        Ok(IotCredentials { inner })
+    }
+
+    pub(crate) fn stats(&self) -> Arc<CredentialStats> {
+        self.inner.cache.stats.clone()
+    }
+}
+
+impl Cache {
+    fn new(endpoint: &str, role_alias: &str) -> Cache {
+        Cache {
+            endpoint: endpoint.to_string(),
+            role_alias: role_alias.to_string(),
+            state: std::sync::Mutex::new(State {
                 current: None,
                 retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
                 next_attempt: None,
                 last_error: None,
                 errors: Repeated::new(Duration::from_secs(60)),
             }),
+            wake: tokio::sync::Notify::new(),
+            fetched: tokio::sync::watch::channel(0).0,
             stats: Arc::default(),
-        });
-        tokio::spawn(refresh_loop(inner.clone()));
-        Ok(IotCredentials { inner })
-    }
-
-    pub(crate) fn stats(&self) -> Arc<CredentialStats> {
-        self.inner.stats.clone()
-    }
-}
-
-/// Keeps credentials fresh without waiting for a call to need them.
-async fn refresh_loop(inner: Arc<Inner>) {
-    loop {
-        let wake = {
-            let st = inner.state.lock().await;
-            match (&st.current, st.next_attempt) {
-                (_, Some(retry_at)) => retry_at,
-                (Some(c), None) => c.refresh_at,
-                (None, None) => Instant::now(),
-            }
-        };
-        tokio::time::sleep_until(wake.into()).await;
-        let _ = inner.get().await;
-    }
-}
-
-impl Inner {
-    async fn get(&self) -> Result<Credentials, CredentialsError> {
-        let mut st = self.state.lock().await;
-        let now = Instant::now();
-        if let Some(c) = &st.current {
-            if now < c.refresh_at {
-                return Ok(c.credentials.clone());
-            }
         }
-        if st.next_attempt.is_some_and(|t| now < t) {
-            return st.cached_or_error();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refresh task: fetches when the credentials held are due (or missing), and after a
+    /// failure when its backoff has passed; never returns.
+    async fn run<F, Fut>(&self, fetch: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(Credentials, SystemTime), FetchError>>,
+    {
+        loop {
+            let (due, wake) = self.lock().next_fetch(Instant::now());
+            if !due {
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake.into()) => {}
+                    () = self.wake.notified() => {}
+                }
+                continue;
+            }
+            let outcome = fetch().await;
+            self.record(outcome);
+            self.fetched.send_modify(|n| *n += 1);
         }
-        match self.fetch().await {
+    }
+
+    /// Takes a fetch's outcome into the state, with its figures and logs.
+    fn record(&self, outcome: Result<(Credentials, SystemTime), FetchError>) {
+        let mut st = self.lock();
+        match outcome {
             Ok((credentials, expires)) => {
                 self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                 let unix = expires
@@ -252,20 +279,19 @@ impl Inner {
                 });
                 let refresh_at = refresh_point(Instant::now(), expires);
                 tracing::info!(
-                    role_alias = %self.config.role_alias,
+                    role_alias = %self.role_alias,
                     expires_in_s = expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
                     refresh_in_s = refresh_at.saturating_duration_since(Instant::now()).as_secs(),
                     "AWS credentials obtained from the AWS IoT credentials provider"
                 );
                 st.current = Some(Current {
-                    credentials: credentials.clone(),
+                    credentials,
                     expires,
                     refresh_at,
                 });
                 st.retry.reset();
                 st.next_attempt = None;
                 st.last_error = None;
-                Ok(credentials)
             }
             Err(e) => {
                 self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
@@ -274,8 +300,8 @@ impl Inner {
                 if let Some(repeats) = st.errors.should_log() {
                     let still_valid = st.current.as_ref().is_some_and(Current::usable);
                     tracing::warn!(
-                        endpoint = %self.config.endpoint,
-                        role_alias = %self.config.role_alias,
+                        endpoint = %self.endpoint,
+                        role_alias = %self.role_alias,
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
                         using_cached = still_valid,
@@ -284,11 +310,35 @@ impl Inner {
                     );
                 }
                 st.last_error = Some(e.to_string());
-                st.cached_or_error()
             }
         }
     }
 
+    /// What a caller (the SDK, before each signed request) gets: the credentials held while
+    /// they are valid, at once; with nothing valid, the outcome of the refresh task's next
+    /// fetch, or the last error while that task waits out its backoff.
+    async fn get(&self) -> Result<Credentials, CredentialsError> {
+        let mut fetched = self.fetched.subscribe();
+        {
+            let st = self.lock();
+            let now = Instant::now();
+            if let Some(c) = &st.current {
+                if now < c.refresh_at || c.usable() {
+                    return Ok(c.credentials.clone());
+                }
+            }
+            if st.next_attempt.is_some_and(|t| now < t) {
+                return st.cached_or_error();
+            }
+        }
+        self.wake.notify_one();
+        // The sender lives as long as the cache: changed() only returns after a fetch.
+        let _ = fetched.changed().await;
+        self.lock().cached_or_error()
+    }
+}
+
+impl Inner {
     async fn fetch(&self) -> Result<(Credentials, SystemTime), FetchError> {
         match tokio::time::timeout(FETCH_TIMEOUT, self.fetch_once()).await {
             Ok(r) => r,
@@ -347,6 +397,16 @@ impl Inner {
 }
 
 impl State {
+    /// Whether a fetch is due now, and if not, when to look again.
+    fn next_fetch(&self, now: Instant) -> (bool, Instant) {
+        let at = match (&self.current, self.next_attempt) {
+            (_, Some(retry_at)) => retry_at,
+            (Some(c), None) => c.refresh_at,
+            (None, None) => now,
+        };
+        (now >= at, at)
+    }
+
     fn cached_or_error(&self) -> Result<Credentials, CredentialsError> {
         match &self.current {
             Some(c) if c.usable() => Ok(c.credentials.clone()),
@@ -363,7 +423,7 @@ impl ProvideCredentials for IotCredentials {
     where
         Self: 'a,
     {
-        future::ProvideCredentials::new(self.inner.get())
+        future::ProvideCredentials::new(self.inner.cache.get())
     }
 }
 
@@ -405,5 +465,107 @@ mod tests {
         let short = refresh_point(now, SystemTime::now() + Duration::from_secs(20));
         assert!((9..=10).contains(&(short - now).as_secs()));
         assert!(parse_answer(br#"{"message":"Access Denied"}"#).is_err());
+    }
+
+    fn issued(n: u32, lifetime: Duration) -> (Credentials, SystemTime) {
+        let expires = SystemTime::now() + lifetime;
+        let c = Credentials::new(format!("AKID{n}"), "secret", None, Some(expires), "test");
+        (c, expires)
+    }
+
+    async fn poll_until(what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The refresh task with a fetch the test answers by hand: each fetch waits for the next
+    /// outcome sent.
+    #[tokio::test]
+    async fn callers_never_wait_on_a_refresh_while_the_credentials_held_are_valid() {
+        type Outcome = Result<(Credentials, SystemTime), FetchError>;
+        let cache = Arc::new(Cache::new("https://127.0.0.1:1", "role"));
+        let (answer, answers) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
+        let answers = Arc::new(tokio::sync::Mutex::new(answers));
+        let calls = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (cache, answers, calls) = (cache.clone(), answers.clone(), calls.clone());
+            async move {
+                cache
+                    .run(|| {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        let answers = answers.clone();
+                        async move { answers.lock().await.recv().await.unwrap() }
+                    })
+                    .await
+            }
+        });
+        let get = |cache: &Arc<Cache>| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get().await })
+        };
+
+        // Nothing held yet: the first caller waits for the first fetch.
+        let first = get(&cache);
+        poll_until("the first fetch", || calls.load(Ordering::SeqCst) == 1).await;
+        assert!(!first.is_finished());
+        answer
+            .send(Ok(issued(1, Duration::from_secs(3600))))
+            .unwrap();
+        assert_eq!(first.await.unwrap().unwrap().access_key_id(), "AKID1");
+
+        // Due for refresh and still valid, with the refresh hanging: callers get the set held.
+        cache.lock().current.as_mut().unwrap().refresh_at = Instant::now();
+        cache.wake.notify_one();
+        poll_until("the refresh", || calls.load(Ordering::SeqCst) == 2).await;
+        for _ in 0..3 {
+            let held = tokio::time::timeout(Duration::from_millis(200), cache.get())
+                .await
+                .expect("a caller waited on the refresh");
+            assert_eq!(held.unwrap().access_key_id(), "AKID1");
+        }
+        answer
+            .send(Ok(issued(2, Duration::from_secs(3600))))
+            .unwrap();
+        poll_until("the refreshed set", || {
+            cache
+                .lock()
+                .current
+                .as_ref()
+                .unwrap()
+                .credentials
+                .access_key_id()
+                == "AKID2"
+        })
+        .await;
+
+        // Nothing valid (inside the expiry slack) and the next fetch fails: the waiting caller
+        // gets the error, and while the task backs off callers get it at once.
+        let (credentials, expires) = issued(3, Duration::from_secs(5));
+        cache.lock().current = Some(Current {
+            credentials,
+            expires,
+            refresh_at: Instant::now(),
+        });
+        let waiting = get(&cache);
+        poll_until("the fetch for a caller", || {
+            calls.load(Ordering::SeqCst) == 3
+        })
+        .await;
+        assert!(!waiting.is_finished());
+        answer
+            .send(Err(FetchError::Timeout(Duration::from_secs(1))))
+            .unwrap();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(format!("{err:?}").contains("no answer within"), "{err:?}");
+        let again = tokio::time::timeout(Duration::from_millis(200), cache.get())
+            .await
+            .expect("a caller waited through the backoff");
+        assert!(again.is_err());
+        assert_eq!(cache.stats.fetches.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.stats.fetch_errors.load(Ordering::SeqCst), 1);
+        task.abort();
     }
 }
