@@ -6,7 +6,7 @@ use super::source::{ConfigError, Source};
 use crate::sink::call::ShardLimits;
 use crate::sink::directory::{self, DirectoryConfig};
 use crate::sink::firehose::{self, FirehoseConfig};
-use crate::sink::kafka::{self, KafkaConfig, KafkaRecords, KafkaSasl};
+use crate::sink::kafka::{self, CreateTopic, KafkaConfig, KafkaRecords, KafkaSasl};
 use crate::sink::kinesis::{self, KinesisConfig};
 use crate::sink::s3::{
     self, layout::KeyTemplate, Compression, ObjectFormat, S3Config, UploadWindow,
@@ -314,6 +314,7 @@ pub(super) fn destinations(
                 message_max_bytes,
                 tls,
                 sasl,
+                create_topic,
             } => {
                 let at = |field: &str, why: &str| field_error(src, &span, &name, field, why);
                 let address = |b: &String| {
@@ -415,6 +416,27 @@ pub(super) fn destinations(
                         })
                     }
                 };
+                let create_topic = match create_topic {
+                    None => None,
+                    Some(c) => {
+                        if !(1..=100_000).contains(&c.partitions) {
+                            return Err(at(
+                                "create_topic.partitions",
+                                "must be between 1 and 100000",
+                            ));
+                        }
+                        if !(1..=i64::from(i16::MAX)).contains(&c.replication_factor) {
+                            return Err(at(
+                                "create_topic.replication_factor",
+                                "must be at least 1 and at most the cluster's brokers (3 on most MSK clusters)",
+                            ));
+                        }
+                        Some(CreateTopic {
+                            partitions: c.partitions as i32,
+                            replication_factor: c.replication_factor as i16,
+                        })
+                    }
+                };
                 DestinationConfig::Kafka(KafkaConfig {
                     brokers,
                     topic,
@@ -422,6 +444,7 @@ pub(super) fn destinations(
                     message_max_bytes,
                     tls,
                     sasl,
+                    create_topic,
                 })
             }
         };

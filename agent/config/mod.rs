@@ -588,6 +588,77 @@ stream = "s"
     }
 
     #[test]
+    fn a_kafka_destination_is_checked_field_by_field() {
+        let events = |extra: &str| {
+            format!(
+                "{}[destination.events]\ntype = \"kafka\"\nbrokers = [\"127.0.0.1:9092\"]\ntopic = \"telemetry\"\n{extra}\n",
+                MINIMAL.replace("destination = \"main\"", "destination = \"events\"")
+            )
+        };
+        let c = Config::parse(
+            &events("[destination.events.create_topic]\npartitions = 6\nreplication_factor = 3"),
+            "m.toml",
+        )
+        .unwrap();
+        let Some(DestinationConfig::Kafka(k)) = c.destinations.get("events") else {
+            panic!("a kafka destination")
+        };
+        assert_eq!(
+            k.create_topic,
+            Some(crate::sink::kafka::CreateTopic {
+                partitions: 6,
+                replication_factor: 3
+            })
+        );
+        assert_eq!(
+            k.message_max_bytes,
+            crate::sink::kafka::DEFAULT_MESSAGE_MAX_BYTES
+        );
+        let c = Config::parse(&events(""), "m.toml").unwrap();
+        assert!(matches!(
+            c.destinations.get("events"),
+            Some(DestinationConfig::Kafka(k)) if k.create_topic.is_none()
+        ));
+        for (bad, said) in [
+            ("records = \"batch\"", "is not one of \"message\""),
+            ("message_max_bytes = \"1KiB\"", "between 64KiB and 256MiB"),
+            (
+                "[destination.events.create_topic]\npartitions = 0\nreplication_factor = 1",
+                "create_topic.partitions",
+            ),
+            (
+                "[destination.events.create_topic]\npartitions = 3\nreplication_factor = 0",
+                "create_topic.replication_factor",
+            ),
+            (
+                "[destination.events.create_topic]\npartitions = 3",
+                "replication_factor",
+            ),
+            (
+                "[destination.events.sasl]\nmechanism = \"aws-msk-iam\"",
+                "aws-msk-iam needs TLS",
+            ),
+            (
+                "[destination.events.sasl]\nmechanism = \"scram-sha-512\"",
+                "needs `username` and `password`",
+            ),
+        ] {
+            let e = Config::parse(&events(bad), "m.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("m.toml:"), "{e}");
+            assert!(e.contains(said), "{bad}: {e}");
+        }
+        let e = Config::parse(
+            &events("").replace("topic = \"telemetry\"", "topic = \"tele/metry\""),
+            "m.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a Kafka topic name"), "{e}");
+    }
+
+    #[test]
     fn a_route_may_name_several_destinations_each_once_and_defined() {
         let two = format!(
             "{}[destination.archive]\ntype = \"directory\"\npath = \"/tmp/archive\"\n",

@@ -242,7 +242,16 @@ pub(crate) enum RawDestination {
         message_max_bytes: Option<ByteSize>,
         tls: Option<RawTls>,
         sasl: Option<RawKafkaSasl>,
+        create_topic: Option<RawCreateTopic>,
     },
+}
+
+/// `[destination.NAME.create_topic]` of a Kafka destination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCreateTopic {
+    pub(crate) partitions: i64,
+    pub(crate) replication_factor: i64,
 }
 
 /// `[destination.NAME.sasl]` of a Kafka destination.

@@ -562,6 +562,8 @@ pub struct Uplink {
     /// Bytes the clients sent through it, and the Kafka produce requests among them.
     pub upstream_bytes: Arc<AtomicU64>,
     pub kafka_produce_requests: Arc<AtomicU64>,
+    /// Connections forwarded so far.
+    pub connections: Arc<AtomicU64>,
 }
 
 /// Follows the Kafka request frames (a 4-byte length, then the request, whose first two
@@ -646,6 +648,8 @@ impl Uplink {
         let upstream_bytes = Arc::new(AtomicU64::new(0));
         let kafka_produce_requests = Arc::new(AtomicU64::new(0));
         let (sent, produce) = (upstream_bytes.clone(), kafka_produce_requests.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let forwarded = connections.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -656,6 +660,7 @@ impl Uplink {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
+                forwarded.fetch_add(1, Ordering::SeqCst);
                 let born = g.load(Ordering::SeqCst);
                 for (((mut from, mut to), pace), upstream) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
@@ -716,6 +721,7 @@ impl Uplink {
             muted,
             upstream_bytes,
             kafka_produce_requests,
+            connections,
         }
     }
 
@@ -1473,6 +1479,18 @@ pub async fn publish_paced_at(
     spread: Duration,
     qos: rumqttc::QoS,
 ) -> u64 {
+    publish_paced_with(port, devices, per_device, spread, qos, payload).await
+}
+
+/// [`publish_paced_at`] with the payloads of `make(device, seq)`.
+pub async fn publish_paced_with(
+    port: u16,
+    devices: u32,
+    per_device: u32,
+    spread: Duration,
+    qos: rumqttc::QoS,
+    make: fn(u32, u32) -> Vec<u8>,
+) -> u64 {
     let acked = Arc::new(AtomicU64::new(0));
     let interval = spread / per_device.max(1);
     let mut tasks = Vec::new();
@@ -1487,7 +1505,7 @@ pub async fn publish_paced_at(
                 let mut tick = tokio::time::interval(interval);
                 for s in 0..per_device {
                     tick.tick().await;
-                    c.publish(topic_of(d), qos, false, payload(d, s))
+                    c.publish(topic_of(d), qos, false, make(d, s))
                         .await
                         .unwrap();
                 }

@@ -35,10 +35,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Most entries and bytes one call sends (over all partitions).
+/// Most entries and bytes one call sends (over all partitions). Entries hold messages
+/// uncompressed, and while a call is sent each message is a Kafka `Record` of its own (key,
+/// payload, a map of three headers: about five times its bytes), so a call is kept to 1 MiB
+/// (peak RSS at saturation into a slow broker: 37.2 MiB with 4 MiB calls, 34.9-35.1 with 1 MiB,
+/// 33.0 with 256 KiB, which took 1,440 produce requests per million messages against 980).
 pub(crate) const CALL: CallLimits = CallLimits {
     max_entries: 500,
-    max_bytes: 4 << 20,
+    max_bytes: 1 << 20,
 };
 
 /// The broker's `message.max.bytes` unless configured: Kafka's default is 1,048,588.
@@ -106,6 +110,16 @@ pub struct KafkaConfig {
     pub(crate) message_max_bytes: u64,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) sasl: Option<KafkaSasl>,
+    /// Create the topic when the cluster does not have it; without it a missing topic is a
+    /// refusal that waits for an operator.
+    pub(crate) create_topic: Option<CreateTopic>,
+}
+
+/// How a missing topic is created (`[destination.NAME.create_topic]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateTopic {
+    pub(crate) partitions: i32,
+    pub(crate) replication_factor: i16,
 }
 
 impl KafkaConfig {
@@ -191,7 +205,7 @@ fn classify(e: &KafkaError, topic: &str, max_bytes: u64) -> Failure {
                     return failure(
                         FailureKind::Refused,
                         &code,
-                        format!("topic `{topic}` does not exist (edgeship does not create topics)"),
+                        format!("topic `{topic}` does not exist (create it, or let edgeship: `create_topic` in the destination's config)"),
                     )
                 }
                 ProtocolError::ThrottlingQuotaExceeded => FailureKind::Throttled,
@@ -378,13 +392,27 @@ impl KafkaSink {
             }
         };
         if conn.learned.is_none_or(|t| t.elapsed() >= METADATA_AGE) {
-            let topics = client.list_topics().await.map_err(|e| self.classify(&e))?;
+            let mut topics = client.list_topics().await.map_err(|e| self.classify(&e))?;
+            if !topics.iter().any(|t| t.name == self.config.topic) {
+                let Some(create) = self.config.create_topic else {
+                    return Err(failure(
+                        FailureKind::Refused,
+                        "UnknownTopicOrPartition",
+                        format!(
+                            "topic `{}` does not exist (create it, or let edgeship: `create_topic` in the destination's config)",
+                            self.config.topic
+                        ),
+                    ));
+                };
+                self.create_topic(&client, create).await?;
+                topics = client.list_topics().await.map_err(|e| self.classify(&e))?;
+            }
             let Some(topic) = topics.iter().find(|t| t.name == self.config.topic) else {
                 return Err(failure(
-                    FailureKind::Refused,
+                    FailureKind::Transient,
                     "UnknownTopicOrPartition",
                     format!(
-                        "topic `{}` does not exist (edgeship does not create topics)",
+                        "topic `{}` was created but the cluster does not list it yet",
                         self.config.topic
                     ),
                 ));
@@ -410,6 +438,38 @@ impl KafkaSink {
 
     fn classify(&self, e: &KafkaError) -> Failure {
         classify(e, &self.config.topic, self.config.max_record_bytes() / 2)
+    }
+
+    /// Creates the missing topic; one created meanwhile by someone else is as good.
+    async fn create_topic(&self, client: &Client, create: CreateTopic) -> Result<(), Failure> {
+        let created = match client.controller_client() {
+            Ok(controller) => {
+                controller
+                    .create_topic(
+                        self.config.topic.clone(),
+                        create.partitions,
+                        create.replication_factor,
+                        5_000,
+                    )
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match created {
+            Ok(()) => {
+                tracing::info!(destination = %self.name, topic = %self.config.topic, partitions = create.partitions, replication_factor = create.replication_factor, "created the topic");
+                Ok(())
+            }
+            Err(KafkaError::ServerError {
+                protocol_error: ProtocolError::TopicAlreadyExists,
+                ..
+            }) => Ok(()),
+            Err(e) => {
+                let mut f = self.classify(&e);
+                f.message = format!("creating topic `{}`: {}", self.config.topic, f.message);
+                Err(f)
+            }
+        }
     }
 
     async fn partition_client(
@@ -689,6 +749,7 @@ mod tests {
             message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
             tls: None,
             sasl: None,
+            create_topic: None,
         };
         assert!(config.max_record_bytes() < DEFAULT_MESSAGE_MAX_BYTES - 512);
         assert_eq!(config.format(), Some(FrameFormat::Messages));
