@@ -181,6 +181,15 @@ fn failure(kind: FailureKind, code: &str, message: impl Into<String>) -> Failure
     Failure::new(kind, code, message)
 }
 
+/// The refusal for a topic the cluster does not have, with what fixes it.
+fn missing_topic(topic: &str) -> Failure {
+    failure(
+        FailureKind::Refused,
+        "UnknownTopicOrPartition",
+        format!("topic `{topic}` does not exist (create it, or let edgeship: `create_topic` in the destination's config)"),
+    )
+}
+
 /// The client's error, classified; the first Kafka error inside a retry that ran out.
 fn classify(e: &KafkaError, topic: &str, max_bytes: u64) -> Failure {
     if let Some(f) = sasl_refusal(&e.to_string()) {
@@ -201,13 +210,7 @@ fn classify(e: &KafkaError, topic: &str, max_bytes: u64) -> Failure {
                 ProtocolError::MessageTooLarge | ProtocolError::RecordListTooLarge => {
                     FailureKind::TooLarge { limit: max_bytes }
                 }
-                ProtocolError::UnknownTopicOrPartition => {
-                    return failure(
-                        FailureKind::Refused,
-                        &code,
-                        format!("topic `{topic}` does not exist (create it, or let edgeship: `create_topic` in the destination's config)"),
-                    )
-                }
+                ProtocolError::UnknownTopicOrPartition => return missing_topic(topic),
                 ProtocolError::ThrottlingQuotaExceeded => FailureKind::Throttled,
                 ProtocolError::TopicAuthorizationFailed
                 | ProtocolError::ClusterAuthorizationFailed
@@ -395,14 +398,7 @@ impl KafkaSink {
             let mut topics = client.list_topics().await.map_err(|e| self.classify(&e))?;
             if !topics.iter().any(|t| t.name == self.config.topic) {
                 let Some(create) = self.config.create_topic else {
-                    return Err(failure(
-                        FailureKind::Refused,
-                        "UnknownTopicOrPartition",
-                        format!(
-                            "topic `{}` does not exist (create it, or let edgeship: `create_topic` in the destination's config)",
-                            self.config.topic
-                        ),
-                    ));
+                    return Err(missing_topic(&self.config.topic));
                 };
                 self.create_topic(&client, create).await?;
                 topics = client.list_topics().await.map_err(|e| self.classify(&e))?;
