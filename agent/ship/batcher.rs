@@ -129,6 +129,24 @@ impl Batcher {
         self.open.iter().map(|f| f.due).min()
     }
 
+    /// Whether an open frame holds at least `raw_bytes`.
+    pub(crate) fn has_open_of(&self, raw_bytes: u64) -> bool {
+        self.open.iter().any(|f| f.raw_bytes >= raw_bytes)
+    }
+
+    /// Closes the open frames that hold at least `raw_bytes`, before their linger.
+    pub(crate) fn close_open_of(&mut self, raw_bytes: u64) {
+        let mut i = 0;
+        while i < self.open.len() {
+            if self.open[i].raw_bytes >= raw_bytes {
+                let f = self.open.swap_remove(i);
+                self.ready.push_back(f);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     pub fn take_ready(&mut self) -> Option<FramePlan> {
         self.ready.pop_front()
     }

@@ -182,6 +182,12 @@ impl Shipper {
                 break;
             }
             self.place(&mut placed);
+            // Commits made while a call was out count from now: the intake is quiet only
+            // when none came for a while.
+            if commits.has_changed().unwrap_or(false) {
+                commits.borrow_and_update();
+                state.new_records(Instant::now());
+            }
             match state.next(Instant::now(), &*self.sink) {
                 Action::Lease { after, limit } => {
                     match self
@@ -278,7 +284,7 @@ impl Shipper {
                         // Each branch is cancel-safe: a watch change or a timer.
                         changed = commits.changed() => {
                             if changed.is_err() { break; }
-                            state.new_records();
+                            state.new_records(Instant::now());
                         }
                         _ = async {
                             match until {

@@ -18,6 +18,10 @@
 //!   limit the refusal named.
 //! - The shipper waits either for a backoff after a failed call, or for a paced shard's next
 //!   allowance ([`Hold`]); frames added while it waits for a paced shard go at once.
+//! - A frame closes when full or after its linger, or, if it holds at least
+//!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
+//!   [`QUIET`] and [`QUIET_GAPS`] times the last gap between commits) and everything
+//!   committed is planned.
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
@@ -44,6 +48,18 @@ use std::time::{Duration, Instant};
 const MAX_PLANNED_BLOCKS: usize = 4096;
 /// Blocks asked for in one lease.
 const LEASE_BLOCKS: usize = 1024;
+/// No commit for this long, with everything committed planned: the intake is quiet (a burst
+/// ended, or the publishers stopped). Commits come every `commit_interval` (10 ms) while
+/// messages flow fast.
+const QUIET: Duration = Duration::from_millis(100);
+/// A slower stream's commits come further apart (the spool gathers a few pages' worth, e.g.
+/// every 300 ms at 1,000 msg/s): it is quiet only after this many of its last gap, so a
+/// steady stream's frames still fill for their linger.
+const QUIET_GAPS: u32 = 4;
+/// A frame at least this large goes once the intake is quiet rather than after its linger:
+/// the tail of a burst reaches the destination 100 ms after the burst, not a linger (1 s by
+/// default) after it. Smaller frames, as at low rates, still wait to fill.
+const QUIET_FRAME_BYTES: u64 = 64 << 10;
 
 /// What the decisions need to know of the destination now: it learns its shards and its own
 /// record limit while it runs.
@@ -178,6 +194,10 @@ pub(crate) struct ShipState {
     cursor: i64,
     /// The last lease found nothing new (until the spool commits more).
     exhausted: bool,
+    /// When a commit of the spool was last seen.
+    last_commit: Option<Instant>,
+    /// The time between the last two commits seen (none before the second).
+    commit_gap: Option<Duration>,
     /// Whether blocks were last planned by shard (the destination's shards known).
     grouped_by_shard: bool,
     failing: Repeated,
@@ -197,6 +217,8 @@ impl ShipState {
             hold: Hold::None,
             cursor: 0,
             exhausted: false,
+            last_commit: None,
+            commit_gap: None,
             grouped_by_shard: false,
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
@@ -272,6 +294,9 @@ impl ShipState {
             };
         }
         self.batcher.close_due(now, false);
+        if self.quiet_at().is_some_and(|at| now >= at) {
+            self.batcher.close_open_of(QUIET_FRAME_BYTES);
+        }
         if queued < hard_cap {
             if let Some(plan) = self.batcher.take_ready_where(has_room) {
                 return Action::Encode(self.job(plan, record_limit));
@@ -290,7 +315,10 @@ impl ShipState {
                 Err(at) => self.hold = Hold::Paced(at),
             }
         }
-        let due = self.batcher.next_due();
+        let quiet = self
+            .quiet_at()
+            .filter(|_| self.batcher.has_open_of(QUIET_FRAME_BYTES));
+        let due = [self.batcher.next_due(), quiet].into_iter().flatten().min();
         let hold = match self.hold {
             Hold::None => None,
             Hold::Backoff(t) | Hold::Paced(t) => Some(t),
@@ -318,9 +346,23 @@ impl ShipState {
         }
     }
 
-    /// The spool committed more records: lease again.
-    pub(crate) fn new_records(&mut self) {
+    /// The spool committed more records (seen at `now`): lease again.
+    pub(crate) fn new_records(&mut self, now: Instant) {
         self.exhausted = false;
+        if let Some(last) = self.last_commit {
+            self.commit_gap = Some(now.saturating_duration_since(last));
+        }
+        self.last_commit = Some(now);
+    }
+
+    /// When the intake counts as quiet: everything committed is planned and no commit came
+    /// for [`QUIET`], or [`QUIET_GAPS`] times the last gap between commits if that is longer,
+    /// since the last one seen. Then a frame of [`QUIET_FRAME_BYTES`] or more goes without
+    /// waiting out its linger, since nothing more is coming soon to fill it. Never before
+    /// the second commit: one commit tells nothing of the stream's cadence.
+    fn quiet_at(&self) -> Option<Instant> {
+        let last = self.last_commit.filter(|_| self.exhausted)?;
+        Some(last + QUIET.max(self.commit_gap? * QUIET_GAPS))
     }
 
     /// What a lease returned.
@@ -857,6 +899,97 @@ mod tests {
         assert_eq!(ids, vec![2, 3]);
     }
 
+    /// Frames of up to 1 MiB lingering for a second.
+    fn lingering_a_second() -> ShipState {
+        let mut settings = settings(None);
+        settings.frame_bytes = 1 << 20;
+        settings.linger = Duration::from_secs(1);
+        ShipState::new(settings, Arc::default())
+    }
+
+    /// What the shipper waits for, or a panic if it does anything else.
+    fn waits_until(action: Action) -> Option<Instant> {
+        match action {
+            Action::Wait { until } => until,
+            other => panic!("expected a wait: {other:?}"),
+        }
+    }
+
+    /// A frame of `QUIET_FRAME_BYTES` or more goes once no commit came for `QUIET` (the
+    /// tail of a burst), not after its linger; a smaller one still waits out its linger.
+    #[test]
+    fn a_large_frame_goes_when_the_intake_is_quiet_and_a_small_one_lingers() {
+        let ms = Duration::from_millis;
+        let (mut s, t0) = (lingering_a_second(), Instant::now());
+        // Commits 10 ms apart, as while messages flow.
+        s.new_records(t0 - Duration::from_millis(10));
+        s.new_records(t0);
+        // Shard A: 100 KiB planned, far from full; shard B: 1 KiB.
+        let mut blocks = Some(vec![block(1, "a", 100 << 10), block(2, "b", 1 << 10)]);
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut blocks, 500, t0, 1_000)),
+            Some(t0 + QUIET)
+        );
+        // A commit 20 ms later (nothing in it for this destination): quiet counts from it.
+        s.new_records(t0 + ms(20));
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut None, 500, t0 + ms(119), 1_119)),
+            Some(t0 + ms(20) + QUIET)
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(120), 1_120) else {
+            panic!("the large frame goes when the intake is quiet");
+        };
+        assert_eq!(call.entries.len(), 1);
+        assert_eq!(call.entries[0].block_ids(), vec![1]);
+        s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(120), 1_120);
+        // The small one waits for its linger.
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut None, 500, t0 + ms(120), 1_120)),
+            Some(t0 + Duration::from_secs(1))
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_000), 2_000) else {
+            panic!("after its linger");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![2]);
+    }
+
+    /// A slow, steady stream commits every 300 ms: a gap of that length is its cadence, not
+    /// quiet, so its frame fills for its linger; four gaps without a commit are quiet.
+    #[test]
+    fn a_slow_streams_commit_gaps_are_not_quiet() {
+        let ms = Duration::from_millis;
+        let (mut s, t0) = (lingering_a_second(), Instant::now());
+        for (i, at) in [0u64, 300, 600, 900].into_iter().enumerate() {
+            s.new_records(t0 + ms(at));
+            let id = i as i64 + 1;
+            let mut blocks = Some(vec![block(id, "a", 70 << 10)]);
+            // The frame waits for its linger (1 s after it opened with the first commit).
+            match until_send(&mut s, &mut blocks, 500, t0 + ms(at), 1_000 + at) {
+                Action::Wait { until } => assert_eq!(until, Some(t0 + ms(1_000)), "at {at} ms"),
+                other => panic!("a frame closed between a steady stream's commits: {other:?}"),
+            }
+        }
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_000), 2_000) else {
+            panic!("after its linger");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![1, 2, 3, 4]);
+        s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_000), 2_000);
+        // Two commits 50 ms apart, then none: quiet after four of that gap, before the linger.
+        s.new_records(t0 + ms(1_200));
+        s.new_records(t0 + ms(1_250));
+        let mut last = block(5, "a", 70 << 10);
+        last.created_ms = 2_250;
+        let mut blocks = Some(vec![last]);
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(1_250), 2_250)),
+            Some(t0 + ms(1_250 + 4 * 50))
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_450), 2_450) else {
+            panic!("the frame goes when the intake is quiet");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![5]);
+    }
+
     /// Blocks of different keys bound for one shard share a frame; a frame planned by key
     /// (its shard not known then) closes before any frame is planned by shard, so it goes
     /// first and each key keeps its order.
@@ -971,7 +1104,7 @@ mod tests {
         assert!(matches!(s.hold(), Hold::Paced(_)));
         assert!(at > t0 && at <= t0 + Duration::from_millis(101));
         // A new frame for shard B goes at once, passing shard A's.
-        s.new_records();
+        s.new_records(t0);
         let mut more = Some(vec![block(3, "b", 20_000)]);
         let Action::Send(call) = until_send(&mut s, &mut more, 500, t0, 1_000) else {
             panic!("shard B is not held back by shard A")
