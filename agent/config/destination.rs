@@ -368,6 +368,16 @@ pub(super) fn destinations(
                     )?),
                     None => None,
                 };
+                let reauthenticate_every = sasl
+                    .as_ref()
+                    .and_then(|s| s.reauthenticate_every.as_ref())
+                    .map(|d| d.0);
+                if reauthenticate_every.is_some_and(|d| d < Duration::from_secs(1)) {
+                    return Err(at(
+                        "sasl.reauthenticate_every",
+                        "must be at least 1s (set it below the brokers' connections.max.reauth.ms)",
+                    ));
+                }
                 let sasl = match sasl {
                     None => None,
                     Some(s) => {
@@ -444,6 +454,7 @@ pub(super) fn destinations(
                     message_max_bytes,
                     tls,
                     sasl,
+                    reauthenticate_every,
                     create_topic,
                 })
             }

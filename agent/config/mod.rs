@@ -617,7 +617,16 @@ stream = "s"
         let c = Config::parse(&events(""), "m.toml").unwrap();
         assert!(matches!(
             c.destinations.get("events"),
-            Some(DestinationConfig::Kafka(k)) if k.create_topic.is_none()
+            Some(DestinationConfig::Kafka(k)) if k.create_topic.is_none() && k.reauthenticate_every.is_none()
+        ));
+        let c = Config::parse(
+            &events("[destination.events.sasl]\nmechanism = \"scram-sha-512\"\nusername = \"u\"\npassword = \"p\"\nreauthenticate_every = \"50m\""),
+            "m.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.destinations.get("events"),
+            Some(DestinationConfig::Kafka(k)) if k.reauthenticate_every == Some(std::time::Duration::from_secs(3000))
         ));
         for (bad, said) in [
             ("records = \"batch\"", "is not one of \"message\""),
@@ -637,6 +646,10 @@ stream = "s"
             (
                 "[destination.events.sasl]\nmechanism = \"aws-msk-iam\"",
                 "aws-msk-iam needs TLS",
+            ),
+            (
+                "[destination.events.sasl]\nmechanism = \"plain\"\nusername = \"u\"\npassword = \"p\"\nreauthenticate_every = \"500ms\"",
+                "sasl.reauthenticate_every",
             ),
             (
                 "[destination.events.sasl]\nmechanism = \"scram-sha-512\"",

@@ -262,4 +262,5 @@ pub(crate) struct RawKafkaSasl {
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
     pub(crate) region: Option<String>,
+    pub(crate) reauthenticate_every: Option<HumanDuration>,
 }

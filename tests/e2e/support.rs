@@ -562,8 +562,9 @@ pub struct Uplink {
     /// Bytes the clients sent through it, and the Kafka produce requests among them.
     pub upstream_bytes: Arc<AtomicU64>,
     pub kafka_produce_requests: Arc<AtomicU64>,
-    /// Connections forwarded so far.
+    /// Connections forwarded so far, and those of them the client's side has ended.
     pub connections: Arc<AtomicU64>,
+    pub closed: Arc<AtomicU64>,
 }
 
 /// Follows the Kafka request frames (a 4-byte length, then the request, whose first two
@@ -650,6 +651,8 @@ impl Uplink {
         let (sent, produce) = (upstream_bytes.clone(), kafka_produce_requests.clone());
         let connections = Arc::new(AtomicU64::new(0));
         let forwarded = connections.clone();
+        let closed = Arc::new(AtomicU64::new(0));
+        let ended = closed.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -672,6 +675,7 @@ impl Uplink {
                 {
                     let (g, d, m) = (g.clone(), d.clone(), m.clone());
                     let (sent, produce) = (sent.clone(), produce.clone());
+                    let ended = upstream.then(|| ended.clone());
                     std::thread::spawn(move || {
                         let mut frames = KafkaFrames::default();
                         from.set_read_timeout(Some(Duration::from_millis(100)))
@@ -710,6 +714,9 @@ impl Uplink {
                         }
                         let _ = from.shutdown(std::net::Shutdown::Both);
                         let _ = to.shutdown(std::net::Shutdown::Both);
+                        if let Some(ended) = ended {
+                            ended.fetch_add(1, Ordering::SeqCst);
+                        }
                     });
                 }
             }
@@ -722,6 +729,7 @@ impl Uplink {
             upstream_bytes,
             kafka_produce_requests,
             connections,
+            closed,
         }
     }
 

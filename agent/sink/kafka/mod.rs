@@ -17,8 +17,15 @@
 //! holds across retries. Produce requests ask `acks = all`; an entry is accepted only when
 //! the broker acknowledged every record of it.
 //!
-//! It never creates a topic, never retries on its own beyond the client's reconnection within
-//! one call, and never logs a password or a token.
+//! Authenticated sessions end (MSK IAM: when the token or the credentials it was signed with
+//! expire; elsewhere after the brokers' `connections.max.reauth.ms`), and the client has no
+//! re-authentication of a live connection (KIP-368). So the destination renews them itself:
+//! between calls, once a session is due (a minute before its token's end, at most a quarter
+//! of its life; or at `sasl.reauthenticate_every`), it drops its connections and connects
+//! and authenticates again, instead of letting the broker close a connection under a request.
+//!
+//! It never creates a topic unless configured to, never retries on its own beyond the
+//! client's reconnection within one call, and never logs a password or a token.
 
 pub(crate) mod msk_iam;
 
@@ -55,6 +62,19 @@ const RECORD_OVERHEAD: usize = 32;
 
 /// How often the topic's partitions are learned again.
 const METADATA_AGE: Duration = Duration::from_secs(60);
+
+/// How long before a token's end its session is renewed (at most a quarter of its life).
+const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
+/// When a session authenticated at `signed` with a token valid until `ends` is renewed.
+fn renewal_time(signed: SystemTime, ends: SystemTime) -> SystemTime {
+    let life = ends.duration_since(signed).unwrap_or_default();
+    ends - RENEW_BEFORE.min(life / 4)
+}
+
+/// The earliest renewal time of the tokens the current client's connections authenticated
+/// with: the token callback writes it, a new client starts it again.
+type RenewBy = Arc<std::sync::Mutex<Option<SystemTime>>>;
 
 /// What one Kafka record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +130,9 @@ pub struct KafkaConfig {
     pub(crate) message_max_bytes: u64,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) sasl: Option<KafkaSasl>,
+    /// Connections are made again, authenticating anew, once their session is this old
+    /// (`sasl.reauthenticate_every`: below the brokers' `connections.max.reauth.ms`).
+    pub(crate) reauthenticate_every: Option<Duration>,
     /// Create the topic when the cluster does not have it; without it a missing topic is a
     /// refusal that waits for an operator.
     pub(crate) create_topic: Option<CreateTopic>,
@@ -286,6 +309,8 @@ fn connection_failure(e: &rskafka::ConnectionError) -> Failure {
 #[derive(Default)]
 struct Connection {
     client: Option<Arc<Client>>,
+    /// When the client was made: its sessions' age.
+    since: Option<Instant>,
     partitions: usize,
     learned: Option<Instant>,
     clients: HashMap<i32, Arc<PartitionClient>>,
@@ -298,6 +323,7 @@ pub(crate) struct KafkaSink {
     tls: Option<Arc<rustls::ClientConfig>>,
     sasl: Option<SaslConfig>,
     connection: tokio::sync::Mutex<Connection>,
+    renew_by: RenewBy,
 }
 
 /// One record to send, and the entry it belongs to.
@@ -322,6 +348,7 @@ impl KafkaSink {
             Some(t) => Some(crate::tls::client_config(t).map_err(|e| refused(e.to_string()))?),
             None => None,
         };
+        let renew_by = RenewBy::default();
         let sasl = match &config.sasl {
             None => None,
             Some(KafkaSasl::Plain { username, password }) => Some(SaslConfig::Plain(
@@ -343,13 +370,22 @@ impl KafkaSink {
                             .into(),
                     ));
                 };
+                let renew = renew_by.clone();
                 Some(SaslConfig::Oauthbearer(OauthBearerCredentials {
                     callback: Arc::new(move || {
-                        let (region, provider) = (region.clone(), provider.clone());
+                        let (region, provider, renew) =
+                            (region.clone(), provider.clone(), renew.clone());
                         Box::pin(async move {
                             let creds = provider.provide_credentials().await?;
-                            msk_iam::token(&region, &creds, SystemTime::now(), msk_iam::USER_AGENT)
-                                .map_err(|e| e.into())
+                            let now = SystemTime::now();
+                            let token = msk_iam::token(&region, &creds, now, msk_iam::USER_AGENT)?;
+                            let ends = creds
+                                .expiry()
+                                .map_or(now + msk_iam::EXPIRES, |e| e.min(now + msk_iam::EXPIRES));
+                            let at = renewal_time(now, ends);
+                            let mut by = renew.lock().unwrap_or_else(|e| e.into_inner());
+                            *by = Some(by.map_or(at, |t| t.min(at)));
+                            Ok(token)
                         })
                     }),
                     authz_id: None,
@@ -363,6 +399,7 @@ impl KafkaSink {
             tls,
             sasl,
             connection: tokio::sync::Mutex::new(Connection::default()),
+            renew_by,
         })
     }
 
@@ -389,8 +426,10 @@ impl KafkaSink {
                 if let Some(sasl) = &self.sasl {
                     builder = builder.sasl_config(sasl.clone());
                 }
+                *self.renew_by.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let client = Arc::new(builder.build().await.map_err(|e| self.classify(&e))?);
                 conn.client = Some(client.clone());
+                conn.since = Some(Instant::now());
                 client
             }
         };
@@ -430,6 +469,32 @@ impl KafkaSink {
             conn.learned = Some(Instant::now());
         }
         Ok(client)
+    }
+
+    /// Why the client's sessions are due for renewal, if they are.
+    fn renewal_due(&self, age: Duration, now: SystemTime) -> Option<&'static str> {
+        if self
+            .config
+            .reauthenticate_every
+            .is_some_and(|every| age >= every)
+        {
+            return Some("reauthenticate_every");
+        }
+        let by = *self.renew_by.lock().unwrap_or_else(|e| e.into_inner());
+        by.is_some_and(|by| now >= by).then_some("token")
+    }
+
+    /// Between calls: drops a client whose sessions are due, so the next connections
+    /// authenticate again before the brokers end the old ones under a request.
+    fn renew_if_due(&self, conn: &mut Connection) {
+        let Some(since) = conn.since.filter(|_| conn.client.is_some()) else {
+            return;
+        };
+        let age = since.elapsed();
+        if let Some(why) = self.renewal_due(age, SystemTime::now()) {
+            tracing::info!(destination = %self.name, age_s = age.as_secs(), due_to = why, "renewing the Kafka sessions: connecting and authenticating again");
+            *conn = Connection::default();
+        }
     }
 
     fn classify(&self, e: &KafkaError) -> Failure {
@@ -544,6 +609,7 @@ impl KafkaSink {
     /// Sends one call's entries; per entry, why it was not accepted.
     async fn send(&self, entries: &[&Entry]) -> Result<Vec<Option<Failure>>, Failure> {
         let mut conn = self.connection.lock().await;
+        self.renew_if_due(&mut conn);
         let client = match self.ready(&mut conn).await {
             Ok(c) => c,
             Err(f) => {
@@ -691,6 +757,7 @@ impl Destination for KafkaSink {
     /// Connects (authenticating) and finds the topic in the cluster's metadata.
     async fn probe(&self) -> Result<(), Failure> {
         let mut conn = self.connection.lock().await;
+        self.renew_if_due(&mut conn);
         conn.learned = None;
         match tokio::time::timeout(crate::aws::SMALL_CALL_TIMEOUT, self.ready(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
@@ -712,6 +779,20 @@ impl Destination for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A destination of topic `t` on a local broker, with `sasl`.
+    fn plain_config(sasl: Option<KafkaSasl>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: vec!["127.0.0.1:9092".into()],
+            topic: "t".into(),
+            records: KafkaRecords::Message,
+            message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
+            tls: None,
+            sasl,
+            reauthenticate_every: None,
+            create_topic: None,
+        }
+    }
 
     #[test]
     fn keys_are_partitioned_as_the_java_client_does() {
@@ -738,17 +819,97 @@ mod tests {
 
     #[test]
     fn the_largest_entry_leaves_room_for_the_batch() {
-        let config = KafkaConfig {
-            brokers: vec!["127.0.0.1:9092".into()],
-            topic: "t".into(),
-            records: KafkaRecords::Message,
-            message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
-            tls: None,
-            sasl: None,
-            create_topic: None,
-        };
+        let config = plain_config(None);
         assert!(config.max_record_bytes() < DEFAULT_MESSAGE_MAX_BYTES - 512);
         assert_eq!(config.format(), Some(FrameFormat::Messages));
+    }
+
+    #[test]
+    fn a_session_is_renewed_a_minute_before_its_token_ends_or_at_its_configured_age() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // A 15-minute MSK IAM token: a minute before its end.
+        assert_eq!(
+            renewal_time(t0, t0 + Duration::from_secs(900)),
+            t0 + Duration::from_secs(840)
+        );
+        // Credentials that end in 2 minutes: a quarter of the life left, not a minute.
+        assert_eq!(
+            renewal_time(t0, t0 + Duration::from_secs(120)),
+            t0 + Duration::from_secs(90)
+        );
+        // Already ended: at once.
+        assert_eq!(
+            renewal_time(t0, t0 - Duration::from_secs(5)),
+            t0 - Duration::from_secs(5)
+        );
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut config = plain_config(None);
+        let sink = rt
+            .block_on(KafkaSink::connect("events", &config, None))
+            .unwrap();
+        let now = SystemTime::now();
+        let old = Duration::from_secs(3_600);
+        assert_eq!(sink.renewal_due(old, now), None, "no token, no age limit");
+        *sink.renew_by.lock().unwrap() = Some(now + Duration::from_secs(1));
+        assert_eq!(sink.renewal_due(old, now), None);
+        assert_eq!(
+            sink.renewal_due(old, now + Duration::from_secs(1)),
+            Some("token")
+        );
+        config.reauthenticate_every = Some(Duration::from_secs(60));
+        let sink = rt
+            .block_on(KafkaSink::connect("events", &config, None))
+            .unwrap();
+        assert_eq!(sink.renewal_due(Duration::from_secs(59), now), None);
+        assert_eq!(sink.renewal_due(old, now), Some("reauthenticate_every"));
+    }
+
+    #[test]
+    fn an_msk_iam_token_sets_when_its_session_is_renewed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let expires = SystemTime::now() + Duration::from_secs(120);
+        let credentials = aws_credential_types::Credentials::new(
+            "AKIDEXAMPLE",
+            "secret",
+            Some("session".into()),
+            Some(expires),
+            "test",
+        );
+        let config = plain_config(Some(KafkaSasl::AwsMskIam {
+            region: Some("eu-west-1".into()),
+        }));
+        let sink = rt
+            .block_on(KafkaSink::connect(
+                "events",
+                &config,
+                Some(SharedCredentialsProvider::new(credentials)),
+            ))
+            .unwrap();
+        let Some(SaslConfig::Oauthbearer(bearer)) = &sink.sasl else {
+            panic!("an OAUTHBEARER config")
+        };
+        let before = SystemTime::now();
+        let token = rt.block_on((bearer.callback)()).unwrap();
+        assert!(!token.is_empty());
+        // The credentials end before the token's 15 minutes: renewed a quarter of their
+        // remaining life before they end.
+        let by = sink.renew_by.lock().unwrap().expect("a renewal time");
+        let life = expires.duration_since(before).unwrap();
+        assert!(
+            by >= expires - life / 4 && by <= expires - life / 4 + Duration::from_secs(2),
+            "{by:?} against credentials ending {expires:?}"
+        );
+        assert_eq!(
+            sink.renewal_due(Duration::ZERO, by - Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(sink.renewal_due(Duration::ZERO, by), Some("token"));
     }
 
     #[test]
