@@ -455,8 +455,11 @@ stream = "s"
         let c = with("").unwrap();
         assert_eq!(
             (c.spool.commit_interval, c.spool.commit_max_wait),
-            (Duration::from_millis(10), Duration::from_millis(10))
+            (Duration::from_millis(10), Duration::from_secs(1))
         );
+        // Set to the interval: a commit every interval whatever the rate.
+        let c = with("commit_max_wait = \"10ms\"\n").unwrap();
+        assert_eq!(c.spool.commit_max_wait, Duration::from_millis(10));
         let c = with("commit_max_wait = \"5s\"\n").unwrap();
         assert_eq!(c.spool.commit_max_wait, Duration::from_secs(5));
         // Left out, it is never below the interval.

