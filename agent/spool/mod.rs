@@ -259,6 +259,11 @@ pub(crate) struct SpoolStats {
     pub(crate) writable: AtomicBool,
     /// True while appends are parked because the spool is full (policy `block`).
     pub(crate) full: AtomicBool,
+    /// The last group of appends committed short of the commit target after gathering: the
+    /// stream is slow and steady, and the intake asks its socket for quick TCP acks (see
+    /// `source::mqtt`), so the broker's small packets are not held back into bursts whose
+    /// gaps would look like pauses and end the gathering.
+    pub(crate) slow_stream: AtomicBool,
     /// The bytes the spool may hold since the disk filled before `max_bytes`; 0 while
     /// `max_bytes` applies.
     pub(crate) room_cap: AtomicU64,
@@ -305,6 +310,11 @@ impl SpoolHandle {
     /// The placements commits group records by: shippers set their routes'.
     pub(crate) fn placements(&self) -> &placement::Placements {
         &self.stats.placements
+    }
+
+    /// Whether the stream is slow and steady (see `SpoolStats::slow_stream`).
+    pub(crate) fn slow_stream(&self) -> bool {
+        self.stats.slow_stream.load(Ordering::Relaxed)
     }
 
     /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
@@ -998,6 +1008,11 @@ impl Worker {
                 }
             }
             self.look_for_room();
+            if !appends.is_empty() {
+                let slow = self.commit_max_wait > self.commit_interval
+                    && group_bytes < COMMIT_TARGET_BYTES;
+                self.stats.slow_stream.store(slow, Ordering::Relaxed);
+            }
             let delivered_blocks = deliveries.len();
             // Still full and nothing that could make room: no transaction at all.
             let still_blocked = waiting_for_room
@@ -1876,7 +1891,7 @@ mod tests {
     }
 
     /// Appends every 2 ms for 300 ms, then none: (commits, acks) seen.
-    async fn steady_stream(cfg: &SpoolConfig) -> (u64, usize) {
+    async fn steady_stream(cfg: &SpoolConfig) -> (u64, usize, bool) {
         let (spool, _thread) = start(cfg).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let before = spool.stats().commits.load(Ordering::Relaxed);
@@ -1898,6 +1913,7 @@ mod tests {
         (
             spool.stats().commits.load(Ordering::Relaxed) - before,
             acked,
+            spool.slow_stream(),
         )
     }
 
@@ -1906,17 +1922,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
         cfg.commit_interval = Duration::from_millis(10);
-        // 30 KB over 300 ms, below the commit target: one group until the stream stops.
-        let (commits, acked) = steady_stream(&cfg).await;
+        // 30 KB over 300 ms: groups of the commit target (16 KiB), not one per interval;
+        // the last, short of it, tells the intake the stream is slow.
+        let (commits, acked, slow) = steady_stream(&cfg).await;
         assert_eq!(acked, 150);
         assert!(commits <= 3, "{commits} commits");
+        assert!(slow, "a slow stream");
         // With commit_max_wait at the interval, it commits every interval as before.
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
         cfg.commit_interval = Duration::from_millis(10);
         cfg.commit_max_wait = cfg.commit_interval;
-        let (commits, _) = steady_stream(&cfg).await;
+        let (commits, _, slow) = steady_stream(&cfg).await;
         assert!(commits >= 15, "{commits} commits");
+        assert!(!slow, "no gathering, no quick acks");
+    }
+
+    #[tokio::test]
+    async fn a_burst_that_fills_the_commit_target_is_not_a_slow_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        cfg.commit_max_wait = Duration::from_secs(1);
+        let (spool, _thread) = start(&cfg).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        // One message alone, then quiet: a group short of the target.
+        spool.append(record("r", &[b'x'; 200], &ack_tx, 1)).unwrap();
+        ack_rx.recv().await.unwrap();
+        assert!(spool.slow_stream());
+        // 40 KB at once: the group reaches the target.
+        for pkid in 2..=201u16 {
+            spool
+                .append(record("r", &[b'y'; 200], &ack_tx, pkid))
+                .unwrap();
+        }
+        for _ in 2..=201u16 {
+            tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
+                .await
+                .expect("every append is acked")
+                .unwrap();
+        }
+        assert!(!spool.slow_stream());
     }
 
     #[tokio::test]
