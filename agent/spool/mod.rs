@@ -603,6 +603,12 @@ fn report_open(path: &std::path::Path, report: &store::OpenReport) {
     if !report.damage.is_empty() {
         tracing::error!(spool = %path.display(), findings = ?report.damage, "the spool file is damaged (PRAGMA quick_check)");
     }
+    if let Some(from) = report.converted_from_page_size {
+        tracing::info!(spool = %path.display(), from, to = store::PAGE_SIZE, "rewrote the spool file with smaller pages (fewer bytes written per commit)");
+    }
+    if let Some((size, why)) = &report.kept_page_size {
+        tracing::info!(spool = %path.display(), page_size = size, wanted = store::PAGE_SIZE, reason = %why, "the spool file keeps its page size");
+    }
     if let Some(aside) = &report.quarantined_file {
         match report.lost_records {
             Some(n) => tracing::error!(lost_records = n, "the corrupt spool's counters were read: its accounting goes on, the {n} records that could not be read back are counted as dropped (corrupt)"),

@@ -573,20 +573,32 @@ pub struct OpenReport {
     pub(crate) salvaged_records: u64,
     /// The integrity check ran out of time (a large spool on a slow card) and was left.
     pub(crate) check_unfinished: bool,
+    /// The file had pages of this size and was rewritten with [`PAGE_SIZE`].
+    pub(crate) converted_from_page_size: Option<u32>,
+    /// The file has pages of another size than [`PAGE_SIZE`] and keeps them (too large to
+    /// convert at open, or the conversion failed: the reason).
+    pub(crate) kept_page_size: Option<(u32, String)>,
 }
 
-/// Pages the write-ahead log may hold before it is copied into the file (at most 4 MiB, at
-/// 4 KiB pages): with one transaction's pages on top, what the disk reserve must cover for
-/// the spool to shrink on a full disk.
-pub(crate) const WAL_CHECKPOINT_PAGES: u32 = 1024;
-
 /// Page size of a new spool file. Each commit logs every page it changed in full, and a
-/// slow stream's commit changes a few pages for a few hundred bytes of records: 1 KiB pages
-/// wrote a third as much at 20 msg/s in the shapes program, but three end-to-end tests
-/// (a damaged file, a full spool, frames per shard) do not pass with them yet, so new files
-/// keep SQLite's 4 KiB. A file keeps the page size it was made with (not changeable in WAL
-/// mode).
-pub(crate) const PAGE_SIZE: u32 = 4096;
+/// slow stream's commit changes a few pages for a few hundred bytes of records, so at low
+/// rates the page is what a commit costs the flash: 1 KiB pages write a third to a quarter of
+/// what SQLite's default 4 KiB write at 20 msg/s (README, Measured), and cost nothing
+/// measurable at saturation (a block of many records spans overflow pages either way). A
+/// file keeps the page size it was made with (WAL mode cannot change it); a small one is
+/// converted at open (see [`CONVERT_PAGES_UP_TO`]).
+pub(crate) const PAGE_SIZE: u32 = 1024;
+
+/// Pages the write-ahead log may hold before it is copied into the file: 4 MiB of them, with
+/// one transaction's pages on top what the disk reserve must cover for the spool to shrink on
+/// a full disk.
+pub(crate) const WAL_CHECKPOINT_PAGES: u32 = (4 << 20) / PAGE_SIZE;
+
+/// A spool file made with another page size (an agent before 1 KiB pages) is rewritten with
+/// [`PAGE_SIZE`] at open when it is at most this large (`VACUUM`: a copy of the file, made in
+/// a crash-safe rollback-journal transaction); a larger one keeps its pages rather than make
+/// a start wait on a backlog's copy (it converts at a later start, once drained).
+pub(crate) const CONVERT_PAGES_UP_TO: u64 = 16 << 20;
 
 /// How long the integrity check at open may take: past it, the agent starts unchecked (and
 /// says so) rather than keep a gateway from shipping.
@@ -637,8 +649,11 @@ impl Store {
         }
         let mut report = OpenReport::default();
         match Store::open_inner(path, sync) {
-            Ok(store) => match store.check(QUICK_CHECK_LIMIT)? {
-                Health::Sound => Ok((store, report)),
+            Ok(mut store) => match store.check(QUICK_CHECK_LIMIT)? {
+                Health::Sound => {
+                    store.settle_page_size(CONVERT_PAGES_UP_TO, &mut report);
+                    Ok((store, report))
+                }
                 Health::Unchecked => {
                     report.check_unfinished = true;
                     Ok((store, report))
@@ -651,6 +666,48 @@ impl Store {
             },
             Err(e) if e.is_corrupt() => Store::replace(path, sync, report),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Rewrites a sound file whose pages are not [`PAGE_SIZE`] with that size when it is at
+    /// most `up_to` bytes (see [`CONVERT_PAGES_UP_TO`]); says in `report` what it did. A
+    /// failed conversion (a full disk) leaves the file as it was: SQLite rolls the `VACUUM`
+    /// back, and the spool goes on with its old pages.
+    fn settle_page_size(&mut self, up_to: u64, report: &mut OpenReport) {
+        let size = |conn: &Connection| {
+            conn.query_row("PRAGMA page_size", [], |r| r.get::<_, u32>(0))
+                .and_then(|size| {
+                    conn.query_row("PRAGMA page_count", [], |r| r.get::<_, u64>(0))
+                        .map(|pages| (size, pages))
+                })
+        };
+        let (from, pages) = match size(&self.conn) {
+            Ok((s, _)) if s == PAGE_SIZE => return,
+            Ok(found) => found,
+            Err(e) => {
+                report.kept_page_size = Some((0, e.to_string()));
+                return;
+            }
+        };
+        let bytes = u64::from(from) * pages;
+        if bytes > up_to {
+            report.kept_page_size = Some((
+                from,
+                format!("{bytes} bytes: converted at a start once it holds at most {up_to}"),
+            ));
+            return;
+        }
+        let converted = self.conn.execute_batch(&format!(
+            "PRAGMA journal_mode = DELETE;
+             PRAGMA page_size = {PAGE_SIZE};
+             VACUUM;"
+        ));
+        // Back to the log whatever happened (a failed VACUUM changed nothing).
+        let wal = self.conn.execute_batch("PRAGMA journal_mode = WAL;");
+        match converted.and(wal).and_then(|()| size(&self.conn)) {
+            Ok((now, _)) if now == PAGE_SIZE => report.converted_from_page_size = Some(from),
+            Ok((now, _)) => report.kept_page_size = Some((now, "SQLite kept it".into())),
+            Err(e) => report.kept_page_size = Some((from, e.to_string())),
         }
     }
 
@@ -2374,12 +2431,99 @@ mod tests {
         payloads
     }
 
-    /// Overwrites `pages` pages of the file from page `first` (0-based) with garbage.
-    fn damage(path: &Path, first: u64, pages: usize) {
+    /// Overwrites `bytes` of the file from byte `at` with garbage (the same bytes whatever
+    /// the page size: 400 KiB in is among the blocks of [`spool_of_300`]).
+    fn damage(path: &Path, at: u64, bytes: usize) {
         use std::io::{Seek, SeekFrom, Write};
         let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        f.seek(SeekFrom::Start(first * 4096)).unwrap();
-        f.write_all(&vec![0xa5; pages * 4096]).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&vec![0xa5; bytes]).unwrap();
+    }
+
+    /// Rewrites `path` (closed) with pages of `size` bytes, as an agent before 1 KiB pages
+    /// made them.
+    fn repage(path: &Path, size: u32) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = DELETE; PRAGMA page_size = {size}; VACUUM; PRAGMA journal_mode = WAL;"
+        ))
+        .unwrap();
+        let now: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(now, size);
+    }
+
+    /// Every block of [`spool_of_300`] still listed, read back under its id byte for byte:
+    /// how many.
+    fn blocks_read_back(s: &mut Store, payloads: &[Vec<u8>]) -> usize {
+        let blocks = s
+            .list_blocks("", 0, &["r".to_string()], 1_000, |_| false)
+            .unwrap();
+        for meta in &blocks {
+            let (_, raw) = s.read_block(meta.id).unwrap().unwrap();
+            let records = frame::decode_records_in(&raw, 1, meta.version).unwrap();
+            assert_eq!(records[0].seq, meta.id as u64);
+            assert_eq!(records[0].payload, payloads[meta.id as usize - 1]);
+        }
+        blocks.len()
+    }
+
+    /// Appends one block in its own transaction: its id.
+    fn append_one(s: &mut Store) -> i64 {
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        let next = s
+            .append_block("r", "k", &[rec("t", b"x")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        next.id
+    }
+
+    fn journal_mode_of(s: &Store) -> String {
+        s.conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn page_size_of(s: &Store) -> u32 {
+        s.conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A spool of 4 KiB pages (an earlier agent's) is rewritten with 1 KiB pages at open, and
+    /// keeps every block, byte for byte under its id, and its accounting; one too large to
+    /// convert keeps its pages and works as before.
+    #[test]
+    fn a_small_spool_of_other_pages_is_rewritten_at_open_and_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let payloads = spool_of_300(&path);
+        repage(&path, 4096);
+        let (mut s, report) = Store::open(&path, SyncLevel::Off).unwrap();
+        assert_eq!(report.converted_from_page_size, Some(4096), "{report:?}");
+        assert_eq!(report.kept_page_size, None);
+        assert_eq!(page_size_of(&s), PAGE_SIZE);
+        assert_eq!(journal_mode_of(&s), "wal");
+        let acc = s.accounting().unwrap();
+        assert_eq!((acc.received, acc.delivered, acc.pending), (300, 10, 290));
+        assert_eq!(blocks_read_back(&mut s, &payloads), 290);
+        assert_eq!(append_one(&mut s), 301);
+        drop(s);
+
+        // Over the size limit: kept as it is, and said why.
+        repage(&path, 4096);
+        let (mut s, _) = Store::open_inner(&path, SyncLevel::Off)
+            .map(|s| (s, ()))
+            .unwrap();
+        let mut report = OpenReport::default();
+        s.settle_page_size(64 << 10, &mut report);
+        assert_eq!(report.converted_from_page_size, None);
+        assert_eq!(report.kept_page_size.as_ref().map(|k| k.0), Some(4096));
+        assert_eq!(page_size_of(&s), 4096);
+        assert_eq!(s.accounting().unwrap().pending, 291);
+        assert_eq!(journal_mode_of(&s), "wal");
     }
 
     /// Pages overwritten in the middle of the blocks while the agent was down: the check at
@@ -2390,7 +2534,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let payloads = spool_of_300(&path);
-        damage(&path, 100, 5);
+        damage(&path, 400 << 10, 20 << 10);
         let (mut s, report) = Store::open(&path, SyncLevel::Off).unwrap();
         assert!(report.quarantined_file.as_ref().unwrap().exists());
         let lost = report.lost_records.expect("the counters read back");
@@ -2401,24 +2545,13 @@ mod tests {
         assert_eq!(acc.pending + lost, 290, "{acc:?}");
         assert_eq!(acc.dropped_by_reason["corrupt"], lost);
         assert!(acc.balances(), "{acc:?}");
-        let blocks = s
-            .list_blocks("", 0, &["r".to_string()], 1_000, |_| false)
-            .unwrap();
-        assert_eq!(blocks.len() as u64, report.salvaged_blocks);
-        for meta in blocks {
-            let (_, raw) = s.read_block(meta.id).unwrap().unwrap();
-            let records = frame::decode_records_in(&raw, 1, meta.version).unwrap();
-            assert_eq!(records[0].seq, meta.id as u64);
-            assert_eq!(records[0].payload, payloads[meta.id as usize - 1]);
-        }
+        assert_eq!(
+            blocks_read_back(&mut s, &payloads) as u64,
+            report.salvaged_blocks
+        );
         // New ids go on above the old file's.
-        let mut body = Vec::new();
-        s.begin().unwrap();
-        let next = s
-            .append_block("r", "k", &[rec("t", b"x")], &mut body)
-            .unwrap();
-        s.commit().unwrap();
-        assert!(next.id > 300, "{}", next.id);
+        let next = append_one(&mut s);
+        assert!(next > 300, "{next}");
     }
 
     /// The same found while the agent runs: the store rebuilds the file it has open.
@@ -2432,7 +2565,7 @@ mod tests {
         s.conn
             .execute_batch("PRAGMA cache_size = 1; PRAGMA shrink_memory")
             .unwrap();
-        damage(&path, 100, 5);
+        damage(&path, 400 << 10, 20 << 10);
         assert!(matches!(
             s.check(QUICK_CHECK_LIMIT).unwrap(),
             Health::Damaged(_)
@@ -2475,7 +2608,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         spool_of_300(&path);
-        damage(&path, 100, 5);
+        damage(&path, 400 << 10, 20 << 10);
         std::fs::rename(&path, beside(&path, ".damaged")).unwrap();
         std::fs::write(beside(&path, ".rebuilt"), b"half a file").unwrap();
         let (s, report) = Store::open(&path, SyncLevel::Off).unwrap();

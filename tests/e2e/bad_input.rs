@@ -320,14 +320,15 @@ fn a_spool_damaged_between_runs_ships_what_reads_back_and_counts_the_rest() {
         std::fs::metadata(&wal).map_or(0, |m| m.len()) == 0,
         "the log was checkpointed into the file at stop"
     );
-    let pages = std::fs::metadata(&spool).unwrap().len() / 4096;
+    // 32 KiB of garbage in the middle of the blocks, whatever the file's page size.
+    let len = std::fs::metadata(&spool).unwrap().len();
     {
         use std::io::{Seek, SeekFrom, Write};
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .open(&spool)
             .unwrap();
-        f.seek(SeekFrom::Start(pages / 2 * 4096)).unwrap();
+        f.seek(SeekFrom::Start(len / 2 / 4096 * 4096)).unwrap();
         f.write_all(&vec![0xa5; 8 * 4096]).unwrap();
     }
     uplink.restore();
