@@ -13,7 +13,8 @@
 //! to it; see [`WRITE_BACKLOG_MAX`]); past the bound reading stops too. A saturated Mosquitto
 //! may take none of them for over a minute, so no timer of the agent's judges that wait: a
 //! broker host gone away is found by TCP (its zero-window probes go unanswered). A packet over `max_packet_bytes` is read past and counted
-//! (`oversize_packet`), the session going on.
+//! (`oversize_packet`), the session going on. While the spool says the stream is slow, reads
+//! are paced so one wakeup takes several messages (see [`Pace`]).
 //!
 //! It must never ack a message the spool has not committed, never write an ack on another
 //! connection than its message's, and never spool a QoS 2 message twice within a session.
@@ -163,6 +164,46 @@ fn quick_ack(socket: std::os::fd::RawFd) {
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
+    }
+}
+
+/// Paced reading of a slow stream. A message read on its own costs a wakeup of the intake and
+/// one of the spool's thread (most of the CPU per message at 1,000 msg/s); while the spool
+/// says the stream is slow and messages come at least two per pace, the intake reads at most
+/// once per pace (half the commit interval, `SpoolHandle::read_pace`), so each wakeup takes the
+/// several messages the socket gathered meanwhile. Their acks wait for the spool's gathering
+/// anyway (up to `commit_max_wait`), and the pace is shorter than any gap the spool takes for
+/// a pause. At saturation and at half load the stream is not slow and every read goes at once.
+#[derive(Debug)]
+struct Pace {
+    /// No read before this.
+    read_after: Option<tokio::time::Instant>,
+    /// The last read that took messages, and the mean time between messages (moving).
+    last: Instant,
+    gap: Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace {
+            read_after: None,
+            last: Instant::now(),
+            gap: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Pace {
+    /// A read at `now` took `taken` messages; `pace` is the spool's (`None`: not slow).
+    fn read(&mut self, now: Instant, taken: u64, pace: Option<Duration>) {
+        if taken > 0 {
+            let each = now.saturating_duration_since(self.last) / taken.min(u32::MAX as u64) as u32;
+            self.gap = (self.gap * 7 + each) / 8;
+            self.last = now;
+        }
+        self.read_after = pace
+            .filter(|p| self.gap * 2 < *p)
+            .map(|p| tokio::time::Instant::from_std(now) + p);
     }
 }
 
@@ -393,6 +434,8 @@ impl Intake<'_> {
         // Bytes of an oversize packet still to pass over.
         let mut skipping: u64 = 0;
         let mut stopping: Option<tokio::time::Instant> = None;
+        // Paced reading of a slow stream (see `Pace`).
+        let mut pace = Pace::default();
         loop {
             // Packets read while the window was full wait in the buffer until it opens.
             if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
@@ -436,8 +479,10 @@ impl Intake<'_> {
             }
             self.publish_window(session);
             let deadline = session.next_deadline().map(tokio::time::Instant::from_std);
-            let reading =
+            let may_read =
                 session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
+            let read_after = pace.read_after.filter(|t| *t > tokio::time::Instant::now());
+            let reading = may_read && read_after.is_none();
             if reading {
                 make_room(&mut rbuf);
             }
@@ -464,19 +509,31 @@ impl Intake<'_> {
                     }
                 }
                 r = rd.read_buf(&mut rbuf), if reading => {
+                    let now = Instant::now();
                     match r {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
                         Ok(_) => {
-                            session.heard(Instant::now());
+                            session.heard(now);
                             if self.spool.slow_stream() {
                                 quick_ack(socket);
                             }
                         }
                         Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
                     }
+                    let before = self.stats.messages.load(Ordering::Relaxed);
                     if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
                         return Ended::Failed(e);
                     }
+                    let taken = self.stats.messages.load(Ordering::Relaxed) - before;
+                    pace.read(now, taken, self.spool.read_pace());
+                }
+                _ = async {
+                    match read_after {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }, if may_read && read_after.is_some() => {
+                    pace.read_after = None;
                 }
                 _ = async {
                     match deadline {
@@ -737,6 +794,41 @@ impl Intake<'_> {
 mod tests {
     use super::*;
     use crate::config::MqttProtocol;
+
+    /// Reads of one message each at 1,000 msg/s start pacing once the spool says the stream
+    /// is slow; at 20 msg/s, or when the spool does not say so, every read goes at once; and
+    /// paced reads that take several messages each keep the pace.
+    #[test]
+    fn reads_are_paced_only_for_a_slow_stream_of_close_messages() {
+        let pace = Some(Duration::from_millis(5));
+        let start = Instant::now();
+        let mut p = Pace::default();
+        for i in 1..=100u32 {
+            p.read(start + Duration::from_millis(u64::from(i)), 1, None);
+        }
+        assert_eq!(p.read_after, None, "not slow: no pacing");
+        let at = start + Duration::from_millis(101);
+        p.read(at, 1, pace);
+        assert_eq!(
+            p.read_after,
+            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(5))
+        );
+        // Paced: each read takes the five messages of its 5 ms.
+        for i in 1..=20u64 {
+            p.read(at + Duration::from_millis(5 * i), 5, pace);
+            assert!(p.read_after.is_some(), "read {i}");
+        }
+        // 20 msg/s: a message every 50 ms, no pacing.
+        let mut p = Pace::default();
+        for i in 1..=100u64 {
+            p.read(start + Duration::from_millis(50 * i), 1, pace);
+        }
+        assert_eq!(p.read_after, None);
+        // A read that took nothing (a ping's answer) changes nothing of the mean gap.
+        let gap = p.gap;
+        p.read(start + Duration::from_secs(60), 0, pace);
+        assert_eq!(p.gap, gap);
+    }
 
     /// Messages that arrive one per read, as a steady low-rate stream does, are read into
     /// the room their chunk has left, so all the messages waiting for a commit hold about

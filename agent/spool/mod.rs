@@ -264,6 +264,10 @@ pub(crate) struct SpoolStats {
     /// `source::mqtt`), so the broker's small packets are not held back into bursts whose
     /// gaps would look like pauses and end the gathering.
     pub(crate) slow_stream: AtomicBool,
+    /// While the stream is slow: half the commit interval in microseconds, the longest the
+    /// intake may leave messages in its socket between reads without the spool taking the
+    /// gap for a pause (see `SpoolHandle::read_pace`); 0 otherwise.
+    pub(crate) read_pace_us: AtomicU64,
     /// The bytes the spool may hold since the disk filled before `max_bytes`; 0 while
     /// `max_bytes` applies.
     pub(crate) room_cap: AtomicU64,
@@ -315,6 +319,16 @@ impl SpoolHandle {
     /// Whether the stream is slow and steady (see `SpoolStats::slow_stream`).
     pub(crate) fn slow_stream(&self) -> bool {
         self.stats.slow_stream.load(Ordering::Relaxed)
+    }
+
+    /// While the stream is slow (see [`SpoolHandle::slow_stream`]): how long the intake may
+    /// wait between reads, gathering several messages per wakeup, without the gap ending the
+    /// spool's gathering (half its commit interval, below the shortest pause it sees).
+    pub(crate) fn read_pace(&self) -> Option<Duration> {
+        match self.stats.read_pace_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// Queues a message; its `after_commit` fires once it is durable. Never blocks.
@@ -1018,6 +1032,14 @@ impl Worker {
                 let slow = self.commit_max_wait > self.commit_interval
                     && group_bytes < COMMIT_TARGET_BYTES;
                 self.stats.slow_stream.store(slow, Ordering::Relaxed);
+                let pace = if slow {
+                    self.commit_interval / 2
+                } else {
+                    Duration::ZERO
+                };
+                self.stats
+                    .read_pace_us
+                    .store(pace.as_micros() as u64, Ordering::Relaxed);
             }
             let delivered_blocks = deliveries.len();
             // Still full and nothing that could make room: no transaction at all.
