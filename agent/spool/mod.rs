@@ -260,13 +260,11 @@ pub(crate) struct SpoolStats {
     /// True while appends are parked because the spool is full (policy `block`).
     pub(crate) full: AtomicBool,
     /// The last group of appends committed short of the commit target after gathering: the
-    /// stream is slow and steady, and the intake asks its socket for quick TCP acks (see
-    /// `source::mqtt`), so the broker's small packets are not held back into bursts whose
-    /// gaps would look like pauses and end the gathering.
-    pub(crate) slow_stream: AtomicBool,
-    /// While the stream is slow: half the commit interval in microseconds, the longest the
-    /// intake may leave messages in its socket between reads without the spool taking the
-    /// gap for a pause (see `SpoolHandle::read_pace`); 0 otherwise.
+    /// stream is slow and steady, and this is half the commit interval in microseconds (0
+    /// otherwise). The intake then asks its socket for quick TCP acks (see `source::mqtt`), so
+    /// the broker's small packets are not held back into bursts whose gaps would look like
+    /// pauses and end the gathering, and paces its reads by it (see
+    /// `SpoolHandle::read_pace`).
     pub(crate) read_pace_us: AtomicU64,
     /// The bytes the spool may hold since the disk filled before `max_bytes`; 0 while
     /// `max_bytes` applies.
@@ -316,9 +314,9 @@ impl SpoolHandle {
         &self.stats.placements
     }
 
-    /// Whether the stream is slow and steady (see `SpoolStats::slow_stream`).
+    /// Whether the stream is slow and steady (see `SpoolStats::read_pace_us`).
     pub(crate) fn slow_stream(&self) -> bool {
-        self.stats.slow_stream.load(Ordering::Relaxed)
+        self.read_pace().is_some()
     }
 
     /// While the stream is slow (see [`SpoolHandle::slow_stream`]): how long the intake may
@@ -1031,15 +1029,13 @@ impl Worker {
             if !appends.is_empty() {
                 let slow = self.commit_max_wait > self.commit_interval
                     && group_bytes < COMMIT_TARGET_BYTES;
-                self.stats.slow_stream.store(slow, Ordering::Relaxed);
-                let pace = if slow {
-                    self.commit_interval / 2
+                // At least 1 us while slow: 0 says "not slow".
+                let pace_us = if slow {
+                    ((self.commit_interval / 2).as_micros() as u64).max(1)
                 } else {
-                    Duration::ZERO
+                    0
                 };
-                self.stats
-                    .read_pace_us
-                    .store(pace.as_micros() as u64, Ordering::Relaxed);
+                self.stats.read_pace_us.store(pace_us, Ordering::Relaxed);
             }
             let delivered_blocks = deliveries.len();
             // Still full and nothing that could make room: no transaction at all.
