@@ -259,8 +259,9 @@ pub(crate) struct SpoolStats {
     pub(crate) writable: AtomicBool,
     /// True while appends are parked because the spool is full (policy `block`).
     pub(crate) full: AtomicBool,
-    /// The last group of appends committed short of the commit target after gathering: the
-    /// stream is slow and steady, and this is half the commit interval in microseconds (0
+    /// The last group of appends committed short of the commit target after gathering, or
+    /// reached it only by waiting for messages past the commit interval: the stream is slow
+    /// and steady, and this is half the commit interval in microseconds (0
     /// otherwise). The intake then asks its socket for quick TCP acks (see `source::mqtt`), so
     /// the broker's small packets are not held back into bursts whose gaps would look like
     /// pauses and end the gathering, and paces its reads by it (see
@@ -884,6 +885,8 @@ impl Worker {
             let mut taken = 0;
             let mut flush = false;
             let mut group_bytes = 0usize;
+            // The group waited for messages past the commit interval.
+            let mut gathered = false;
             #[cfg(test)]
             let mut accounting_replies: Vec<Reply<Accounting>> = Vec::new();
             let mut receipt_replies: Vec<(String, Reply<Vec<u16>>)> = Vec::new();
@@ -1015,6 +1018,8 @@ impl Worker {
                         else {
                             break;
                         };
+                        gathered |=
+                            !appends.is_empty() && turn_started.elapsed() >= self.commit_interval;
                         match self.rx.recv_timeout(left) {
                             Ok(c) => next = Some(c),
                             // The deadline passed: ask again (the interval's end may be
@@ -1027,8 +1032,13 @@ impl Worker {
             }
             self.look_for_room();
             if !appends.is_empty() {
+                // Slow: the group gathered and stayed short of the target, or reached it
+                // only by waiting for messages past the commit interval. A busy stream
+                // fills the target within the interval; one that fills it only by gathering
+                // is still slow, and calling it otherwise would stop the pacing and quick
+                // acks its gathering relies on every other commit.
                 let slow = self.commit_max_wait > self.commit_interval
-                    && group_bytes < COMMIT_TARGET_BYTES;
+                    && (group_bytes < COMMIT_TARGET_BYTES || gathered);
                 // At least 1 us while slow: 0 says "not slow".
                 let pace_us = if slow {
                     ((self.commit_interval / 2).as_micros() as u64).max(1)
@@ -1116,10 +1126,10 @@ impl Worker {
     ///
     /// Appends gather for `commit_interval`, so a busy stream commits in few, large blocks.
     /// Past that, a group still smaller than [`COMMIT_TARGET_BYTES`] goes on gathering while
-    /// messages keep coming at their usual pace (no gap longer than [`QUIET_GAPS`] mean gaps),
-    /// up to `commit_max_wait` after the turn began: a slow, steady stream then commits a few
-    /// pages' worth at a time instead of a page per message, for fewer disk writes and less
-    /// CPU per message. A pause ends the gathering at once, which is also what happens when a
+    /// messages keep coming at their usual pace (no gap longer than [`QUIET_GAPS`] mean gaps,
+    /// or read paces while the intake paces its reads), up to `commit_max_wait` after the turn
+    /// began: a slow, steady stream then commits a few pages' worth at a time instead of a
+    /// page per message, for fewer disk writes and less CPU per message. A pause ends the gathering at once, which is also what happens when a
     /// broker stops sending because its inflight window is full of messages awaiting their
     /// ack; and the source asks for a commit (`Flush`) when half its own window waits.
     /// Deliveries alone wait the same way for the appends of a steady stream, to share their
@@ -1146,7 +1156,11 @@ impl Worker {
             return None;
         }
         let max_wait = self.commit_max_wait.max(self.commit_interval);
-        let quiet = (self.append_gap * QUIET_GAPS).clamp(self.commit_interval, max_wait);
+        // While the intake paces its reads, messages come in bursts a pace apart and the
+        // mean gap between appends (mostly the microseconds within a burst) says nothing of
+        // the stream: a pause is then judged against the pace.
+        let pace = Duration::from_micros(self.stats.read_pace_us.load(Ordering::Relaxed));
+        let quiet = (self.append_gap.max(pace) * QUIET_GAPS).clamp(self.commit_interval, max_wait);
         let until = (self.last_append + quiet).min(started + max_wait);
         (now < until).then_some(until)
     }
@@ -1963,10 +1977,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_that_fills_the_target_only_by_gathering_stays_slow() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        // Long enough that no stall of a busy machine looks like a pause (a pause is at
+        // least an interval).
+        cfg.commit_interval = Duration::from_millis(100);
+        let (spool, _thread) = start(&cfg).unwrap();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let before = spool.stats().commits.load(Ordering::Relaxed);
+        // 200 B every 2 ms: the commit target (16 KiB) fills with the 82nd append, after
+        // some 164 ms of gathering, past the interval.
+        let appender = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for pkid in 1..=120u16 {
+                    tick.tick().await;
+                    spool
+                        .append(record("r", &[b'x'; 200], &ack_tx, pkid))
+                        .unwrap();
+                }
+            })
+        };
+        for _ in 0..82 {
+            tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
+                .await
+                .expect("the first group is acked")
+                .unwrap();
+        }
+        // Read before the rest (committed 100 ms later or more) can change it; the pace is
+        // published before a commit's acks, its count after them.
+        let slow = spool.slow_stream();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let commits = loop {
+            let n = spool.stats().commits.load(Ordering::Relaxed) - before;
+            if n > 0 || std::time::Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert_eq!(commits, 1, "the first 82 appends made one group");
+        assert!(
+            slow,
+            "a group that filled the target only by gathering is a slow stream"
+        );
+        appender.await.unwrap();
+        for _ in 82..120 {
+            tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
+                .await
+                .expect("every append is acked")
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn a_burst_that_fills_the_commit_target_is_not_a_slow_stream() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
         cfg.commit_max_wait = Duration::from_secs(1);
+        // An interval a busy machine does not stall the burst's sender for.
+        cfg.commit_interval = Duration::from_millis(25);
         let (spool, _thread) = start(&cfg).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         // One message alone, then quiet: a group short of the target.
