@@ -280,7 +280,7 @@ fn spool(e: &mut Exposition, live: &Live) {
 
 fn mqtt(e: &mut Exposition, live: &Live) {
     type Read = fn(&crate::source::mqtt::SourceStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 16] = [
+    let families: [(&str, Kind, &str, Read); 17] = [
         (
             "edgeship_mqtt_connected",
             Kind::Gauge,
@@ -340,6 +340,12 @@ fn mqtt(e: &mut Exposition, live: &Live) {
             Kind::Counter,
             "Packets over max_packet_bytes read past (a PUBLISH among them is counted dropped, oversize_packet).",
             |s| s.oversize_packets.load(Relaxed),
+        ),
+        (
+            "edgeship_mqtt_socket_reads_total",
+            Kind::Counter,
+            "Reads of the broker connection that returned bytes (with messages_received: messages per read).",
+            |s| s.socket_reads.load(Relaxed),
         ),
         (
             "edgeship_mqtt_messages_received_total",

@@ -64,6 +64,9 @@ pub(crate) struct SourceStats {
     /// Packets over `max_packet_bytes` read past (a PUBLISH among them is counted dropped
     /// `oversize_packet` and acked).
     pub(crate) oversize_packets: AtomicU64,
+    /// Reads of the connection that returned bytes: against `messages`, how many messages a
+    /// read takes (several while a slow stream's reads are paced, see [`Pace`]).
+    pub(crate) socket_reads: AtomicU64,
     /// Acks held back at the moment of writing because they belonged to an earlier
     /// connection: always 0 (see `Counts::misdirected`).
     pub(crate) misdirected_acks: AtomicU64,
@@ -513,6 +516,7 @@ impl Intake<'_> {
                     match r {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
                         Ok(_) => {
+                            self.stats.socket_reads.fetch_add(1, Ordering::Relaxed);
                             session.heard(now);
                             if self.spool.slow_stream() {
                                 quick_ack(socket);
@@ -520,11 +524,10 @@ impl Intake<'_> {
                         }
                         Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
                     }
-                    let before = self.stats.messages.load(Ordering::Relaxed);
-                    if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
-                        return Ended::Failed(e);
-                    }
-                    let taken = self.stats.messages.load(Ordering::Relaxed) - before;
+                    let taken = match self.take_packets(&mut rbuf, &mut skipping, session) {
+                        Ok(taken) => taken,
+                        Err(e) => return Ended::Failed(e),
+                    };
                     pace.read(now, taken, self.spool.read_pace());
                 }
                 _ = async {
@@ -557,28 +560,29 @@ impl Intake<'_> {
     }
 
     /// Every whole packet in `rbuf` while the window is open (past the rest of an oversize
-    /// one first).
+    /// one first); returns how many PUBLISH packets it took.
     fn take_packets(
         &mut self,
         rbuf: &mut BytesMut,
         skipping: &mut u64,
         session: &mut Session,
-    ) -> Result<(), ConnectionError> {
+    ) -> Result<u64, ConnectionError> {
         let protocol = self.config.protocol;
+        let mut taken = 0;
         loop {
             if *skipping > 0 {
                 *skipping -= codec::skip(rbuf, *skipping);
                 if *skipping > 0 {
-                    return Ok(());
+                    return Ok(taken);
                 }
             }
             // The window is full: the rest stays in the buffer, undecoded, until commits
             // open it (so at most `max_unacked` messages ever await their commit).
             if !session.may_read() {
-                return Ok(());
+                return Ok(taken);
             }
             let Some(packet) = codec::decode(protocol, rbuf, self.config.max_packet_bytes)? else {
-                return Ok(());
+                return Ok(taken);
             };
             match packet {
                 Decoded::Publish {
@@ -587,6 +591,7 @@ impl Intake<'_> {
                     qos,
                     pkid,
                 } => {
+                    taken += 1;
                     let disposition = self.router.classify(&topic, payload.len());
                     self.spool_message(session, topic, payload, qos, pkid, disposition)?;
                 }
@@ -594,6 +599,7 @@ impl Intake<'_> {
                     *skipping = skip;
                     self.stats.oversize_packets.fetch_add(1, Ordering::Relaxed);
                     if let Some((topic, qos, pkid)) = publish {
+                        taken += 1;
                         if let Some(repeats) = self.oversize.should_log() {
                             tracing::warn!(broker = %self.config.name, %topic, bytes = skip, max_packet_bytes = self.config.max_packet_bytes, repeats, "an MQTT packet over max_packet_bytes was read past (counted dropped, oversize_packet)");
                         }

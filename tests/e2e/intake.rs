@@ -1,7 +1,8 @@
 //! The MQTT intake under the faults that used to cost a connection a minute: a broker that
 //! floods an agent whose spool is full (the keep-alive used to time out behind unread
 //! messages), saturating publishers for minutes on MQTT 3.1.1 and 5, a broker restarted
-//! without persistence, and a message larger than `max_packet_bytes`.
+//! without persistence, and a message larger than `max_packet_bytes`; and a slow, steady
+//! stream read several messages at a time.
 
 use crate::support::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -710,5 +711,76 @@ fn a_broker_that_reads_no_acks_for_a_while_does_not_stop_the_intake() {
         1.0,
         "{}",
         agent.log()
+    );
+}
+
+/// One publisher, one message every `every` (never two at once: a late tick delays the rest),
+/// round robin over `devices` devices' topics; returns how many the broker acked.
+async fn publish_steadily(port: u16, devices: u32, per_device: u32, every: Duration) -> u64 {
+    let acked = AtomicU64::new(0);
+    let total = devices * per_device;
+    let mut opts = rumqttc::MqttOptions::new("steady", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for i in 0..total {
+            tick.tick().await;
+            let (d, s) = (i % devices, i / devices);
+            client
+                .publish(topic_of(d), rumqttc::QoS::AtLeastOnce, false, payload(d, s))
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let deadline = Instant::now() + every * total + Duration::from_secs(300);
+    await_acks(
+        &mut events,
+        0,
+        total,
+        deadline,
+        &acked,
+        rumqttc::QoS::AtLeastOnce,
+    )
+    .await;
+    let _ = sender.await.unwrap().disconnect().await;
+    acked.load(Ordering::Relaxed)
+}
+
+/// A slow, steady stream (1,000 msg/s of small telemetry, far below what fills the spool's
+/// commit target within its interval) is read several messages at a time: while the spool
+/// says the stream is slow the intake paces its reads, so one wakeup takes what the socket
+/// gathered meanwhile instead of one message each (with the quick TCP acks a slow stream gets,
+/// the broker sends each message as it comes). Every message arrives, byte for byte.
+#[test]
+fn a_slow_steady_stream_is_read_several_messages_at_a_time() {
+    let stream = "intake-paced";
+    let b = agent_behind_uplink(stream, "", "", |_, config| config);
+    let (devices, per_device) = (20, 200);
+    let published = b.rt.block_on(publish_steadily(
+        b.mosquitto.port,
+        devices,
+        per_device,
+        Duration::from_millis(1),
+    ));
+    assert_eq!(published, u64::from(devices * per_device));
+    wait_stream_complete(
+        &b.rt,
+        &b.client,
+        stream,
+        devices,
+        per_device,
+        Duration::from_secs(120),
+    );
+    let scrape = b.agent.scrape();
+    let messages = scrape.sum("edgeship_mqtt_messages_received_total", &[]);
+    let reads = scrape.sum("edgeship_mqtt_socket_reads_total", &[]);
+    assert!(messages >= published as f64, "{messages} messages received");
+    assert!(
+        reads > 0.0 && reads * 2.0 <= messages,
+        "{reads} socket reads for {messages} messages: the reads of a slow stream are not paced"
     );
 }

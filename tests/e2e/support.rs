@@ -1439,7 +1439,7 @@ async fn await_pubacks(
 }
 
 /// Waits for `n` PUBACKs (QoS 1) or PUBCOMPs (QoS 2) on `events`.
-async fn await_acks(
+pub async fn await_acks(
     events: &mut rumqttc::EventLoop,
     device: u32,
     n: u32,
