@@ -1127,10 +1127,10 @@ impl Worker {
     /// Appends gather for `commit_interval`, so a busy stream commits in few, large blocks.
     /// Past that, a group still smaller than [`COMMIT_TARGET_BYTES`] goes on gathering while
     /// messages keep coming at their usual pace (no gap longer than [`QUIET_GAPS`] mean gaps,
-    /// or read paces while the intake paces its reads), up to `commit_max_wait` after the turn
+    /// or read paces while a read pace is published), up to `commit_max_wait` after the turn
     /// began: a slow, steady stream then commits a few pages' worth at a time instead of a
-    /// page per message, for fewer disk writes and less CPU per message. A pause ends the gathering at once, which is also what happens when a
-    /// broker stops sending because its inflight window is full of messages awaiting their
+    /// page per message, for fewer disk writes and less CPU per message. A pause ends the
+    /// gathering at once, which is also what happens when a broker stops sending because its inflight window is full of messages awaiting their
     /// ack; and the source asks for a commit (`Flush`) when half its own window waits.
     /// Deliveries alone wait the same way for the appends of a steady stream, to share their
     /// commit.
@@ -1156,9 +1156,10 @@ impl Worker {
             return None;
         }
         let max_wait = self.commit_max_wait.max(self.commit_interval);
-        // While the intake paces its reads, messages come in bursts a pace apart and the
-        // mean gap between appends (mostly the microseconds within a burst) says nothing of
-        // the stream: a pause is then judged against the pace.
+        // While a read pace is published the intake may pace its reads: messages then come
+        // in bursts a pace apart and the mean gap between appends (mostly the microseconds
+        // within a burst) says nothing of the stream, so a pause is judged against the pace
+        // too. A stream too sparse to be paced has a mean gap above it, which then counts.
         let pace = Duration::from_micros(self.stats.read_pace_us.load(Ordering::Relaxed));
         let quiet = (self.append_gap.max(pace) * QUIET_GAPS).clamp(self.commit_interval, max_wait);
         let until = (self.last_append + quiet).min(started + max_wait);
