@@ -22,7 +22,10 @@
 //! - `uploads`: the object each object destination (S3) is uploading, fixed before its upload
 //!   starts, so an upload cut off by a crash resumes under the same key (see [`uploads`]).
 //! - `meta`: the schema version. The next sequence number (never reused, even when the spool
-//!   empties) is the `counters` row (`''`, `next_seq`), so each commit updates one small table.
+//!   empties) is the `counters` row (`''`, `next_seq`).
+//! - `blocks.ledger`: a commit that appended one small block writes the counters' totals and
+//!   the next sequence number onto that block's row instead of the `counters` table, so it
+//!   writes one page, not two; the newer of the two copies counts (see [`ledger`]).
 //!
 //! This module is synchronous and single-threaded; the spool thread in `spool/mod.rs` owns the
 //! only writing connection. It never acks or ships anything.
@@ -35,10 +38,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 mod fanout;
+mod ledger;
 mod uploads;
 
 /// 2: `blocks.body_version` (version 1 files gain the column, their blocks keep version 1).
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `blocks.ledger` (older files gain the column; their totals are the table's until a
+/// commit writes a copy).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Sequence numbers are never reused for a gateway, not even when the spool file is lost or
 /// replaced: a floor kept beside it (`<spool>.seq`) is raised ahead of use in steps of this
@@ -528,9 +534,21 @@ pub struct Store {
     path: PathBuf,
     sync: SyncLevel,
     next_seq: u64,
-    /// `next_seq` as the file holds it: written again only when it moved, so a commit that
-    /// stored nothing writes nothing.
+    /// `next_seq` as the file's newest copy of the totals holds it: written again only when
+    /// it moved, so a commit that stored nothing writes nothing.
     stored_next_seq: u64,
+    /// `next_seq` as the `counters` table holds it.
+    table_next_seq: Option<i64>,
+    /// Every known counter's total as of the last commit.
+    totals: BTreeMap<(String, Counter), i64>,
+    /// The same as the `counters` table holds them (older while a block holds the newest).
+    in_table: BTreeMap<(String, Counter), i64>,
+    /// The generation of the newest copy of the totals (see [`ledger`]).
+    generation: u64,
+    /// The block holding the newest copy, when one does (else the table holds it).
+    copy_on: Option<i64>,
+    /// The block the open transaction appended last, and its row's bytes besides a copy.
+    ledger_host: Option<(i64, usize)>,
     /// No sequence number at or above this has been issued; raised (on disk first) before
     /// one is.
     seq_floor: u64,
@@ -588,6 +606,15 @@ pub struct OpenReport {
 /// file keeps the page size it was made with (WAL mode cannot change it); a small one is
 /// converted at open (see [`CONVERT_PAGES_UP_TO`]).
 pub(crate) const PAGE_SIZE: u32 = 1024;
+
+/// The largest row of `blocks` SQLite keeps whole in its page (a table leaf cell's local
+/// payload: the page less 35 bytes); a larger one spills into overflow pages. A commit's
+/// copy of the totals goes onto its block only while the row stays within this.
+const LEDGER_HOST_ROW_BYTES: usize = PAGE_SIZE as usize - 35;
+
+/// A `blocks` row's bytes besides its route, key, data and copy of the totals, at most: the
+/// record header and the integers.
+const ROW_FIXED_BYTES: usize = 40;
 
 /// Pages the write-ahead log may hold before it is copied into the file: 4 MiB of them, with
 /// one transaction's pages on top what the disk reserve must cover for the spool to shrink on
@@ -870,7 +897,8 @@ impl Store {
                  raw_bytes INTEGER NOT NULL,
                  created_ms INTEGER NOT NULL,
                  data BLOB NOT NULL,
-                 body_version INTEGER NOT NULL DEFAULT 1
+                 body_version INTEGER NOT NULL DEFAULT 1,
+                 ledger BLOB
              );
              CREATE TABLE IF NOT EXISTS counters (
                  route TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
@@ -924,6 +952,10 @@ impl Store {
                     )
                     .map_err(err)?;
                 }
+                if !ledger::has_ledger_column(&conn) {
+                    conn.execute_batch("ALTER TABLE blocks ADD COLUMN ledger BLOB")
+                        .map_err(err)?;
+                }
                 if v < SCHEMA_VERSION {
                     conn.execute(
                         "UPDATE meta SET value = ?1 WHERE key = 'schema'",
@@ -933,14 +965,8 @@ impl Store {
                 }
             }
         }
-        let stored: Option<i64> = conn
-            .query_row(
-                "SELECT value FROM counters WHERE route = '' AND name = 'next_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(err)?;
+        let ledger = ledger::read(&conn).map_err(err)?;
+        let stored = ledger.next_seq;
         let stored_next = stored.unwrap_or(1);
         let seq_floor = read_seq_floor(path);
         // A new file (a first start, or one that replaced a lost or corrupt spool), or one
@@ -957,30 +983,16 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(err)?;
-        let mut counters = BTreeMap::new();
-        {
-            let mut stmt = conn
-                .prepare("SELECT route, name, value FROM counters WHERE name <> 'next_seq'")
-                .map_err(err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
+        let known = |map: &BTreeMap<(String, String), i64>| {
+            map.iter()
+                .filter_map(|((route, name), value)| {
+                    Some(((route.clone(), Counter::parse(name)?), *value))
                 })
-                .map_err(err)?;
-            for row in rows {
-                let (route, name, value) = row.map_err(err)?;
-                match Counter::parse(&name) {
-                    Some(counter) => {
-                        counters.insert((route, counter), value.max(0) as u64);
-                    }
-                    None => {
-                        tracing::warn!(%route, counter = %name, "the spool holds a counter this build does not know; left out of the figures")
-                    }
-                }
+                .collect::<BTreeMap<_, _>>()
+        };
+        for (route, name) in ledger.totals.keys() {
+            if Counter::parse(name).is_none() {
+                tracing::warn!(%route, counter = %name, "the spool holds a counter this build does not know; left out of the figures");
             }
         }
         let compressor = zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid");
@@ -990,6 +1002,12 @@ impl Store {
             sync,
             next_seq: (stored_next.max(max_end) as u64).max(seq_start),
             stored_next_seq: stored_next as u64,
+            table_next_seq: ledger.table_next_seq,
+            totals: known(&ledger.totals),
+            in_table: known(&ledger.table),
+            generation: ledger.generation,
+            copy_on: ledger.copy_on,
+            ledger_host: None,
             seq_floor,
             seq_start,
             routes_dirty: true,
@@ -1016,13 +1034,7 @@ impl Store {
             .map_err(err)?;
         if unadopted > 0 {
             store.begin()?;
-            store.counter_deltas.clear();
-            let adopted = store.adopt_recorded_routes().and_then(|()| {
-                for ((row, counter), delta) in &store.counter_deltas {
-                    counters.insert((row.clone(), *counter), (*delta).max(0) as u64);
-                }
-                store.commit()
-            });
+            let adopted = store.adopt_recorded_routes().and_then(|()| store.commit());
             if let Err(e) = adopted {
                 store.rollback();
                 return Err(e);
@@ -1030,6 +1042,11 @@ impl Store {
             store.load_fanout()?;
         }
         store.reload_totals()?;
+        let counters = store
+            .totals
+            .iter()
+            .map(|(k, v)| (k.clone(), (*v).max(0) as u64))
+            .collect();
         store.publish(Some(counters));
         Ok(store)
     }
@@ -1237,45 +1254,117 @@ impl Store {
 
     pub fn begin(&mut self) -> Result<(), SpoolError> {
         self.counter_deltas.clear();
+        self.ledger_host = None;
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| self.err(e))
     }
 
-    /// Writes the counter changes and `next_seq`, then commits.
+    /// Writes the counters' totals and `next_seq` (onto the block this transaction appended
+    /// when they fit in its page, else into the `counters` table; see [`ledger`]), then
+    /// commits.
     pub fn commit(&mut self) -> Result<(), SpoolError> {
+        let mut totals = None;
+        for ((route, counter), delta) in &self.counter_deltas {
+            if *delta != 0 {
+                *totals
+                    .get_or_insert_with(|| self.totals.clone())
+                    .entry((route.clone(), *counter))
+                    .or_insert(0) += delta;
+            }
+        }
+        let write = totals.is_some()
+            || self.next_seq != self.stored_next_seq
+            || self.copy_on.is_some_and(|id| !self.newest_copy_is_on(id));
+        let totals = match (write, totals) {
+            (true, None) => self.totals.clone(),
+            (_, totals) => totals.unwrap_or_default(),
+        };
+        let generation = self.generation + 1;
         let result = (|| {
-            let mut stmt = self.conn.prepare_cached(
-                "INSERT INTO counters (route, name, value) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (route, name) DO UPDATE SET value = value + excluded.value",
-            )?;
-            for ((route, counter), delta) in &self.counter_deltas {
-                if *delta != 0 {
-                    stmt.execute(params![route, counter.name(), delta])?;
+            let mut hosted = None;
+            if write {
+                if let Some((id, row_bytes)) = self.ledger_host {
+                    let copy = ledger::encode(
+                        generation,
+                        self.next_seq,
+                        totals.iter().map(|((r, c), v)| (r.as_str(), c.name(), *v)),
+                    );
+                    if row_bytes + copy.len() <= LEDGER_HOST_ROW_BYTES {
+                        let changed = self
+                            .conn
+                            .prepare_cached("UPDATE blocks SET ledger = ?1 WHERE id = ?2")?
+                            .execute(params![copy, id])?;
+                        hosted = (changed == 1).then_some(id);
+                    }
+                }
+                if hosted.is_none() {
+                    self.write_table(generation, &totals)?;
                 }
             }
-            if self.next_seq != self.stored_next_seq {
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO counters (route, name, value) VALUES ('', 'next_seq', ?1)
-                         ON CONFLICT (route, name) DO UPDATE SET value = excluded.value",
-                    )?
-                    .execute([self.next_seq as i64])?;
-            }
-            self.conn.execute_batch("COMMIT")
+            self.conn.execute_batch("COMMIT")?;
+            Ok(hosted)
         })();
-        if result.is_ok() {
-            self.stored_next_seq = self.next_seq;
-            self.publish(None);
+        self.ledger_host = None;
+        match result {
+            Ok(hosted) => {
+                if write {
+                    self.generation = generation;
+                    self.stored_next_seq = self.next_seq;
+                    self.copy_on = hosted;
+                    if hosted.is_none() {
+                        self.in_table.clone_from(&totals);
+                        self.table_next_seq = Some(self.next_seq as i64);
+                    }
+                    self.totals = totals;
+                }
+                self.publish(None);
+                self.counter_deltas.clear();
+                Ok(())
+            }
+            Err(e) => {
+                self.counter_deltas.clear();
+                Err(self.err(e))
+            }
         }
-        self.counter_deltas.clear();
-        result.map_err(|e| self.err(e))
+    }
+
+    /// Brings the `counters` table to `totals` (what changed since it was last written).
+    fn write_table(
+        &mut self,
+        generation: u64,
+        totals: &BTreeMap<(String, Counter), i64>,
+    ) -> rusqlite::Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO counters (route, name, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (route, name) DO UPDATE SET value = excluded.value",
+        )?;
+        for ((route, counter), value) in totals {
+            if self.in_table.get(&(route.clone(), *counter)) != Some(value) {
+                stmt.execute(params![route, counter.name(), value])?;
+            }
+        }
+        if self.table_next_seq != Some(self.next_seq as i64) {
+            stmt.execute(params!["", "next_seq", self.next_seq as i64])?;
+        }
+        stmt.execute(params!["", ledger::GENERATION_ROW, generation as i64])?;
+        Ok(())
+    }
+
+    /// Whether block `id` still holds the newest copy of the totals: it is the newest block
+    /// and has a copy (a split or a delete in this transaction may have taken it).
+    fn newest_copy_is_on(&self, id: i64) -> bool {
+        self.conn
+            .prepare_cached("SELECT id, ledger IS NOT NULL FROM blocks ORDER BY id DESC LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?))))
+            .is_ok_and(|newest| newest == (id, true))
     }
 
     /// Undoes the open transaction; the caller must also forget what it did in memory, which
     /// is why [`Store::reload_totals`] exists.
     pub(crate) fn rollback(&mut self) {
         self.counter_deltas.clear();
+        self.ledger_host = None;
         let _ = self.conn.execute_batch("ROLLBACK");
         let _ = self.reload_totals();
     }
@@ -1284,8 +1373,8 @@ impl Store {
         let next: i64 = self
             .conn
             .query_row(
-                "SELECT MAX(COALESCE((SELECT value FROM counters WHERE route = '' AND name = 'next_seq'), 1), COALESCE(MAX(id + records), 1)) FROM blocks",
-                [],
+                "SELECT MAX(?1, COALESCE(MAX(id + records), 1)) FROM blocks",
+                [self.stored_next_seq as i64],
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))?;
@@ -1375,6 +1464,10 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         self.next_seq += records.len() as u64;
+        self.ledger_host = Some((
+            meta.id,
+            data.len() + route.len() + key.len() + ROW_FIXED_BYTES,
+        ));
         self.add_pending(route, records.len() as u64, data.len() as u64);
         self.count(route, Counter::Received, records.len() as u64);
         self.bind_new(route, meta.id, records.len() as u64, data.len() as u64);
@@ -1926,29 +2019,19 @@ impl Store {
     }
 }
 
-/// The counters of a corrupt spool file, if SQLite can still read that table.
-/// The counters of a damaged file, if they read.
+/// The counters of a damaged file, if they read (the table's, or a newer copy on the
+/// newest block when that block reads).
 fn read_counters(conn: &Connection) -> Option<BTreeMap<(String, Counter), u64>> {
-    let mut stmt = conn
-        .prepare("SELECT route, name, value FROM counters WHERE name <> 'next_seq'")
-        .ok()?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
-        .ok()?;
-    let mut out = BTreeMap::new();
-    for row in rows {
-        let (route, name, value) = row.ok()?;
-        if let Some(counter) = Counter::parse(&name) {
-            out.insert((route, counter), value.max(0) as u64);
-        }
-    }
-    Some(out)
+    let ledger = ledger::read(conn).ok()?;
+    Some(
+        ledger
+            .totals
+            .into_iter()
+            .filter_map(|((route, name), value)| {
+                Some(((route, Counter::parse(&name)?), value.max(0) as u64))
+            })
+            .collect(),
+    )
 }
 
 /// A block read back from a damaged file, its body checked.
@@ -2021,13 +2104,16 @@ fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockMeta> {
 
 fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     let mut acc = Accounting::default();
-    let mut stmt = conn
-        .prepare("SELECT name, SUM(value) FROM counters WHERE name <> 'next_seq' AND instr(route, '/') = 0 GROUP BY name")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (name, value) = row?;
+    let ledger = ledger::read(conn)?;
+    let mut by_name: BTreeMap<&str, i64> = BTreeMap::new();
+    for ((route, name), value) in &ledger.totals {
+        if split_pair_row(route).is_none() {
+            *by_name.entry(name).or_insert(0) += value;
+        }
+    }
+    for (name, value) in by_name {
         let value = value.max(0) as u64;
-        match Counter::parse(&name) {
+        match Counter::parse(name) {
             Some(Counter::Received) => acc.received = value,
             Some(Counter::Delivered) => acc.delivered = value,
             Some(Counter::Dropped(reason)) => {
@@ -2051,15 +2137,15 @@ fn read_accounting(conn: &Connection) -> rusqlite::Result<Accounting> {
     acc.quarantined_blocks = conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
         r.get::<_, i64>(0)
     })? as u64;
-    let mut stmt =
-        conn.prepare("SELECT route, name, value FROM counters WHERE instr(route, '/') > 0")?;
-    for row in stmt.query_map([], text_text_int)? {
-        let (pair, name, value) = row?;
-        if let Some(counter) = Counter::parse(&name) {
+    for ((pair, name), value) in &ledger.totals {
+        if split_pair_row(pair).is_none() {
+            continue;
+        }
+        if let Some(counter) = Counter::parse(name) {
             acc.destinations
-                .entry(pair)
+                .entry(pair.clone())
                 .or_default()
-                .add(counter, value.max(0) as u64);
+                .add(counter, (*value).max(0) as u64);
         }
     }
     // A file from before destinations had cursors has no `fanout` table: no pairs.
@@ -2080,10 +2166,6 @@ const PAIR_PENDING: &str = "SELECT b.route, f.destination, SUM(b.records), SUM(L
      FROM blocks b JOIN fanout f ON f.route = b.route AND b.id >= f.since
      WHERE NOT EXISTS (SELECT 1 FROM taken t WHERE t.block = b.id AND t.destination = f.destination)
      GROUP BY b.route, f.destination";
-
-fn text_text_int(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-}
 
 /// Reads the accounting of a spool file without taking part in its writes: works while the
 /// agent runs (WAL readers do not block the writer) and after it stopped.
@@ -2237,6 +2319,102 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(c.id, 4);
         assert!(read_accounting_at(&path).unwrap().balances());
+    }
+
+    /// What the `counters` table says `route` received, and whether block `id` holds a copy.
+    fn table_received_and_copy(s: &Store, route: &str, id: i64) -> (Option<i64>, bool) {
+        let received = s
+            .conn
+            .query_row(
+                "SELECT value FROM counters WHERE route = ?1 AND name = 'received'",
+                [route],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap();
+        let copy: bool = s
+            .conn
+            .query_row(
+                "SELECT ledger IS NOT NULL FROM blocks WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+            .unwrap_or(false);
+        (received, copy)
+    }
+
+    /// A commit that appends one small block writes the totals onto it (one page) and leaves
+    /// the table; the newest copy is what a reopen and a reader of the file find, also after
+    /// a split took the block that held it, and a large block sends them to the table.
+    #[test]
+    fn the_totals_ride_on_a_small_block_and_the_newest_copy_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let mut body = Vec::new();
+        let four: Vec<NewRecord<'_>> = (0..4).map(|_| rec("t", b"small")).collect();
+        s.begin().unwrap();
+        let a = s.append_block("r", "k", &four, &mut body).unwrap();
+        s.commit().unwrap();
+        assert_eq!(table_received_and_copy(&s, "r", a.id), (None, true));
+
+        s.begin().unwrap();
+        s.deliver_block("", a.id).unwrap();
+        let b = s.append_block("r", "k", &four[..3], &mut body).unwrap();
+        s.drop_message("r", DropReason::NoRoute);
+        s.commit().unwrap();
+        assert_eq!(table_received_and_copy(&s, "r", b.id), (None, true));
+        let generation = s.generation;
+        s.begin().unwrap();
+        s.commit().unwrap();
+        assert_eq!(
+            s.generation, generation,
+            "a commit that changed nothing writes nothing"
+        );
+        drop(s);
+
+        let expect = |acc: &Accounting| {
+            assert_eq!(
+                (acc.received, acc.delivered, acc.dropped, acc.pending),
+                (8, 4, 1, 3),
+                "{acc:?}"
+            );
+            assert!(acc.balances(), "{acc:?}");
+        };
+        expect(&read_accounting_at(&path).unwrap());
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        expect(&s.committed.lock().unwrap().accounting());
+        assert_eq!(s.copy_on, Some(b.id));
+
+        // A split replaces the block holding the copy by two without one: the totals go to
+        // the table in the split's own transaction.
+        let halves = s.split_block(b.id, &mut body).unwrap();
+        assert_eq!(halves.len(), 2);
+        assert_eq!(s.copy_on, None);
+        assert_eq!(table_received_and_copy(&s, "r", b.id), (Some(8), false));
+        drop(s);
+        expect(&read_accounting_at(&path).unwrap());
+
+        // A block too large to share its page with the totals leaves them to the table.
+        let noise = noise(5, 4096);
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        s.begin().unwrap();
+        let c = s
+            .append_block("r", "k", &[rec("t", &noise)], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        assert_eq!(table_received_and_copy(&s, "r", c.id), (Some(9), false));
+        s.begin().unwrap();
+        let d = s.append_block("r", "k", &four[..1], &mut body).unwrap();
+        s.commit().unwrap();
+        assert_eq!(table_received_and_copy(&s, "r", d.id), (Some(9), true));
+        drop(s);
+        let (s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let acc = s.committed.lock().unwrap().accounting();
+        assert_eq!((acc.received, acc.pending), (10, 5), "{acc:?}");
+        assert_eq!(s.next_seq, d.id as u64 + 1);
     }
 
     #[test]
