@@ -120,7 +120,8 @@ pub struct Frame {
     pub records: Vec<Record>,
 }
 
-fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` as a LEB128 varint (7 bits a byte, low first).
+pub(crate) fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
         v >>= 7;
@@ -128,7 +129,8 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
-fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, FrameError> {
+/// Reads a varint of [`put_varint`] at `pos`, moving `pos` past it.
+pub(crate) fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, FrameError> {
     let mut v: u64 = 0;
     for shift in (0..64).step_by(7) {
         let byte = *buf.get(*pos).ok_or(FrameError::Truncated("varint"))?;
@@ -265,12 +267,13 @@ fn take<'a>(body: &'a [u8], pos: &mut usize) -> Result<&'a [u8], FrameError> {
     Ok(slice)
 }
 
-fn zigzag(delta: u64) -> u64 {
+/// A signed value (as two's complement bits) folded so small magnitudes make short varints.
+pub(crate) fn zigzag(delta: u64) -> u64 {
     let d = delta as i64;
     ((d << 1) ^ (d >> 63)) as u64
 }
 
-fn unzigzag(z: u64) -> u64 {
+pub(crate) fn unzigzag(z: u64) -> u64 {
     ((z >> 1) as i64 ^ -((z & 1) as i64)) as u64
 }
 

@@ -17,6 +17,7 @@
 //!
 //! This module never decides what is counted (store.rs does) and never writes the table.
 
+use crate::frame::{get_varint, put_varint, unzigzag, zigzag};
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::BTreeMap;
 
@@ -135,7 +136,7 @@ pub(super) fn encode<'a, N: AsRef<str>>(
                 out.extend_from_slice(other.as_bytes());
             }
         }
-        put_varint(&mut out, ((value << 1) ^ (value >> 63)) as u64);
+        put_varint(&mut out, zigzag(value as u64));
     }
     out
 }
@@ -147,34 +148,39 @@ struct Copy {
 }
 
 fn decode(data: &[u8]) -> Option<Copy> {
-    let (&version, mut rest) = data.split_first()?;
-    if version != COPY_VERSION {
+    if data.first() != Some(&COPY_VERSION) {
         return None;
     }
-    let generation = take_varint(&mut rest)?;
-    let next_seq = i64::try_from(take_varint(&mut rest)?).ok()?;
+    let mut pos = 1;
+    let varint = |pos: &mut usize| get_varint(data, pos).ok();
+    let generation = varint(&mut pos)?;
+    let next_seq = i64::try_from(varint(&mut pos)?).ok()?;
+    let text = |pos: &mut usize, len: u64| {
+        let end = pos.checked_add(usize::try_from(len).ok()?)?;
+        let text = String::from_utf8(data.get(*pos..end)?.to_vec()).ok()?;
+        *pos = end;
+        Some(text)
+    };
     let mut totals = Vec::new();
     let mut row = String::new();
-    while !rest.is_empty() {
-        let len = take_varint(&mut rest)?;
-        if len > 0 {
-            row = take_text(&mut rest, usize::try_from(len - 1).ok()?)?;
-        } else if totals.is_empty() {
-            return None;
+    while pos < data.len() {
+        match varint(&mut pos)? {
+            0 if totals.is_empty() => return None,
+            0 => {}
+            len => row = text(&mut pos, len - 1)?,
         }
-        let (&code, tail) = rest.split_first()?;
-        rest = tail;
+        let code = *data.get(pos)?;
+        pos += 1;
         let name = match code {
             1 => "received".to_string(),
             2 => "delivered".to_string(),
             0 => {
-                let len = usize::try_from(take_varint(&mut rest)?).ok()?;
-                take_text(&mut rest, len)?
+                let len = varint(&mut pos)?;
+                text(&mut pos, len)?
             }
             _ => return None,
         };
-        let z = take_varint(&mut rest)?;
-        let value = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let value = unzigzag(varint(&mut pos)?) as i64;
         totals.push((row.clone(), name, value));
     }
     Some(Copy {
@@ -182,36 +188,6 @@ fn decode(data: &[u8]) -> Option<Copy> {
         next_seq,
         totals,
     })
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn take_varint(data: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = data.split_first()?;
-        *data = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn take_text(data: &mut &[u8], len: usize) -> Option<String> {
-    if data.len() < len {
-        return None;
-    }
-    let (text, rest) = data.split_at(len);
-    *data = rest;
-    String::from_utf8(text.to_vec()).ok()
 }
 
 #[cfg(test)]
