@@ -11,6 +11,7 @@
 //! cargo bench --bench shapes -- --only "20 msg/s" --spool 'commit_max_wait = "5s"'
 //! cargo bench --bench shapes -- --only "1000 msg/s" --broker 'set_tcp_nodelay true'
 //! cargo bench --bench shapes -- --destinations 2  # the route feeds a second stream too
+//! cargo bench --bench shapes -- --shards 4        # streams of 4 shards (default 1)
 //! cargo bench --bench shapes -- --s3 30s           # ... and an S3 bucket (moto), objects
 //!                                                  # closing at 30 s or 64 MiB of records
 //! cargo bench --bench shapes -- --firehose         # ... and a Firehose delivery stream (moto)
@@ -26,9 +27,12 @@
 //! to a do-nothing QoS 1 subscriber of that protocol is measured in the same run, and each
 //! saturating shape's end-to-end rate is given as a share of it.
 //!
-//! Per shape: a fresh agent and stream (one shard), every message published, the agent left to
-//! ship until Kinesis accepted them all; the stream is then read back and every message found
-//! (the program fails if one is missing). It asserts nothing about speed.
+//! Per shape: a fresh agent and stream (one shard, or `--shards`), every message published, the
+//! agent left to ship until Kinesis accepted them all; the stream is then read back and every
+//! message found (the program fails if one is missing). Two rates are reported: ingest (every
+//! message stored in the spool, so acked) and end to end (every message accepted by Kinesis);
+//! a shard takes 1 MiB/s, so with one shard a fast machine's end-to-end rate is the shard's.
+//! It asserts nothing about speed.
 
 #[path = "../tests/e2e/support.rs"]
 mod support;
@@ -129,6 +133,10 @@ struct Args {
     /// The route also feeds a Kafka topic of 4 partitions (tansu, through a counting proxy);
     /// Kafka figures are reported.
     kafka: bool,
+    /// Shards of each shape's stream. One shard takes 1 MiB/s, which the saturating shapes
+    /// exceed on a fast machine: with more, the end-to-end rate of a per-device key is the
+    /// agent's and not the shard's (a `{gateway}` key stays on one shard whatever the count).
+    shards: i32,
 }
 
 fn parse_args() -> Args {
@@ -146,6 +154,7 @@ fn parse_args() -> Args {
         s3_age: None,
         firehose: false,
         kafka: false,
+        shards: 1,
     };
     let mut explicit = (false, false);
     let mut it = std::env::args().skip(1);
@@ -177,6 +186,13 @@ fn parse_args() -> Args {
             "--s3" => a.s3_age = Some(value("--s3")),
             "--firehose" => a.firehose = true,
             "--kafka" => a.kafka = true,
+            "--shards" => {
+                a.shards = value("--shards")
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .expect("--shards N (1 or more)")
+            }
             // cargo bench passes --bench; ignore harness flags.
             _ => {}
         }
@@ -335,6 +351,10 @@ struct Figures {
     msgs_per_s: f64,
     /// End-to-end rate over the broker's baseline rate of the same protocol (saturating).
     ratio: Option<f64>,
+    /// Messages stored in the spool per second, from the first publish to the last stored.
+    ingest_per_s: f64,
+    /// The ingest rate over the broker's baseline rate (saturating).
+    ingest_ratio: Option<f64>,
     cpu_us_per_msg: f64,
     disk_per_payload: f64,
     kinesis_per_payload: f64,
@@ -343,9 +363,20 @@ struct Figures {
     peak_rss_mib: f64,
     accepted_p50_ms: u64,
     accepted_p99_ms: u64,
+    cores: Cores,
     s3: Option<S3Figures>,
     firehose: Option<FirehoseFigures>,
     kafka: Option<KafkaFigures>,
+}
+
+/// Cores each process kept busy from the first publish until Kinesis accepted the last
+/// message (CPU seconds over wall seconds): where the machine went while the agent ran.
+struct Cores {
+    agent: f64,
+    broker: f64,
+    emulator: f64,
+    /// This program: the publishers and its polling of the spool's accounting.
+    program: f64,
 }
 
 /// The Kafka destination's figures.
@@ -412,6 +443,7 @@ fn run_shape(
     args: &Args,
     dir: &std::path::Path,
     broker_port: u16,
+    broker_pid: u32,
     baseline_rate: Option<f64>,
     s3: Option<&S3Server>,
     kafka: Option<&KafkaSide>,
@@ -424,7 +456,7 @@ fn run_shape(
     }
     .max(u64::from(shape.devices.min(MAX_CONNECTIONS)));
     let stream = format!("shapes-{}-{index}", std::process::id());
-    rt.block_on(create_stream(&client, &stream, 1));
+    rt.block_on(create_stream(&client, &stream, args.shards));
     let gateway = format!("gw-shape-{index}");
     let agent_dir = dir.join(format!("shape-{index}"));
     std::fs::create_dir_all(&agent_dir).unwrap();
@@ -520,6 +552,9 @@ fn run_shape(
         },
     );
     let pid = agent.pid().unwrap();
+    // The machine's other busy processes: what the agent's rate is measured against.
+    let others = [broker_pid, kinesis.pid(), std::process::id()];
+    let others_before = others.map(|p| proc_stats(p).cpu_s);
     let before = proc_stats(pid);
     let start = Instant::now();
     let publisher = rt.spawn(publish_shape(
@@ -529,14 +564,32 @@ fn run_shape(
         shape.rate,
         format!("shape{index}-"),
     ));
+    // Ingest: every message stored in the spool (and so acked); the shipping may trail it.
+    let mut ingested = None;
     wait_for(
         "the agent to deliver every message",
         Duration::from_secs(3600),
-        || agent.accounting().filter(|a| a.delivered >= total),
+        || {
+            let a = agent.accounting()?;
+            if ingested.is_none() && a.received >= total {
+                ingested = Some(start.elapsed().as_secs_f64());
+            }
+            (a.delivered >= total).then_some(())
+        },
     );
     let elapsed = start.elapsed().as_secs_f64();
-    rt.block_on(publisher).unwrap();
     let after = proc_stats(pid);
+    let ingest_per_s = total as f64 / ingested.unwrap_or(elapsed);
+    let others_after = others.map(|p| proc_stats(p).cpu_s);
+    let [broker_cpu, emulator_cpu, program_cpu] =
+        std::array::from_fn(|i| (others_after[i] - others_before[i]) / elapsed);
+    let cores = Cores {
+        agent: (after.cpu_s - before.cpu_s) / elapsed,
+        broker: broker_cpu,
+        emulator: emulator_cpu,
+        program: program_cpu,
+    };
+    rt.block_on(publisher).unwrap();
     let scrape = agent.scrape();
     assert_eq!(agent.stop().code(), Some(0), "the agent stopped cleanly");
     rt.block_on(forget_session(broker_port, &format!("edgeship-{gateway}")));
@@ -682,6 +735,8 @@ fn run_shape(
         messages: total,
         msgs_per_s,
         ratio: baseline_rate.map(|b| msgs_per_s / b),
+        ingest_per_s,
+        ingest_ratio: baseline_rate.map(|b| ingest_per_s / b),
         cpu_us_per_msg: (after.cpu_s - before.cpu_s) * 1e6 / total as f64,
         disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
         kinesis_per_payload: back.kinesis_bytes as f64 / payload,
@@ -690,6 +745,7 @@ fn run_shape(
         peak_rss_mib: after.hwm_kib as f64 / 1024.0,
         accepted_p50_ms: percentile(&latencies, 0.5),
         accepted_p99_ms: percentile(&latencies, 0.99),
+        cores,
         s3,
         firehose,
         kafka,
@@ -768,6 +824,7 @@ fn main() {
             &args,
             dir.path(),
             mosquitto.port,
+            mosquitto.pid().expect("the broker runs"),
             base,
             s3.as_ref(),
             kafka.as_ref(),
@@ -777,8 +834,10 @@ fn main() {
 
     println!();
     println!(
-        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, 1 shard, default batch settings{}",
+        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, {} shard{}, default batch settings{}",
         args.format,
+        args.shards,
+        if args.shards == 1 { "" } else { "s" },
         if args.destinations == 2 {
             "; the route feeds two streams (Kinesis figures: the first)"
         } else {
@@ -789,9 +848,10 @@ fn main() {
         println!("broker -> do-nothing MQTT {protocol} QoS 1 subscriber: {rate:.0} msg/s");
     }
     println!(
-        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
+        "{:<52} {:>9} {:>15} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
         "shape",
         "messages",
+        "ingest",
         "end to end",
         "CPU us",
         "disk",
@@ -801,20 +861,21 @@ fn main() {
         "accepted p50/99"
     );
     println!(
-        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
-        "", "", "msg/s (share)", "/msg", "/pay", "/pay", "", "MiB", "ms"
+        "{:<52} {:>9} {:>15} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
+        "", "", "msg/s (share)", "msg/s (share)", "/msg", "/pay", "/pay", "", "MiB", "ms"
     );
-    println!("{}", "-".repeat(140));
+    println!("{}", "-".repeat(156));
     for (shape, f) in &results {
-        let rate = match f.ratio {
-            Some(r) => format!("{:.0} ({:.2})", f.msgs_per_s, r),
-            None => format!("{:.0}", f.msgs_per_s),
+        let share = |rate: f64, ratio: Option<f64>| match ratio {
+            Some(r) => format!("{rate:.0} ({r:.2})"),
+            None => format!("{rate:.0}"),
         };
         println!(
-            "{:<52} {:>9} {:>15} {:>7.1} {:>6.3} {:>8.3} {:>9.0} {:>6.1} {:>15}",
+            "{:<52} {:>9} {:>15} {:>15} {:>7.1} {:>6.3} {:>8.3} {:>9.0} {:>6.1} {:>15}",
             shape.name(),
             f.messages,
-            rate,
+            share(f.ingest_per_s, f.ingest_ratio),
+            share(f.msgs_per_s, f.ratio),
             f.cpu_us_per_msg,
             f.disk_per_payload,
             f.kinesis_per_payload,
@@ -824,9 +885,30 @@ fn main() {
         );
     }
     println!(
-        "{:<52} {:>9} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6}",
-        "budget (issue 18)", "", ">= 0.90", "<= 10", "<= 0.5", "<= 0.15", "<= 1000", "<= 32"
+        "{:<52} {:>9} {:>15} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6}",
+        "budget (issue 18)", "", "", ">= 0.90", "<= 10", "<= 0.5", "<= 0.15", "<= 1000", "<= 32"
     );
+    let machine = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!();
+    println!(
+        "Cores kept busy from the first publish to the last message accepted ({machine} on this machine; broker: Mosquitto, emulator: kinesis-mock, publishers: this program):"
+    );
+    println!(
+        "{:<52} {:>7} {:>7} {:>9} {:>11} {:>7}",
+        "shape", "agent", "broker", "emulator", "publishers", "total"
+    );
+    for (shape, f) in &results {
+        let c = &f.cores;
+        println!(
+            "{:<52} {:>7.2} {:>7.2} {:>9.2} {:>11.2} {:>7.2}",
+            shape.name(),
+            c.agent,
+            c.broker,
+            c.emulator,
+            c.program,
+            c.agent + c.broker + c.emulator + c.program
+        );
+    }
     if let Some(age) = &args.s3_age {
         println!();
         println!("S3 (moto; objects close at {age} or 64 MiB of records; the route also feeds the stream):");
@@ -899,6 +981,7 @@ fn main() {
         "spool_settings": args.spool,
         "broker_settings": args.broker,
         "quick": args.quick,
+        "shards": args.shards,
         "baseline_msgs_per_s": baselines,
         "shapes": results.iter().map(|(s, f)| serde_json::json!({
             "name": s.name(),
@@ -909,6 +992,8 @@ fn main() {
             "messages": f.messages,
             "msgs_per_s": f.msgs_per_s,
             "ratio_to_baseline": f.ratio,
+            "ingest_msgs_per_s": f.ingest_per_s,
+            "ingest_ratio_to_baseline": f.ingest_ratio,
             "cpu_us_per_message": f.cpu_us_per_msg,
             "disk_write_bytes_per_payload_byte": f.disk_per_payload,
             "kinesis_bytes_per_payload_byte": f.kinesis_per_payload,
@@ -916,6 +1001,12 @@ fn main() {
             "kinesis_records": f.kinesis_records,
             "peak_rss_mib": f.peak_rss_mib,
             "publish_to_accepted_ms": {"p50": f.accepted_p50_ms, "p99": f.accepted_p99_ms},
+            "cores_busy": {
+                "agent": f.cores.agent,
+                "broker": f.cores.broker,
+                "emulator": f.cores.emulator,
+                "publishers": f.cores.program,
+            },
             "s3": f.s3.as_ref().map(|s3| serde_json::json!({
                 "objects": s3.objects,
                 "object_bytes_per_payload_byte": s3.bytes_per_payload,
