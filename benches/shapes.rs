@@ -10,6 +10,7 @@
 //! cargo bench --bench shapes -- --skip "10000 devices, saturating" --messages 200000
 //! cargo bench --bench shapes -- --only "20 msg/s" --spool 'commit_max_wait = "5s"'
 //! cargo bench --bench shapes -- --only "1000 msg/s" --broker 'set_tcp_nodelay true'
+//! cargo bench --bench shapes -- --only "20 msg/s" --batch 'linger = "10s"'
 //! cargo bench --bench shapes -- --destinations 2  # the route feeds a second stream too
 //! cargo bench --bench shapes -- --shards 4        # streams of 4 shards (default 1)
 //! cargo bench --bench shapes -- --s3 30s           # ... and an S3 bucket (moto), objects
@@ -121,6 +122,8 @@ struct Args {
     spool: Vec<String>,
     /// Lines added to the broker's configuration (`--broker 'set_tcp_nodelay true'`).
     broker: Vec<String>,
+    /// Settings added to the agent's `[batch]` (`--batch 'linger = "10s"'`).
+    batch: Vec<String>,
     /// 2: the route also feeds a second stream (one copy in the spool, two cursors); every
     /// message is looked for in both.
     destinations: u32,
@@ -150,6 +153,7 @@ fn parse_args() -> Args {
         json: None,
         spool: Vec::new(),
         broker: Vec::new(),
+        batch: Vec::new(),
         destinations: 1,
         s3_age: None,
         firehose: false,
@@ -176,6 +180,7 @@ fn parse_args() -> Args {
             "--json" => a.json = Some(PathBuf::from(value("--json"))),
             "--spool" => a.spool.push(value("--spool")),
             "--broker" => a.broker.push(value("--broker")),
+            "--batch" => a.batch.push(value("--batch")),
             "--destinations" => {
                 a.destinations = value("--destinations")
                     .parse()
@@ -483,8 +488,15 @@ fn run_shape(
         &format!("gateway_id = \"{gateway}\""),
     )
     .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"")
-    // The shipped default linger.
-    .replace("linger = \"200ms\"\n", "")
+    // The shipped default linger, unless `--batch` sets one.
+    .replace(
+        "linger = \"200ms\"\n",
+        &args
+            .batch
+            .iter()
+            .map(|b| format!("{b}\n"))
+            .collect::<String>(),
+    )
     .replace(
         "partition_key = \"{topic[1]}\"",
         &format!("partition_key = \"{key}\"\nformat = \"{}\"", args.format),
@@ -780,6 +792,7 @@ fn main() {
             .iter()
             .map(|s| format!(", spool {s}"))
             .chain(args.broker.iter().map(|b| format!(", broker {b}")))
+            .chain(args.batch.iter().map(|b| format!(", batch {b}")))
             .collect::<String>(),
         if args.quick { ", quick" } else { "" }
     );
@@ -834,10 +847,15 @@ fn main() {
 
     println!();
     println!(
-        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, {} shard{}, default batch settings{}",
+        "edgeship shapes: QoS 1, ~200 B telemetry JSON with fresh values, format {}, kinesis-mock, {} shard{}, batch settings: {}{}",
         args.format,
         args.shards,
         if args.shards == 1 { "" } else { "s" },
+        if args.batch.is_empty() {
+            "default".to_string()
+        } else {
+            args.batch.join(", ")
+        },
         if args.destinations == 2 {
             "; the route feeds two streams (Kinesis figures: the first)"
         } else {
@@ -979,6 +997,7 @@ fn main() {
         "destinations": args.destinations,
         "s3_max_object_age": args.s3_age,
         "spool_settings": args.spool,
+        "batch_settings": args.batch,
         "broker_settings": args.broker,
         "quick": args.quick,
         "shards": args.shards,

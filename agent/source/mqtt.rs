@@ -171,12 +171,13 @@ fn quick_ack(socket: std::os::fd::RawFd) {
 }
 
 /// Paced reading of a slow stream. A message read on its own costs a wakeup of the intake and
-/// one of the spool's thread (most of the CPU per message at 1,000 msg/s); while the spool
-/// says the stream is slow and messages come at least two per pace, the intake reads at most
-/// once per pace (half the commit interval, `SpoolHandle::read_pace`), so each wakeup takes the
-/// several messages the socket gathered meanwhile. Their acks wait for the spool's gathering
-/// anyway (up to `commit_max_wait`), and the pace is shorter than any gap the spool takes for
-/// a pause. At saturation and at half load the stream is not slow and every read goes at once.
+/// one of the spool's thread (most of the CPU per message at 1,000 msg/s and at 20); while the
+/// spool says the stream is slow and messages come at least two per pace, the intake reads at
+/// most once per pace (a few of the stream's mean gaps, at least half the commit interval:
+/// `SpoolHandle::read_pace`), so each wakeup takes the several messages the socket gathered
+/// meanwhile. Their acks wait for the spool's gathering anyway (up to `commit_max_wait`), and
+/// the pace is shorter than any gap the spool takes for a pause (four paces). At saturation
+/// and at half load the stream is not slow and every read goes at once.
 #[derive(Debug)]
 struct Pace {
     /// No read before this.

@@ -64,6 +64,11 @@ const MAX_GROUP_BYTES: usize = 2 << 20;
 const COMMIT_TARGET_BYTES: usize = 16 << 10;
 /// A gap longer than this many mean gaps between appends ends a group's gathering.
 const QUIET_GAPS: u32 = 4;
+/// A slow stream's read pace in mean gaps between its messages (at least half the commit
+/// interval, at most an eighth of `commit_max_wait`): a sparse stream (20 msg/s) is read a
+/// few messages per wakeup too, instead of one wakeup of the intake and one of the spool's
+/// thread per message.
+const PACE_GAPS: u32 = 4;
 /// Largest uncompressed block; far below any destination's record limit, so one block always
 /// fits in one frame.
 pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
@@ -261,8 +266,8 @@ pub(crate) struct SpoolStats {
     pub(crate) full: AtomicBool,
     /// The last group of appends committed short of the commit target after gathering, or
     /// reached it only by waiting for messages past the commit interval: the stream is slow
-    /// and steady, and this is half the commit interval in microseconds (0
-    /// otherwise). The intake then asks its socket for quick TCP acks (see `source::mqtt`), so
+    /// and steady, and this is the pace the intake may read it at in microseconds (0
+    /// otherwise; see `Worker::read_pace`). The intake then asks its socket for quick TCP acks (see `source::mqtt`), so
     /// the broker's small packets are not held back into bursts whose gaps would look like
     /// pauses and end the gathering, and paces its reads by it (see
     /// `SpoolHandle::read_pace`).
@@ -322,7 +327,8 @@ impl SpoolHandle {
 
     /// While the stream is slow (see [`SpoolHandle::slow_stream`]): how long the intake may
     /// wait between reads, gathering several messages per wakeup, without the gap ending the
-    /// spool's gathering (half its commit interval, below the shortest pause it sees).
+    /// spool's gathering (a few of the stream's mean gaps, at least half the commit interval;
+    /// the spool judges pauses against it).
     pub(crate) fn read_pace(&self) -> Option<Duration> {
         match self.stats.read_pace_us.load(Ordering::Relaxed) {
             0 => None,
@@ -1041,7 +1047,7 @@ impl Worker {
                     && (group_bytes < COMMIT_TARGET_BYTES || gathered);
                 // At least 1 us while slow: 0 says "not slow".
                 let pace_us = if slow {
-                    ((self.commit_interval / 2).as_micros() as u64).max(1)
+                    (self.read_pace().as_micros() as u64).max(1)
                 } else {
                     0
                 };
@@ -1110,6 +1116,18 @@ impl Worker {
             tracing::info!(parked = self.parked.len(), "spool closed with appends waiting for space; they were not acked and the broker will redeliver them");
         }
         self.store.accounting()
+    }
+
+    /// How long the intake may wait between reads of a slow stream: [`PACE_GAPS`] mean gaps
+    /// between appends, at least half the commit interval (a busy stream's reads are not
+    /// held past it) and at most an eighth of `commit_max_wait`, so a gathering that waits
+    /// for messages sees several reads and a pause ([`QUIET_GAPS`] paces) still ends it
+    /// before `commit_max_wait`.
+    fn read_pace(&self) -> Duration {
+        let floor = self.commit_interval / 2;
+        (self.append_gap * PACE_GAPS)
+            .min(self.commit_max_wait / 8)
+            .max(floor)
     }
 
     /// An append came: updates the stream's usual pace.
@@ -1931,18 +1949,30 @@ mod tests {
 
     /// Appends every 2 ms for 300 ms, then none: (commits, acks) seen.
     async fn steady_stream(cfg: &SpoolConfig) -> (u64, usize, bool) {
+        let (commits, acked, pace) = stream_of(cfg, Duration::from_millis(2), 150).await;
+        (commits, acked, pace.is_some())
+    }
+
+    /// `count` appends of 200 bytes, one every `every`, until all are acked: the commits it
+    /// took, the acks, and the read pace the spool published after.
+    async fn stream_of(
+        cfg: &SpoolConfig,
+        every: Duration,
+        count: u16,
+    ) -> (u64, usize, Option<Duration>) {
         let (spool, _thread) = start(cfg).unwrap();
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let before = spool.stats().commits.load(Ordering::Relaxed);
-        let mut tick = tokio::time::interval(Duration::from_millis(2));
-        for pkid in 1..=150u16 {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for pkid in 1..=count {
             tick.tick().await;
             spool
                 .append(record("r", &[b'x'; 200], &ack_tx, pkid))
                 .unwrap();
         }
         let mut acked = 0;
-        while acked < 150 {
+        while acked < usize::from(count) {
             tokio::time::timeout(Duration::from_secs(5), ack_rx.recv())
                 .await
                 .expect("every append is acked")
@@ -1952,7 +1982,7 @@ mod tests {
         (
             spool.stats().commits.load(Ordering::Relaxed) - before,
             acked,
-            spool.slow_stream(),
+            spool.read_pace(),
         )
     }
 
@@ -1975,6 +2005,24 @@ mod tests {
         let (commits, _, slow) = steady_stream(&cfg).await;
         assert!(commits >= 15, "{commits} commits");
         assert!(!slow, "no gathering, no quick acks");
+    }
+
+    #[tokio::test]
+    async fn a_sparse_stream_is_read_a_few_messages_per_wakeup() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
+        cfg.commit_interval = Duration::from_millis(10);
+        cfg.commit_max_wait = Duration::from_secs(1);
+        // 40 messages/s: a read per message would be 40 wakeups a second.
+        let (_, acked, pace) = stream_of(&cfg, Duration::from_millis(25), 40).await;
+        assert_eq!(acked, 40);
+        // Four gaps of 25 ms, not half the commit interval (5 ms), and at most an eighth of
+        // commit_max_wait (125 ms), so a pause of four paces still ends a gathering.
+        let pace = pace.expect("a slow stream");
+        assert!(
+            pace >= Duration::from_millis(60) && pace <= Duration::from_millis(125),
+            "{pace:?}"
+        );
     }
 
     #[tokio::test]
