@@ -17,6 +17,8 @@
 //!                                                  # closing at 30 s or 64 MiB of records
 //! cargo bench --bench shapes -- --firehose         # ... and a Firehose delivery stream (moto)
 //! cargo bench --bench shapes -- --kafka            # ... and a Kafka topic (tansu, 4 partitions)
+//! cargo bench --bench shapes -- --kafka --alone    # the topic instead of the stream: the
+//!                                                  # agent's figures are Kafka's own
 //! ```
 //!
 //! A shape is the agent's MQTT protocol, its route's partition key (`{gateway}`, or
@@ -33,7 +35,11 @@
 //! message found (the program fails if one is missing). Two rates are reported: ingest (every
 //! message stored in the spool, so acked) and end to end (every message accepted by Kinesis);
 //! a shard takes 1 MiB/s, so with one shard a fast machine's end-to-end rate is the shard's.
-//! It asserts nothing about speed.
+//! With `--alone` the route feeds only the Kafka topic or the Firehose delivery stream and the
+//! stream's columns are empty: the delivery stream's objects are read back (every message
+//! found once); the topic is checked by its end offsets and the records the agent saw
+//! accepted (tansu reads 200,000 records back slower than the run). It asserts nothing about
+//! speed.
 
 #[path = "../tests/e2e/support.rs"]
 mod support;
@@ -136,6 +142,9 @@ struct Args {
     /// The route also feeds a Kafka topic of 4 partitions (tansu, through a counting proxy);
     /// Kafka figures are reported.
     kafka: bool,
+    /// The route feeds only the destination `--kafka` or `--firehose` adds, not the stream:
+    /// end to end, CPU, disk and RSS are that destination's own.
+    alone: bool,
     /// Shards of each shape's stream. One shard takes 1 MiB/s, which the saturating shapes
     /// exceed on a fast machine: with more, the end-to-end rate of a per-device key is the
     /// agent's and not the shard's (a `{gateway}` key stays on one shard whatever the count).
@@ -158,6 +167,7 @@ fn parse_args() -> Args {
         s3_age: None,
         firehose: false,
         kafka: false,
+        alone: false,
         shards: 1,
     };
     let mut explicit = (false, false);
@@ -191,6 +201,7 @@ fn parse_args() -> Args {
             "--s3" => a.s3_age = Some(value("--s3")),
             "--firehose" => a.firehose = true,
             "--kafka" => a.kafka = true,
+            "--alone" => a.alone = true,
             "--shards" => {
                 a.shards = value("--shards")
                     .parse()
@@ -202,6 +213,10 @@ fn parse_args() -> Args {
             _ => {}
         }
     }
+    assert!(
+        !a.alone || (a.kafka != a.firehose && a.s3_age.is_none() && a.destinations == 1),
+        "--alone goes with one of --kafka or --firehose, and no other destination"
+    );
     if a.quick {
         if !explicit.0 {
             a.messages = 20_000;
@@ -264,7 +279,14 @@ fn parse_payload(payload: &[u8]) -> Option<(u32, u32, u64)> {
 /// telemetry`) over at most [`MAX_CONNECTIONS`] connections, round robin over each
 /// connection's devices, at `rate` messages/s together or as fast as the broker takes them.
 /// Returns once the broker acked every one.
-async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, prefix: String) {
+/// Publishes the shape's messages and waits for every ack; the payload bytes published.
+async fn publish_shape(
+    port: u16,
+    devices: u32,
+    total: u64,
+    rate: Option<u32>,
+    prefix: String,
+) -> u64 {
     let connections = devices.min(MAX_CONNECTIONS);
     // At a fixed rate each connection publishes once per `period`, connection c at c /
     // connections of the way into it, so the messages arrive spread over time the way many
@@ -290,23 +312,26 @@ async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, p
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     t
                 });
+                let mut bytes = 0u64;
                 for k in 0..mine {
                     if let Some(t) = tick.as_mut() {
                         t.tick().await;
                     }
                     let device = own_devices[(k % own_devices.len() as u64) as usize];
                     let seq = (k / own_devices.len() as u64) as u32;
+                    let payload = fresh_payload(device, seq);
+                    bytes += payload.len() as u64;
                     client
                         .publish(
                             format!("devices/dev-{device:05}/telemetry"),
                             rumqttc::QoS::AtLeastOnce,
                             false,
-                            fresh_payload(device, seq),
+                            payload,
                         )
                         .await
                         .unwrap();
                 }
-                client
+                (client, bytes)
             });
             let deadline = Instant::now() + Duration::from_secs(3600);
             let mut acked = 0;
@@ -321,17 +346,20 @@ async fn publish_shape(port: u16, devices: u32, total: u64, rate: Option<u32>, p
                     Ok(Err(e)) => panic!("publisher {c}: {e}"),
                 }
             }
-            let client = sender.await.unwrap();
+            let (client, bytes) = sender.await.unwrap();
             let _ = client.disconnect().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while events.poll().await.is_ok() {}
             })
             .await;
+            bytes
         }));
     }
+    let mut bytes = 0;
     for t in tasks {
-        t.await.unwrap();
+        bytes += t.await.unwrap();
     }
+    bytes
 }
 
 /// The broker's rate to a do-nothing QoS 1 subscriber speaking `protocol`, for `total`
@@ -362,16 +390,51 @@ struct Figures {
     ingest_ratio: Option<f64>,
     cpu_us_per_msg: f64,
     disk_per_payload: f64,
-    kinesis_per_payload: f64,
-    put_units_per_million: f64,
-    kinesis_records: usize,
+    /// The stream's figures (`None` with `--alone`: the route did not feed it).
+    stream: Option<StreamFigures>,
     peak_rss_mib: f64,
-    accepted_p50_ms: u64,
-    accepted_p99_ms: u64,
     cores: Cores,
     s3: Option<S3Figures>,
     firehose: Option<FirehoseFigures>,
     kafka: Option<KafkaFigures>,
+}
+
+/// What the stream received, and when.
+struct StreamFigures {
+    kinesis_per_payload: f64,
+    put_units_per_million: f64,
+    kinesis_records: usize,
+    /// Publish to accepted by Kinesis (the record's arrival time).
+    accepted_p50_ms: u64,
+    accepted_p99_ms: u64,
+}
+
+/// The objects a Firehose delivery stream wrote to its bucket.
+struct FirehoseRead {
+    /// Every JSON line's payload, in the objects' order.
+    payloads: Vec<Vec<u8>>,
+    /// The objects' bytes: the records as sent.
+    sent: u64,
+}
+
+/// Fetches delivery stream `hose`'s objects into `folder` and takes each line's payload.
+fn read_firehose(s3: &S3Server, hose: &str, folder: &std::path::Path) -> FirehoseRead {
+    let listed = s3_tool(&[&s3.endpoint(), "fetch", hose, folder.to_str().unwrap()]);
+    let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
+    let mut read = FirehoseRead {
+        payloads: Vec::new(),
+        sent: 0,
+    };
+    for key in &keys {
+        let data = std::fs::read(folder.join(key)).unwrap();
+        read.sent += data.len() as u64;
+        for line in std::str::from_utf8(&data).expect("JSON lines").lines() {
+            let at = line.find(",\"payload\":").expect("JSON payloads") + 11;
+            read.payloads
+                .push(line.as_bytes()[at..line.len() - 1].to_vec());
+        }
+    }
+    read
 }
 
 /// Cores each process kept busy from the first publish until Kinesis accepted the last
@@ -502,7 +565,7 @@ fn run_shape(
         &format!("partition_key = \"{key}\"\nformat = \"{}\"", args.format),
     );
     if args.destinations == 2 {
-        rt.block_on(create_stream(&client, &copy, 1));
+        rt.block_on(create_stream(&client, &copy, args.shards));
         config = config.replace(
             "destination = \"stream\"",
             "destinations = [\"stream\", \"copy\"]",
@@ -540,6 +603,9 @@ fn run_shape(
             k.link.port
         );
     }
+    if args.alone {
+        config = config.replace("destinations = [\"stream\", ", "destinations = [");
+    }
     let kafka_before = kafka.map(|k| {
         (
             k.link
@@ -554,18 +620,26 @@ fn run_shape(
     agent.wait_connected(1);
     // Until a destination has learned its shards, commits store a block per device (see
     // spool/placement.rs) and the first frames go out one device each: measure from after.
-    wait_for(
-        "the agent to learn its streams' shards",
-        Duration::from_secs(60),
-        || {
-            (agent.log().matches("learned the stream's shards").count()
-                >= args.destinations as usize)
-                .then_some(())
-        },
-    );
+    if !args.alone {
+        wait_for(
+            "the agent to learn its streams' shards",
+            Duration::from_secs(60),
+            || {
+                (agent.log().matches("learned the stream's shards").count()
+                    >= args.destinations as usize)
+                    .then_some(())
+            },
+        );
+    }
     let pid = agent.pid().unwrap();
-    // The machine's other busy processes: what the agent's rate is measured against.
-    let others = [broker_pid, kinesis.pid(), std::process::id()];
+    // The machine's other busy processes: what the agent's rate is measured against. The
+    // emulator is the one the route feeds.
+    let emulator_pid = match (args.alone, kafka, s3) {
+        (true, Some(k), _) => k.tansu.pid().expect("tansu runs"),
+        (true, None, Some(s3)) => s3.pid(),
+        _ => kinesis.pid(),
+    };
+    let others = [broker_pid, emulator_pid, std::process::id()];
     let others_before = others.map(|p| proc_stats(p).cpu_s);
     let before = proc_stats(pid);
     let start = Instant::now();
@@ -601,29 +675,60 @@ fn run_shape(
         emulator: emulator_cpu,
         program: program_cpu,
     };
-    rt.block_on(publisher).unwrap();
+    let published = rt.block_on(publisher).unwrap();
     let scrape = agent.scrape();
     assert_eq!(agent.stop().code(), Some(0), "the agent stopped cleanly");
     rt.block_on(forget_session(broker_port, &format!("edgeship-{gateway}")));
 
-    let back = rt.block_on(read_stream(&client, &stream));
+    // Every message the route's destination of record holds, once: the stream, or with
+    // `--alone` the topic or the delivery stream's objects.
+    let hose_folder = agent_dir.join("firehose");
+    let hose_read = s3
+        .filter(|_| args.firehose)
+        .map(|s3| read_firehose(s3, &hose, &hose_folder));
     let mut seen = HashSet::new();
-    let mut latencies = Vec::with_capacity(back.messages.len());
+    let mut latencies = Vec::new();
     let mut payload_bytes = 0u64;
-    for (m, arrived) in back.messages.iter().zip(&back.arrivals_ms) {
-        let (device, seq, pub_ms) = parse_payload(&m.payload)
-            .unwrap_or_else(|| panic!("a payload the program did not publish: {m:?}"));
-        if seen.insert((device, seq)) {
-            payload_bytes += m.payload.len() as u64;
-            latencies.push(arrived.saturating_sub(pub_ms));
+    let back = if args.alone {
+        match &hose_read {
+            Some(h) => {
+                for payload in &h.payloads {
+                    let (device, seq, _) = parse_payload(payload).unwrap_or_else(|| {
+                        panic!("a payload the program did not publish: {payload:?}")
+                    });
+                    if seen.insert((device, seq)) {
+                        payload_bytes += payload.len() as u64;
+                    }
+                }
+            }
+            // Reading 200,000 records back from tansu takes longer than the run (its SQLite
+            // storage), so the topic is checked by its end offsets and the records the agent
+            // saw accepted (below), and the payload is what was published.
+            None => payload_bytes = published,
         }
+        None
+    } else {
+        let back = rt.block_on(read_stream(&client, &stream));
+        latencies.reserve(back.messages.len());
+        for (m, arrived) in back.messages.iter().zip(&back.arrivals_ms) {
+            let (device, seq, pub_ms) = parse_payload(&m.payload)
+                .unwrap_or_else(|| panic!("a payload the program did not publish: {m:?}"));
+            if seen.insert((device, seq)) {
+                payload_bytes += m.payload.len() as u64;
+                latencies.push(arrived.saturating_sub(pub_ms));
+            }
+        }
+        Some(back)
+    };
+    if !(args.alone && args.kafka) {
+        assert_eq!(
+            seen.len() as u64,
+            total,
+            "{}: messages missing from the {}",
+            shape.name(),
+            if args.alone { "destination" } else { "stream" }
+        );
     }
-    assert_eq!(
-        seen.len() as u64,
-        total,
-        "{}: messages missing from the stream",
-        shape.name()
-    );
     if args.destinations == 2 {
         let copied = rt.block_on(read_stream(&client, &copy));
         let found: HashSet<(u32, u32)> = copied
@@ -636,22 +741,15 @@ fn run_shape(
     latencies.sort_unstable();
     let msgs_per_s = total as f64 / elapsed;
     let payload = payload_bytes as f64;
-    let firehose = s3.filter(|_| args.firehose).map(|s3| {
-        let folder = agent_dir.join("firehose");
-        let listed = s3_tool(&[&s3.endpoint(), "fetch", &hose, folder.to_str().unwrap()]);
-        let keys: Vec<String> = serde_json::from_value(listed["keys"].clone()).unwrap();
-        let mut sent = 0u64;
-        let mut found = HashSet::new();
-        for key in &keys {
-            let data = std::fs::read(folder.join(key)).unwrap();
-            sent += data.len() as u64;
-            for line in std::str::from_utf8(&data).expect("JSON lines").lines() {
-                let at = line.find(",\"payload\":").expect("JSON payloads") + 11;
-                let (d, s, _) = parse_payload(&line.as_bytes()[at..line.len() - 1])
-                    .expect("a payload the program published");
-                found.insert((d, s));
-            }
-        }
+    let firehose = hose_read.map(|read| {
+        let found: HashSet<(u32, u32)> = read
+            .payloads
+            .iter()
+            .map(|p| {
+                let (d, s, _) = parse_payload(p).expect("a payload the program published");
+                (d, s)
+            })
+            .collect();
         assert_eq!(
             found,
             seen,
@@ -666,11 +764,11 @@ fn run_shape(
         );
         assert_eq!(records as u64, total, "every message accepted by Firehose");
         FirehoseFigures {
-            bytes_per_payload: sent as f64 / payload,
+            bytes_per_payload: read.sent as f64 / payload,
             records_per_million: entries * 1e6 / total as f64,
             calls_per_million: scrape.sum("edgeship_destination_calls_total", &hose_label) * 1e6
                 / total as f64,
-            record_bytes: sent as f64 / entries.max(1.0),
+            record_bytes: read.sent as f64 / entries.max(1.0),
         }
     });
     let kafka = kafka.zip(kafka_before).map(|(k, (bytes, requests))| {
@@ -751,12 +849,14 @@ fn run_shape(
         ingest_ratio: baseline_rate.map(|b| ingest_per_s / b),
         cpu_us_per_msg: (after.cpu_s - before.cpu_s) * 1e6 / total as f64,
         disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
-        kinesis_per_payload: back.kinesis_bytes as f64 / payload,
-        put_units_per_million: back.put_units as f64 * 1e6 / total as f64,
-        kinesis_records: back.kinesis_records,
+        stream: back.map(|back| StreamFigures {
+            kinesis_per_payload: back.kinesis_bytes as f64 / payload,
+            put_units_per_million: back.put_units as f64 * 1e6 / total as f64,
+            kinesis_records: back.kinesis_records,
+            accepted_p50_ms: percentile(&latencies, 0.5),
+            accepted_p99_ms: percentile(&latencies, 0.99),
+        }),
         peak_rss_mib: after.hwm_kib as f64 / 1024.0,
-        accepted_p50_ms: percentile(&latencies, 0.5),
-        accepted_p99_ms: percentile(&latencies, 0.99),
         cores,
         s3,
         firehose,
@@ -888,18 +988,27 @@ fn main() {
             Some(r) => format!("{rate:.0} ({r:.2})"),
             None => format!("{rate:.0}"),
         };
+        // With `--alone` the stream's columns are empty.
+        let (kinesis, units, accepted) = match &f.stream {
+            Some(k) => (
+                format!("{:.3}", k.kinesis_per_payload),
+                format!("{:.0}", k.put_units_per_million),
+                format!("{} / {}", k.accepted_p50_ms, k.accepted_p99_ms),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<52} {:>9} {:>15} {:>15} {:>7.1} {:>6.3} {:>8.3} {:>9.0} {:>6.1} {:>15}",
+            "{:<52} {:>9} {:>15} {:>15} {:>7.1} {:>6.3} {:>8} {:>9} {:>6.1} {:>15}",
             shape.name(),
             f.messages,
             share(f.ingest_per_s, f.ingest_ratio),
             share(f.msgs_per_s, f.ratio),
             f.cpu_us_per_msg,
             f.disk_per_payload,
-            f.kinesis_per_payload,
-            f.put_units_per_million,
+            kinesis,
+            units,
             f.peak_rss_mib,
-            format!("{} / {}", f.accepted_p50_ms, f.accepted_p99_ms)
+            accepted
         );
     }
     println!(
@@ -907,9 +1016,14 @@ fn main() {
         "budget (issue 18)", "", "", ">= 0.90", "<= 10", "<= 0.5", "<= 0.15", "<= 1000", "<= 32"
     );
     let machine = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (emulator, feeds) = match (args.alone, args.kafka) {
+        (false, _) => ("kinesis-mock", "the route also feeds the stream"),
+        (true, true) => ("tansu", "the route feeds it alone"),
+        (true, false) => ("moto", "the route feeds it alone"),
+    };
     println!();
     println!(
-        "Cores kept busy from the first publish to the last message accepted ({machine} on this machine; broker: Mosquitto, emulator: kinesis-mock, publishers: this program):"
+        "Cores kept busy from the first publish to the last message accepted ({machine} on this machine; broker: Mosquitto, emulator: {emulator}, publishers: this program):"
     );
     println!(
         "{:<52} {:>7} {:>7} {:>9} {:>11} {:>7}",
@@ -953,7 +1067,7 @@ fn main() {
 
     if args.firehose {
         println!();
-        println!("Firehose (moto; the route also feeds the stream):");
+        println!("Firehose (moto; {feeds}):");
         println!(
             "{:<52} {:>10} {:>12} {:>10} {:>12}",
             "shape", "bytes/pay", "records/1M", "calls/1M", "B/record"
@@ -973,7 +1087,7 @@ fn main() {
 
     if args.kafka {
         println!();
-        println!("Kafka (tansu, 4 partitions; the route also feeds the stream):");
+        println!("Kafka (tansu, 4 partitions; {feeds}):");
         println!(
             "{:<52} {:>10} {:>14} {:>8}",
             "shape", "bytes/pay", "requests/1M", "repeats"
@@ -994,6 +1108,7 @@ fn main() {
         "format": args.format,
         "kafka": args.kafka,
         "firehose": args.firehose,
+        "alone": args.alone,
         "destinations": args.destinations,
         "s3_max_object_age": args.s3_age,
         "spool_settings": args.spool,
@@ -1015,11 +1130,14 @@ fn main() {
             "ingest_ratio_to_baseline": f.ingest_ratio,
             "cpu_us_per_message": f.cpu_us_per_msg,
             "disk_write_bytes_per_payload_byte": f.disk_per_payload,
-            "kinesis_bytes_per_payload_byte": f.kinesis_per_payload,
-            "put_units_per_million": f.put_units_per_million,
-            "kinesis_records": f.kinesis_records,
+            "kinesis_bytes_per_payload_byte": f.stream.as_ref().map(|k| k.kinesis_per_payload),
+            "put_units_per_million": f.stream.as_ref().map(|k| k.put_units_per_million),
+            "kinesis_records": f.stream.as_ref().map(|k| k.kinesis_records),
             "peak_rss_mib": f.peak_rss_mib,
-            "publish_to_accepted_ms": {"p50": f.accepted_p50_ms, "p99": f.accepted_p99_ms},
+            "publish_to_accepted_ms": f.stream.as_ref().map(|k| serde_json::json!({
+                "p50": k.accepted_p50_ms,
+                "p99": k.accepted_p99_ms,
+            })),
             "cores_busy": {
                 "agent": f.cores.agent,
                 "broker": f.cores.broker,

@@ -45,7 +45,7 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
             .map(|(route, (d, format))| (route, d, *format));
         for (route, dests, format) in mine.chain(drained) {
             routes.push(route.clone());
-            if dests.first() == Some(name) {
+            if placer(config, dests) == Some(name) {
                 placed_routes.push(route.clone());
             }
             let format = dest.required_format().unwrap_or(format);
@@ -71,6 +71,23 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
         );
     }
     specs
+}
+
+/// The destination of a route that says where its records go in the spool: the first with
+/// shards of its own (a Kinesis stream), whose buckets keep every key on one of its shards and
+/// serve the others too; else the first. A destination without shards that packs all keys
+/// (Firehose, Kafka messages) has one bucket, which, placing a route that also feeds a stream,
+/// would send all of it to one shard.
+fn placer<'a>(config: &Config, destinations: &'a [String]) -> Option<&'a String> {
+    destinations
+        .iter()
+        .find(|d| {
+            matches!(
+                config.destinations.get(*d),
+                Some(DestinationConfig::Kinesis(_))
+            )
+        })
+        .or(destinations.first())
 }
 
 /// Updates `retired` for a change from `old` to `new`: routes `new` drops are retired to
@@ -241,6 +258,24 @@ mod tests {
         retire(&c2, &only_a, &mut retired);
         assert_eq!(retired["t"].0, ["a"]);
         assert_eq!(specs(&only_a, &retired)["a"].shipper.routes, ["u", "t"]);
+    }
+
+    #[test]
+    fn a_stream_places_a_route_it_shares_with_destinations_without_shards() {
+        let mut c = config(&[("t", "a"), ("u", "b")], &["a", "b"]);
+        c.routes[0].destinations = vec!["b".into(), "a".into()];
+        c.routes[1].destinations = vec!["b".into(), "a".into()];
+        let kinesis = Config::parse(
+            "gateway_id = \"gw\"\n[[broker]]\nhost = \"h\"\n[[route]]\nname = \"t\"\ntopics = [\"t/#\"]\ndestination = \"a\"\n[destination.a]\ntype = \"kinesis\"\nstream = \"s\"\nregion = \"us-east-1\"\n",
+            "test",
+        )
+        .unwrap();
+        c.destinations
+            .insert("a".into(), kinesis.destinations["a"].clone());
+        let s = specs(&c, &Retired::new());
+        // b is first in both routes, but a is a stream: its shards place them.
+        assert_eq!(s["a"].shipper.placed_routes, ["t", "u"]);
+        assert!(s["b"].shipper.placed_routes.is_empty());
     }
 
     #[test]

@@ -256,7 +256,7 @@ impl ShipState {
         let queue_cap = self
             .settings
             .max_queued_bytes
-            .min(2 * self.settings.call.max_bytes);
+            .min(self.settings.call.queued_calls.max(1) * self.settings.call.max_bytes);
         let hard_cap = 2 * queue_cap.max(record_limit);
         let mut per_shard: BTreeMap<Arc<str>, usize> = BTreeMap::new();
         for p in &self.queue {
@@ -765,6 +765,7 @@ mod tests {
             call: CallLimits {
                 max_entries: 500,
                 max_bytes: 5 << 20,
+                queued_calls: 2,
             },
             max_queued_bytes: 64 << 20,
             shard_limits,

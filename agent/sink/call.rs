@@ -21,6 +21,11 @@ pub(crate) struct CallLimits {
     pub(crate) max_entries: usize,
     /// Sum of data and key bytes per call.
     pub(crate) max_bytes: usize,
+    /// Calls' worth of encoded entries the shipper keeps ready. Two where entries are
+    /// compressed frames, so a full call is ready however the frames fall; one where they
+    /// hold messages as received (Kafka, Firehose), megabytes that would otherwise wait in
+    /// memory uncompressed.
+    pub(crate) queued_calls: usize,
 }
 
 /// Size an entry counts against a call's byte limit (and a shard's byte rate).

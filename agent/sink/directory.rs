@@ -21,6 +21,7 @@ pub(crate) const MAX_RECORD_BYTES: u64 = 1 << 20;
 const CALL: CallLimits = CallLimits {
     max_entries: 64,
     max_bytes: 64 << 20,
+    queued_calls: 2,
 };
 
 pub(crate) struct DirectorySink {

@@ -267,10 +267,10 @@ pub(crate) struct SpoolStats {
     /// The last group of appends committed short of the commit target after gathering, or
     /// reached it only by waiting for messages past the commit interval: the stream is slow
     /// and steady, and this is the pace the intake may read it at in microseconds (0
-    /// otherwise; see `Worker::read_pace`). The intake then asks its socket for quick TCP acks (see `source::mqtt`), so
-    /// the broker's small packets are not held back into bursts whose gaps would look like
-    /// pauses and end the gathering, and paces its reads by it (see
-    /// `SpoolHandle::read_pace`).
+    /// otherwise; see `Worker::read_pace`). The intake then asks its socket for quick TCP
+    /// acks (see `source::mqtt`), so the broker's small packets are not held back into
+    /// bursts whose gaps would look like pauses and end the gathering, and paces its reads
+    /// by it (see `SpoolHandle::read_pace`).
     pub(crate) read_pace_us: AtomicU64,
     /// The bytes the spool may hold since the disk filled before `max_bytes`; 0 while
     /// `max_bytes` applies.

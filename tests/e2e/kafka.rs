@@ -640,3 +640,62 @@ fn a_missing_topic_is_created_when_the_config_says_so() {
     assert!(agent.log().contains("created the topic"));
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// 300 devices, each its own partition key, 10 messages each, while the broker is down: the
+/// spool holds them in a few blocks (each message a Kafka record with its own key, so all
+/// keys share one bucket), not one block or more per device, which made the spool's writes
+/// and compression depend on the number of devices. When the broker is back every message
+/// arrives once, keyed by its device, on its key's partition, in order.
+#[test]
+fn many_devices_share_spool_blocks_on_a_kafka_route() {
+    let dir = tempdir();
+    let rt = runtime();
+    let mut tansu = Tansu::start(dir.path());
+    tansu.create_topic("telemetry", 4);
+    tansu.kill();
+    let mosquitto = Mosquitto::start(dir.path());
+    let bootstrap = format!("127.0.0.1:{}", tansu.port);
+    let config = kafka_config(dir.path(), mosquitto.port, &bootstrap, "telemetry", "");
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_connected(1);
+    let (devices, per_device) = (300, 10);
+    let total = u64::from(devices * per_device);
+    rt.block_on(publish_with(
+        mosquitto.port,
+        devices,
+        per_device,
+        Arc::new(AtomicU64::new(0)),
+        payload,
+        "",
+    ));
+    wait_for(
+        "every message to be spooled",
+        Duration::from_secs(60),
+        || agent.accounting().filter(|a| a.received == total),
+    );
+    let (blocks, records): (u64, u64) = rusqlite::Connection::open_with_flags(
+        &agent.spool_path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+    .query_row("SELECT COUNT(*), SUM(records) FROM blocks", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap();
+    eprintln!("{records} messages of {devices} devices waiting in {blocks} blocks");
+    assert_eq!(records, total, "every message waits in the spool");
+    assert!(
+        blocks * 3 < u64::from(devices),
+        "{blocks} blocks for {devices} devices: the spool stores a block per key"
+    );
+
+    tansu.restart();
+    all_delivered(&agent, total);
+    let (records, partitions) = kafka_consume(&bootstrap, "telemetry", &[]);
+    let mut expected: BTreeMap<(String, Vec<u8>), ()> = BTreeMap::new();
+    for m in published(devices, per_device, payload) {
+        expected.insert(m, ());
+    }
+    assert_eq!(check_topic(&records, partitions, &expected), total as usize);
+    assert_eq!(agent.stop().code(), Some(0));
+}

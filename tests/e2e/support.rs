@@ -1704,6 +1704,11 @@ impl Drop for S3Server {
 }
 
 impl S3Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// moto's server (PyPI `moto[server]`, in the tests' venv).
     pub fn moto(dir: &Path) -> S3Server {
         let port = free_port();
@@ -1803,6 +1808,11 @@ impl Tansu {
 
     fn url(&self) -> String {
         format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&mut self) {

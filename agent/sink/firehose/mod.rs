@@ -25,6 +25,7 @@ use std::time::Duration;
 pub(crate) const CALL: CallLimits = CallLimits {
     max_entries: 500,
     max_bytes: 4 << 20,
+    queued_calls: 1,
 };
 /// Largest record, before base64: 1,000 KiB.
 pub(crate) const MAX_RECORD_BYTES: u64 = 1_000 << 10;

@@ -33,6 +33,7 @@ use crate::frame::encoder::FrameFormat;
 use crate::sink::call::{CallLimits, Destination, Entry, Failure, FailureKind, Outcome, SinkError};
 use crate::tls::TlsConfig;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
@@ -50,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub(crate) const CALL: CallLimits = CallLimits {
     max_entries: 500,
     max_bytes: 1 << 20,
+    queued_calls: 1,
 };
 
 /// The broker's `message.max.bytes` unless configured: Kafka's default is 1,048,588.
@@ -324,6 +326,8 @@ pub(crate) struct KafkaSink {
     sasl: Option<SaslConfig>,
     connection: tokio::sync::Mutex<Connection>,
     renew_by: RenewBy,
+    /// The one bucket all keys share when each message is a record of its own.
+    one_bucket: Arc<[u128]>,
 }
 
 /// One record to send, and the entry it belongs to.
@@ -400,6 +404,7 @@ impl KafkaSink {
             sasl,
             connection: tokio::sync::Mutex::new(Connection::default()),
             renew_by,
+            one_bucket: Arc::from(vec![0u128]),
         })
     }
 
@@ -636,8 +641,16 @@ impl KafkaSink {
                 Err(f) => outcome[i] = Some(f),
             }
         }
-        let mut tasks = tokio::task::JoinSet::new();
+        // The partitions' requests run concurrently inside this one task, not spawned: rskafka
+        // compresses a batch with a zstd context of its own (3.7 MiB at level 3 with no size
+        // given) while it encodes the request, so spawned requests on the runtime's worker
+        // threads held one context per thread at once; here one is alive at a time.
+        let mut sends = FuturesUnordered::new();
         let batch_bytes = (self.config.message_max_bytes as usize).saturating_sub(BATCH_OVERHEAD);
+        let (topic, max) = (
+            self.config.topic.as_str(),
+            self.config.max_record_bytes() / 2,
+        );
         for (partition, parts) in by_partition {
             let pc = match self.partition_client(&mut conn, &client, partition).await {
                 Ok(pc) => pc,
@@ -648,27 +661,12 @@ impl KafkaSink {
                     continue;
                 }
             };
-            let (topic, max) = (
-                self.config.topic.clone(),
-                self.config.max_record_bytes() / 2,
-            );
-            tasks.spawn(async move { produce(&pc, parts, batch_bytes, &topic, max).await });
+            sends.push(async move { produce(&pc, parts, batch_bytes, topic, max).await });
         }
         drop(conn);
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok(failed) => {
-                    for (entry, f) in failed {
-                        outcome[entry].get_or_insert(f);
-                    }
-                }
-                Err(e) => {
-                    return Err(failure(
-                        FailureKind::Transient,
-                        "Internal",
-                        format!("a produce task ended: {e}"),
-                    ))
-                }
+        while let Some(failed) = sends.next().await {
+            for (entry, f) in failed {
+                outcome[entry].get_or_insert(f);
             }
         }
         Ok(outcome)
@@ -725,6 +723,17 @@ impl Destination for KafkaSink {
 
     fn max_record_bytes(&self) -> u64 {
         self.config.max_record_bytes()
+    }
+
+    /// One record per message: each keeps its own key (and partition), so all keys share one
+    /// bucket and a commit stores one block per route however many devices it holds. Frames
+    /// (`records = "frame"`) go to the partition of their block's key, so they keep a block
+    /// per key.
+    fn shard_starts(&self) -> Option<Arc<[u128]>> {
+        match self.config.records {
+            KafkaRecords::Message => Some(self.one_bucket.clone()),
+            KafkaRecords::Frame => None,
+        }
     }
 
     async fn put(&self, entries: &[&Entry], timeout: Duration) -> Result<Vec<Outcome>, SinkError> {

@@ -7,6 +7,7 @@ use crate::sink::call::{CallLimits, ShardLimits};
 pub(crate) const CALL: CallLimits = CallLimits {
     max_entries: 500,
     max_bytes: 5 << 20,
+    queued_calls: 2,
 };
 
 /// A record (data and partition key) is at most 1 MiB, unless the stream was raised.

@@ -456,6 +456,7 @@ impl S3Sink {
 const CALL: CallLimits = CallLimits {
     max_entries: 1,
     max_bytes: 5 << 20,
+    queued_calls: 2,
 };
 
 impl Destination for S3Sink {
