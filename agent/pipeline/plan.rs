@@ -76,8 +76,8 @@ pub(crate) fn specs(config: &Config, retired: &Retired) -> BTreeMap<String, Spec
 /// The destination of a route that says where its records go in the spool: the first with
 /// shards of its own (a Kinesis stream), whose buckets keep every key on one of its shards and
 /// serve the others too; else the first. A destination without shards that packs all keys
-/// (Firehose, Kafka messages) has one bucket, which, placing a route that also feeds a stream,
-/// would send all of it to one shard.
+/// (S3, Firehose, Kafka messages) has one bucket, which, placing a route that also feeds a
+/// stream, would send all of it to one shard.
 fn placer<'a>(config: &Config, destinations: &'a [String]) -> Option<&'a String> {
     destinations
         .iter()

@@ -7,10 +7,10 @@
 //! range. The block's key places it with an explicit hash key, the shard's starting hash key,
 //! and names the gateway as its partition key; each record keeps its own key in the block's
 //! version 2 body, and frames built from such blocks carry them (FORMAT.md, version 2).
-//! Destinations whose records each keep their own key (Firehose, Kafka with a record per
-//! message) tell one bucket. A route whose destination has told no placement (shards not
-//! learned yet, S3, a directory, Kafka frames) stores one block per partition key, as before
-//! buckets.
+//! Destinations whose records each keep their own key (S3 objects, Firehose, Kafka with a
+//! record per message) tell one bucket. A route whose destination has told no placement
+//! (shards not learned yet, a directory, Kafka frames) stores one block per partition key,
+//! as before buckets.
 //!
 //! Shippers set the placement of their routes; the spool thread reads it once per commit. No
 //! I/O, no clock.
