@@ -28,6 +28,13 @@ pub(crate) struct CallLimits {
     pub(crate) queued_calls: usize,
 }
 
+/// The shard starts of a destination whose records each keep their own key (S3 objects,
+/// Firehose, Kafka with a record per message): one bucket, so the spool stores one block per
+/// route and commit however many keys it holds.
+pub(crate) fn one_bucket() -> Arc<[u128]> {
+    Arc::from([0u128])
+}
+
 /// Size an entry counts against a call's byte limit (and a shard's byte rate).
 pub(crate) fn entry_cost(entry: &Entry) -> usize {
     entry.data.len() + entry.key.len()

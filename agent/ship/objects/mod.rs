@@ -118,7 +118,7 @@ impl ObjectShipper {
             &self.placed_routes,
             Some(&Placement {
                 label: self.gateway.to_string(),
-                starts: Arc::from(vec![0u128]),
+                starts: crate::sink::call::one_bucket(),
             }),
         );
         let config = self.s3().config().clone();

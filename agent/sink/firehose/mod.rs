@@ -214,7 +214,7 @@ impl FirehoseSink {
         Ok(FirehoseSink {
             name: name.to_string(),
             all: Arc::from(config.delivery_stream.as_str()),
-            starts: Arc::from(vec![0u128]),
+            starts: crate::sink::call::one_bucket(),
             config: config.clone(),
             client,
         })

@@ -404,7 +404,7 @@ impl KafkaSink {
             sasl,
             connection: tokio::sync::Mutex::new(Connection::default()),
             renew_by,
-            one_bucket: Arc::from(vec![0u128]),
+            one_bucket: crate::sink::call::one_bucket(),
         })
     }
 
