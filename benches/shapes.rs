@@ -278,8 +278,7 @@ fn parse_payload(payload: &[u8]) -> Option<(u32, u32, u64)> {
 /// Publishes `total` messages at QoS 1 for `devices` devices (topic `devices/dev-NNNNN/
 /// telemetry`) over at most [`MAX_CONNECTIONS`] connections, round robin over each
 /// connection's devices, at `rate` messages/s together or as fast as the broker takes them.
-/// Returns once the broker acked every one.
-/// Publishes the shape's messages and waits for every ack; the payload bytes published.
+/// Returns, once the broker acked every one, the payload bytes published.
 async fn publish_shape(
     port: u16,
     devices: u32,
