@@ -487,12 +487,22 @@ pub fn frame_compressor(level: i32) -> std::io::Result<zstd::bulk::Compressor<'s
 }
 
 /// Decompresses a zstd frame whose content is exactly `expected_len` bytes, never allocating
-/// more than that. The only zstd decoding entry point in the agent.
+/// more than that. With [`decompress_exact_with`], the only zstd decoding entry point in the
+/// agent.
 pub(crate) fn decompress_exact(data: &[u8], expected_len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut d = zstd::bulk::Decompressor::new().map_err(|e| FrameError::Zstd(e.to_string()))?;
+    decompress_exact_with(&mut d, data, expected_len)
+}
+
+/// [`decompress_exact`] with a context its caller keeps (one per call costs its set-up).
+pub(crate) fn decompress_exact_with(
+    d: &mut zstd::bulk::Decompressor<'static>,
+    data: &[u8],
+    expected_len: usize,
+) -> Result<Vec<u8>, FrameError> {
     if expected_len > MAX_BODY_BYTES {
         return Err(FrameError::BodyTooLarge(expected_len));
     }
-    let mut d = zstd::bulk::Decompressor::new().map_err(|e| FrameError::Zstd(e.to_string()))?;
     let out = d
         .decompress(data, expected_len)
         .map_err(|e| FrameError::Zstd(e.to_string()))?;

@@ -156,15 +156,24 @@ fn make_room(rbuf: &mut BytesMut) {
 /// written, every few milliseconds at 1,000 msg/s). Only while the spool says the stream is
 /// slow: at saturation the extra ack segments cost CPU per message and gain nothing.
 fn quick_ack(socket: std::os::fd::RawFd) {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid option pointer and length for an int option; a socket closed meanwhile
-    // gets EBADF, which changes nothing.
+    set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+}
+
+/// Sets an int socket option; a failure changes nothing the intake relies on (a socket closed
+/// meanwhile gets EBADF), so it is not reported.
+fn set_int_option(
+    socket: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) {
+    // SAFETY: a valid option pointer and length for an int option.
     unsafe {
         libc::setsockopt(
             socket,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
@@ -211,7 +220,23 @@ impl Pace {
     }
 }
 
-/// The connection's stream, and its TCP socket for [`quick_ack`].
+/// How many bytes the socket holds before it reports itself readable while reads are paced
+/// (see [`hold_reads`]): more than most paces of a slow stream bring (a pace that brings
+/// more wakes the thread, as without it), and small enough that the kernel leaves the
+/// receive buffer as it is (it grows it past twice this).
+const PACED_LOW_WATER: libc::c_int = 32 << 10;
+
+/// While reads are paced, a message arriving still wakes the runtime's thread (the socket
+/// reports itself readable), though the intake reads only when the pace ends: at 20 msg/s
+/// that was most of the runtime's wakeups. Raising the socket's receive low-water mark
+/// (`SO_RCVLOWAT`) for the pace keeps it quiet; lowering it again to one byte makes the
+/// kernel report at once what arrived meanwhile. `hold` false must follow every true.
+fn hold_reads(socket: std::os::fd::RawFd, hold: bool) {
+    let bytes = if hold { PACED_LOW_WATER } else { 1 };
+    set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes);
+}
+
+/// The connection's stream, and its TCP socket for [`quick_ack`] and [`hold_reads`].
 async fn open(
     config: &BrokerConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -440,6 +465,8 @@ impl Intake<'_> {
         let mut stopping: Option<tokio::time::Instant> = None;
         // Paced reading of a slow stream (see `Pace`).
         let mut pace = Pace::default();
+        // The socket's low-water mark is raised while reads are paced (see `hold_reads`).
+        let mut held = false;
         loop {
             // Packets read while the window was full wait in the buffer until it opens.
             if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
@@ -487,6 +514,11 @@ impl Intake<'_> {
                 session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
             let read_after = pace.read_after.filter(|t| *t > tokio::time::Instant::now());
             let reading = may_read && read_after.is_none();
+            let hold = may_read && read_after.is_some();
+            if hold != held {
+                hold_reads(socket, hold);
+                held = hold;
+            }
             if reading {
                 make_room(&mut rbuf);
             }
@@ -801,6 +833,43 @@ impl Intake<'_> {
 mod tests {
     use super::*;
     use crate::config::MqttProtocol;
+
+    /// A held socket does not report the bytes that arrive as readable; released, it reports
+    /// them at once (the kernel checks again when the low-water mark comes down), and they
+    /// all read back.
+    #[tokio::test]
+    async fn a_held_socket_stays_quiet_until_released() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut reader, _) = listener.accept().await.unwrap();
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&reader);
+        // As after the intake's last read: the runtime knows the socket has nothing to read.
+        let e = reader.try_read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        hold_reads(socket, true);
+        let sent: Vec<u8> = (0..3_000u32).map(|i| (i % 251) as u8).collect();
+        writer.write_all(&sent).await.unwrap();
+        writer.flush().await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(200), reader.readable()).await;
+        assert!(
+            quiet.is_err(),
+            "a held socket reported 3,000 bytes as readable"
+        );
+        hold_reads(socket, false);
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("a released socket reports what arrived while it was held")
+            .unwrap();
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), reader.read_exact(&mut got))
+            .await
+            .expect("the bytes read back")
+            .unwrap();
+        assert_eq!(got, sent);
+    }
 
     /// Reads of one message each at 1,000 msg/s start pacing once the spool says the stream
     /// is slow; at 20 msg/s, or when the spool does not say so, every read goes at once; and

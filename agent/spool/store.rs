@@ -567,6 +567,8 @@ pub struct Store {
     /// Published after every successful commit.
     committed: Arc<Mutex<Committed>>,
     compressor: zstd::bulk::Compressor<'static>,
+    /// Kept for reading blocks back: a new one per block cost a context's set-up each time.
+    decompressor: zstd::bulk::Decompressor<'static>,
     /// Counter changes of the open transaction, written just before commit (a pair's under
     /// its `route/destination` name).
     counter_deltas: HashMap<(String, Counter), i64>,
@@ -1019,6 +1021,7 @@ impl Store {
             quarantined_blocks: 0,
             committed: Arc::default(),
             compressor,
+            decompressor: zstd::bulk::Decompressor::new().expect("a zstd context"),
             counter_deltas: HashMap::new(),
             fanout: BTreeMap::new(),
             pair_pending: BTreeMap::new(),
@@ -1890,9 +1893,11 @@ impl Store {
         let Some((meta, data)) = row else {
             return Ok(None);
         };
-        let decoded = frame::decompress_exact(&data, meta.raw_bytes as usize).and_then(|body| {
-            frame::decode_records_in(&body, meta.records, meta.version).map(|_| body)
-        });
+        let decoded =
+            frame::decompress_exact_with(&mut self.decompressor, &data, meta.raw_bytes as usize)
+                .and_then(|body| {
+                    frame::decode_records_in(&body, meta.records, meta.version).map(|_| body)
+                });
         match decoded {
             Ok(body) => Ok(Some((meta, body))),
             Err(e) => {
