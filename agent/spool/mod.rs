@@ -3,14 +3,15 @@
 //!
 //! # Design
 //! One OS thread owns the SQLite connection ([`store::Store`]) and serves [`Command`]s from its
-//! own queue ([`queue`]). Each turn it takes everything queued (up to a bound), applies all writes in one
-//! transaction, commits once at the configured sync level, and only then releases the
-//! [`AfterCommit`]s: the MQTT acks and the source's flow-control permits. Appends gather for
-//! `commit_interval` before their commit (group commit): under load thousands of messages
-//! share one commit and one compressed block, which is what keeps disk writes below the
-//! payload size. A slow, steady stream goes on gathering until its group is a few pages'
+//! own queue ([`queue`]). Each turn it takes everything queued (up to a bound), applies all
+//! writes in one transaction, commits once at the configured sync level, and only then
+//! releases the [`AfterCommit`]s: the MQTT acks and the source's flow-control permits. Appends
+//! gather for `commit_interval` before their commit (group commit): under load thousands of
+//! messages share one commit and one compressed block, which is what keeps disk writes below
+//! the payload size. A slow, steady stream goes on gathering until its group is a few pages'
 //! worth, the stream pauses, or `commit_max_wait` passed (see `Worker::gather_until`), so a
-//! message a second does not cost a commit a second.
+//! message a second does not cost a commit a second. A gathering spool is not woken for each
+//! append: it takes them at its deadline (see [`queue`]).
 //!
 //! Records of one route in one commit are stored as one compressed block per bucket (a shard
 //! of the route's destination, see [`placement`]), each record with its own key; a route whose
