@@ -227,8 +227,8 @@ impl Pace {
 const PACED_LOW_WATER: libc::c_int = 32 << 10;
 
 /// While reads are paced, a message arriving still wakes the runtime's thread (the socket
-/// reports itself readable), though the intake reads only when the pace ends: at 20 msg/s
-/// that was most of the runtime's wakeups. Raising the socket's receive low-water mark
+/// reports itself readable), though the intake reads only when the pace ends: a wakeup per
+/// message, which the pace is there to save. Raising the socket's receive low-water mark
 /// (`SO_RCVLOWAT`) for the pace keeps it quiet; lowering it again to one byte makes the
 /// kernel report at once what arrived meanwhile. `hold` false must follow every true.
 fn hold_reads(socket: std::os::fd::RawFd, hold: bool) {
