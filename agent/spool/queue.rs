@@ -275,11 +275,19 @@ mod tests {
             let third = rx.recv(Some(far));
             (first, second, third, Instant::now())
         });
-        std::thread::sleep(Duration::from_millis(20));
+        // Each send only once the receiver is parked, so each one is what wakes it.
+        let parked = |tx: &Sender<u32>, waits: Waits| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tx.0.lock().parked != Some(waits) {
+                assert!(Instant::now() < deadline, "the receiver never parked");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        parked(&tx, Waits::Any);
         tx.send_quiet(7).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        parked(&tx, Waits::Urgent);
         tx.send(8).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        parked(&tx, Waits::Any);
         drop(tx);
         let (first, second, third, at) = t.join().unwrap();
         assert_eq!(
