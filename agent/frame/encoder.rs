@@ -113,6 +113,24 @@ impl FrameEncoder {
         })
     }
 
+    /// Frees what the last frame used (its sections' buffers), keeping the compressor
+    /// context: what an encoder kept for the next job should hold.
+    pub(crate) fn idle(&mut self) {
+        if let FrameEncoder::Edgeship(_, columns) = self {
+            **columns = Default::default();
+        }
+    }
+
+    /// The format it encodes.
+    pub(crate) fn format(&self) -> FrameFormat {
+        match self {
+            FrameEncoder::Edgeship(..) => FrameFormat::Edgeship,
+            FrameEncoder::Kpl => FrameFormat::Kpl,
+            FrameEncoder::Ndjson => FrameFormat::Ndjson,
+            FrameEncoder::Messages => FrameFormat::Messages,
+        }
+    }
+
     /// One destination record of `records` records whose bodies (of `version`) are
     /// concatenated in `raw`.
     fn encode(
@@ -356,6 +374,58 @@ mod tests {
         assert_eq!(pks[10], "gw");
         assert_eq!(users[10].explicit_hash_key.as_deref(), Some("0"));
         assert_eq!(users[0].explicit_hash_key, None);
+    }
+
+    /// An encoder kept between jobs (its compressor context reused, its sections freed)
+    /// makes byte for byte the frames a new one makes.
+    #[test]
+    fn a_kept_encoder_makes_the_frames_a_new_one_makes() {
+        let run = |from: u64, n: u64| {
+            let mut v2 = Vec::new();
+            for i in from..from + n {
+                let payload = format!("{{\"t\":{},\"seq\":{i}}}", 20 + i % 7);
+                let key = format!("dev-{}", i % 5);
+                crate::frame::encode_record_v2(&mut v2, i, i, &key, "t", payload.as_bytes());
+            }
+            v2
+        };
+        let (large, small) = (run(0, 2_000), run(2_000, 10));
+        fn bodies(bytes: &[u8], records: u32) -> Body<'_> {
+            Body {
+                records,
+                bytes,
+                version: VERSION_2,
+                key: "gw\u{0}0",
+            }
+        }
+        fn encode(c: &mut FrameEncoder, body: Body<'_>) -> Vec<u8> {
+            let out = c
+                .encode_fitting("gw", "gw\u{0}0", &[body], 1 << 20)
+                .unwrap();
+            assert_eq!(out.len(), 1);
+            out.into_iter().next().unwrap().data
+        }
+        let fresh = |body: Body<'_>| {
+            let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+            encode(&mut c, body)
+        };
+        let mut kept = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        assert_eq!(kept.format(), FrameFormat::Edgeship);
+        let first = encode(&mut kept, bodies(&large, 2_000));
+        kept.idle();
+        let second = encode(&mut kept, bodies(&small, 10));
+        kept.idle();
+        let third = encode(&mut kept, bodies(&large, 2_000));
+        assert_eq!(first, fresh(bodies(&large, 2_000)));
+        assert_eq!(second, fresh(bodies(&small, 10)));
+        assert_eq!(third, first);
+        let seqs: Vec<u64> = decode_frame(&second)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (2_000..2_010).collect::<Vec<_>>());
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
 //!   [`QUIET`] and [`QUIET_GAPS`] times the last gap between commits) and everything
 //!   committed is planned.
+//! - While a slow stream's frames linger and its commits come more often than
+//!   [`LAZY_LEASE`], the driver may lease every [`LAZY_LEASE`] instead of after each commit
+//!   ([`ShipState::lease_lazily`]); commits count at the times the spool made them.
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
@@ -56,6 +59,10 @@ const QUIET: Duration = Duration::from_millis(100);
 /// every 300 ms at 1,000 msg/s): it is quiet only after this many of its last gap, so a
 /// steady stream's frames still fill for their linger.
 const QUIET_GAPS: u32 = 4;
+/// How often a slow stream's commits are leased while its frames linger (see
+/// [`ShipState::lease_lazily`]); as long as [`QUIET`], so a pause is still seen within
+/// twice that.
+pub(crate) const LAZY_LEASE: Duration = QUIET;
 /// A frame at least this large goes once the intake is quiet rather than after its linger:
 /// the tail of a burst reaches the destination 100 ms after the burst, not a linger (1 s by
 /// default) after it. Smaller frames, as at low rates, still wait to fill.
@@ -346,13 +353,24 @@ impl ShipState {
         }
     }
 
-    /// The spool committed more records (seen at `now`): lease again.
-    pub(crate) fn new_records(&mut self, now: Instant) {
+    /// The spool made `commits` more commits with records, the last at `last`: lease again.
+    pub(crate) fn new_records(&mut self, commits: u64, last: Instant) {
         self.exhausted = false;
-        if let Some(last) = self.last_commit {
-            self.commit_gap = Some(now.saturating_duration_since(last));
+        if let (Some(before), Ok(n @ 1..)) = (self.last_commit, u32::try_from(commits)) {
+            self.commit_gap = Some(last.saturating_duration_since(before) / n);
         }
-        self.last_commit = Some(now);
+        self.last_commit = Some(last);
+    }
+
+    /// Whether the driver may leave commits unseen until the next [`LAZY_LEASE`] (given
+    /// whether the spool calls the stream `slow`): frames are lingering and commits come more
+    /// often than that, so leasing each at once would only add its blocks to frames that
+    /// wait anyway. A lease costs wakeups of the shipper and the spool thread per commit;
+    /// leasing every [`LAZY_LEASE`] instead delays a frame the intake's pause would send
+    /// early by at most that much, and never past its linger.
+    pub(crate) fn lease_lazily(&self, slow: bool) -> bool {
+        slow && self.batcher.next_due().is_some()
+            && self.commit_gap.is_some_and(|gap| gap < LAZY_LEASE)
     }
 
     /// When the intake counts as quiet: everything committed is planned and no commit came
@@ -923,8 +941,8 @@ mod tests {
         let ms = Duration::from_millis;
         let (mut s, t0) = (lingering_a_second(), Instant::now());
         // Commits 10 ms apart, as while messages flow.
-        s.new_records(t0 - Duration::from_millis(10));
-        s.new_records(t0);
+        s.new_records(1, t0 - Duration::from_millis(10));
+        s.new_records(1, t0);
         // Shard A: 100 KiB planned, far from full; shard B: 1 KiB.
         let mut blocks = Some(vec![block(1, "a", 100 << 10), block(2, "b", 1 << 10)]);
         assert_eq!(
@@ -932,7 +950,7 @@ mod tests {
             Some(t0 + QUIET)
         );
         // A commit 20 ms later (nothing in it for this destination): quiet counts from it.
-        s.new_records(t0 + ms(20));
+        s.new_records(1, t0 + ms(20));
         assert_eq!(
             waits_until(until_send(&mut s, &mut None, 500, t0 + ms(119), 1_119)),
             Some(t0 + ms(20) + QUIET)
@@ -961,7 +979,7 @@ mod tests {
         let ms = Duration::from_millis;
         let (mut s, t0) = (lingering_a_second(), Instant::now());
         for (i, at) in [0u64, 300, 600, 900].into_iter().enumerate() {
-            s.new_records(t0 + ms(at));
+            s.new_records(1, t0 + ms(at));
             let id = i as i64 + 1;
             let mut blocks = Some(vec![block(id, "a", 70 << 10)]);
             // The frame waits for its linger (1 s after it opened with the first commit).
@@ -976,8 +994,8 @@ mod tests {
         assert_eq!(call.entries[0].block_ids(), vec![1, 2, 3, 4]);
         s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_000), 2_000);
         // Two commits 50 ms apart, then none: quiet after four of that gap, before the linger.
-        s.new_records(t0 + ms(1_200));
-        s.new_records(t0 + ms(1_250));
+        s.new_records(1, t0 + ms(1_200));
+        s.new_records(1, t0 + ms(1_250));
         let mut last = block(5, "a", 70 << 10);
         last.created_ms = 2_250;
         let mut blocks = Some(vec![last]);
@@ -989,6 +1007,39 @@ mod tests {
             panic!("the frame goes when the intake is quiet");
         };
         assert_eq!(call.entries[0].block_ids(), vec![5]);
+    }
+
+    /// Commits seen together (a driver that looked only now and then) give their mean gap,
+    /// so quiet is judged as if each had been seen; the driver may lease lazily only while
+    /// the stream is slow, a frame lingers and commits come more often than `LAZY_LEASE`.
+    #[test]
+    fn commits_seen_together_keep_the_cadence_and_lazy_leases_need_lingering_frames() {
+        let ms = Duration::from_millis;
+        let (mut s, t0) = (lingering_a_second(), Instant::now());
+        s.new_records(1, t0);
+        assert!(!s.lease_lazily(true), "no cadence yet, nothing lingering");
+        // Five commits in 100 ms, seen at once: 20 ms apart.
+        s.new_records(5, t0 + ms(100));
+        assert!(!s.lease_lazily(true), "nothing lingering");
+        let mut blocks = Some(vec![block(1, "a", 70 << 10)]);
+        // A frame of 70 KiB lingers; quiet would be four gaps after the last commit, but
+        // never sooner than `QUIET`.
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(100), 1_100)),
+            Some(t0 + ms(100) + QUIET)
+        );
+        assert!(s.lease_lazily(true));
+        assert!(
+            !s.lease_lazily(false),
+            "a busy stream's commits are leased at once"
+        );
+        // Two commits 100 ms apart: leasing each wakes no more often than `LAZY_LEASE`.
+        s.new_records(2, t0 + ms(300));
+        assert!(!s.lease_lazily(true));
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut None, 500, t0 + ms(300), 1_300)),
+            Some(t0 + ms(300 + 4 * 100))
+        );
     }
 
     /// Blocks of different keys bound for one shard share a frame; a frame planned by key
@@ -1105,7 +1156,7 @@ mod tests {
         assert!(matches!(s.hold(), Hold::Paced(_)));
         assert!(at > t0 && at <= t0 + Duration::from_millis(101));
         // A new frame for shard B goes at once, passing shard A's.
-        s.new_records(t0);
+        s.new_records(1, t0);
         let mut more = Some(vec![block(3, "b", 20_000)]);
         let Action::Send(call) = until_send(&mut s, &mut more, 500, t0, 1_000) else {
             panic!("shard B is not held back by shard A")

@@ -622,6 +622,9 @@ const ROW_FIXED_BYTES: usize = 40;
 /// one transaction's pages on top what the disk reserve must cover for the spool to shrink on
 /// a full disk.
 pub(crate) const WAL_CHECKPOINT_PAGES: u32 = (4 << 20) / PAGE_SIZE;
+/// Prepared statements kept: room for every one the spool prepares (about 30; rusqlite's
+/// default keeps 16), so none is parsed again.
+const STATEMENT_CACHE: usize = 64;
 
 /// A spool file made with another page size (an agent before 1 KiB pages) is rewritten with
 /// [`PAGE_SIZE`] at open when it is at most this large (`VACUUM`: a copy of the file, made in
@@ -879,6 +882,9 @@ impl Store {
         };
         restrict_to_owner(file).map_err(|source| SpoolError::folder(file, source))?;
         let conn = Connection::open(file).map_err(err)?;
+        // Every statement of a turn stays prepared, `BEGIN` and `COMMIT` included (parsing
+        // them again each commit was about 1% of the agent's CPU at 1,000 msg/s).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let sync_pragma = match sync {
             SyncLevel::Off => "OFF",
             SyncLevel::Normal => "NORMAL",
@@ -1259,7 +1265,9 @@ impl Store {
         self.counter_deltas.clear();
         self.ledger_host = None;
         self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]))
+            .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
@@ -1305,7 +1313,7 @@ impl Store {
                     self.write_table(generation, &totals)?;
                 }
             }
-            self.conn.execute_batch("COMMIT")?;
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(hosted)
         })();
         self.ledger_host = None;
