@@ -356,7 +356,8 @@ impl Shipper {
         let job = job.clone();
         let kept = self.encoder.clone();
         // Kept only while the stream is slow: a busy stream's large frames repay their
-        // context's set-up, and the context of a large frame is about 1.5 MiB to hold.
+        // context's set-up, and a large frame's context is large to hold (at level 3, zstd's
+        // tables for a source over 256 KiB alone are 768 KiB).
         let keep = self.spool.slow_stream();
         tokio::task::spawn_blocking(move || {
             let reused = kept

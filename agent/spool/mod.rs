@@ -689,8 +689,9 @@ struct Worker {
     commit_interval: Duration,
     /// How long a slow, steady stream's appends may gather (`SpoolConfig::commit_max_wait`).
     commit_max_wait: Duration,
-    /// When the last append came, and the mean gap between appends (a moving average, each
-    /// gap counted at most `commit_max_wait`): what "their usual pace" is.
+    /// When the last append came, and the mean gap between appends (a moving average over
+    /// windows, see `Worker::paced`, each window's gap counted at most `commit_max_wait`):
+    /// what "their usual pace" is.
     last_append: std::time::Instant,
     append_gap: Duration,
     /// Where the window the mean gap is being measured over began (none before the first
@@ -1172,9 +1173,8 @@ impl Worker {
     /// An append was sent at `at`: updates the stream's usual pace, measured over windows of
     /// [`GAP_WINDOW`] or [`GAP_WINDOW_APPENDS`] (the window's span over the appends in it).
     /// Gaps from one append to the next say little of a paced stream, whose reads bring
-    /// several messages at once: their mean was mostly the microseconds within a read (with a
-    /// directory destination at 1,000 msg/s the intake read 79 times a second, where a pace
-    /// of 16 mean gaps is 62; 62 with windows).
+    /// several messages at once: their mean was mostly the microseconds within a read, so
+    /// the pace came out shorter than the stream's own gaps said.
     fn paced(&mut self, at: std::time::Instant) {
         self.last_append = self.last_append.max(at);
         // The first window opens at the first append, not at the spool's start.
