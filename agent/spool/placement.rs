@@ -38,7 +38,12 @@ impl Placement {
     /// The key of the block that holds records of spooled key `key`, or `None` when the key
     /// does not say where it goes (an explicit hash key that is not a number).
     fn block_key(&self, key: &str) -> Option<String> {
-        let hash = crate::key::placement(key)?;
+        // One bucket holds every partition key: no MD5 to take (a stream of one shard).
+        let hash = if self.starts.len() == 1 && crate::key::split(key).1.is_none() {
+            self.starts[0]
+        } else {
+            crate::key::placement(key)?
+        };
         Some(crate::key::spooled(
             self.label.clone(),
             Some(self.bucket(hash)),
@@ -127,6 +132,20 @@ mod tests {
             blocks.insert(block_key);
         }
         assert_eq!(blocks.len(), 4, "1,000 keys over 4 shards: 4 blocks");
+    }
+
+    #[test]
+    fn one_shard_holds_every_key_and_a_key_that_does_not_say_where_keeps_its_own() {
+        let placements = Placements::default();
+        placements.set(&["r".to_string()], Some(&placement(1)));
+        let snap = placements.snapshot();
+        for k in ["dev-1", "dev-2", "", "a/b"] {
+            assert_eq!(snap.block_key("r", k), "gw\u{0}0", "{k:?}");
+        }
+        let explicit = key::spooled("dev-1".into(), Some(u128::MAX));
+        assert_eq!(snap.block_key("r", &explicit), "gw\u{0}0");
+        let unplaceable = "dev-1\u{0}not-a-number";
+        assert_eq!(snap.block_key("r", unplaceable), unplaceable);
     }
 
     #[test]
