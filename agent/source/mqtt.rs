@@ -303,7 +303,7 @@ pub(crate) async fn run(
         filters,
         receipts,
     );
-    let (commit_tx, mut commits) = mpsc::unbounded_channel::<AckToken>();
+    let (commit_tx, mut commits) = mpsc::unbounded_channel::<Vec<AckToken>>();
     let broker = format!("{}:{}", config.host, config.port);
     let mut errors = Repeated::new(Duration::from_secs(60));
     let mut retry =
@@ -363,8 +363,8 @@ pub(crate) async fn run(
                     _ = stop.changed() => break,
                 }
                 // Commits that came back while disconnected: their acks are stale now.
-                while let Ok(t) = commits.try_recv() {
-                    intake.committed(&mut session, t);
+                while let Ok(tokens) = commits.try_recv() {
+                    intake.committed(&mut session, tokens);
                 }
             }
         }
@@ -377,7 +377,8 @@ struct Intake<'a> {
     config: &'a BrokerConfig,
     stats: &'a SourceStats,
     spool: &'a SpoolHandle,
-    commit_tx: mpsc::UnboundedSender<AckToken>,
+    /// Where the spool sends a commit's acks, together.
+    commit_tx: mpsc::UnboundedSender<Vec<AckToken>>,
     /// The broker's name, as the spool keys its QoS 2 receipts.
     broker: Arc<str>,
     router: Arc<super::router::Router>,
@@ -393,7 +394,7 @@ impl Intake<'_> {
         stream: Box<dyn Stream>,
         socket: std::os::fd::RawFd,
         session: &mut Session,
-        commits: &mut mpsc::UnboundedReceiver<AckToken>,
+        commits: &mut mpsc::UnboundedReceiver<Vec<AckToken>>,
         plan: &mut watch::Receiver<Arc<SourcePlan>>,
         stop: &mut watch::Receiver<bool>,
         retry: &mut crate::backoff::Backoff,
@@ -538,10 +539,10 @@ impl Intake<'_> {
                         Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
                     }
                 }
-                Some(t) = commits.recv() => {
-                    self.committed(session, t);
-                    while let Ok(t) = commits.try_recv() {
-                        self.committed(session, t);
+                Some(tokens) = commits.recv() => {
+                    self.committed(session, tokens);
+                    while let Ok(tokens) = commits.try_recv() {
+                        self.committed(session, tokens);
                     }
                 }
                 r = rd.read_buf(&mut rbuf), if reading => {
@@ -783,25 +784,29 @@ impl Intake<'_> {
         Ok(())
     }
 
-    /// A message's commit came back: its ack is queued if its connection is the current one.
-    fn committed(&mut self, session: &mut Session, t: AckToken) {
-        if t.qos == 0 {
-            session.committed_no_ack();
-            return;
+    /// A commit's messages came back: each ack is queued if its connection is the current one.
+    fn committed(&mut self, session: &mut Session, tokens: Vec<AckToken>) {
+        let now = Instant::now();
+        for t in tokens {
+            if t.qos == 0 {
+                session.committed_no_ack();
+                continue;
+            }
+            let stale_before = session.counts().stale_acks;
+            session.committed(Ticket {
+                generation: t.session,
+                qos: t.qos,
+                pkid: t.pkid,
+            });
+            if session.counts().stale_acks == stale_before {
+                self.stats
+                    .ack_latency
+                    .record(now.saturating_duration_since(t.received));
+            }
         }
-        let stale_before = session.counts().stale_acks;
-        session.committed(Ticket {
-            generation: t.session,
-            qos: t.qos,
-            pkid: t.pkid,
-        });
-        let counts = session.counts();
         self.stats
             .stale_acks
-            .store(counts.stale_acks, Ordering::Relaxed);
-        if counts.stale_acks == stale_before {
-            self.stats.ack_latency.record(t.received.elapsed());
-        }
+            .store(session.counts().stale_acks, Ordering::Relaxed);
     }
 
     fn publish_backlog(&self, bytes: usize) {

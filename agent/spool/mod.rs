@@ -100,18 +100,31 @@ pub(crate) struct AckToken {
 /// Released only after the message's outcome is committed.
 #[derive(Default)]
 pub(crate) struct AfterCommit {
-    pub(crate) ack: Option<(mpsc::UnboundedSender<AckToken>, AckToken)>,
+    /// The ack and where it goes: a source gets a commit's acks in one send.
+    pub(crate) ack: Option<(mpsc::UnboundedSender<Vec<AckToken>>, AckToken)>,
     pub(crate) permit: Option<OwnedSemaphorePermit>,
 }
 
 impl AfterCommit {
-    fn release(self) {
-        if let Some((tx, token)) = self.ack {
-            // The source may have shut down; its broker session redelivers what was not acked.
-            let _ = tx.send(token);
+    /// Releases a commit's messages. Each source gets their acks in one send: a send wakes
+    /// the source's task, and sent one by one they woke it several times a commit (the task
+    /// took the first few while the spool thread sent the rest).
+    fn release_all(all: impl IntoIterator<Item = AfterCommit>) {
+        let mut acks: Vec<(mpsc::UnboundedSender<Vec<AckToken>>, Vec<AckToken>)> = Vec::new();
+        for after in all {
+            if let Some((tx, token)) = after.ack {
+                match acks.iter_mut().find(|(to, _)| to.same_channel(&tx)) {
+                    Some((_, tokens)) => tokens.push(token),
+                    None => acks.push((tx, vec![token])),
+                }
+            }
+            // The source may read one more message.
+            drop(after.permit);
         }
-        // The source may read one more message.
-        drop(self.permit);
+        for (tx, tokens) in acks {
+            // The source may have shut down; its broker session redelivers what was not acked.
+            let _ = tx.send(tokens);
+        }
     }
 }
 
@@ -1325,9 +1338,7 @@ impl Worker {
                     .full
                     .store(fx.waiting_for_room, Ordering::Relaxed);
                 self.parked = queue;
-                for incoming in accepted {
-                    incoming.after_commit.release();
-                }
+                AfterCommit::release_all(accepted.into_iter().map(|i| i.after_commit));
                 self.stats
                     .received
                     .fetch_add(fx.received, Ordering::Relaxed);
@@ -1774,10 +1785,33 @@ mod tests {
             .collect()
     }
 
+    /// A test's acks one at a time (the spool sends a commit's together).
+    struct AckRx {
+        rx: mpsc::UnboundedReceiver<Vec<AckToken>>,
+        ready: std::collections::VecDeque<AckToken>,
+    }
+
+    impl AckRx {
+        async fn recv(&mut self) -> Option<AckToken> {
+            loop {
+                if let Some(t) = self.ready.pop_front() {
+                    return Some(t);
+                }
+                self.ready.extend(self.rx.recv().await?);
+            }
+        }
+    }
+
+    fn ack_channel() -> (mpsc::UnboundedSender<Vec<AckToken>>, AckRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ready = Default::default();
+        (tx, AckRx { rx, ready })
+    }
+
     fn record(
         route: &str,
         payload: &[u8],
-        ack: &mpsc::UnboundedSender<AckToken>,
+        ack: &mpsc::UnboundedSender<Vec<AckToken>>,
         pkid: u16,
     ) -> Incoming {
         Incoming {
@@ -1808,7 +1842,7 @@ mod tests {
     async fn acks_follow_commit_in_arrival_order_and_delivery_balances() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, thread) = start(&config(dir.path(), 1 << 30, FullPolicy::Block)).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         for pkid in 1..=100u16 {
             spool
                 .append(record("r", format!("m{pkid}").as_bytes(), &ack_tx, pkid))
@@ -1841,6 +1875,39 @@ mod tests {
         assert!(thread.join().unwrap().unwrap().balances());
     }
 
+    /// A commit's acks reach each source in one send (sent one by one, each could wake the
+    /// source), each source's in the order its messages came.
+    #[tokio::test]
+    async fn a_commits_acks_reach_each_source_in_one_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread) = start(&config(dir.path(), 1 << 30, FullPolicy::Block)).unwrap();
+        let (odd_tx, mut odd_rx) = mpsc::unbounded_channel();
+        let (even_tx, mut even_rx) = mpsc::unbounded_channel();
+        for pkid in 1..=100u16 {
+            let to = if pkid % 2 == 1 { &odd_tx } else { &even_tx };
+            spool.append(record("r", b"m", to, pkid)).unwrap();
+        }
+        spool.flush().unwrap();
+        let mut sends = Vec::new();
+        for (rx, first) in [(&mut odd_rx, 1u16), (&mut even_rx, 2)] {
+            let mut pkids = Vec::new();
+            let mut n = 0;
+            while pkids.len() < 50 {
+                pkids.extend(rx.recv().await.unwrap().into_iter().map(|t| t.pkid));
+                n += 1;
+            }
+            assert_eq!(pkids, (first..=100).step_by(2).collect::<Vec<_>>());
+            sends.push(n);
+        }
+        let commits = spool.commits().borrow().count;
+        assert!(
+            sends.iter().all(|n| *n <= commits),
+            "{sends:?} sends for {commits} commits"
+        );
+        drop(spool);
+        assert!(thread.join().unwrap().unwrap().balances());
+    }
+
     /// With its destination's shards known, a commit of 400 messages from 200 devices is two
     /// blocks (one per shard), not 200; every record keeps its own key, and each block's key
     /// places it on the shard all its records' keys map to.
@@ -1852,7 +1919,7 @@ mod tests {
         let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
         cfg.commit_interval = Duration::from_secs(5);
         let (spool, thread) = start(&cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         let hour_end = 490_000 * HOUR_MS;
         for (i, ts) in [hour_end - 2, hour_end - 1, hour_end, hour_end + 1]
             .into_iter()
@@ -1889,7 +1956,7 @@ mod tests {
                 starts: vec![0, half].into(),
             }),
         );
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         for i in 0..400u16 {
             let mut m = record("r", format!("m{i}").as_bytes(), &ack_tx, i + 1);
             m.disposition = Disposition::Record {
@@ -1944,7 +2011,7 @@ mod tests {
                 generation,
             })
         };
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         {
             let (spool, thread) = start(&cfg).unwrap();
             for pkid in [3u16, 4, 5] {
@@ -1985,7 +2052,7 @@ mod tests {
         let mut cfg = config(dir.path(), 1 << 30, FullPolicy::Block);
         cfg.commit_interval = Duration::from_secs(1);
         let (spool, _thread) = start(&cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         // Without a flush, a lone append waits out the interval.
         let started = std::time::Instant::now();
         spool.append(record("r", b"a", &ack_tx, 1)).unwrap();
@@ -2017,7 +2084,7 @@ mod tests {
         count: u16,
     ) -> (u64, usize, Option<Duration>) {
         let (spool, _thread) = start(cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         let before = spool.stats().commits.load(Ordering::Relaxed);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -2092,7 +2159,7 @@ mod tests {
         cfg.commit_interval = Duration::from_millis(10);
         cfg.commit_max_wait = Duration::from_secs(1);
         let (spool, _thread) = start(&cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // 500 msg/s in bursts of 10 every 20 ms, for 1.2 s.
@@ -2124,7 +2191,7 @@ mod tests {
         // least an interval).
         cfg.commit_interval = Duration::from_millis(100);
         let (spool, _thread) = start(&cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         let before = spool.stats().commits.load(Ordering::Relaxed);
         // 200 B every 2 ms: the commit target (16 KiB) fills with the 82nd append, after
         // some 164 ms of gathering, past the interval.
@@ -2180,7 +2247,7 @@ mod tests {
         // An interval a busy machine does not stall the burst's sender for.
         cfg.commit_interval = Duration::from_millis(25);
         let (spool, _thread) = start(&cfg).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         // One message alone, then quiet: a group short of the target.
         spool.append(record("r", &[b'x'; 200], &ack_tx, 1)).unwrap();
         ack_rx.recv().await.unwrap();
@@ -2204,7 +2271,7 @@ mod tests {
     async fn block_policy_parks_appends_until_space_frees() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::Block)).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         // Incompressible payloads fill the 1 MiB cap after a few appends.
         for pkid in 1..=6u16 {
             spool
@@ -2262,7 +2329,7 @@ mod tests {
     async fn drop_oldest_evicts_blocks_not_in_flight_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) = start(&config(dir.path(), 1 << 20, FullPolicy::DropOldest)).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         for pkid in 1..=10u16 {
             spool
                 .append(record("r", &noise(u64::from(pkid), 250_000), &ack_tx, pkid))
@@ -2290,7 +2357,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) =
             start(&config(dir.path(), 64 << 20, FullPolicy::DropOldest)).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         spool.limit_pages((1 << 20) / store::PAGE_SIZE); // 1 MiB
         for pkid in 1..=40u16 {
             spool
@@ -2317,7 +2384,7 @@ mod tests {
     async fn a_database_full_before_the_cap_blocks_until_deliveries_make_room() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _thread) = start(&config(dir.path(), 64 << 20, FullPolicy::Block)).unwrap();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = ack_channel();
         spool.limit_pages((1 << 20) / store::PAGE_SIZE);
         // All at once, so the first transaction carries 2 MiB into a 1 MiB file: what fits
         // goes in smaller transactions (a slow machine once took this to a cap of 0 and no
