@@ -49,6 +49,11 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        // The test's temp folder, which holds the mount point, could not be removed while it
+        // was mounted (the agent goes first, so a failed test shows its spool): remove it now.
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

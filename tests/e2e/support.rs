@@ -278,13 +278,16 @@ pub struct Rig {
 /// An agent shipping to a one-shard stream through an [`Uplink`] the test can cut, with its
 /// own broker; connected, its shards learned. `edit` changes the config before the start
 /// (`[spool]` and `[[broker]]` additions come first).
+///
+/// Fields drop in order: the agent (whose drop shows its log of a failed test) before the
+/// temp folder holding that log.
 pub struct Behind {
-    pub dir: tempfile::TempDir,
+    pub agent: Agent,
     pub rt: tokio::runtime::Runtime,
     pub client: aws_sdk_kinesis::Client,
     pub uplink: Uplink,
     pub mosquitto: Mosquitto,
-    pub agent: Agent,
+    pub dir: tempfile::TempDir,
 }
 
 pub fn agent_behind_uplink(
