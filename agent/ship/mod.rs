@@ -400,3 +400,112 @@ impl Shipper {
         .await?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FullPolicy, SpoolConfig, SyncLevel};
+    use crate::sink::directory::{DirectoryConfig, DirectorySink};
+    use crate::spool::{AfterCommit, Disposition, Incoming};
+
+    /// A slow stream committed every 10 ms (as a source with a small window asks) while its
+    /// frame lingers: the shipper leases every `LAZY_LEASE`, not after each commit (a lease
+    /// wakes the spool thread and the shipper), and everything still arrives.
+    #[tokio::test]
+    async fn a_slow_streams_commits_are_leased_lazily_while_its_frame_lingers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread) = crate::spool::start(&SpoolConfig {
+            path: dir.path().join("spool.db"),
+            max_bytes: 1 << 30,
+            full_policy: FullPolicy::Block,
+            sync: SyncLevel::Off,
+            max_dead_letters: 10,
+            commit_interval: Duration::from_millis(2),
+            commit_max_wait: Duration::from_secs(1),
+        })
+        .unwrap();
+        let out = dir.path().join("out");
+        let sink = DirectorySink::open("files", &DirectoryConfig { path: out.clone() }).unwrap();
+        let spec = ShipperSpec {
+            routes: vec!["r".into()],
+            placed_routes: vec!["r".into()],
+            route_formats: Vec::new(),
+            batch: BatchConfig {
+                linger: Duration::from_secs(1),
+                frame_bytes: 1 << 20,
+                frame_bytes_set: true,
+                zstd_level: 3,
+                max_message_bytes: 1 << 20,
+                max_call_bytes: 1 << 20,
+            },
+            max_queued_bytes: 8 << 20,
+        };
+        let shipper = Shipper::new(
+            "files",
+            Arc::new(Sink::Directory(sink)),
+            spool.clone(),
+            "gw".into(),
+            &spec,
+            Arc::default(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let shipping = tokio::spawn(shipper.run(stopped));
+        // A message every 2 ms for 1.6 s, a commit asked for every fifth; leases counted
+        // over the last second.
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        let started = Instant::now();
+        let mut counted = None;
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_millis(1600) {
+            tick.tick().await;
+            if counted.is_none() && started.elapsed() >= Duration::from_millis(600) {
+                counted = Some((spool.leases(), spool.commits().borrow().count));
+            }
+            spool
+                .append(Incoming {
+                    topic: "t".into(),
+                    payload: bytes::Bytes::from(format!("m{sent}")),
+                    ts_ms: crate::clock::now_ms(),
+                    disposition: Disposition::Record {
+                        route: "r".into(),
+                        key: format!("dev-{}", sent % 10),
+                    },
+                    after_commit: AfterCommit::default(),
+                    receipt: None,
+                })
+                .unwrap();
+            sent += 1;
+            if sent % 5 == 0 {
+                spool.flush().unwrap();
+            }
+        }
+        let (leases_before, commits_before) = counted.unwrap();
+        let leases = spool.leases() - leases_before;
+        let commits = spool.commits().borrow().count - commits_before;
+        assert!(spool.slow_stream(), "a message every 2 ms is a slow stream");
+        assert!(commits >= 20, "{commits} commits in a second");
+        assert!(
+            leases <= 30,
+            "{leases} leases in a second for {commits} commits"
+        );
+        // Everything arrives (the last frame after its linger).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while spool.accounting().await.unwrap().delivered < sent {
+            assert!(Instant::now() < deadline, "every message delivered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(true).unwrap();
+        shipping.await.unwrap();
+        let mut payloads = Vec::new();
+        for file in std::fs::read_dir(&out).unwrap() {
+            let frame = crate::frame::decode_frame(&std::fs::read(file.unwrap().path()).unwrap());
+            payloads.extend(frame.unwrap().records.into_iter().map(|r| r.payload));
+        }
+        payloads.sort();
+        let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
+        expected.sort();
+        assert_eq!(payloads, expected, "each message once");
+        drop(spool);
+        assert!(thread.join().unwrap().unwrap().balances());
+    }
+}

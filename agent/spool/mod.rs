@@ -285,6 +285,8 @@ pub(crate) struct SpoolStats {
     pub(crate) appended_raw_bytes: AtomicU64,
     pub(crate) appended_stored_bytes: AtomicU64,
     pub(crate) commits: AtomicU64,
+    /// Leases asked for by shippers: each wakes the spool thread and the shipper.
+    pub(crate) leases: AtomicU64,
     /// Transactions that failed (disk full, I/O error) and were retried.
     pub(crate) commit_failures: AtomicU64,
     /// How long each commit took (the fsync, at sync levels that sync).
@@ -356,6 +358,12 @@ impl SpoolHandle {
     /// The placements commits group records by: shippers set their routes'.
     pub(crate) fn placements(&self) -> &placement::Placements {
         &self.stats.placements
+    }
+
+    /// Leases asked for so far.
+    #[cfg(test)]
+    pub(crate) fn leases(&self) -> u64 {
+        self.stats.leases.load(Ordering::Relaxed)
     }
 
     /// Whether the stream is slow and steady (see `SpoolStats::read_pace_us`).
@@ -437,6 +445,7 @@ impl SpoolHandle {
                 reply,
             })
             .map_err(closed)?;
+        self.stats.leases.fetch_add(1, Ordering::Relaxed);
         rx.await.map_err(closed)?
     }
 
