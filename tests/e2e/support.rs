@@ -218,7 +218,9 @@ pub fn kinesis() -> &'static KinesisMock {
             .arg(repo_root().join("tests/support/kinesis-loopback.js"))
             .arg(&main_js)
             .current_dir(&log_dir)
+            // It exits with this process and removes `log_dir` then (kinesis-loopback.js).
             .env("EDGESHIP_PARENT_PID", std::process::id().to_string())
+            .env("EDGESHIP_OWN_DIR", &log_dir)
             .env("KINESIS_MOCK_PLAIN_PORT", port.to_string())
             .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
             .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))

@@ -19,13 +19,18 @@ net.Server.prototype.listen = function (...args) {
 };
 
 // Exit with the test process that started us: a static in a test binary is never dropped, so
-// the harness cannot stop the emulator itself.
+// the harness cannot stop the emulator itself, nor remove the folder it made for the
+// emulator's log (EDGESHIP_OWN_DIR), which the emulator then removes on its way out.
 const parent = Number(process.env.EDGESHIP_PARENT_PID || 0);
+const ownDir = process.env.EDGESHIP_OWN_DIR || '';
 if (parent > 0) {
   setInterval(() => {
     try {
       process.kill(parent, 0);
     } catch (e) {
+      if (ownDir !== '') {
+        require('fs').rmSync(ownDir, { recursive: true, force: true });
+      }
       process.exit(0);
     }
   }, 500).unref();
