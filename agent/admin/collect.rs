@@ -249,6 +249,12 @@ fn spool(e: &mut Exposition, live: &Live) {
         s.commits.load(Relaxed),
     );
     e.single(
+        "edgeship_spool_leases_total",
+        Kind::Counter,
+        "Leases taken by shippers (each wakes the spool thread and a shipper): at a steady rate, about one per commit, fewer while commits come closer than 100 ms and a slow stream's frames linger.",
+        s.leases.load(Relaxed),
+    );
+    e.single(
         "edgeship_spool_commit_errors_total",
         Kind::Counter,
         "Spool transactions that failed and were retried (nothing was acked for them).",

@@ -234,6 +234,8 @@ fn metrics_account_for_every_message_and_parse() {
         1
     );
     assert!(s.count("edgeship_spool_commits_total", &[]) > 0);
+    // The shipper leased what was committed to ship it.
+    assert!(s.count("edgeship_spool_leases_total", &[]) > 0);
     assert!(s.sum("process_resident_memory_bytes", &[]) > 1e6);
     assert!(s.sum("process_open_fds", &[]) >= 5.0);
     // No device or topic ever becomes a label; no secret or payload reaches any output.
