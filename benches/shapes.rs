@@ -28,7 +28,10 @@
 //! publish in turn, spread over time, not in bursts). Every payload is telemetry JSON of
 //! about 200 bytes whose values change with every message. For each protocol the broker's rate
 //! to a do-nothing QoS 1 subscriber of that protocol is measured in the same run, and each
-//! saturating shape's end-to-end rate is given as a share of it.
+//! saturating shape's end-to-end rate is given as a share of it. At a fixed rate such a
+//! subscriber takes the same messages beside the agent, on a thread of its own, and the
+//! agent's CPU per message is given beside that subscriber's: at a low rate most of a
+//! message's cost is waking up for it, which the machine sets.
 //!
 //! Per shape: a fresh agent and stream (one shard, or `--shards`), every message published, the
 //! agent left to ship until Kinesis accepted them all; the stream is then read back and every
@@ -377,6 +380,46 @@ fn baseline(rt: &tokio::runtime::Runtime, port: u16, protocol: &str, total: u64)
     total as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// A do-nothing QoS 1 subscriber speaking `protocol` on a thread of its own (a one-thread
+/// runtime), subscribed when this returns; the thread ends once it has taken `total` messages
+/// and yields the CPU time it spent from its subscription on. At a fixed rate a message's cost
+/// is mostly waking up to read and ack it, which this machine sets more than any agent: the
+/// figure the agent's CPU per message is read against, measured on the same messages.
+fn reference_subscriber(
+    port: u16,
+    protocol: &'static str,
+    total: u64,
+) -> std::thread::JoinHandle<f64> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let subscriber = rt.block_on(do_nothing_subscriber(port, protocol, total));
+        let before = thread_cpu_s();
+        ready_tx.send(()).unwrap();
+        rt.block_on(subscriber).unwrap();
+        thread_cpu_s() - before
+    });
+    ready_rx
+        .recv()
+        .expect("the reference subscriber subscribed");
+    thread
+}
+
 /// The figures of one shape.
 struct Figures {
     messages: u64,
@@ -388,6 +431,9 @@ struct Figures {
     /// The ingest rate over the broker's baseline rate (saturating).
     ingest_ratio: Option<f64>,
     cpu_us_per_msg: f64,
+    /// At a fixed rate, the CPU per message of a do-nothing QoS 1 subscriber of the same
+    /// protocol taking the same messages beside the agent (see `reference_subscriber`).
+    reference_us_per_msg: Option<f64>,
     disk_per_payload: f64,
     /// The stream's figures (`None` with `--alone`: the route did not feed it).
     stream: Option<StreamFigures>,
@@ -645,6 +691,9 @@ fn run_shape(
     // /proc's counts whole 10 ms ticks: at 20 msg/s a tick is 16.7 us per message of a
     // 30 s shape.
     let cpu_before = agent.scrape().sum("process_cpu_seconds_total", &[]);
+    let reference = shape
+        .rate
+        .map(|_| reference_subscriber(broker_port, shape.protocol, total));
     let start = Instant::now();
     let publisher = rt.spawn(publish_shape(
         broker_port,
@@ -680,6 +729,7 @@ fn run_shape(
         program: program_cpu,
     };
     let published = rt.block_on(publisher).unwrap();
+    let reference_cpu_s = reference.map(|r| r.join().expect("the reference subscriber"));
     let scrape = agent.scrape();
     assert_eq!(agent.stop().code(), Some(0), "the agent stopped cleanly");
     rt.block_on(forget_session(broker_port, &format!("edgeship-{gateway}")));
@@ -852,6 +902,7 @@ fn run_shape(
         ingest_per_s,
         ingest_ratio: baseline_rate.map(|b| ingest_per_s / b),
         cpu_us_per_msg: agent_cpu_s * 1e6 / total as f64,
+        reference_us_per_msg: reference_cpu_s.map(|s| s * 1e6 / total as f64),
         disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
         stream: back.map(|back| StreamFigures {
             kinesis_per_payload: back.kinesis_bytes as f64 / payload,
@@ -1045,6 +1096,31 @@ fn main() {
             c.agent + c.broker + c.emulator + c.program
         );
     }
+    if results
+        .iter()
+        .any(|(_, f)| f.reference_us_per_msg.is_some())
+    {
+        println!();
+        println!(
+            "CPU per message at fixed rates, the agent against a do-nothing QoS 1 subscriber of the same protocol taking the same messages beside it (one thread; it reads and acks each message, nothing else):"
+        );
+        println!(
+            "{:<52} {:>11} {:>11} {:>7}",
+            "shape", "agent us", "do-nothing", "ratio"
+        );
+        for (shape, f) in &results {
+            let Some(reference) = f.reference_us_per_msg else {
+                continue;
+            };
+            println!(
+                "{:<52} {:>11.1} {:>11.1} {:>7.2}",
+                shape.name(),
+                f.cpu_us_per_msg,
+                reference,
+                f.cpu_us_per_msg / reference
+            );
+        }
+    }
     if let Some(age) = &args.s3_age {
         println!();
         println!("S3 (moto; objects close at {age} or 64 MiB of records; the route also feeds the stream):");
@@ -1133,6 +1209,7 @@ fn main() {
             "ingest_msgs_per_s": f.ingest_per_s,
             "ingest_ratio_to_baseline": f.ingest_ratio,
             "cpu_us_per_message": f.cpu_us_per_msg,
+            "reference_subscriber_cpu_us_per_message": f.reference_us_per_msg,
             "disk_write_bytes_per_payload_byte": f.disk_per_payload,
             "kinesis_bytes_per_payload_byte": f.stream.as_ref().map(|k| k.kinesis_per_payload),
             "put_units_per_million": f.stream.as_ref().map(|k| k.put_units_per_million),
