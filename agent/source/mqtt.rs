@@ -181,62 +181,110 @@ fn set_int_option(
 
 /// Paced reading of a slow stream. A message read on its own costs a wakeup of the intake and
 /// one of the spool's thread (most of the CPU per message at 1,000 msg/s and at 20); while the
-/// spool says the stream is slow and messages come at least two per pace, the intake reads at
-/// most once per pace (a few of the stream's mean gaps, at least half the commit interval:
+/// spool says the stream is slow and messages come at least two per pace, the intake reads
+/// about once per pace (a few of the stream's mean gaps, at least half the commit interval:
 /// `SpoolHandle::read_pace`), so each wakeup takes the several messages the socket gathered
 /// meanwhile. Their acks wait for the spool's gathering anyway (up to `commit_max_wait`), and
 /// the pace is shorter than any gap the spool takes for a pause (four paces). At saturation
 /// and at half load the stream is not slow and every read goes at once.
+///
+/// A pace up to [`TIMER_SLOT`] is kept by a timer, the socket held quiet until it ends (see
+/// [`set_low_water`]). A longer one (a stream under 500 msg/s) would cost the timer two
+/// wakeups, so the kernel keeps it instead: the socket reports itself readable once the bytes
+/// a pace brings have come (`wake_bytes`), and the timer only bounds the wait should the
+/// stream slow down, two slots past the pace so that its slot's wakeup normally never comes.
 #[derive(Debug)]
 struct Pace {
-    /// No read before this.
+    /// No read before this: the pace's end, or for a long pace the bound on its wait.
     read_after: Option<tokio::time::Instant>,
+    /// For a pace longer than [`TIMER_SLOT`]: the bytes the socket gathers before it reports
+    /// itself readable, the stream's messages in a pace at their mean size.
+    wake_bytes: Option<libc::c_int>,
     /// The last read that took messages, and the mean time between messages (moving).
     last: Instant,
     gap: Duration,
+    /// The mean bytes of a message on the connection (moving; 0 before the first).
+    bytes_each: u64,
 }
+
+/// The runtime's timer keeps a deadline further ahead than this in a coarser slot this wide
+/// and wakes its thread at the start of that slot to place the deadline exactly (tokio's timer
+/// wheel: 1 ms slots over 64 ms, then 64 ms slots): a longer sleep costs two wakeups.
+const TIMER_SLOT: Duration = Duration::from_millis(64);
+
+/// A long pace's `wake_bytes` are rounded down to a multiple of this, so the low-water mark
+/// is not set again on every read for a few bytes' difference in the moving means.
+const WAKE_BYTES_STEP: u64 = 64;
 
 impl Default for Pace {
     fn default() -> Pace {
         Pace {
             read_after: None,
+            wake_bytes: None,
             last: Instant::now(),
             gap: Duration::from_secs(1),
+            bytes_each: 0,
         }
     }
 }
 
 impl Pace {
-    /// A read at `now` took `taken` messages; `pace` is the spool's (`None`: not slow).
-    fn read(&mut self, now: Instant, taken: u64, pace: Option<Duration>) {
+    /// A read at `now` took `taken` messages in `bytes`; `pace` is the spool's (`None`: not
+    /// slow).
+    fn read(&mut self, now: Instant, taken: u64, bytes: usize, pace: Option<Duration>) {
         if taken > 0 {
             let each = now.saturating_duration_since(self.last) / taken.min(u32::MAX as u64) as u32;
             self.gap = (self.gap * 7 + each) / 8;
             self.last = now;
+            let size = bytes as u64 / taken;
+            self.bytes_each = match self.bytes_each {
+                0 => size,
+                mean => (mean * 7 + size) / 8,
+            };
         }
-        self.read_after = pace
-            .filter(|p| self.gap * 2 < *p)
-            .map(|p| tokio::time::Instant::from_std(now) + p);
+        let pace = pace.filter(|p| self.gap * 2 < *p);
+        self.wake_bytes = pace.filter(|p| *p > TIMER_SLOT).map(|p| {
+            let messages = (p.as_micros() / self.gap.as_micros().max(1)).max(1) as u64;
+            let bytes =
+                messages.saturating_mul(self.bytes_each) / WAKE_BYTES_STEP * WAKE_BYTES_STEP;
+            bytes.clamp(1, PACED_LOW_WATER as u64) as libc::c_int
+        });
+        let wait = |p: Duration| match self.wake_bytes {
+            Some(_) => p + 2 * TIMER_SLOT,
+            None => p,
+        };
+        self.read_after = pace.map(|p| tokio::time::Instant::from_std(now) + wait(p));
+    }
+
+    /// The socket's low-water mark while the intake may read: a short pace holds the socket
+    /// quiet until it ends, a long one until a pace's bytes have come, no pace reports every
+    /// byte.
+    fn low_water(&self, paced: bool) -> libc::c_int {
+        match (paced, self.wake_bytes) {
+            (false, _) => 1,
+            (true, None) => PACED_LOW_WATER,
+            (true, Some(bytes)) => bytes,
+        }
     }
 }
 
-/// How many bytes the socket holds before it reports itself readable while reads are paced
-/// (see [`hold_reads`]): more than most paces of a slow stream bring (a pace that brings
-/// more wakes the thread, as without it), and small enough that the kernel leaves the
-/// receive buffer as it is (it grows it past twice this).
+/// How many bytes the socket holds before it reports itself readable while a short pace
+/// holds it (see [`set_low_water`]), and the most a long pace waits for: more than most paces
+/// of a slow stream bring (a pace that brings more wakes the thread, as without it), and small
+/// enough that the kernel leaves the receive buffer as it is (it grows it past twice this).
 const PACED_LOW_WATER: libc::c_int = 32 << 10;
 
 /// While reads are paced, a message arriving still wakes the runtime's thread (the socket
 /// reports itself readable), though the intake reads only when the pace ends: a wakeup per
 /// message, which the pace is there to save. Raising the socket's receive low-water mark
-/// (`SO_RCVLOWAT`) for the pace keeps it quiet; lowering it again to one byte makes the
-/// kernel report at once what arrived meanwhile. `hold` false must follow every true.
-fn hold_reads(socket: std::os::fd::RawFd, hold: bool) {
-    let bytes = if hold { PACED_LOW_WATER } else { 1 };
+/// (`SO_RCVLOWAT`) keeps it quiet until it holds `bytes` (the kernel checks again when the
+/// mark is set, so lowering it to one byte reports at once what arrived meanwhile). A
+/// non-blocking read still takes whatever the socket holds, below the mark or not.
+fn set_low_water(socket: std::os::fd::RawFd, bytes: libc::c_int) {
     set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes);
 }
 
-/// The connection's stream, and its TCP socket for [`quick_ack`] and [`hold_reads`].
+/// The connection's stream, and its TCP socket for [`quick_ack`] and [`set_low_water`].
 async fn open(
     config: &BrokerConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -466,8 +514,8 @@ impl Intake<'_> {
         let mut stopping: Option<tokio::time::Instant> = None;
         // Paced reading of a slow stream (see `Pace`).
         let mut pace = Pace::default();
-        // The socket's low-water mark is raised while reads are paced (see `hold_reads`).
-        let mut held = false;
+        // The socket's low-water mark, raised while reads are paced (see `Pace`).
+        let mut low_water: libc::c_int = 1;
         loop {
             // Packets read while the window was full wait in the buffer until it opens.
             if let Err(e) = self.take_packets(&mut rbuf, &mut skipping, session) {
@@ -514,11 +562,12 @@ impl Intake<'_> {
             let may_read =
                 session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
             let read_after = pace.read_after.filter(|t| *t > tokio::time::Instant::now());
-            let reading = may_read && read_after.is_none();
-            let hold = may_read && read_after.is_some();
-            if hold != held {
-                hold_reads(socket, hold);
-                held = hold;
+            let paced = may_read && read_after.is_some();
+            // A long pace reads when the kernel says a pace's bytes have come.
+            let reading = may_read && (!paced || pace.wake_bytes.is_some());
+            if pace.low_water(paced) != low_water {
+                low_water = pace.low_water(paced);
+                set_low_water(socket, low_water);
             }
             if reading {
                 make_room(&mut rbuf);
@@ -547,22 +596,23 @@ impl Intake<'_> {
                 }
                 r = rd.read_buf(&mut rbuf), if reading => {
                     let now = Instant::now();
-                    match r {
+                    let read = match r {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
-                        Ok(_) => {
+                        Ok(n) => {
                             self.stats.socket_reads.fetch_add(1, Ordering::Relaxed);
                             session.heard(now);
                             if self.spool.slow_stream() {
                                 quick_ack(socket);
                             }
+                            n
                         }
                         Err(e) => return Ended::Failed(ConnectionError::Io(describe(&e, config))),
-                    }
+                    };
                     let taken = match self.take_packets(&mut rbuf, &mut skipping, session) {
                         Ok(taken) => taken,
                         Err(e) => return Ended::Failed(e),
                     };
-                    pace.read(now, taken, self.spool.read_pace());
+                    pace.read(now, taken, read, self.spool.read_pace());
                 }
                 _ = async {
                     match read_after {
@@ -839,22 +889,33 @@ mod tests {
     use super::*;
     use crate::config::MqttProtocol;
 
+    /// A connected pair on loopback (the writer without Nagle's delay) whose reader the
+    /// runtime knows to hold nothing, as after the intake's last read; and the reader's socket.
+    async fn drained_pair() -> (
+        tokio::net::TcpStream,
+        tokio::net::TcpStream,
+        std::os::fd::RawFd,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let writer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        writer.set_nodelay(true).unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&reader);
+        let e = reader.try_read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        (writer, reader, socket)
+    }
+
     /// A held socket does not report the bytes that arrive as readable; released, it reports
     /// them at once (the kernel checks again when the low-water mark comes down), and they
     /// all read back.
     #[tokio::test]
     async fn a_held_socket_stays_quiet_until_released() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut writer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut reader, _) = listener.accept().await.unwrap();
-        let socket = std::os::fd::AsRawFd::as_raw_fd(&reader);
-        // As after the intake's last read: the runtime knows the socket has nothing to read.
-        let e = reader.try_read(&mut [0u8; 16]).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
-        hold_reads(socket, true);
+        let (mut writer, mut reader, socket) = drained_pair().await;
+        set_low_water(socket, PACED_LOW_WATER);
         let sent: Vec<u8> = (0..3_000u32).map(|i| (i % 251) as u8).collect();
         writer.write_all(&sent).await.unwrap();
         writer.flush().await.unwrap();
@@ -863,7 +924,7 @@ mod tests {
             quiet.is_err(),
             "a held socket reported 3,000 bytes as readable"
         );
-        hold_reads(socket, false);
+        set_low_water(socket, 1);
         tokio::time::timeout(Duration::from_secs(10), reader.readable())
             .await
             .expect("a released socket reports what arrived while it was held")
@@ -885,30 +946,95 @@ mod tests {
         let start = Instant::now();
         let mut p = Pace::default();
         for i in 1..=100u32 {
-            p.read(start + Duration::from_millis(u64::from(i)), 1, None);
+            p.read(start + Duration::from_millis(u64::from(i)), 1, 230, None);
         }
         assert_eq!(p.read_after, None, "not slow: no pacing");
         let at = start + Duration::from_millis(101);
-        p.read(at, 1, pace);
+        p.read(at, 1, 230, pace);
         assert_eq!(
             p.read_after,
             Some(tokio::time::Instant::from_std(at) + Duration::from_millis(5))
         );
         // Paced: each read takes the five messages of its 5 ms.
         for i in 1..=20u64 {
-            p.read(at + Duration::from_millis(5 * i), 5, pace);
+            p.read(at + Duration::from_millis(5 * i), 5, 1150, pace);
             assert!(p.read_after.is_some(), "read {i}");
         }
         // 20 msg/s: a message every 50 ms, no pacing.
         let mut p = Pace::default();
         for i in 1..=100u64 {
-            p.read(start + Duration::from_millis(50 * i), 1, pace);
+            p.read(start + Duration::from_millis(50 * i), 1, 230, pace);
         }
         assert_eq!(p.read_after, None);
         // A read that took nothing (a ping's answer) changes nothing of the mean gap.
         let gap = p.gap;
-        p.read(start + Duration::from_secs(60), 0, pace);
+        p.read(start + Duration::from_secs(60), 0, 2, pace);
         assert_eq!(p.gap, gap);
+        // A short pace is kept by a timer, the socket held quiet meanwhile.
+        assert_eq!(p.wake_bytes, None);
+    }
+
+    /// At 20 msg/s the pace (125 ms) is longer than the timer's slot: the socket is to report
+    /// itself readable once a pace's messages have come (two of 230 bytes in 125 ms, rounded
+    /// down to 64 bytes), and the timer only bounds the wait, two slots past the pace.
+    #[test]
+    fn a_long_pace_waits_for_its_bytes() {
+        let pace = Some(Duration::from_millis(125));
+        let start = Instant::now();
+        let mut p = Pace::default();
+        let mut at = start;
+        for i in 1..=100u64 {
+            at = start + Duration::from_millis(50 * i);
+            p.read(at, 1, 230, pace);
+        }
+        assert_eq!(p.bytes_each, 230);
+        assert_eq!(p.wake_bytes, Some(448));
+        assert_eq!(
+            p.read_after,
+            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(125 + 128))
+        );
+        assert_eq!(p.low_water(true), 448);
+        assert_eq!(p.low_water(false), 1);
+        // Bigger messages: the mark follows their mean, up to the short pace's.
+        for i in 101..=200u64 {
+            p.read(start + Duration::from_millis(50 * i), 1, 100_000, pace);
+        }
+        assert_eq!(p.wake_bytes, Some(PACED_LOW_WATER));
+        // Not slow any more: every byte is reported.
+        p.read(start + Duration::from_millis(50 * 201), 1, 230, None);
+        assert_eq!((p.wake_bytes, p.read_after), (None, None));
+        assert_eq!(p.low_water(false), 1);
+    }
+
+    /// A socket whose low-water mark is a pace's bytes stays quiet while fewer have come and
+    /// reports itself readable with the message that completes them; a read then takes all.
+    #[tokio::test]
+    async fn a_socket_reports_itself_once_a_paces_bytes_came() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut writer, mut reader, socket) = drained_pair().await;
+        set_low_water(socket, 448);
+        let message = [5u8; 230];
+        writer.write_all(&message).await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(200), reader.readable()).await;
+        assert!(
+            quiet.is_err(),
+            "one message of a pace's two woke the reader"
+        );
+        writer.write_all(&message).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("the second message woke the reader")
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 460 {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf))
+                .await
+                .expect("the bytes read back")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, [message, message].concat());
     }
 
     /// Messages that arrive one per read, as a steady low-rate stream does, are read into
