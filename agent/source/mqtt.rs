@@ -256,16 +256,34 @@ impl Pace {
         self.read_after = pace.map(|p| tokio::time::Instant::from_std(now) + wait(p));
     }
 
-    /// The socket's low-water mark while the intake may read: a short pace holds the socket
-    /// quiet until it ends, a long one until a pace's bytes have come, no pace reports every
-    /// byte.
-    fn low_water(&self, paced: bool) -> libc::c_int {
-        match (paced, self.wake_bytes) {
-            (false, _) => 1,
-            (true, None) => PACED_LOW_WATER,
-            (true, Some(bytes)) => bytes,
+    /// A turn's reading at `now`, `may_read` when the window and the write backlog let the
+    /// intake read: not paced, it reads at once and the socket reports every byte; a short
+    /// pace holds the socket quiet and reads when the pace ends; a long one reads when the
+    /// socket reports a pace's bytes, at the latest at its bound.
+    fn plan(&self, may_read: bool, now: tokio::time::Instant) -> ReadPlan {
+        let until = self.read_after.filter(|t| may_read && *t > now);
+        let (reading, low_water) = match (until, self.wake_bytes) {
+            (None, _) => (may_read, 1),
+            (Some(_), None) => (false, PACED_LOW_WATER),
+            (Some(_), Some(bytes)) => (true, bytes),
+        };
+        ReadPlan {
+            reading,
+            low_water,
+            until,
         }
     }
+}
+
+/// What a turn of the connection loop does about reading (see [`Pace::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadPlan {
+    /// Whether the socket is polled for bytes.
+    reading: bool,
+    /// The socket's receive low-water mark.
+    low_water: libc::c_int,
+    /// While reads are paced: when the pace ends (a long pace: its bound).
+    until: Option<tokio::time::Instant>,
 }
 
 /// How many bytes the socket holds before it reports itself readable while a short pace
@@ -561,15 +579,12 @@ impl Intake<'_> {
             let deadline = session.next_deadline().map(tokio::time::Instant::from_std);
             let may_read =
                 session.may_read() && stopping.is_none() && wbuf.len() < WRITE_BACKLOG_MAX;
-            let read_after = pace.read_after.filter(|t| *t > tokio::time::Instant::now());
-            let paced = may_read && read_after.is_some();
-            // A long pace reads when the kernel says a pace's bytes have come.
-            let reading = may_read && (!paced || pace.wake_bytes.is_some());
-            if pace.low_water(paced) != low_water {
-                low_water = pace.low_water(paced);
+            let turn = pace.plan(may_read, tokio::time::Instant::now());
+            if turn.low_water != low_water {
+                low_water = turn.low_water;
                 set_low_water(socket, low_water);
             }
-            if reading {
+            if turn.reading {
                 make_room(&mut rbuf);
             }
             tokio::select! {
@@ -594,7 +609,7 @@ impl Intake<'_> {
                         self.committed(session, tokens);
                     }
                 }
-                r = rd.read_buf(&mut rbuf), if reading => {
+                r = rd.read_buf(&mut rbuf), if turn.reading => {
                     let now = Instant::now();
                     let read = match r {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
@@ -615,11 +630,11 @@ impl Intake<'_> {
                     pace.read(now, taken, read, self.spool.read_pace());
                 }
                 _ = async {
-                    match read_after {
+                    match turn.until {
                         Some(t) => tokio::time::sleep_until(t).await,
                         None => std::future::pending().await,
                     }
-                }, if may_read && read_after.is_some() => {
+                }, if turn.until.is_some() => {
                     pace.read_after = None;
                 }
                 _ = async {
@@ -993,8 +1008,6 @@ mod tests {
             p.read_after,
             Some(tokio::time::Instant::from_std(at) + Duration::from_millis(125 + 128))
         );
-        assert_eq!(p.low_water(true), 448);
-        assert_eq!(p.low_water(false), 1);
         // Bigger messages: the mark follows their mean, up to the short pace's.
         for i in 101..=200u64 {
             p.read(start + Duration::from_millis(50 * i), 1, 100_000, pace);
@@ -1003,7 +1016,60 @@ mod tests {
         // Not slow any more: every byte is reported.
         p.read(start + Duration::from_millis(50 * 201), 1, 230, None);
         assert_eq!((p.wake_bytes, p.read_after), (None, None));
-        assert_eq!(p.low_water(false), 1);
+    }
+
+    /// A connection loop's turn: not paced, it reads at once with the socket reporting every
+    /// byte; during a short pace it leaves the socket unread and quiet until the pace ends;
+    /// during a long one it reads when the socket reports a pace's bytes, bounded two timer
+    /// slots past the pace; with the window full it reads nothing and holds nothing.
+    #[test]
+    fn a_turn_reads_at_once_at_a_short_paces_end_or_when_a_long_paces_bytes_came() {
+        let start = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut p = Pace::default();
+        let now = tokio::time::Instant::from_std(start);
+        let at_once = ReadPlan {
+            reading: true,
+            low_water: 1,
+            until: None,
+        };
+        assert_eq!(p.plan(true, now), at_once);
+        // 1,000 msg/s: a 5 ms pace, kept by a timer.
+        for i in 1..=100 {
+            p.read(start + ms(i), 1, 230, Some(ms(5)));
+        }
+        let at = tokio::time::Instant::from_std(start + ms(100));
+        assert_eq!(
+            p.plan(true, at),
+            ReadPlan {
+                reading: false,
+                low_water: PACED_LOW_WATER,
+                until: Some(at + ms(5)),
+            }
+        );
+        assert_eq!(p.plan(true, at + ms(5)), at_once, "the pace is over");
+        let window_full = ReadPlan {
+            reading: false,
+            low_water: 1,
+            until: None,
+        };
+        assert_eq!(p.plan(false, at), window_full);
+        // 20 msg/s: a 125 ms pace, kept by the socket.
+        let mut p = Pace::default();
+        for i in 1..=100 {
+            p.read(start + ms(50 * i), 1, 230, Some(ms(125)));
+        }
+        let at = tokio::time::Instant::from_std(start + ms(5_000));
+        assert_eq!(
+            p.plan(true, at),
+            ReadPlan {
+                reading: true,
+                low_water: 448,
+                until: Some(at + ms(125 + 128)),
+            }
+        );
+        assert_eq!(p.plan(true, at + ms(253)), at_once, "the bound passed");
+        assert_eq!(p.plan(false, at), window_full);
     }
 
     /// A socket whose low-water mark is a pace's bytes stays quiet while fewer have come and
