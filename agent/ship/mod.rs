@@ -204,6 +204,7 @@ impl Shipper {
                     {
                         Ok(blocks) => state.leased(
                             blocks,
+                            limit,
                             &*self.sink,
                             Instant::now(),
                             crate::clock::now_ms(),

@@ -383,15 +383,19 @@ impl ShipState {
         Some(last + QUIET.max(self.commit_gap? * QUIET_GAPS))
     }
 
-    /// What a lease returned.
+    /// What a lease of at most `asked` blocks returned. Fewer than asked is everything the
+    /// spool had committed then (it lists until it finds `asked` or runs out): nothing to
+    /// lease until it commits again, so no second lease goes out only to come back empty (a
+    /// round trip to the spool's thread, two wakeups, per commit).
     pub(crate) fn leased(
         &mut self,
         blocks: Vec<BlockMeta>,
+        asked: usize,
         view: &dyn View,
         now: Instant,
         now_ms: u64,
     ) {
-        self.exhausted = blocks.is_empty();
+        self.exhausted = blocks.len() < asked;
         for b in blocks {
             self.cursor = self.cursor.max(b.id);
             self.plan(b, view, now, now_ms);
@@ -835,8 +839,8 @@ mod tests {
     ) -> Action {
         for _ in 0..1000 {
             match s.next(now, &VIEW) {
-                Action::Lease { .. } => {
-                    s.leased(blocks.take().unwrap_or_default(), &VIEW, now, now_ms)
+                Action::Lease { limit, .. } => {
+                    s.leased(blocks.take().unwrap_or_default(), limit, &VIEW, now, now_ms)
                 }
                 Action::Encode(job) => {
                     let f = frame(&job, frame_bytes, &VIEW);
@@ -1007,6 +1011,44 @@ mod tests {
             panic!("the frame goes when the intake is quiet");
         };
         assert_eq!(call.entries[0].block_ids(), vec![5]);
+    }
+
+    /// A lease that comes back with fewer blocks than it asked for holds everything the
+    /// spool had committed: the next lease waits for the next commit, so a commit costs one
+    /// lease, not a second that only comes back empty. A full lease asks again at once.
+    #[test]
+    fn a_commit_is_leased_once_unless_the_lease_came_back_full() {
+        let (mut s, t0) = (lingering_a_second(), Instant::now());
+        s.new_records(1, t0);
+        let Action::Lease { after, limit } = s.next(t0, &VIEW) else {
+            panic!("a commit is leased");
+        };
+        assert_eq!(after, 0);
+        s.leased(vec![block(1, "a", 1 << 10)], limit, &VIEW, t0, 1_000);
+        assert!(
+            matches!(s.next(t0, &VIEW), Action::Wait { .. }),
+            "a short lease took everything committed"
+        );
+        // A full lease: there may be more.
+        s.new_records(1, t0 + Duration::from_millis(10));
+        let Action::Lease { after, limit } = s.next(t0, &VIEW) else {
+            panic!("the next commit is leased");
+        };
+        assert_eq!(after, 1);
+        s.leased(
+            vec![block(2, "a", 1 << 10), block(3, "b", 1 << 10)],
+            2,
+            &VIEW,
+            t0,
+            1_010,
+        );
+        assert!(limit > 2);
+        let Action::Lease { after, .. } = s.next(t0, &VIEW) else {
+            panic!("a full lease is followed by another");
+        };
+        assert_eq!(after, 3);
+        s.leased(Vec::new(), limit, &VIEW, t0, 1_010);
+        assert!(matches!(s.next(t0, &VIEW), Action::Wait { .. }));
     }
 
     /// Commits seen together (a driver that looked only now and then) give their mean gap,
