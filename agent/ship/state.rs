@@ -20,8 +20,8 @@
 //!   allowance ([`Hold`]); frames added while it waits for a paced shard go at once.
 //! - A frame closes when full or after its linger, or, if it holds at least
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
-//!   [`QUIET`] and [`QUIET_GAPS`] times the last gap between commits) and everything
-//!   committed is planned.
+//!   [`QUIET`] and [`QUIET_GAPS`] times the stream's cadence between commits, see
+//!   [`cadence`]) and everything committed is planned.
 //! - While a slow stream's frames linger and its commits come more often than
 //!   [`LAZY_LEASE`], the driver may lease every [`LAZY_LEASE`] instead of after each commit
 //!   ([`ShipState::lease_lazily`]); commits count at the times the spool made them.
@@ -56,8 +56,8 @@ const LEASE_BLOCKS: usize = 1024;
 /// messages flow fast.
 const QUIET: Duration = Duration::from_millis(100);
 /// A slower stream's commits come further apart (the spool gathers a few pages' worth, e.g.
-/// every 300 ms at 1,000 msg/s): it is quiet only after this many of its last gap, so a
-/// steady stream's frames still fill for their linger.
+/// every 300 ms at 1,000 msg/s): it is quiet only after this many times its cadence (see
+/// [`cadence`]), so a steady stream's frames still fill for their linger.
 const QUIET_GAPS: u32 = 4;
 /// How often a slow stream's commits are leased while its frames linger (see
 /// [`ShipState::lease_lazily`]); as long as [`QUIET`], so a pause is still seen within
@@ -203,7 +203,7 @@ pub(crate) struct ShipState {
     exhausted: bool,
     /// When a commit of the spool was last seen.
     last_commit: Option<Instant>,
-    /// The time between the last two commits seen (none before the second).
+    /// The stream's cadence between commits (see [`cadence`]; none before the second).
     commit_gap: Option<Duration>,
     /// Whether blocks were last planned by shard (the destination's shards known).
     grouped_by_shard: bool,
@@ -357,7 +357,8 @@ impl ShipState {
     pub(crate) fn new_records(&mut self, commits: u64, last: Instant) {
         self.exhausted = false;
         if let (Some(before), Ok(n @ 1..)) = (self.last_commit, u32::try_from(commits)) {
-            self.commit_gap = Some(last.saturating_duration_since(before) / n);
+            let gap = last.saturating_duration_since(before) / n;
+            self.commit_gap = Some(cadence(self.commit_gap, gap));
         }
         self.last_commit = Some(last);
     }
@@ -374,8 +375,8 @@ impl ShipState {
     }
 
     /// When the intake counts as quiet: everything committed is planned and no commit came
-    /// for [`QUIET`], or [`QUIET_GAPS`] times the last gap between commits if that is longer,
-    /// since the last one seen. Then a frame of [`QUIET_FRAME_BYTES`] or more goes without
+    /// for [`QUIET`], or [`QUIET_GAPS`] times the stream's cadence if that is longer, since
+    /// the last one seen. Then a frame of [`QUIET_FRAME_BYTES`] or more goes without
     /// waiting out its linger, since nothing more is coming soon to fill it. Never before
     /// the second commit: one commit tells nothing of the stream's cadence.
     fn quiet_at(&self) -> Option<Instant> {
@@ -751,6 +752,17 @@ pub(crate) fn frames(
         .collect()
 }
 
+/// The stream's cadence between commits after one more `gap`: a longer gap raises it at once,
+/// a shorter one lowers it by a quarter at most. A slow stream's commits need not come
+/// evenly: a paced read that fills the spool's commit target at once ends its group at the
+/// commit interval, while the next group gathers until a pause of several paces, so two
+/// commits may come 60 ms apart and the next 300 ms later. Judged by the last gap alone, that
+/// 300 ms passed for the end of a burst and frames went early (42-45 Kinesis records in 30 s
+/// at 1,000 msg/s instead of 32-33). A burst's own commits bring it down within a dozen.
+fn cadence(before: Option<Duration>, gap: Duration) -> Duration {
+    before.map_or(gap, |c| gap.max(c * 3 / 4))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -977,7 +989,8 @@ mod tests {
     }
 
     /// A slow, steady stream commits every 300 ms: a gap of that length is its cadence, not
-    /// quiet, so its frame fills for its linger; four gaps without a commit are quiet.
+    /// quiet, so its frame fills for its linger; once a burst's commits bring the cadence
+    /// down, four of its gaps without a commit are quiet.
     #[test]
     fn a_slow_streams_commit_gaps_are_not_quiet() {
         let ms = Duration::from_millis;
@@ -997,17 +1010,21 @@ mod tests {
         };
         assert_eq!(call.entries[0].block_ids(), vec![1, 2, 3, 4]);
         s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_000), 2_000);
-        // Two commits 50 ms apart, then none: quiet after four of that gap, before the linger.
+        // A burst: commits 50 ms apart, seven of them before the cadence (300 ms, lowered by
+        // a quarter at most per commit) is down to 50 ms; then none: quiet after four of that
+        // gap, before the linger.
         s.new_records(1, t0 + ms(1_200));
-        s.new_records(1, t0 + ms(1_250));
+        for k in 1..=7 {
+            s.new_records(1, t0 + ms(1_200 + 50 * k));
+        }
         let mut last = block(5, "a", 70 << 10);
-        last.created_ms = 2_250;
+        last.created_ms = 2_550;
         let mut blocks = Some(vec![last]);
         assert_eq!(
-            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(1_250), 2_250)),
-            Some(t0 + ms(1_250 + 4 * 50))
+            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(1_550), 2_550)),
+            Some(t0 + ms(1_550 + 4 * 50))
         );
-        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_450), 2_450) else {
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_750), 2_750) else {
             panic!("the frame goes when the intake is quiet");
         };
         assert_eq!(call.entries[0].block_ids(), vec![5]);
@@ -1049,6 +1066,29 @@ mod tests {
         assert_eq!(after, 3);
         s.leased(Vec::new(), limit, &VIEW, t0, 1_010);
         assert!(matches!(s.next(t0, &VIEW), Action::Wait { .. }));
+    }
+
+    /// A slow stream's commits need not come evenly (a read that fills the commit target at
+    /// once commits at the interval, the next group gathers until a pause): one short gap
+    /// among long ones is not a burst, so the long gap after it is not quiet and the frame
+    /// fills for its linger. Judged by the last gap alone it would have gone 240 ms after it.
+    #[test]
+    fn one_short_gap_between_a_slow_streams_commits_is_not_a_burst() {
+        let ms = Duration::from_millis;
+        let (mut s, t0) = (lingering_a_second(), Instant::now());
+        s.new_records(1, t0);
+        s.new_records(1, t0 + ms(300));
+        s.new_records(1, t0 + ms(360));
+        let mut blocks = Some(vec![block(1, "a", 70 << 10)]);
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(360), 1_360)),
+            Some(t0 + ms(1_000)),
+            "the cadence is 225 ms: quiet only 900 ms after the last commit, past the linger"
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 500, t0 + ms(1_000), 2_000) else {
+            panic!("after its linger");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![1]);
     }
 
     /// Commits seen together (a driver that looked only now and then) give their mean gap,
