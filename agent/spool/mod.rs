@@ -69,13 +69,15 @@ const QUIET_GAPS: u32 = 4;
 /// A slow stream's read pace in mean gaps between its messages (at least half the commit
 /// interval, at most an eighth of `commit_max_wait`): a sparse stream (20 msg/s) is read a
 /// few messages per wakeup too, instead of one wakeup of the intake and one of the spool's
-/// thread per message. At 1,000 msg/s the intake reads every 32 ms: 16 gaps (every 16 ms)
+/// thread per message. At 1,000 msg/s the intake reads every 64 ms: 16 gaps (every 16 ms)
 /// took 13.7-14.2 us of CPU per message, 32 took 11.3-12.4, and a message's publish to
 /// accepted p50 rose from 558-567 ms to 589-597 (shapes program, `MQTT 3.1.1 device key,
-/// 100 devices, 1000 msg/s`, with the gap measured over windows, `Worker::paced`). A
-/// group's commit still waits at most for the commit target, a pause of four paces (128 ms
-/// at 1,000 msg/s) or `commit_max_wait`.
-const PACE_GAPS: u32 = 32;
+/// 100 devices, 1000 msg/s`, with the gap measured over windows, `Worker::paced`); 64 took
+/// 8.7-10.0 against 11.1-13.7 for 32 in the same hour (three shapes at 1,000 msg/s, two
+/// runs each). A read then brings about as much as the commit target, so commits come
+/// unevenly (see `ship::state::cadence`). A group's commit still waits at most for the
+/// commit target, a pause of four paces (256 ms at 1,000 msg/s) or `commit_max_wait`.
+const PACE_GAPS: u32 = 64;
 /// The mean gap between appends is measured over windows this long, or of this many
 /// appends if they come sooner (a busy stream's pace is learned within milliseconds), see
 /// `Worker::paced`.
@@ -2159,8 +2161,8 @@ mod tests {
 
     /// A paced intake hands over a slow stream's messages a few at once: the stream's gap
     /// is its mean (2 ms here), not the microseconds within a read, so the pace is
-    /// `PACE_GAPS` of it (64 ms). Measured append to append it came to about 1 ms, a pace
-    /// of about 33 ms.
+    /// `PACE_GAPS` of it, up to an eighth of `commit_max_wait` (125 ms). Measured append to
+    /// append it came to about 1 ms, a pace of about 33 ms with 32 gaps.
     #[tokio::test]
     async fn a_stream_read_in_bursts_is_paced_by_its_mean_gap() {
         let dir = tempfile::tempdir().unwrap();
