@@ -757,7 +757,7 @@ pub(crate) fn frames(
 /// evenly: a paced read that fills the spool's commit target at once ends its group at the
 /// commit interval, while the next group gathers until a pause of several paces, so two
 /// commits may come 60 ms apart and the next 300 ms later. Judged by the last gap alone, that
-/// 300 ms passed for the end of a burst and frames went early (42-45 Kinesis records in 30 s
+/// 300 ms passed for the end of a burst and frames went early (41-45 Kinesis records in 30 s
 /// at 1,000 msg/s instead of 32-33). A burst's own commits bring it down within a dozen.
 fn cadence(before: Option<Duration>, gap: Duration) -> Duration {
     before.map_or(gap, |c| gap.max(c * 3 / 4))

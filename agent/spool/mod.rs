@@ -73,10 +73,11 @@ const QUIET_GAPS: u32 = 4;
 /// took 13.7-14.2 us of CPU per message, 32 took 11.3-12.4, and a message's publish to
 /// accepted p50 rose from 558-567 ms to 589-597 (shapes program, `MQTT 3.1.1 device key,
 /// 100 devices, 1000 msg/s`, with the gap measured over windows, `Worker::paced`); 64 took
-/// 8.7-10.0 against 11.1-13.7 for 32 in the same hour (three shapes at 1,000 msg/s, two
-/// runs each). A read then brings about as much as the commit target, so commits come
-/// unevenly (see `ship::state::cadence`). A group's commit still waits at most for the
-/// commit target, a pause of four paces (256 ms at 1,000 msg/s) or `commit_max_wait`.
+/// 9.1-10.6 against 12.2-13.7 for 32 and p50 627-664 ms against 588-599 (the three 1,000
+/// msg/s shapes, two runs each, same hour). A read then brings about as much as the commit
+/// target, so commits come unevenly, which the shipper's cadence allows for (see
+/// `ship::state::cadence`). A group's commit still waits at most for the commit target, a
+/// pause of four paces (256 ms at 1,000 msg/s) or `commit_max_wait`.
 const PACE_GAPS: u32 = 64;
 /// The mean gap between appends is measured over windows this long, or of this many
 /// appends if they come sooner (a busy stream's pace is learned within milliseconds), see
