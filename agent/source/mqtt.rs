@@ -189,7 +189,7 @@ fn set_int_option(
 /// and at half load the stream is not slow and every read goes at once.
 ///
 /// A pace up to [`TIMER_SLOT`] is kept by a timer, the socket held quiet until it ends (see
-/// [`set_low_water`]). A longer one (a stream under 500 msg/s) would cost the timer two
+/// [`set_low_water`]). A longer one (a stream under 1,000 msg/s) would cost the timer two
 /// wakeups, so the kernel keeps it instead: the socket reports itself readable once the bytes
 /// a pace brings have come (`wake_bytes`), and the timer only bounds the wait should the
 /// stream slow down, two slots past the pace so that its slot's wakeup normally never comes.
