@@ -188,13 +188,14 @@ impl Shipper {
                 break;
             }
             self.place(&mut placed);
-            // Commits made while a call was out or while leases were lazy: each counts at
-            // its own time, so the intake is quiet only when none came for a while.
+            // Commits made while a call was out or while leases waited: each counts at its
+            // own time, so the intake is quiet only when none came for a while.
             let c = *commits.borrow_and_update();
             if c.count != seen {
                 state.new_records(c.count - seen, c.last);
                 seen = c.count;
             }
+            state.set_slow(self.spool.slow_stream());
             match state.next(Instant::now(), &*self.sink) {
                 Action::Lease { after, limit } => {
                     match self
@@ -288,20 +289,14 @@ impl Shipper {
                         }
                         _ => until,
                     };
-                    // A slow stream's commits, while its frames linger, are leased every
-                    // `LAZY_LEASE` rather than each at once (see `ShipState::lease_lazily`).
-                    let lazy = state.lease_lazily(self.spool.slow_stream());
-                    let until = match lazy {
-                        true => {
-                            let next = Instant::now() + state::LAZY_LEASE;
-                            Some(until.map_or(next, |u| u.min(next)))
-                        }
-                        false => until,
-                    };
+                    // A slow stream's commits, while its frames linger, wait to be leased
+                    // (`until` is no later than that; see `ShipState::leases_wait_until`):
+                    // no wakeup for each.
+                    let deferred = state.leases_wait_until(Instant::now()).is_some();
                     tokio::select! {
                         // Each branch is cancel-safe: a watch change or a timer. The change
                         // is taken at the loop's top.
-                        changed = commits.changed(), if !lazy => {
+                        changed = commits.changed(), if !deferred => {
                             if changed.is_err() { break; }
                         }
                         _ = async {
@@ -410,10 +405,10 @@ mod tests {
     use crate::spool::{AfterCommit, Disposition, Incoming};
 
     /// A slow stream committed every 10 ms (as a source with a small window asks) while its
-    /// frame lingers: the shipper leases every `LAZY_LEASE`, not after each commit (a lease
-    /// wakes the spool thread and the shipper), and everything still arrives.
+    /// frame lingers: the shipper leases when the frame is due, not after each commit (a
+    /// lease wakes the spool thread and the shipper), and everything still arrives.
     #[tokio::test]
-    async fn a_slow_streams_commits_are_leased_lazily_while_its_frame_lingers() {
+    async fn a_slow_streams_commits_wait_to_be_leased_while_its_frame_lingers() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, thread) = crate::spool::start(&SpoolConfig {
             path: dir.path().join("spool.db"),
@@ -485,8 +480,10 @@ mod tests {
         let commits = spool.commits().borrow().count - commits_before;
         assert!(spool.slow_stream(), "a message every 2 ms is a slow stream");
         assert!(commits >= 20, "{commits} commits in a second");
+        // A frame a linger (1 s): a lease when it is due and one for the first commit after
+        // it went, not one for each of the hundred commits, nor one every 100 ms.
         assert!(
-            leases <= 30,
+            leases <= 6,
             "{leases} leases in a second for {commits} commits"
         );
         // Everything arrives (the last frame after its linger).

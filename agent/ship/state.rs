@@ -22,9 +22,9 @@
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
 //!   [`QUIET`] and [`QUIET_GAPS`] times the stream's cadence between commits, see
 //!   [`cadence`]) and everything committed is planned.
-//! - While a slow stream's frames linger and its commits come more often than
-//!   [`LAZY_LEASE`], the driver may lease every [`LAZY_LEASE`] instead of after each commit
-//!   ([`ShipState::lease_lazily`]); commits count at the times the spool made them.
+//! - While a slow stream's frames linger, its commits wait to be leased until the first
+//!   frame is due or the intake would count as quiet ([`ShipState::leases_wait_until`]),
+//!   and the driver does not wake for them; commits count at the times the spool made them.
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
@@ -59,10 +59,6 @@ const QUIET: Duration = Duration::from_millis(100);
 /// every 300 ms at 1,000 msg/s): it is quiet only after this many times its cadence (see
 /// [`cadence`]), so a steady stream's frames still fill for their linger.
 const QUIET_GAPS: u32 = 4;
-/// How often a slow stream's commits are leased while its frames linger (see
-/// [`ShipState::lease_lazily`]); as long as [`QUIET`], so a pause is still seen within
-/// twice that.
-pub(crate) const LAZY_LEASE: Duration = QUIET;
 /// A frame at least this large goes once the intake is quiet rather than after its linger:
 /// the tail of a burst reaches the destination 100 ms after the burst, not a linger (1 s by
 /// default) after it. Smaller frames, as at low rates, still wait to fill.
@@ -207,6 +203,8 @@ pub(crate) struct ShipState {
     commit_gap: Option<Duration>,
     /// Whether blocks were last planned by shard (the destination's shards known).
     grouped_by_shard: bool,
+    /// The spool calls the stream slow (see [`ShipState::leases_wait_until`]).
+    slow: bool,
     failing: Repeated,
     stats: Arc<ShipperStats>,
 }
@@ -227,6 +225,7 @@ impl ShipState {
             last_commit: None,
             commit_gap: None,
             grouped_by_shard: false,
+            slow: false,
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
         }
@@ -294,7 +293,8 @@ impl ShipState {
         let want_more = self.batcher.planned_raw_bytes_where(has_room)
             < 4 * self.settings.frame_bytes
             && self.batcher.planned_blocks() < MAX_PLANNED_BLOCKS;
-        if !self.exhausted && want_more && queued < hard_cap {
+        let deferred = self.leases_wait_until(now);
+        if !self.exhausted && deferred.is_none() && want_more && queued < hard_cap {
             return Action::Lease {
                 after: self.cursor,
                 limit: LEASE_BLOCKS,
@@ -332,7 +332,7 @@ impl ShipState {
         }
         .filter(|_| !self.queue.is_empty());
         Action::Wait {
-            until: [due, hold].into_iter().flatten().min(),
+            until: [due, hold, deferred].into_iter().flatten().min(),
         }
     }
 
@@ -363,15 +363,29 @@ impl ShipState {
         self.last_commit = Some(last);
     }
 
-    /// Whether the driver may leave commits unseen until the next [`LAZY_LEASE`] (given
-    /// whether the spool calls the stream `slow`): frames are lingering and commits come more
-    /// often than that, so leasing each at once would only add its blocks to frames that
-    /// wait anyway. A lease costs wakeups of the shipper and the spool thread per commit;
-    /// leasing every [`LAZY_LEASE`] instead delays a frame the intake's pause would send
-    /// early by at most that much, and never past its linger.
-    pub(crate) fn lease_lazily(&self, slow: bool) -> bool {
-        slow && self.batcher.next_due().is_some()
-            && self.commit_gap.is_some_and(|gap| gap < LAZY_LEASE)
+    /// Whether the spool calls the stream slow (see `SpoolHandle::slow_stream`), as the
+    /// driver last saw it.
+    pub(crate) fn set_slow(&mut self, slow: bool) {
+        self.slow = slow;
+    }
+
+    /// Until when a slow stream's commits wait to be leased (`None`: lease them now, and
+    /// the driver wakes for each commit): while a frame lingers, until the first frame is
+    /// due or the intake would count as quiet (as [`ShipState::quiet_at`] would say had
+    /// each commit been leased), whichever comes first. A lease is a round trip to the
+    /// spool's thread, which wakes it and the shipper, and a slow stream commits several
+    /// times a linger (about every 300 ms at 1,000 msg/s) where one lease before its frame
+    /// goes plans the same blocks into it. No record waits longer: a block leased late still
+    /// lingers from its creation, and blocks committed after a frame opened are due no
+    /// sooner than it. A busy stream's commits, and the first commit after its frames went,
+    /// are leased at once.
+    pub(crate) fn leases_wait_until(&self, now: Instant) -> Option<Instant> {
+        if !self.slow {
+            return None;
+        }
+        let due = self.batcher.next_due()?;
+        let quiet = self.last_commit? + QUIET.max(self.commit_gap? * QUIET_GAPS);
+        Some(due.min(quiet)).filter(|t| *t > now)
     }
 
     /// When the intake counts as quiet: everything committed is planned and no commit came
@@ -1091,37 +1105,74 @@ mod tests {
         assert_eq!(call.entries[0].block_ids(), vec![1]);
     }
 
-    /// Commits seen together (a driver that looked only now and then) give their mean gap,
-    /// so quiet is judged as if each had been seen; the driver may lease lazily only while
-    /// the stream is slow, a frame lingers and commits come more often than `LAZY_LEASE`.
+    /// A slow stream's commits wait to be leased while its frame lingers: no lease (a round
+    /// trip to the spool's thread) per commit, one when the frame is due, which still takes
+    /// every block committed by then; and one when the intake would count as quiet, so a
+    /// large frame goes then as if each commit had been leased. A busy stream's commits, and
+    /// the first after a frame went, are leased at once.
     #[test]
-    fn commits_seen_together_keep_the_cadence_and_lazy_leases_need_lingering_frames() {
+    fn a_slow_streams_commits_wait_to_be_leased_until_its_frame_is_due_or_the_intake_quiet() {
         let ms = Duration::from_millis;
         let (mut s, t0) = (lingering_a_second(), Instant::now());
+        let created = |id, at_ms, raw| BlockMeta {
+            created_ms: at_ms,
+            ..block(id, "a", raw)
+        };
+        s.set_slow(true);
+        // The first commit: nothing lingers, so it is leased; its frame is due in a second.
         s.new_records(1, t0);
-        assert!(!s.lease_lazily(true), "no cadence yet, nothing lingering");
-        // Five commits in 100 ms, seen at once: 20 ms apart.
-        s.new_records(5, t0 + ms(100));
-        assert!(!s.lease_lazily(true), "nothing lingering");
-        let mut blocks = Some(vec![block(1, "a", 70 << 10)]);
-        // A frame of 70 KiB lingers; quiet would be four gaps after the last commit, but
-        // never sooner than `QUIET`.
+        let mut blocks = Some(vec![created(1, 1_000, 1_000)]);
         assert_eq!(
-            waits_until(until_send(&mut s, &mut blocks, 500, t0 + ms(100), 1_100)),
-            Some(t0 + ms(100) + QUIET)
+            waits_until(until_send(&mut s, &mut blocks, 500, t0, 1_000)),
+            Some(t0 + ms(1_000))
         );
-        assert!(s.lease_lazily(true));
+        // Commits every 300 ms: none leased (`next` would lease before anything else).
+        for at in [300, 600, 900] {
+            s.new_records(1, t0 + ms(at));
+            assert_eq!(
+                waits_until(s.next(t0 + ms(at), &VIEW)),
+                Some(t0 + ms(1_000)),
+                "at {at} ms"
+            );
+            assert_eq!(s.leases_wait_until(t0 + ms(at)), Some(t0 + ms(1_000)));
+        }
+        s.set_slow(false);
         assert!(
-            !s.lease_lazily(false),
+            matches!(s.next(t0 + ms(900), &VIEW), Action::Lease { .. }),
             "a busy stream's commits are leased at once"
         );
-        // Two commits 100 ms apart: leasing each wakes no more often than `LAZY_LEASE`.
-        s.new_records(2, t0 + ms(300));
-        assert!(!s.lease_lazily(true));
-        assert_eq!(
-            waits_until(until_send(&mut s, &mut None, 500, t0 + ms(300), 1_300)),
-            Some(t0 + ms(300 + 4 * 100))
-        );
+        s.set_slow(true);
+        // Due: one lease takes the three commits' blocks into the frame, which goes.
+        let mut blocks = Some(vec![
+            created(2, 1_300, 1_000),
+            created(3, 1_600, 1_000),
+            created(4, 1_900, 1_000),
+        ]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, t0 + ms(1_000), 2_000) else {
+            panic!("the frame goes when due");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![1, 2, 3, 4]);
+        s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_000), 2_000);
+        // The next commit opens a frame of 70 KiB: leased at once.
+        s.new_records(1, t0 + ms(1_200));
+        let mut blocks = Some(vec![created(5, 2_200, 70 << 10)]);
+        assert!(matches!(
+            s.next(t0 + ms(1_200), &VIEW),
+            Action::Lease { .. }
+        ));
+        until_send(&mut s, &mut blocks, 500, t0 + ms(1_200), 2_200);
+        // Two more 50 ms apart: the cadence falls from 300 ms by a quarter a commit (to
+        // 168.75 ms), so the intake would be quiet 675 ms after the last one, before the
+        // frame is due (2,200 ms): its commits are leased then, and it goes.
+        s.new_records(1, t0 + ms(1_250));
+        s.new_records(1, t0 + ms(1_300));
+        let quiet = t0 + ms(1_300) + Duration::from_micros(168_750) * 4;
+        assert_eq!(waits_until(s.next(t0 + ms(1_300), &VIEW)), Some(quiet));
+        let mut blocks = Some(vec![created(6, 2_250, 1_000), created(7, 2_300, 1_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 500, quiet, 2_975) else {
+            panic!("the large frame goes when the intake is quiet");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![5, 6, 7]);
     }
 
     /// Blocks of different keys bound for one shard share a frame; a frame planned by key
