@@ -188,17 +188,18 @@ fn set_int_option(
 /// the pace is shorter than any gap the spool takes for a pause (four paces). At saturation
 /// and at half load the stream is not slow and every read goes at once.
 ///
-/// A pace up to [`TIMER_SLOT`] is kept by a timer, the socket held quiet until it ends (see
-/// [`set_low_water`]). A longer one (a stream under 1,000 msg/s) would cost the timer two
-/// wakeups, so the kernel keeps it instead: the socket reports itself readable once the bytes
-/// a pace brings have come (`wake_bytes`), and the timer only bounds the wait should the
-/// stream slow down, two slots past the pace so that its slot's wakeup normally never comes.
+/// The kernel keeps the pace: the socket reports itself readable once the bytes a pace
+/// brings have come (`wake_bytes`, see [`set_low_water`]), and a timer only bounds the wait
+/// should the stream slow down, two of its slots ([`TIMER_SLOT`]) past the pace so that its
+/// slot's wakeup normally never comes. A timer that kept the pace itself cost two wakeups a
+/// read whenever its deadline fell past the slot it was set in (every read of a 64 ms pace,
+/// the pace of 1,000 msg/s; half of a 32 ms pace's), where the socket costs one.
 #[derive(Debug)]
 struct Pace {
-    /// No read before this: the pace's end, or for a long pace the bound on its wait.
+    /// No read before this unless the socket reports a pace's bytes: the bound on its wait.
     read_after: Option<tokio::time::Instant>,
-    /// For a pace longer than [`TIMER_SLOT`]: the bytes the socket gathers before it reports
-    /// itself readable, the stream's messages in a pace at their mean size.
+    /// While paced: the bytes the socket gathers before it reports itself readable, the
+    /// stream's messages in a pace at their mean size.
     wake_bytes: Option<libc::c_int>,
     /// The last read that took messages, and the mean time between messages (moving).
     last: Instant,
@@ -207,12 +208,13 @@ struct Pace {
     bytes_each: u64,
 }
 
-/// The runtime's timer keeps a deadline further ahead than this in a coarser slot this wide
-/// and wakes its thread at the start of that slot to place the deadline exactly (tokio's timer
-/// wheel: 1 ms slots over 64 ms, then 64 ms slots): a longer sleep costs two wakeups.
+/// The runtime's timer keeps a deadline past the current 64 ms of its wheel in a coarser slot
+/// this wide and wakes its thread at the start of that slot to place the deadline exactly
+/// (tokio's timer wheel: 1 ms slots within 64 ms, then 64 ms slots): such a sleep, if it runs
+/// out, costs two wakeups.
 const TIMER_SLOT: Duration = Duration::from_millis(64);
 
-/// A long pace's `wake_bytes` are rounded down to a multiple of this, so the low-water mark
+/// A pace's `wake_bytes` are rounded down to a multiple of this, so the low-water mark
 /// is not set again on every read for a few bytes' difference in the moving means.
 const WAKE_BYTES_STEP: u64 = 64;
 
@@ -243,33 +245,23 @@ impl Pace {
             };
         }
         let pace = pace.filter(|p| self.gap * 2 < *p);
-        self.wake_bytes = pace.filter(|p| *p > TIMER_SLOT).map(|p| {
+        self.wake_bytes = pace.map(|p| {
             let messages = (p.as_micros() / self.gap.as_micros().max(1)).max(1) as u64;
             let bytes =
                 messages.saturating_mul(self.bytes_each) / WAKE_BYTES_STEP * WAKE_BYTES_STEP;
             bytes.clamp(1, PACED_LOW_WATER as u64) as libc::c_int
         });
-        let wait = |p: Duration| match self.wake_bytes {
-            Some(_) => p + 2 * TIMER_SLOT,
-            None => p,
-        };
-        self.read_after = pace.map(|p| tokio::time::Instant::from_std(now) + wait(p));
+        self.read_after = pace.map(|p| tokio::time::Instant::from_std(now) + p + 2 * TIMER_SLOT);
     }
 
     /// A turn's reading at `now`, `may_read` when the window and the write backlog let the
-    /// intake read: not paced, it reads at once and the socket reports every byte; a short
-    /// pace holds the socket quiet and reads when the pace ends; a long one reads when the
-    /// socket reports a pace's bytes, at the latest at its bound.
+    /// intake read: not paced, it reads at once and the socket reports every byte; paced, it
+    /// reads when the socket reports a pace's bytes, at the latest at the pace's bound.
     fn plan(&self, may_read: bool, now: tokio::time::Instant) -> ReadPlan {
         let until = self.read_after.filter(|t| may_read && *t > now);
-        let (reading, low_water) = match (until, self.wake_bytes) {
-            (None, _) => (may_read, 1),
-            (Some(_), None) => (false, PACED_LOW_WATER),
-            (Some(_), Some(bytes)) => (true, bytes),
-        };
         ReadPlan {
-            reading,
-            low_water,
+            reading: may_read,
+            low_water: until.and(self.wake_bytes).unwrap_or(1),
             until,
         }
     }
@@ -282,21 +274,20 @@ struct ReadPlan {
     reading: bool,
     /// The socket's receive low-water mark.
     low_water: libc::c_int,
-    /// While reads are paced: when the pace ends (a long pace: its bound).
+    /// While reads are paced: the bound on the wait for a pace's bytes.
     until: Option<tokio::time::Instant>,
 }
 
-/// How many bytes the socket holds before it reports itself readable while a short pace
-/// holds it (see [`set_low_water`]), and the most a long pace waits for: more than most paces
-/// of a slow stream bring (a pace that brings more wakes the thread, as without it), and small
-/// enough that the kernel leaves the receive buffer as it is (it grows it past twice this).
+/// The most bytes a pace waits for (see [`set_low_water`]): more than most paces of a slow
+/// stream bring (a pace that would bring more wakes the thread sooner, as without it), and
+/// small enough that the kernel leaves the receive buffer as it is (it grows it past twice
+/// this).
 const PACED_LOW_WATER: libc::c_int = 32 << 10;
 
-/// While reads are paced, a message arriving still wakes the runtime's thread (the socket
-/// reports itself readable), though the intake reads only when the pace ends: a wakeup per
-/// message, which the pace is there to save. Raising the socket's receive low-water mark
-/// (`SO_RCVLOWAT`) keeps it quiet until it holds `bytes` (the kernel checks again when the
-/// mark is set, so lowering it to one byte reports at once what arrived meanwhile). A
+/// Each message arriving wakes the runtime's thread (the socket reports itself readable): a
+/// wakeup per message, which a pace is there to save. Raising the socket's receive low-water
+/// mark (`SO_RCVLOWAT`) keeps it quiet until it holds `bytes` (the kernel checks again when
+/// the mark is set, so lowering it to one byte reports at once what arrived meanwhile). A
 /// non-blocking read still takes whatever the socket holds, below the mark or not.
 fn set_low_water(socket: std::os::fd::RawFd, bytes: libc::c_int) {
     set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes);
@@ -968,7 +959,7 @@ mod tests {
         p.read(at, 1, 230, pace);
         assert_eq!(
             p.read_after,
-            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(5))
+            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(5 + 128))
         );
         // Paced: each read takes the five messages of its 5 ms.
         for i in 1..=20u64 {
@@ -985,15 +976,15 @@ mod tests {
         let gap = p.gap;
         p.read(start + Duration::from_secs(60), 0, 2, pace);
         assert_eq!(p.gap, gap);
-        // A short pace is kept by a timer, the socket held quiet meanwhile.
-        assert_eq!(p.wake_bytes, None);
+        assert_eq!(p.wake_bytes, None, "not paced: every byte is reported");
     }
 
-    /// At 20 msg/s the pace (125 ms) is longer than the timer's slot: the socket is to report
-    /// itself readable once a pace's messages have come (two of 230 bytes in 125 ms, rounded
-    /// down to 64 bytes), and the timer only bounds the wait, two slots past the pace.
+    /// At 20 msg/s (a 125 ms pace) the socket is to report itself readable once a pace's
+    /// messages have come (two of 230 bytes in 125 ms, rounded down to 64 bytes), and the
+    /// timer only bounds the wait, two of its slots past the pace; at 1,000 msg/s (a 64 ms
+    /// pace, which a timer would keep with two wakeups a read) the same, 64 messages.
     #[test]
-    fn a_long_pace_waits_for_its_bytes() {
+    fn a_pace_waits_for_its_bytes() {
         let pace = Some(Duration::from_millis(125));
         let start = Instant::now();
         let mut p = Pace::default();
@@ -1008,7 +999,7 @@ mod tests {
             p.read_after,
             Some(tokio::time::Instant::from_std(at) + Duration::from_millis(125 + 128))
         );
-        // Bigger messages: the mark follows their mean, up to the short pace's.
+        // Bigger messages: the mark follows their mean, up to its most.
         for i in 101..=200u64 {
             p.read(start + Duration::from_millis(50 * i), 1, 100_000, pace);
         }
@@ -1016,14 +1007,26 @@ mod tests {
         // Not slow any more: every byte is reported.
         p.read(start + Duration::from_millis(50 * 201), 1, 230, None);
         assert_eq!((p.wake_bytes, p.read_after), (None, None));
+        // 1,000 msg/s, read every 64 ms.
+        let pace = Some(Duration::from_millis(64));
+        let mut p = Pace::default();
+        for i in 1..=100u64 {
+            at = start + Duration::from_millis(64 * i);
+            p.read(at, 64, 64 * 230, pace);
+        }
+        // 63 whole messages (the moving mean gap is still a hair over 1 ms): 14,490 bytes.
+        assert_eq!(p.wake_bytes, Some(14_464));
+        assert_eq!(
+            p.read_after,
+            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(64 + 128))
+        );
     }
 
     /// A connection loop's turn: not paced, it reads at once with the socket reporting every
-    /// byte; during a short pace it leaves the socket unread and quiet until the pace ends;
-    /// during a long one it reads when the socket reports a pace's bytes, bounded two timer
-    /// slots past the pace; with the window full it reads nothing and holds nothing.
+    /// byte; paced, it reads when the socket reports a pace's bytes, bounded two timer slots
+    /// past the pace; with the window full it reads nothing and holds nothing.
     #[test]
-    fn a_turn_reads_at_once_at_a_short_paces_end_or_when_a_long_paces_bytes_came() {
+    fn a_turn_reads_at_once_or_when_a_paces_bytes_came() {
         let start = Instant::now();
         let ms = |n: u64| Duration::from_millis(n);
         let mut p = Pace::default();
@@ -1034,7 +1037,8 @@ mod tests {
             until: None,
         };
         assert_eq!(p.plan(true, now), at_once);
-        // 1,000 msg/s: a 5 ms pace, kept by a timer.
+        // A 5 ms pace: four whole messages of 230 bytes (the moving mean gap is still a hair
+        // over 1 ms), 920 rounded down to 64 bytes.
         for i in 1..=100 {
             p.read(start + ms(i), 1, 230, Some(ms(5)));
         }
@@ -1042,19 +1046,19 @@ mod tests {
         assert_eq!(
             p.plan(true, at),
             ReadPlan {
-                reading: false,
-                low_water: PACED_LOW_WATER,
-                until: Some(at + ms(5)),
+                reading: true,
+                low_water: 896,
+                until: Some(at + ms(5 + 128)),
             }
         );
-        assert_eq!(p.plan(true, at + ms(5)), at_once, "the pace is over");
+        assert_eq!(p.plan(true, at + ms(133)), at_once, "the bound passed");
         let window_full = ReadPlan {
             reading: false,
             low_water: 1,
             until: None,
         };
         assert_eq!(p.plan(false, at), window_full);
-        // 20 msg/s: a 125 ms pace, kept by the socket.
+        // 20 msg/s: a 125 ms pace.
         let mut p = Pace::default();
         for i in 1..=100 {
             p.read(start + ms(50 * i), 1, 230, Some(ms(125)));
