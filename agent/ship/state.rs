@@ -375,10 +375,13 @@ impl ShipState {
     /// each commit been leased), whichever comes first. A lease is a round trip to the
     /// spool's thread, which wakes it and the shipper, and a slow stream commits several
     /// times a linger (about every 300 ms at 1,000 msg/s) where one lease before its frame
-    /// goes plans the same blocks into it. No record waits longer: a block leased late still
-    /// lingers from its creation, and blocks committed after a frame opened are due no
-    /// sooner than it. A busy stream's commits, and the first commit after its frames went,
-    /// are leased at once.
+    /// goes plans the same blocks into it. No record waits past its linger: a block leased
+    /// late still lingers from its creation, and blocks committed after a frame opened are
+    /// due no sooner than it. What can go later is a frame that would have filled before its
+    /// linger, which only a stream near the spool's slow limit (its commit target in a commit
+    /// interval, 1.6 MB/s) fills, and then it goes at its linger. The first commit after a
+    /// stream's frames went is leased at once, and so are a busy stream's, from when the
+    /// driver next looks (at the latest when this wait ends).
     pub(crate) fn leases_wait_until(&self, now: Instant) -> Option<Instant> {
         if !self.slow {
             return None;
