@@ -387,8 +387,7 @@ impl ShipState {
             return None;
         }
         let due = self.batcher.next_due()?;
-        let quiet = self.last_commit? + QUIET.max(self.commit_gap? * QUIET_GAPS);
-        Some(due.min(quiet)).filter(|t| *t > now)
+        Some(due.min(self.quiet_after_last_commit()?)).filter(|t| *t > now)
     }
 
     /// When the intake counts as quiet: everything committed is planned and no commit came
@@ -397,8 +396,13 @@ impl ShipState {
     /// waiting out its linger, since nothing more is coming soon to fill it. Never before
     /// the second commit: one commit tells nothing of the stream's cadence.
     fn quiet_at(&self) -> Option<Instant> {
-        let last = self.last_commit.filter(|_| self.exhausted)?;
-        Some(last + QUIET.max(self.commit_gap? * QUIET_GAPS))
+        self.quiet_after_last_commit().filter(|_| self.exhausted)
+    }
+
+    /// [`QUIET`], or [`QUIET_GAPS`] times the stream's cadence if that is longer, after the
+    /// last commit seen (none before the second commit).
+    fn quiet_after_last_commit(&self) -> Option<Instant> {
+        Some(self.last_commit? + QUIET.max(self.commit_gap? * QUIET_GAPS))
     }
 
     /// What a lease of at most `asked` blocks returned. Fewer than asked is everything the
