@@ -189,23 +189,30 @@ fn set_int_option(
 /// and at half load the stream is not slow and every read goes at once.
 ///
 /// The kernel keeps the pace: the socket reports itself readable once the bytes a pace
-/// brings have come (`wake_bytes`, see [`set_low_water`]), and a timer only bounds the wait
-/// should the stream slow down, two of its slots ([`TIMER_SLOT`]) past the pace so that its
-/// slot's wakeup normally never comes. A timer that kept the pace itself cost two wakeups a
+/// brings have come (`Paced::wake_bytes`, see [`set_low_water`]), and a timer only bounds the
+/// wait should the stream slow down, two of its slots ([`TIMER_SLOT`]) past the pace so that
+/// its slot's wakeup normally never comes. A timer that kept the pace itself cost two wakeups a
 /// read whenever its deadline fell past the slot it was set in (every read of a 64 ms pace,
 /// the pace of 1,000 msg/s; half of a 32 ms pace's), where the socket costs one.
 #[derive(Debug)]
 struct Pace {
-    /// No read before this unless the socket reports a pace's bytes: the bound on its wait.
-    read_after: Option<tokio::time::Instant>,
-    /// While paced: the bytes the socket gathers before it reports itself readable, the
-    /// stream's messages in a pace at their mean size.
-    wake_bytes: Option<libc::c_int>,
+    /// While reads are paced: what the next read waits for.
+    paced: Option<Paced>,
     /// The last read that took messages, and the mean time between messages (moving).
     last: Instant,
     gap: Duration,
     /// The mean bytes of a message on the connection (moving; 0 before the first).
     bytes_each: u64,
+}
+
+/// What a paced read waits for: a pace's bytes, or its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Paced {
+    /// The bytes the socket gathers before it reports itself readable: the stream's messages
+    /// in a pace at their mean size.
+    wake_bytes: libc::c_int,
+    /// No read before this unless the socket reports `wake_bytes`: the bound on the wait.
+    until: tokio::time::Instant,
 }
 
 /// The runtime's timer keeps a deadline past the current 64 ms of its wheel in a coarser slot
@@ -221,8 +228,7 @@ const WAKE_BYTES_STEP: u64 = 64;
 impl Default for Pace {
     fn default() -> Pace {
         Pace {
-            read_after: None,
-            wake_bytes: None,
+            paced: None,
             last: Instant::now(),
             gap: Duration::from_secs(1),
             bytes_each: 0,
@@ -244,34 +250,38 @@ impl Pace {
                 mean => (mean * 7 + size) / 8,
             };
         }
-        let pace = pace.filter(|p| self.gap * 2 < *p);
-        self.wake_bytes = pace.map(|p| {
+        self.paced = pace.filter(|p| self.gap * 2 < *p).map(|p| {
             let messages = (p.as_micros() / self.gap.as_micros().max(1)).max(1) as u64;
             let bytes =
                 messages.saturating_mul(self.bytes_each) / WAKE_BYTES_STEP * WAKE_BYTES_STEP;
-            bytes.clamp(1, PACED_LOW_WATER as u64) as libc::c_int
+            Paced {
+                wake_bytes: bytes.clamp(1, PACED_LOW_WATER as u64) as libc::c_int,
+                until: tokio::time::Instant::from_std(now) + p + 2 * TIMER_SLOT,
+            }
         });
-        self.read_after = pace.map(|p| tokio::time::Instant::from_std(now) + p + 2 * TIMER_SLOT);
+    }
+
+    /// The bound of a pace passed with fewer than its bytes come: the next read goes at once.
+    fn bound_passed(&mut self) {
+        self.paced = None;
     }
 
     /// A turn's reading at `now`, `may_read` when the window and the write backlog let the
     /// intake read: not paced, it reads at once and the socket reports every byte; paced, it
     /// reads when the socket reports a pace's bytes, at the latest at the pace's bound.
     fn plan(&self, may_read: bool, now: tokio::time::Instant) -> ReadPlan {
-        let until = self.read_after.filter(|t| may_read && *t > now);
+        let paced = self.paced.filter(|p| may_read && p.until > now);
         ReadPlan {
-            reading: may_read,
-            low_water: until.and(self.wake_bytes).unwrap_or(1),
-            until,
+            low_water: paced.map_or(1, |p| p.wake_bytes),
+            until: paced.map(|p| p.until),
         }
     }
 }
 
-/// What a turn of the connection loop does about reading (see [`Pace::plan`]).
+/// What a turn of the connection loop does about reading, when the window and the write
+/// backlog let it read (see [`Pace::plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ReadPlan {
-    /// Whether the socket is polled for bytes.
-    reading: bool,
     /// The socket's receive low-water mark.
     low_water: libc::c_int,
     /// While reads are paced: the bound on the wait for a pace's bytes.
@@ -575,7 +585,7 @@ impl Intake<'_> {
                 low_water = turn.low_water;
                 set_low_water(socket, low_water);
             }
-            if turn.reading {
+            if may_read {
                 make_room(&mut rbuf);
             }
             tokio::select! {
@@ -600,7 +610,7 @@ impl Intake<'_> {
                         self.committed(session, tokens);
                     }
                 }
-                r = rd.read_buf(&mut rbuf), if turn.reading => {
+                r = rd.read_buf(&mut rbuf), if may_read => {
                     let now = Instant::now();
                     let read = match r {
                         Ok(0) => return Ended::Failed(ConnectionError::Closed),
@@ -626,7 +636,7 @@ impl Intake<'_> {
                         None => std::future::pending().await,
                     }
                 }, if turn.until.is_some() => {
-                    pace.read_after = None;
+                    pace.bound_passed();
                 }
                 _ = async {
                     match deadline {
@@ -954,29 +964,29 @@ mod tests {
         for i in 1..=100u32 {
             p.read(start + Duration::from_millis(u64::from(i)), 1, 230, None);
         }
-        assert_eq!(p.read_after, None, "not slow: no pacing");
+        assert_eq!(p.paced, None, "not slow: no pacing");
         let at = start + Duration::from_millis(101);
         p.read(at, 1, 230, pace);
         assert_eq!(
-            p.read_after,
+            p.paced.map(|p| p.until),
             Some(tokio::time::Instant::from_std(at) + Duration::from_millis(5 + 128))
         );
         // Paced: each read takes the five messages of its 5 ms.
         for i in 1..=20u64 {
             p.read(at + Duration::from_millis(5 * i), 5, 1150, pace);
-            assert!(p.read_after.is_some(), "read {i}");
+            assert!(p.paced.is_some(), "read {i}");
         }
         // 20 msg/s: a message every 50 ms, no pacing.
         let mut p = Pace::default();
         for i in 1..=100u64 {
             p.read(start + Duration::from_millis(50 * i), 1, 230, pace);
         }
-        assert_eq!(p.read_after, None);
+        assert_eq!(p.paced, None);
         // A read that took nothing (a ping's answer) changes nothing of the mean gap.
         let gap = p.gap;
         p.read(start + Duration::from_secs(60), 0, 2, pace);
         assert_eq!(p.gap, gap);
-        assert_eq!(p.wake_bytes, None, "not paced: every byte is reported");
+        assert_eq!(p.paced, None, "not paced: every byte is reported");
     }
 
     /// At 20 msg/s (a 125 ms pace) the socket is to report itself readable once a pace's
@@ -994,19 +1004,21 @@ mod tests {
             p.read(at, 1, 230, pace);
         }
         assert_eq!(p.bytes_each, 230);
-        assert_eq!(p.wake_bytes, Some(448));
         assert_eq!(
-            p.read_after,
-            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(125 + 128))
+            p.paced,
+            Some(Paced {
+                wake_bytes: 448,
+                until: tokio::time::Instant::from_std(at) + Duration::from_millis(125 + 128)
+            })
         );
         // Bigger messages: the mark follows their mean, up to its most.
         for i in 101..=200u64 {
             p.read(start + Duration::from_millis(50 * i), 1, 100_000, pace);
         }
-        assert_eq!(p.wake_bytes, Some(PACED_LOW_WATER));
+        assert_eq!(p.paced.map(|p| p.wake_bytes), Some(PACED_LOW_WATER));
         // Not slow any more: every byte is reported.
         p.read(start + Duration::from_millis(50 * 201), 1, 230, None);
-        assert_eq!((p.wake_bytes, p.read_after), (None, None));
+        assert_eq!(p.paced, None);
         // 1,000 msg/s, read every 64 ms.
         let pace = Some(Duration::from_millis(64));
         let mut p = Pace::default();
@@ -1015,10 +1027,12 @@ mod tests {
             p.read(at, 64, 64 * 230, pace);
         }
         // 63 whole messages (the moving mean gap is still a hair over 1 ms): 14,490 bytes.
-        assert_eq!(p.wake_bytes, Some(14_464));
         assert_eq!(
-            p.read_after,
-            Some(tokio::time::Instant::from_std(at) + Duration::from_millis(64 + 128))
+            p.paced,
+            Some(Paced {
+                wake_bytes: 14_464,
+                until: tokio::time::Instant::from_std(at) + Duration::from_millis(64 + 128)
+            })
         );
     }
 
@@ -1032,7 +1046,6 @@ mod tests {
         let mut p = Pace::default();
         let now = tokio::time::Instant::from_std(start);
         let at_once = ReadPlan {
-            reading: true,
             low_water: 1,
             until: None,
         };
@@ -1046,18 +1059,13 @@ mod tests {
         assert_eq!(
             p.plan(true, at),
             ReadPlan {
-                reading: true,
                 low_water: 896,
                 until: Some(at + ms(5 + 128)),
             }
         );
         assert_eq!(p.plan(true, at + ms(133)), at_once, "the bound passed");
-        let window_full = ReadPlan {
-            reading: false,
-            low_water: 1,
-            until: None,
-        };
-        assert_eq!(p.plan(false, at), window_full);
+        // With the window full nothing is read: nothing is waited for either.
+        assert_eq!(p.plan(false, at), at_once);
         // 20 msg/s: a 125 ms pace.
         let mut p = Pace::default();
         for i in 1..=100 {
@@ -1067,13 +1075,12 @@ mod tests {
         assert_eq!(
             p.plan(true, at),
             ReadPlan {
-                reading: true,
                 low_water: 448,
                 until: Some(at + ms(125 + 128)),
             }
         );
         assert_eq!(p.plan(true, at + ms(253)), at_once, "the bound passed");
-        assert_eq!(p.plan(false, at), window_full);
+        assert_eq!(p.plan(false, at), at_once);
     }
 
     /// A socket whose low-water mark is a pace's bytes stays quiet while fewer have come and
