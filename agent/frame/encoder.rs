@@ -241,6 +241,9 @@ impl FrameEncoder {
                 limit,
             });
         }
+        // A record too large is of no further use: the halves do not hold it alongside
+        // theirs (with uncompressed formats, each level's is as large as the frame).
+        drop((raw, data));
         let half = bodies.len() / 2;
         let (left, right) = bodies.split_at(half);
         self.fit(gateway, key, left, offset, limit, out)?;
