@@ -435,7 +435,7 @@ fn destinations(e: &mut Exposition, live: &Live) {
         );
     }
     type Read = fn(&crate::ship::stats::ShipperStats) -> u64;
-    let families: [(&str, Kind, &str, Read); 12] = [
+    let families: [(&str, Kind, &str, Read); 13] = [
         (
             "edgeship_destination_calls_total",
             Kind::Counter,
@@ -483,6 +483,12 @@ fn destinations(e: &mut Exposition, live: &Live) {
             Kind::Gauge,
             "Record size limit the destination showed by refusing a larger record, when below max_record_bytes; 0 if none.",
             |s| s.learned_record_limit.load(Relaxed),
+        ),
+        (
+            "edgeship_destination_split_frames_total",
+            Kind::Counter,
+            "Frames whose encoding was larger than one record, so they were encoded again in parts (work done twice); a route's frames are planned smaller once one is seen.",
+            |s| s.frames_split.load(Relaxed),
         ),
         (
             "edgeship_destination_shipping",

@@ -55,8 +55,26 @@ impl FramePlan {
     }
 }
 
+/// `blocks` (of one route and group, in order) planned as frames of at most `target` raw
+/// bytes each (a block larger than that on its own is a frame of one), all due at `due`.
+fn plan_runs(blocks: Vec<BlockMeta>, group: &str, due: Instant, target: u64) -> Vec<FramePlan> {
+    let mut runs: Vec<FramePlan> = Vec::new();
+    for block in blocks {
+        match runs.last_mut() {
+            Some(run) if run.raw_bytes + u64::from(block.raw_bytes) <= target => {
+                run.add(block, due)
+            }
+            _ => runs.push(FramePlan::new(block, group.to_string(), due)),
+        }
+    }
+    runs
+}
+
 pub struct Batcher {
     target_raw_bytes: u64,
+    /// Routes whose frames are planned smaller than `target_raw_bytes`: their records encode
+    /// larger than raw (see [`Batcher::set_target`]).
+    route_targets: Vec<(String, u64)>,
     linger: Duration,
     /// Frames still filling; one per (route, key) seen recently. Few: routes x keys in flight.
     open: Vec<FramePlan>,
@@ -67,9 +85,98 @@ impl Batcher {
     pub fn new(target_raw_bytes: u64, linger: Duration) -> Batcher {
         Batcher {
             target_raw_bytes,
+            route_targets: Vec::new(),
             linger,
             open: Vec::new(),
             ready: VecDeque::new(),
+        }
+    }
+
+    /// The raw-size target of a route's frames.
+    fn target(&self, route: &str) -> u64 {
+        self.route_targets
+            .iter()
+            .find(|(r, _)| r == route)
+            .map_or(self.target_raw_bytes, |(_, t)| *t)
+    }
+
+    /// Plans `route`'s frames at `target` raw bytes, or at the batcher's own target if that
+    /// is smaller, from now on; the blocks already planned for it are planned again at that
+    /// target, group by group in their order (a key's records keep theirs). For a route whose
+    /// records encode larger than raw (KPL, JSON lines, incompressible payloads in frames),
+    /// a frame planned at the shard's rate would not fit one record: it would be encoded
+    /// whole, found too large and encoded again in halves.
+    pub(crate) fn set_target(&mut self, route: &str, target: u64) {
+        let target = target.min(self.target_raw_bytes).max(1);
+        match self.route_targets.iter_mut().find(|(r, _)| r == route) {
+            Some((_, t)) if *t == target => return,
+            Some((_, t)) => *t = target,
+            None => self.route_targets.push((route.to_string(), target)),
+        }
+        // Each group's planned blocks, ready frames' first (they are older), then its open
+        // frame's, planned again at the target where the group's first ready frame was.
+        let mut groups: Vec<(String, Vec<BlockMeta>, Instant, bool)> = Vec::new();
+        let mut gather =
+            |f: FramePlan, open: bool| match groups.iter_mut().find(|(g, ..)| *g == f.group) {
+                Some((_, blocks, due, was_open)) => {
+                    blocks.extend(f.blocks);
+                    *due = (*due).min(f.due);
+                    *was_open |= open;
+                }
+                None => groups.push((f.group, f.blocks, f.due, open)),
+            };
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        let mut order = Vec::new();
+        for f in std::mem::take(&mut self.ready) {
+            if f.route == route {
+                if !order.contains(&f.group) {
+                    order.push(f.group.clone());
+                    kept.push_back(None);
+                }
+                gather(f, false);
+            } else {
+                kept.push_back(Some(f));
+            }
+        }
+        let (open, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.open)
+            .into_iter()
+            .partition(|f| f.route == route);
+        self.open = others;
+        for f in open {
+            gather(f, true);
+        }
+        let mut planned: Vec<_> = groups
+            .into_iter()
+            .map(|(group, blocks, due, open)| {
+                let mut runs = plan_runs(blocks, &group, due, target);
+                // The last run of a group that had an open frame stays open unless full.
+                let last = if open && runs.last().is_some_and(|r| r.raw_bytes < target) {
+                    runs.pop()
+                } else {
+                    None
+                };
+                (group, runs, last)
+            })
+            .collect();
+        for slot in kept {
+            match slot {
+                Some(f) => self.ready.push_back(f),
+                None => {
+                    let group = order.remove(0);
+                    let i = planned
+                        .iter()
+                        .position(|(g, ..)| *g == group)
+                        .expect("gathered");
+                    let (_, runs, last) = planned.swap_remove(i);
+                    self.ready.extend(runs);
+                    self.open.extend(last);
+                }
+            }
+        }
+        // Groups with only an open frame.
+        for (_, runs, last) in planned {
+            self.ready.extend(runs);
+            self.open.extend(last);
         }
     }
 
@@ -86,14 +193,13 @@ impl Batcher {
         // A record from the future (the clock stepped back) counts as new.
         let age = Duration::from_millis(now_ms.saturating_sub(block.created_ms));
         let due = now + self.linger.saturating_sub(age);
+        let target = self.target(&block.route);
         match self
             .open
             .iter()
             .position(|f| f.route == block.route && f.group == group)
         {
-            Some(i)
-                if self.open[i].raw_bytes + u64::from(block.raw_bytes) > self.target_raw_bytes =>
-            {
+            Some(i) if self.open[i].raw_bytes + u64::from(block.raw_bytes) > target => {
                 let full = self.open.swap_remove(i);
                 self.ready.push_back(full);
                 self.open.push(FramePlan::new(block, group, due));
@@ -104,7 +210,7 @@ impl Batcher {
         if let Some(i) = self
             .open
             .iter()
-            .position(|f| f.raw_bytes >= self.target_raw_bytes)
+            .position(|f| f.raw_bytes >= self.target(&f.route))
         {
             let full = self.open.swap_remove(i);
             self.ready.push_back(full);
@@ -152,12 +258,23 @@ impl Batcher {
     }
 
     /// The oldest ready frame that `ok` accepts (for example: whose shard has room), leaving
-    /// the others in their order.
+    /// the others in their order. A frame never passes an older one of its (route, group)
+    /// that `ok` refused, even if it is smaller: their keys' records would go out of order.
     pub(crate) fn take_ready_where(
         &mut self,
         mut ok: impl FnMut(&FramePlan) -> bool,
     ) -> Option<FramePlan> {
-        let i = self.ready.iter().position(&mut ok)?;
+        let mut waiting: Vec<(&str, &str)> = Vec::new();
+        let i = self.ready.iter().position(|f| {
+            if waiting.contains(&(f.route.as_str(), f.group.as_str())) {
+                return false;
+            }
+            let taken = ok(f);
+            if !taken {
+                waiting.push((&f.route, &f.group));
+            }
+            taken
+        })?;
         self.ready.remove(i)
     }
 
@@ -254,6 +371,12 @@ mod tests {
         assert!(b.take_ready_where(|f| f.key != "hot").is_none());
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![1], "order kept");
         assert_eq!(b.planned_blocks(), 2);
+        // A smaller frame of the same key, closed later, that would have room does not pass
+        // the older one that has none.
+        b.push(block(5, "hot", 100, 0), t0, 0);
+        b.close_due(t0, true);
+        assert!(b.take_ready_where(|f| f.raw_bytes < 1000).is_none());
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
     }
 
     #[test]
@@ -287,5 +410,50 @@ mod tests {
         b.push(block(2, "b", 100, 1_000), t0, 1_000 + 3_600_000);
         b.close_due(t0, false);
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
+    }
+
+    #[test]
+    fn a_smaller_route_target_cuts_planned_frames_in_order_and_plans_new_ones_at_it() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(1000, Duration::from_secs(1));
+        // Route "r": a full frame [1,2,3,4] ready, [5,6,7] open; route "s" untouched.
+        for id in 1..=7 {
+            b.push(block(id, "a", 250, 0), t0, 0);
+        }
+        let mut other = block(8, "a", 250, 0);
+        other.route = "s".into();
+        b.push(other, t0, 0);
+        b.set_target("r", 500);
+        let mut taken = Vec::new();
+        while let Some(f) = b.take_ready() {
+            assert!(f.raw_bytes <= 500, "{:?}", f.block_ids());
+            taken.push(f.block_ids());
+        }
+        // The ready frame in two runs; the open frame's first run ready, its last still open.
+        assert_eq!(taken, vec![vec![1, 2], vec![3, 4], vec![5, 6]]);
+        b.close_due(t0, true);
+        let mut rest: Vec<_> = std::iter::from_fn(|| b.take_ready())
+            .map(|f| (f.route.clone(), f.block_ids()))
+            .collect();
+        rest.sort();
+        assert_eq!(rest, vec![("r".into(), vec![7]), ("s".into(), vec![8])]);
+        // New blocks of "r" close at 500; "s" keeps 1000.
+        for id in 9..=11 {
+            b.push(block(id, "a", 250, 0), t0, 0);
+        }
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![9, 10]);
+        for id in 12..=15 {
+            let mut s = block(id, "a", 250, 0);
+            s.route = "s".into();
+            b.push(s, t0, 0);
+        }
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![12, 13, 14, 15]);
+        // A block larger than the target on its own stays a frame of one.
+        b.set_target("r", 100);
+        b.push(block(16, "a", 250, 0), t0, 0);
+        let cut: Vec<_> = std::iter::from_fn(|| b.take_ready())
+            .map(|f| f.block_ids())
+            .collect();
+        assert_eq!(cut, vec![vec![11], vec![16]]);
     }
 }

@@ -11,13 +11,18 @@
 //!   built and sent; plans of other shards pass its waiting ones.
 //! - A call takes queued frames oldest first within the destination's call limits and what
 //!   the uplink carries in a few seconds ([`Uplink`]), only those whose shard may write now
-//!   ([`Pacer`]); the others keep their place.
+//!   ([`Pacer`]); the others keep their place, and no frame passes an older one of its shard
+//!   (of its key, without shards) that was left, so each key's records land in order.
 //! - Accepted entries' blocks are reported delivered. Entries a shard refused go back to the
 //!   front of the queue and that shard alone backs off; a whole failed call backs the
 //!   destination off. An entry refused as too large has its blocks encoded again under the
 //!   limit the refusal named.
 //! - The shipper waits either for a backoff after a failed call, or for a paced shard's next
 //!   allowance ([`Hold`]); frames added while it waits for a paced shard go at once.
+//! - A route whose records encode larger than the record limit takes at the planned size
+//!   (an uncompressed format at one shard's second of raw records) has its frames planned
+//!   smaller from its first frame's encoding on ([`ShipState::encoded`]), so frames are not
+//!   encoded whole and again in halves; each such discarded encoding is counted.
 //! - A frame closes when full or after its linger, or, if it holds at least
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
 //!   [`QUIET`] and [`QUIET_GAPS`] times the stream's cadence between commits, see
@@ -205,6 +210,9 @@ pub(crate) struct ShipState {
     grouped_by_shard: bool,
     /// The spool calls the stream slow (see [`ShipState::leases_wait_until`]).
     slow: bool,
+    /// Per route, encoded bytes (with the key) per raw byte of its frames (see
+    /// [`expansion`]).
+    expansion: Vec<(String, f64)>,
     failing: Repeated,
     stats: Arc<ShipperStats>,
 }
@@ -226,6 +234,7 @@ impl ShipState {
             commit_gap: None,
             grouped_by_shard: false,
             slow: false,
+            expansion: Vec::new(),
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
         }
@@ -445,8 +454,35 @@ impl ShipState {
         self.batcher.push_in(block, group, now, now_ms);
     }
 
-    /// A job's frames, encoded (blocks gone from the spool meanwhile are left out).
+    /// A job's frames, encoded (blocks gone from the spool meanwhile are left out). More than
+    /// one frame means the job was encoded whole, found too large and encoded again in halves
+    /// (counted); the route's frames are planned to fill [`PLANNED_FILL`] of the record limit,
+    /// by what its records are seen to encode to.
     pub(crate) fn encoded(&mut self, job: &Job, frames: Vec<Pending>) {
+        if frames.len() > 1 {
+            self.stats.frames_split.fetch_add(1, Ordering::Relaxed);
+        }
+        let raw: u64 = frames.iter().map(|p| p.raw_bytes).sum();
+        let sent: usize = frames
+            .iter()
+            .map(|p| p.entry.data.len() + job.key.len())
+            .sum();
+        if let (Some(block), 1..) = (job.blocks.first(), raw) {
+            let seen = sent as f64 / raw as f64;
+            let route = &block.route;
+            let ratio = match self.expansion.iter_mut().find(|(r, _)| r == route) {
+                Some((_, e)) => {
+                    *e = expansion(*e, seen);
+                    *e
+                }
+                None => {
+                    self.expansion.push((route.clone(), seen));
+                    seen
+                }
+            };
+            let target = job.limit as f64 * PLANNED_FILL / ratio;
+            self.batcher.set_target(route, target as u64);
+        }
         if job.front {
             for p in frames.into_iter().rev() {
                 self.queue.push_front(p);
@@ -489,18 +525,27 @@ impl ShipState {
         let max_bytes = self.uplink.call_bytes(self.settings.call.max_bytes);
         let (mut picked, mut bytes) = (Vec::new(), 0usize);
         let mut earliest: Option<Instant> = None;
+        // Shards (keys, without shards) with a frame left behind: their later frames stay
+        // behind it, however small, or their keys' records would land out of order.
+        let mut left: Vec<&str> = Vec::new();
         for (i, p) in self.queue.iter().enumerate() {
             if picked.len() >= self.settings.call.max_entries {
                 break;
             }
+            let order = p.shard.as_deref().unwrap_or(&p.entry.key);
+            if left.contains(&order) {
+                continue;
+            }
             let cost = p.cost();
             if !picked.is_empty() && bytes + cost > max_bytes {
+                left.push(order);
                 continue;
             }
             if self.pacer.try_take(p.shard.as_ref(), cost, now) {
                 picked.push(i);
                 bytes += cost;
             } else {
+                left.push(order);
                 let at = self.pacer.ready_at(p.shard.as_ref(), cost, now);
                 earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
@@ -773,6 +818,22 @@ pub(crate) fn frames(
         .collect()
 }
 
+/// What share of the record limit a frame is planned to fill, by its route's [`expansion`]:
+/// its encodings vary a little with the records they hold.
+const PLANNED_FILL: f64 = 15.0 / 16.0;
+
+/// A route's encoded bytes per raw byte after one more frame's `seen`: a larger ratio counts
+/// at once (a frame planned by the old one may not fit), a smaller one lowers it by a quarter
+/// of the difference, so one frame of unusually compressible records does not make the next
+/// frames too large.
+fn expansion(before: f64, seen: f64) -> f64 {
+    if seen >= before {
+        seen
+    } else {
+        before * 0.75 + seen * 0.25
+    }
+}
+
 /// The stream's cadence between commits after one more `gap`: a longer gap raises it at once,
 /// a shorter one lowers it by a quarter at most. A slow stream's commits need not come
 /// evenly: a paced read that fills the spool's commit target at once ends its group at the
@@ -891,6 +952,126 @@ mod tests {
 
     /// Firehose's limits hold in the calls the shipper assembles: 500 records of 1 KB go in
     /// one call and no more; records of 9 KB stop at 4 MiB (465 of them), not at 500.
+    /// Encodes a job as [`FrameEncoder::encode_fitting`](crate::frame::encoder) does, with
+    /// records `ratio` times their raw size: whole, and again in halves while a piece is over
+    /// the job's limit.
+    fn encode_like(job: &Job, blocks: &[BlockMeta], ratio: f64, out: &mut Vec<Pending>) {
+        let raw: u64 = blocks.iter().map(|b| u64::from(b.raw_bytes)).sum();
+        let bytes = (raw as f64 * ratio) as usize;
+        if bytes + job.key.len() > job.limit && blocks.len() > 1 {
+            let (left, right) = blocks.split_at(blocks.len() / 2);
+            encode_like(job, left, ratio, out);
+            encode_like(job, right, ratio, out);
+            return;
+        }
+        out.push(Pending {
+            entry: Entry {
+                data: vec![0; bytes],
+                key: job.key.clone(),
+                first_seq: blocks[0].id,
+            },
+            blocks: blocks.to_vec(),
+            shard: None,
+            records: blocks.iter().map(|b| u64::from(b.records)).sum(),
+            raw_bytes: raw,
+            attempts: job.attempts,
+            format: job.format,
+        });
+    }
+
+    /// KPL records are about 1.3 times the spooled records they carry: a backlog planned at
+    /// a 1 MiB frame for a 1 MiB record limit has its first frame encoded whole and again in
+    /// halves (counted), and every later frame, the ones already planned included, is
+    /// planned to fit and encoded once. Every block is encoded once in the end, in order.
+    #[test]
+    fn a_route_whose_records_grow_when_encoded_has_its_frames_planned_to_fit() {
+        let mut settings = settings(None);
+        settings.frame_bytes = 1 << 20;
+        let stats = Arc::new(ShipperStats::default());
+        let mut s = ShipState::new(settings, stats.clone());
+        let now = Instant::now();
+        let mut blocks: Vec<BlockMeta> = (1..=96).map(|id| block(id, "a", 64 << 10)).collect();
+        let mut lease = Some(std::mem::take(&mut blocks));
+        let mut sent = Vec::new();
+        let mut jobs = 0;
+        for _ in 0..1000 {
+            match s.next(now, &VIEW) {
+                Action::Lease { limit, .. } => {
+                    s.leased(lease.take().unwrap_or_default(), limit, &VIEW, now, 1_000)
+                }
+                Action::Encode(job) => {
+                    jobs += 1;
+                    let mut out = Vec::new();
+                    encode_like(&job, &job.blocks, 1.3, &mut out);
+                    s.encoded(&job, out);
+                }
+                Action::Send(call) => {
+                    for p in &call.entries {
+                        assert!(p.cost() <= (1 << 20) + 64, "{} bytes", p.entry.data.len());
+                    }
+                    let n = call.entries.len();
+                    sent.extend(s.answered(
+                        call,
+                        Ok(accepted(n)),
+                        Duration::from_millis(5),
+                        now,
+                        1_000,
+                    ));
+                }
+                Action::Wait { .. } if sent.len() == 96 => break,
+                Action::Wait { .. } => s.batcher.close_due(now, true),
+            }
+        }
+        assert_eq!(
+            sent,
+            (1..=96).collect::<Vec<i64>>(),
+            "every block once, in order"
+        );
+        assert_eq!(
+            stats.frames_split.load(Ordering::Relaxed),
+            1,
+            "only the first frame split"
+        );
+        // The first frame's 16 blocks in halves; then the 80 planned after them are planned
+        // again at 15/16 MiB encoded, 11 blocks a frame (720,896 raw bytes, 937,165 encoded).
+        assert_eq!(jobs, 9);
+    }
+
+    /// A call of at most 5 MiB: shard A's second 3 MB frame does not fit beside its first, so
+    /// A's small third frame waits behind it (it would fit, but its keys' records would land
+    /// before the second's); shard B's frame, after them in the queue, goes.
+    #[test]
+    fn a_frame_left_out_of_a_call_is_not_passed_by_a_later_one_of_its_shard() {
+        let mut s = state(None);
+        s.uplink.answered(4 << 20, Duration::from_millis(10));
+        for (id, key, bytes) in [
+            (1, "a1", 3_000_000),
+            (2, "a2", 3_000_000),
+            (3, "a3", 1_000),
+            (4, "b", 1_000),
+        ] {
+            let job = Job {
+                key: key.into(),
+                format: FrameFormat::Edgeship,
+                blocks: vec![block(id, key, 100)],
+                limit: 1 << 20,
+                attempts: 0,
+                front: false,
+            };
+            s.queue.extend(frame(&job, bytes, &VIEW));
+        }
+        let firsts = |c: &Call| {
+            c.entries
+                .iter()
+                .map(|p| p.block_ids()[0])
+                .collect::<Vec<_>>()
+        };
+        let call = s.pick_call(Instant::now()).expect("a call");
+        assert_eq!(firsts(&call), vec![1, 4]);
+        let call = s.pick_call(Instant::now()).expect("a call");
+        assert_eq!(firsts(&call), vec![2, 3]);
+    }
+
     #[test]
     fn calls_to_firehose_keep_its_record_and_byte_limits() {
         let mut settings = settings(None);

@@ -54,6 +54,9 @@ pub(crate) struct ShipperStats {
     /// The record size limit the destination itself enforces, learned from a refusal, when
     /// it is below the configured `max_record_bytes`; 0 until then.
     pub(crate) learned_record_limit: AtomicU64,
+    /// Frames whose encoding was larger than one record, so they were encoded again in parts
+    /// (work done twice; a route's frames are planned smaller once one is seen).
+    pub(crate) frames_split: AtomicU64,
 }
 
 /// What one shard of a destination did.
