@@ -101,8 +101,9 @@ impl Batcher {
     }
 
     /// Plans `route`'s frames at `target` raw bytes, or at the batcher's own target if that
-    /// is smaller, from now on; the blocks already planned for it are planned again at that
-    /// target, group by group in their order (a key's records keep theirs). For a route whose
+    /// is smaller, from now on; if a frame of it already planned is larger, the blocks planned
+    /// for it are planned again at that target, group by group in their order (a key's
+    /// records keep theirs). For a route whose
     /// records encode larger than raw (KPL, JSON lines, incompressible payloads in frames),
     /// a frame planned at the shard's rate would not fit one record: it would be encoded
     /// whole, found too large and encoded again in halves.
@@ -112,6 +113,14 @@ impl Batcher {
             Some((_, t)) if *t == target => return,
             Some((_, t)) => *t = target,
             None => self.route_targets.push((route.to_string(), target)),
+        }
+        if !self
+            .open
+            .iter()
+            .chain(&self.ready)
+            .any(|f| f.route == route && f.raw_bytes > target)
+        {
+            return;
         }
         // Each group's planned blocks, ready frames' first (they are older), then its open
         // frame's, planned again at the target where the group's first ready frame was.

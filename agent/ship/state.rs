@@ -211,7 +211,7 @@ pub(crate) struct ShipState {
     /// The spool calls the stream slow (see [`ShipState::leases_wait_until`]).
     slow: bool,
     /// Per route, encoded bytes (with the key) per raw byte of its frames (see
-    /// [`expansion`]).
+    /// [`expansion`]): what its frames are planned by and estimated at.
     expansion: Vec<(String, f64)>,
     failing: Repeated,
     stats: Arc<ShipperStats>,
@@ -279,20 +279,13 @@ impl ShipState {
                 *per_shard.entry(s.clone()).or_default() += p.entry.data.len();
             }
         }
-        // A plan's frame is estimated from its raw size and the compression seen so far.
-        let ratio = {
-            let raw = self.stats.raw_bytes_accepted.load(Ordering::Relaxed);
-            let sent = self.stats.bytes_accepted.load(Ordering::Relaxed);
-            if raw == 0 {
-                1.0
-            } else {
-                (sent as f64 / raw as f64).clamp(0.01, 1.5)
-            }
-        };
+        // A plan's frame is estimated from its raw size and what its route's frames encoded
+        // to so far (as large as raw before the first).
+        let expansion = &self.expansion;
         let has_room = |plan: &FramePlan| match view.shard_for(&plan.key) {
             Some(s) => {
                 let held = per_shard.get(&s).copied().unwrap_or(0);
-                let frame = (plan.raw_bytes as f64 * ratio) as usize;
+                let frame = (plan.raw_bytes as f64 * expansion_of(expansion, &plan.route)) as usize;
                 held == 0 || held + frame <= queue_cap / 2
             }
             None => queued < queue_cap,
@@ -816,6 +809,14 @@ pub(crate) fn frames(
             }
         })
         .collect()
+}
+
+/// A route's encoded bytes per raw byte so far; 1 before its first frame.
+fn expansion_of(expansion: &[(String, f64)], route: &str) -> f64 {
+    expansion
+        .iter()
+        .find(|(r, _)| r == route)
+        .map_or(1.0, |(_, e)| *e)
 }
 
 /// What share of the record limit a frame is planned to fill, by its route's [`expansion`]:
