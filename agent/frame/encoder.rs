@@ -179,8 +179,8 @@ impl FrameEncoder {
     }
 
     /// Encodes `bodies` (records of one key) into records of at most `limit` bytes including
-    /// the key, halving the run of bodies until each fits. A single body that does not fit
-    /// is an error naming its first record.
+    /// the key, cutting the run of bodies by their bytes until each fits. A single body that
+    /// does not fit is an error naming its first record.
     pub(crate) fn encode_fitting(
         &mut self,
         gateway: &str,
@@ -241,14 +241,62 @@ impl FrameEncoder {
                 limit,
             });
         }
-        // A record too large is of no further use: the halves do not hold it alongside
+        // As many runs as this encoding's size says it needs, each of about equal bytes and
+        // planned to fill 15/16 of the limit (halving by count left one half too large when
+        // the bodies differ in size, and encoded it a third time). A run that still does not
+        // fit is cut again.
+        let room = limit.saturating_sub(key.len()).max(1) as u64 * 15 / 16;
+        let needed = (data.len() as u64).div_ceil(room.max(1)).max(2) as usize;
+        // A record too large is of no further use: the runs do not hold it alongside
         // theirs (with uncompressed formats, each level's is as large as the frame).
         drop((raw, data));
-        let half = bodies.len() / 2;
-        let (left, right) = bodies.split_at(half);
-        self.fit(gateway, key, left, offset, limit, out)?;
-        self.fit(gateway, key, right, offset + half, limit, out)
+        let mut start = 0;
+        for end in even_runs(bodies, needed) {
+            self.fit(
+                gateway,
+                key,
+                &bodies[start..end],
+                offset + start,
+                limit,
+                out,
+            )?;
+            start = end;
+        }
+        Ok(())
     }
+}
+
+/// Where to cut `bodies` into `runs` runs of about equal bytes, in order: each run's end
+/// index, the last being `bodies.len()`. Each cut is the body boundary nearest its share of
+/// the bytes; of two bodies or more there are at least two runs (halving by count when the
+/// bytes cannot be cut), never an empty one.
+fn even_runs(bodies: &[Body<'_>], runs: usize) -> Vec<usize> {
+    debug_assert!(bodies.len() > 1, "one body is not cut");
+    let mut prefix = Vec::with_capacity(bodies.len() + 1);
+    prefix.push(0usize);
+    for b in bodies {
+        prefix.push(prefix.last().copied().unwrap_or(0) + b.bytes.len());
+    }
+    let total = prefix.last().copied().unwrap_or(0);
+    let mut ends: Vec<usize> = (1..runs)
+        .map(|k| {
+            let goal = total * k / runs;
+            // The first boundary at or past the goal, or the one before it if nearer.
+            let at = prefix.partition_point(|&p| p < goal).min(bodies.len());
+            if at > 0 && goal - prefix[at - 1] < prefix[at] - goal {
+                at - 1
+            } else {
+                at
+            }
+        })
+        .filter(|&end| end > 0 && end < bodies.len())
+        .collect();
+    ends.dedup();
+    if ends.is_empty() {
+        ends.push(bodies.len() / 2);
+    }
+    ends.push(bodies.len());
+    ends
 }
 
 #[cfg(test)]
@@ -429,6 +477,54 @@ mod tests {
             .map(|r| r.seq)
             .collect();
         assert_eq!(seqs, (2_000..2_010).collect::<Vec<_>>());
+    }
+
+    /// A frame too large is cut by its bodies' bytes into as many runs as its encoding
+    /// needs: one large body and seven small ones (673 KB of noise, a 512 KiB limit) make
+    /// two frames, the large body's and the rest. Halving by count made three, encoding the
+    /// first half whole before cutting it again.
+    #[test]
+    fn a_frame_too_large_is_cut_by_bytes_not_by_count() {
+        let mut raw = vec![body(0, 450, 1000, true)];
+        raw.extend((0..7).map(|i| body(450 + i * 30, 30, 1000, true)));
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 3).unwrap();
+        let out = c
+            .encode_fitting("gw", "k", &bodies(&raw), 512 << 10)
+            .unwrap();
+        let runs: Vec<_> = out.iter().map(|p| p.bodies.clone()).collect();
+        assert_eq!(runs, vec![0..1, 1..8]);
+        assert!(out.iter().all(|p| p.data.len() + "k".len() <= 512 << 10));
+        let seqs: Vec<u64> = out
+            .iter()
+            .flat_map(|p| decode_frame(&p.data).unwrap().records)
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (0..660).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn runs_are_cut_at_the_boundaries_nearest_equal_shares() {
+        let sized =
+            |sizes: &[usize]| -> Vec<Vec<u8>> { sizes.iter().map(|&n| vec![0; n]).collect() };
+        let of = |bytes: &[Vec<u8>]| -> Vec<usize> {
+            let bodies: Vec<Body<'_>> = bytes
+                .iter()
+                .map(|b| Body {
+                    records: 1,
+                    bytes: b,
+                    version: VERSION_1,
+                    key: "k",
+                })
+                .collect();
+            even_runs(&bodies, 3)
+        };
+        assert_eq!(of(&sized(&[100; 10])), vec![3, 7, 10]);
+        // One body over most of the bytes: runs before and after it, none empty.
+        assert_eq!(of(&sized(&[10, 1000, 10])), vec![1, 2, 3]);
+        assert_eq!(of(&sized(&[1000, 1, 1])), vec![1, 3]);
+        assert_eq!(of(&sized(&[1000, 1])), vec![1, 2]);
+        // No bytes to share: halved by count.
+        assert_eq!(of(&sized(&[0, 0, 0])), vec![1, 3]);
     }
 
     #[test]

@@ -106,7 +106,7 @@ impl Batcher {
     /// records keep theirs). For a route whose
     /// records encode larger than raw (KPL, JSON lines, incompressible payloads in frames),
     /// a frame planned at the shard's rate would not fit one record: it would be encoded
-    /// whole, found too large and encoded again in halves.
+    /// whole, found too large and encoded again in parts.
     pub(crate) fn set_target(&mut self, route: &str, target: u64) {
         let target = target.min(self.target_raw_bytes).max(1);
         match self.route_targets.iter_mut().find(|(r, _)| r == route) {

@@ -22,7 +22,7 @@
 //! - A route whose records encode larger than the record limit takes at the planned size
 //!   (an uncompressed format at one shard's second of raw records) has its frames planned
 //!   smaller from its first frame's encoding on ([`ShipState::encoded`]), so frames are not
-//!   encoded whole and again in halves; each such discarded encoding is counted.
+//!   encoded whole and again in parts; each frame so split is counted.
 //! - A frame closes when full or after its linger, or, if it holds at least
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
 //!   [`QUIET`] and [`QUIET_GAPS`] times the stream's cadence between commits, see
@@ -448,7 +448,7 @@ impl ShipState {
     }
 
     /// A job's frames, encoded (blocks gone from the spool meanwhile are left out). More than
-    /// one frame means the job was encoded whole, found too large and encoded again in halves
+    /// one frame means the job was encoded whole, found too large and encoded again in parts
     /// (counted); the route's frames are planned to fill [`PLANNED_FILL`] of the record limit,
     /// by what its records are seen to encode to.
     pub(crate) fn encoded(&mut self, job: &Job, frames: Vec<Pending>) {
@@ -955,7 +955,7 @@ mod tests {
     /// one call and no more; records of 9 KB stop at 4 MiB (465 of them), not at 500.
     /// Encodes a job as [`FrameEncoder::encode_fitting`](crate::frame::encoder) does, with
     /// records `ratio` times their raw size: whole, and again in halves while a piece is over
-    /// the job's limit.
+    /// the job's limit (as the encoder cuts blocks of equal size, which these tests use).
     fn encode_like(job: &Job, blocks: &[BlockMeta], ratio: f64, out: &mut Vec<Pending>) {
         let raw: u64 = blocks.iter().map(|b| u64::from(b.raw_bytes)).sum();
         let bytes = (raw as f64 * ratio) as usize;
