@@ -603,8 +603,9 @@ pub struct OpenReport {
 /// Page size of a new spool file. Each commit logs every page it changed in full, and a
 /// slow stream's commit changes a few pages for a few hundred bytes of records, so at low
 /// rates the page is what a commit costs the flash: 1 KiB pages write a third to a quarter of
-/// what SQLite's default 4 KiB write at 20 msg/s (README, Measured), and cost nothing
-/// measurable at saturation (a block of many records spans overflow pages either way). A
+/// what SQLite's default 4 KiB write at 20 msg/s (benches/MEASURED.md, "Smaller spool
+/// pages"), and cost nothing measurable at saturation (a block of many records spans
+/// overflow pages either way). A
 /// file keeps the page size it was made with (WAL mode cannot change it); a small one is
 /// converted at open (see [`CONVERT_PAGES_UP_TO`]).
 pub(crate) const PAGE_SIZE: u32 = 1024;
