@@ -200,8 +200,8 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
         })?,
     };
 
-    let spool = spool::spool(raw.spool, src)?;
     let batch = batch::batch(raw.batch, src)?;
+    let spool = spool::spool(raw.spool, batch.linger, src)?;
     let destinations = destination::destinations(raw.destination, src)?;
     let routes = route::routes(raw.route, &destinations, &batch, src)?;
     let brokers = broker::brokers(raw.broker, &gateway_id, &batch, src)?;
@@ -369,6 +369,17 @@ stream = "s"
         Config::parse(DEFAULT_CONFIG, "default").expect("default config validates");
     }
 
+    /// The shipped config leaves out the settings whose default follows another one, so a
+    /// gateway that edits only `linger` (or a destination's shard rate) gets what follows.
+    #[test]
+    fn the_default_config_leaves_out_what_follows_other_settings() {
+        let text = DEFAULT_CONFIG.replace("linger = \"1s\"", "linger = \"5s\"");
+        assert_ne!(text, DEFAULT_CONFIG);
+        let c = Config::parse(&text, "default").unwrap();
+        assert_eq!(c.spool.commit_max_wait, Duration::from_secs(5));
+        assert!(!c.batch.frame_bytes_set);
+    }
+
     const BASE: &str = r#"
 gateway_id = "gw"
 [spool]
@@ -474,6 +485,34 @@ stream = "s"
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least commit_interval"), "{e}");
+    }
+
+    /// Left out, `commit_max_wait` is the frames' linger when that is longer than a second
+    /// (at most 10 s): a slow stream's records wait that long for their frame anyway.
+    #[test]
+    fn commit_max_wait_left_out_follows_a_longer_linger() {
+        let with = |linger: &str, spool: &str| {
+            Config::parse(
+                &format!("{MINIMAL}[batch]\nlinger = \"{linger}\"\n[spool]\n{spool}"),
+                "m.toml",
+            )
+            .unwrap()
+            .spool
+            .commit_max_wait
+        };
+        assert_eq!(with("5s", ""), Duration::from_secs(5));
+        assert_eq!(with("30s", ""), Duration::from_secs(10));
+        assert_eq!(with("500ms", ""), Duration::from_secs(1));
+        assert_eq!(with("1s", ""), Duration::from_secs(1));
+        // Set, it is kept.
+        assert_eq!(
+            with("5s", "commit_max_wait = \"2s\"\n"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            with("5s", "commit_max_wait = \"10ms\"\n"),
+            Duration::from_millis(10)
+        );
     }
 
     #[test]
