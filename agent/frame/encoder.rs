@@ -242,11 +242,11 @@ impl FrameEncoder {
             });
         }
         // As many runs as this encoding's size says it needs, each of about equal bytes and
-        // planned to fill 15/16 of the limit (halving by count left one half too large when
-        // the bodies differ in size, and encoded it a third time). A run that still does not
-        // fit is cut again.
-        let room = limit.saturating_sub(key.len()).max(1) as u64 * 15 / 16;
-        let needed = (data.len() as u64).div_ceil(room.max(1)).max(2) as usize;
+        // planned to fill `PLANNED_FILL` of the limit (halving by count left one half too
+        // large when the bodies differ in size, and encoded it a third time). A run that
+        // still does not fit is cut again.
+        let room = ((limit.saturating_sub(key.len()) as f64 * PLANNED_FILL) as u64).max(1);
+        let needed = (data.len() as u64).div_ceil(room).max(2) as usize;
         // A record too large is of no further use: the runs do not hold it alongside
         // theirs (with uncompressed formats, each level's is as large as the frame).
         drop((raw, data));
@@ -266,10 +266,15 @@ impl FrameEncoder {
     }
 }
 
+/// What share of the record limit a frame is planned to fill by what its records are seen to
+/// encode to (the shipper's plan of a route's frames, and the runs a frame too large is cut
+/// into): encodings vary a little with the records they hold.
+pub(crate) const PLANNED_FILL: f64 = 15.0 / 16.0;
+
 /// Where to cut `bodies` into `runs` runs of about equal bytes, in order: each run's end
 /// index, the last being `bodies.len()`. Each cut is the body boundary nearest its share of
-/// the bytes; of two bodies or more there are at least two runs (halving by count when the
-/// bytes cannot be cut), never an empty one.
+/// the bytes; of two bodies or more there are at least two runs (halving by count when there
+/// are no bytes to share), never an empty one.
 fn even_runs(bodies: &[Body<'_>], runs: usize) -> Vec<usize> {
     debug_assert!(bodies.len() > 1, "one body is not cut");
     let mut prefix = Vec::with_capacity(bodies.len() + 1);

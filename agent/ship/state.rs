@@ -39,7 +39,7 @@ use super::pacing::Pacer;
 use super::stats::{ShardCounters, ShipperStats};
 use super::uplink::Uplink;
 use crate::backoff::Backoff;
-use crate::frame::encoder::FrameFormat;
+use crate::frame::encoder::{FrameFormat, PLANNED_FILL};
 use crate::logging::Repeated;
 use crate::sink::call::{
     entry_cost, CallLimits, Destination, Entry, FailureKind, Outcome, ShardLimits, SinkError,
@@ -818,10 +818,6 @@ fn expansion_of(expansion: &[(String, f64)], route: &str) -> f64 {
         .find(|(r, _)| r == route)
         .map_or(1.0, |(_, e)| *e)
 }
-
-/// What share of the record limit a frame is planned to fill, by its route's [`expansion`]:
-/// its encodings vary a little with the records they hold.
-const PLANNED_FILL: f64 = 15.0 / 16.0;
 
 /// A route's encoded bytes per raw byte after one more frame's `seen`: a larger ratio counts
 /// at once (a frame planned by the old one may not fit), a smaller one lowers it by a quarter
