@@ -947,8 +947,6 @@ mod tests {
         vec![Outcome::Accepted { shard: None }; n]
     }
 
-    /// Firehose's limits hold in the calls the shipper assembles: 500 records of 1 KB go in
-    /// one call and no more; records of 9 KB stop at 4 MiB (465 of them), not at 500.
     /// Encodes a job as [`FrameEncoder::encode_fitting`](crate::frame::encoder) does, with
     /// records `ratio` times their raw size: whole, and again in halves while a piece is over
     /// the job's limit (as the encoder cuts blocks of equal size, which these tests use).
@@ -1069,6 +1067,8 @@ mod tests {
         assert_eq!(firsts(&call), vec![2, 3]);
     }
 
+    /// Firehose's limits hold in the calls the shipper assembles: 500 records of 1 KB go in
+    /// one call and no more; records of 9 KB stop at 4 MiB (465 of them), not at 500.
     #[test]
     fn calls_to_firehose_keep_its_record_and_byte_limits() {
         let mut settings = settings(None);
