@@ -26,9 +26,10 @@
 //! publish (10,000 devices are 10,000 topics over at most 50 connections) and the offered rate
 //! (as fast as the broker takes it, 1,000 msg/s, 20 msg/s; at a fixed rate the connections
 //! publish in turn, spread over time, not in bursts). Every payload is telemetry JSON of
-//! about 200 bytes whose values change with every message. For each protocol the broker's rate
-//! to a do-nothing QoS 1 subscriber of that protocol is measured in the same run, and each
-//! saturating shape's end-to-end rate is given as a share of it. At a fixed rate such a
+//! about 200 bytes whose values change with every message. For each protocol and number of
+//! devices the broker's rate to a do-nothing QoS 1 subscriber of that protocol, taking the same
+//! traffic, is measured in the same run, and each saturating shape's end-to-end rate is given
+//! as a share of it (the broker routes 10,000 topics slower than 100). At a fixed rate such a
 //! subscriber takes the same messages beside the agent, on a thread of its own, and the
 //! agent's CPU per message is given beside that subscriber's: at a low rate most of a
 //! message's cost is waking up for it, which the machine sets.
@@ -365,16 +366,24 @@ async fn publish_shape(
 }
 
 /// The broker's rate to a do-nothing QoS 1 subscriber speaking `protocol`, for `total`
-/// messages from 100 devices.
-fn baseline(rt: &tokio::runtime::Runtime, port: u16, protocol: &str, total: u64) -> f64 {
+/// messages from `devices` devices published as a saturating shape publishes them: the broker
+/// routes 10,000 topics slower than 100, and a shape is read against what the broker does for
+/// the same traffic.
+fn baseline(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    protocol: &str,
+    devices: u32,
+    total: u64,
+) -> f64 {
     let subscriber = rt.block_on(do_nothing_subscriber(port, protocol, total));
     let start = Instant::now();
     rt.block_on(publish_shape(
         port,
-        100,
+        devices,
         total,
         None,
-        format!("base{}-", protocol.replace('.', "")),
+        format!("base{}-{devices}-", protocol.replace('.', "")),
     ));
     rt.block_on(subscriber).unwrap();
     total as f64 / start.elapsed().as_secs_f64()
@@ -424,7 +433,8 @@ fn reference_subscriber(
 struct Figures {
     messages: u64,
     msgs_per_s: f64,
-    /// End-to-end rate over the broker's baseline rate of the same protocol (saturating).
+    /// End-to-end rate over the broker's baseline rate of the same protocol and number of
+    /// devices (saturating).
     ratio: Option<f64>,
     /// Messages stored in the spool per second, from the first publish to the last stored.
     ingest_per_s: f64,
@@ -972,24 +982,33 @@ fn main() {
         KafkaSide { tansu, link }
     });
 
+    // One baseline per protocol and number of devices among the saturating shapes.
     let mut baselines = std::collections::BTreeMap::new();
-    for protocol in ["5", "3.1.1"] {
-        if shapes
-            .iter()
-            .any(|s| s.protocol == protocol && s.rate.is_none())
+    for shape in shapes.iter().filter(|s| s.rate.is_none()) {
+        if let std::collections::btree_map::Entry::Vacant(slot) =
+            baselines.entry((shape.protocol, shape.devices))
         {
-            eprintln!("  baseline: do-nothing MQTT {protocol} subscriber ...");
-            baselines.insert(
-                protocol,
-                baseline(&rt, mosquitto.port, protocol, args.messages),
+            eprintln!(
+                "  baseline: do-nothing MQTT {} subscriber, {} devices ...",
+                shape.protocol, shape.devices
             );
+            slot.insert(baseline(
+                &rt,
+                mosquitto.port,
+                shape.protocol,
+                shape.devices,
+                args.messages,
+            ));
         }
     }
 
     let mut results = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
         eprintln!("  {} ...", shape.name());
-        let base = shape.rate.is_none().then(|| baselines[shape.protocol]);
+        let base = shape
+            .rate
+            .is_none()
+            .then(|| baselines[&(shape.protocol, shape.devices)]);
         let f = run_shape(
             &rt,
             i,
@@ -1022,8 +1041,10 @@ fn main() {
             ""
         }
     );
-    for (protocol, rate) in &baselines {
-        println!("broker -> do-nothing MQTT {protocol} QoS 1 subscriber: {rate:.0} msg/s");
+    for ((protocol, devices), rate) in &baselines {
+        println!(
+            "broker -> do-nothing MQTT {protocol} QoS 1 subscriber, {devices} devices: {rate:.0} msg/s"
+        );
     }
     println!(
         "{:<52} {:>9} {:>15} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
@@ -1201,7 +1222,11 @@ fn main() {
         "broker_settings": args.broker,
         "quick": args.quick,
         "shards": args.shards,
-        "baseline_msgs_per_s": baselines,
+        "baselines": baselines.iter().map(|((protocol, devices), rate)| serde_json::json!({
+            "protocol": protocol,
+            "devices": devices,
+            "msgs_per_s": rate,
+        })).collect::<Vec<_>>(),
         "shapes": results.iter().map(|(s, f)| serde_json::json!({
             "name": s.name(),
             "protocol": s.protocol,

@@ -197,12 +197,22 @@ impl Shipper {
             }
             state.set_slow(self.spool.slow_stream());
             match state.next(Instant::now(), &*self.sink) {
-                Action::Lease { after, limit } => {
-                    match self
-                        .spool
-                        .lease(self.dest.clone(), self.routes.clone(), after, limit)
-                        .await
-                    {
+                Action::Lease {
+                    after,
+                    limit,
+                    commit_before,
+                } => {
+                    let (dest, routes) = (self.dest.clone(), self.routes.clone());
+                    let leased = match commit_before {
+                        Some(due) => {
+                            let spool = &self.spool;
+                            spool
+                                .lease_after_commit(dest, routes, after, limit, due)
+                                .await
+                        }
+                        None => self.spool.lease(dest, routes, after, limit).await,
+                    };
+                    match leased {
                         Ok(blocks) => state.leased(
                             blocks,
                             limit,
@@ -404,23 +414,31 @@ mod tests {
     use crate::sink::directory::{DirectoryConfig, DirectorySink};
     use crate::spool::{AfterCommit, Disposition, Incoming};
 
-    /// A slow stream committed every 10 ms (as a source with a small window asks) while its
-    /// frame lingers: the shipper leases when the frame is due, not after each commit (a
-    /// lease wakes the spool thread and the shipper), and everything still arrives.
-    #[tokio::test]
-    async fn a_slow_streams_commits_wait_to_be_leased_while_its_frame_lingers() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A spool with these commit settings and a shipper of its route "r" to a directory
+    /// (`out`), lingering a second: (spool, its thread, out, stop, the shipper's task).
+    #[allow(clippy::type_complexity)]
+    fn slow_shipper(
+        dir: &std::path::Path,
+        commit_interval: Duration,
+        commit_max_wait: Duration,
+    ) -> (
+        SpoolHandle,
+        std::thread::JoinHandle<Result<crate::spool::Accounting, crate::spool::SpoolError>>,
+        std::path::PathBuf,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (spool, thread) = crate::spool::start(&SpoolConfig {
-            path: dir.path().join("spool.db"),
+            path: dir.join("spool.db"),
             max_bytes: 1 << 30,
             full_policy: FullPolicy::Block,
             sync: SyncLevel::Off,
             max_dead_letters: 10,
-            commit_interval: Duration::from_millis(2),
-            commit_max_wait: Duration::from_secs(1),
+            commit_interval,
+            commit_max_wait,
         })
         .unwrap();
-        let out = dir.path().join("out");
+        let out = dir.join("out");
         let sink = DirectorySink::open("files", &DirectoryConfig { path: out.clone() }).unwrap();
         let spec = ShipperSpec {
             routes: vec!["r".into()],
@@ -446,6 +464,41 @@ mod tests {
         );
         let (stop, stopped) = watch::channel(false);
         let shipping = tokio::spawn(shipper.run(stopped));
+        (spool, thread, out, stop, shipping)
+    }
+
+    /// Message `i` of a test's stream: payload `m{i}`, over ten device keys.
+    fn message(i: u64) -> Incoming {
+        Incoming {
+            topic: "t".into(),
+            payload: bytes::Bytes::from(format!("m{i}")),
+            ts_ms: crate::clock::now_ms(),
+            disposition: Disposition::Record {
+                route: "r".into(),
+                key: format!("dev-{}", i % 10),
+            },
+            after_commit: AfterCommit::default(),
+            receipt: None,
+        }
+    }
+
+    /// Polls until the spool counts `sent` records delivered (at most 20 s).
+    async fn delivered_all(spool: &SpoolHandle, sent: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while spool.accounting().await.unwrap().delivered < sent {
+            assert!(Instant::now() < deadline, "every message delivered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A slow stream committed every 10 ms (as a source with a small window asks) while its
+    /// frame lingers: the shipper leases when the frame is due, not after each commit (a
+    /// lease wakes the spool thread and the shipper), and everything still arrives.
+    #[tokio::test]
+    async fn a_slow_streams_commits_wait_to_be_leased_while_its_frame_lingers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread, out, stop, shipping) =
+            slow_shipper(dir.path(), Duration::from_millis(2), Duration::from_secs(1));
         // A message every 2 ms for 1.6 s, a commit asked for every fifth; leases counted
         // over the last second.
         let mut tick = tokio::time::interval(Duration::from_millis(2));
@@ -457,19 +510,7 @@ mod tests {
             if counted.is_none() && started.elapsed() >= Duration::from_millis(600) {
                 counted = Some((spool.leases(), spool.commits().borrow().count));
             }
-            spool
-                .append(Incoming {
-                    topic: "t".into(),
-                    payload: bytes::Bytes::from(format!("m{sent}")),
-                    ts_ms: crate::clock::now_ms(),
-                    disposition: Disposition::Record {
-                        route: "r".into(),
-                        key: format!("dev-{}", sent % 10),
-                    },
-                    after_commit: AfterCommit::default(),
-                    receipt: None,
-                })
-                .unwrap();
+            spool.append(message(sent)).unwrap();
             sent += 1;
             if sent % 5 == 0 {
                 spool.flush().unwrap();
@@ -487,11 +528,7 @@ mod tests {
             "{leases} leases in a second for {commits} commits"
         );
         // Everything arrives (the last frame after its linger).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while spool.accounting().await.unwrap().delivered < sent {
-            assert!(Instant::now() < deadline, "every message delivered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        delivered_all(&spool, sent).await;
         stop.send(true).unwrap();
         shipping.await.unwrap();
         let mut payloads = Vec::new();
@@ -499,6 +536,70 @@ mod tests {
             let frame = crate::frame::decode_frame(&std::fs::read(file.unwrap().path()).unwrap());
             payloads.extend(frame.unwrap().records.into_iter().map(|r| r.payload));
         }
+        payloads.sort();
+        let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
+        expected.sort();
+        assert_eq!(payloads, expected, "each message once");
+        drop(spool);
+        assert!(thread.join().unwrap().unwrap().balances());
+    }
+
+    /// A slow stream committed every 300 ms while its frames linger a second: when a frame is
+    /// due its lease commits what the spool gathers first, so the frame takes every record
+    /// appended by then and the next frame's oldest record came after it: frames start a
+    /// linger apart. Leased without that commit, the records of the last 0-300 ms before a
+    /// frame went waited in the spool's group, and the next frame, lingering from the oldest
+    /// of them, went 0.7-1 s after it.
+    #[tokio::test]
+    async fn a_slow_streams_frames_go_a_linger_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread, out, stop, shipping) = slow_shipper(
+            dir.path(),
+            Duration::from_millis(10),
+            Duration::from_millis(300),
+        );
+        // A message every 5 ms for 4.5 s over 10 keys: four frames of each due, then the rest.
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_millis(4500) {
+            tick.tick().await;
+            spool.append(message(sent)).unwrap();
+            sent += 1;
+        }
+        assert!(spool.slow_stream(), "a message every 5 ms is a slow stream");
+        delivered_all(&spool, sent).await;
+        stop.send(true).unwrap();
+        shipping.await.unwrap();
+        // Each frame's records, in the order the messages were sent.
+        let mut frames: Vec<Vec<crate::frame::Record>> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|f| {
+                let bytes = std::fs::read(f.unwrap().path()).unwrap();
+                let mut records = crate::frame::decode_frame(&bytes).unwrap().records;
+                records.sort_by_key(|r| r.ts_ms);
+                records
+            })
+            .collect();
+        frames.sort_by_key(|f| f[0].ts_ms);
+        // Frames are planned by key here (a directory has no shards): each key's in turn.
+        let t0 = frames[0][0].ts_ms;
+        for key in 0..10 {
+            let key = format!("dev-{key}");
+            let firsts: Vec<u64> = frames
+                .iter()
+                .filter(|f| f[0].key == key)
+                .map(|f| f[0].ts_ms - t0)
+                .collect();
+            assert!(firsts.len() >= 5, "{key}: frames starting at {firsts:?} ms");
+            for pair in firsts.windows(2) {
+                assert!(
+                    pair[1] - pair[0] >= 975,
+                    "{key}: frames starting at {firsts:?} ms: records read within a frame's linger went in it"
+                );
+            }
+        }
+        let mut payloads: Vec<Vec<u8>> = frames.into_iter().flatten().map(|r| r.payload).collect();
         payloads.sort();
         let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
         expected.sort();
