@@ -31,9 +31,10 @@
 //!   frame is due or the intake would count as quiet ([`ShipState::leases_wait_until`]),
 //!   and the driver does not wake for them; commits count at the times the spool made them.
 //!   When a slow stream's frame is due, the lease that fills it asks the spool to commit
-//!   what it is gathering first, so the frame takes every record read by then and the next
-//!   frame's linger starts after it: frames go a linger apart, not up to a commit gap
-//!   sooner (at 1,000 msg/s they went every 0.7-1.1 s, a PUT unit each).
+//!   what it is gathering first if that began by the due time, so the frame takes every
+//!   record read by then and the next frame's linger starts after it: frames go a linger
+//!   apart, not up to a commit gap sooner (at 1,000 msg/s they went every 0.7-1.1 s, a PUT
+//!   unit each).
 //!
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
@@ -220,8 +221,9 @@ pub(crate) struct ShipState {
     grouped_by_shard: bool,
     /// The spool calls the stream slow (see [`ShipState::leases_wait_until`]).
     slow: bool,
-    /// When a lease last asked the spool to commit first (see [`ShipState::next`]).
-    committed_first: Option<Instant>,
+    /// The due time of the frame whose lease last asked the spool to commit first (see
+    /// [`ShipState::next`]).
+    committed_for: Option<Instant>,
     /// Per route, encoded bytes (with the key) per raw byte of its frames (see
     /// [`expansion`]): what its frames are planned by and estimated at.
     expansion: Vec<(String, f64)>,
@@ -246,7 +248,7 @@ impl ShipState {
             commit_gap: None,
             grouped_by_shard: false,
             slow: false,
-            committed_first: None,
+            committed_for: None,
             expansion: Vec::new(),
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
@@ -311,15 +313,15 @@ impl ShipState {
         let deferred = self.leases_wait_until(now);
         // A slow stream's frame is due: what the spool gathers goes in it if its first
         // record was read by the due time (records read later start the next frame anyway),
-        // even when everything committed was leased; frames of other shards due within an
-        // eighth of the linger after that take what it committed (they miss a few ms of
-        // records, not a commit gap's).
+        // even when everything committed was leased. Once a frame: frames due by an eighth
+        // of the linger after it (other shards', or it again after its lease) take what
+        // that commit took (they miss a few ms of records, not a commit gap's).
         let commit_before = self.batcher.next_due().filter(|d| {
             self.slow
                 && *d <= now
                 && self
-                    .committed_first
-                    .is_none_or(|t| now >= t + self.settings.linger / 8)
+                    .committed_for
+                    .is_none_or(|c| *d > c + self.settings.linger / 8)
         });
         if (!self.exhausted || commit_before.is_some())
             && deferred.is_none()
@@ -327,7 +329,7 @@ impl ShipState {
             && queued < hard_cap
         {
             if commit_before.is_some() {
-                self.committed_first = Some(now);
+                self.committed_for = commit_before;
             }
             return Action::Lease {
                 after: self.cursor,
@@ -1410,6 +1412,42 @@ mod tests {
             untouched.is_some(),
             "a busy stream's frame is not leased for"
         );
+        assert_eq!(call.entries[0].block_ids(), vec![1]);
+    }
+
+    /// With no linger a slow stream's frame is due as soon as it is planned: its lease asks
+    /// for a commit once and the frame goes, rather than a lease after a lease while it stays
+    /// due.
+    #[test]
+    fn a_frame_due_when_planned_is_leased_for_once() {
+        let mut settings = settings(None);
+        settings.linger = Duration::ZERO;
+        let (mut s, t0) = (ShipState::new(settings, Arc::default()), Instant::now());
+        s.set_slow(true);
+        s.new_records(1, t0);
+        let Action::Lease {
+            limit,
+            commit_before: None,
+            ..
+        } = s.next(t0, &VIEW)
+        else {
+            panic!("the commit is leased");
+        };
+        s.leased(vec![block(1, "a", 1_000)], limit, &VIEW, t0, 1_000);
+        let Action::Lease {
+            limit,
+            commit_before: Some(_),
+            ..
+        } = s.next(t0, &VIEW)
+        else {
+            panic!("the due frame is leased for");
+        };
+        s.leased(Vec::new(), limit, &VIEW, t0, 1_000);
+        let mut untouched = Some(Vec::new());
+        let Action::Send(call) = until_send(&mut s, &mut untouched, 500, t0, 1_000) else {
+            panic!("the frame goes");
+        };
+        assert!(untouched.is_some(), "leased for once");
         assert_eq!(call.entries[0].block_ids(), vec![1]);
     }
 

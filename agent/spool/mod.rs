@@ -1298,11 +1298,12 @@ impl Worker {
     /// message, for fewer disk writes and less CPU per message. The wait is the linger by
     /// default, and a record's linger counts from its read, so the group's first record
     /// makes its frame due just before the wait ends: the shipper's lease then commits the
-    /// group ([`SpoolHandle::lease_after_commit`]). Ended first, by a millisecond, the wait's
-    /// commit acked messages whose release let the broker send those it held, and the lease
-    /// committed them as a second block of one or two records; each frame's two rows did
-    /// not fit the table's page, which split and merged at every commit (a 20 msg/s stream
-    /// wrote 0.8-1.6 times its payload instead of 0.39). A pause ends the
+    /// group ([`SpoolHandle::lease_after_commit`]). When the wait ended first, by about a
+    /// millisecond, the lease often found a record or two appended since (by the timing,
+    /// messages the broker sent once that commit's acks came; not traced) and committed them
+    /// as a second block; a frame's two rows did not fit the table's page, which split and
+    /// merged at every commit (a 20 msg/s stream wrote 0.8-1.1 times its payload instead
+    /// of 0.39-0.44). A pause ends the
     /// gathering at once, which is also what happens when a broker stops sending because its inflight window is full of messages awaiting their
     /// ack; and the source asks for a commit (`Flush`) when half its own window waits.
     /// Deliveries alone wait the same way for the appends of a steady stream, to share their
