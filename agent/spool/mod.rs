@@ -18,8 +18,9 @@
 //! destination has no placement yet gets one block per partition key.
 //! The shipper leases blocks (metadata only), reads their bodies when it builds a frame (from
 //! then on they are in flight), and reports blocks as delivered when the destination accepted
-//! the frame. A lease may ask for the group being gathered to commit first (a slow stream's
-//! frame is due: it then takes every record read by then); its answer waits for that commit.
+//! the frame. A lease may ask for the group being gathered to commit first if the group
+//! began by a given time (a slow stream's frame is due then, and takes every record read by
+//! then); its answer waits for that commit.
 //!
 //! When the spool holds `max_bytes`, the full policy applies: `block` parks new appends until
 //! space frees (their permits stay taken, so the source stops reading and nothing is acked);
@@ -1303,8 +1304,8 @@ impl Worker {
     /// messages the broker sent once that commit's acks came; not traced) and committed them
     /// as a second block; a frame's two rows did not fit the table's page, which split and
     /// merged at every commit (a 20 msg/s stream wrote 0.8-1.1 times its payload instead
-    /// of 0.39-0.44). A pause ends the
-    /// gathering at once, which is also what happens when a broker stops sending because its inflight window is full of messages awaiting their
+    /// of 0.39-0.44). A pause ends the gathering at once, which is also what happens when a
+    /// broker stops sending because its inflight window is full of messages awaiting their
     /// ack; and the source asks for a commit (`Flush`) when half its own window waits.
     /// Deliveries alone wait the same way for the appends of a steady stream, to share their
     /// commit.
