@@ -482,6 +482,14 @@ mod tests {
         }
     }
 
+    /// Asserts that `payloads` are the messages `m0` to `m{sent - 1}`, each once.
+    fn each_message_once(mut payloads: Vec<Vec<u8>>, sent: u64) {
+        payloads.sort();
+        let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
+        expected.sort();
+        assert_eq!(payloads, expected, "each message once");
+    }
+
     /// Polls until the spool counts `sent` records delivered (at most 20 s).
     async fn delivered_all(spool: &SpoolHandle, sent: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -536,10 +544,7 @@ mod tests {
             let frame = crate::frame::decode_frame(&std::fs::read(file.unwrap().path()).unwrap());
             payloads.extend(frame.unwrap().records.into_iter().map(|r| r.payload));
         }
-        payloads.sort();
-        let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
-        expected.sort();
-        assert_eq!(payloads, expected, "each message once");
+        each_message_once(payloads, sent);
         drop(spool);
         assert!(thread.join().unwrap().unwrap().balances());
     }
@@ -599,11 +604,8 @@ mod tests {
                 );
             }
         }
-        let mut payloads: Vec<Vec<u8>> = frames.into_iter().flatten().map(|r| r.payload).collect();
-        payloads.sort();
-        let mut expected: Vec<Vec<u8>> = (0..sent).map(|i| format!("m{i}").into_bytes()).collect();
-        expected.sort();
-        assert_eq!(payloads, expected, "each message once");
+        let payloads: Vec<Vec<u8>> = frames.into_iter().flatten().map(|r| r.payload).collect();
+        each_message_once(payloads, sent);
         drop(spool);
         assert!(thread.join().unwrap().unwrap().balances());
     }
