@@ -144,12 +144,17 @@ impl KeyTemplate {
         topic: &str,
         max_chars: usize,
     ) -> String {
-        let mut key = String::new();
+        let mut key = String::with_capacity(topic.len());
         // A topic is the broker's to check, and a NUL in it (MQTT forbids it, not every
         // broker refuses it) would end the key where the spool's key format puts its
-        // separator: left out.
+        // separator: left out. (Every message's key is rendered: a topic without one, the
+        // rule, is copied whole rather than a character at a time.)
         let push_topic = |key: &mut String, text: &str| {
-            key.extend(text.chars().filter(|c| *c != '\0'));
+            if text.contains('\0') {
+                key.extend(text.chars().filter(|c| *c != '\0'));
+            } else {
+                key.push_str(text);
+            }
         };
         for part in &self.parts {
             match part {
@@ -163,7 +168,8 @@ impl KeyTemplate {
         if key.is_empty() {
             key.push_str(gateway);
         }
-        if key.chars().count() > max_chars {
+        // A key has no more characters than bytes: only one longer in bytes is counted.
+        if key.len() > max_chars && key.chars().count() > max_chars {
             key = key.chars().take(max_chars).collect();
         }
         key
@@ -208,6 +214,12 @@ mod tests {
             .unwrap()
             .render("g", "r", &"x".repeat(300), 256);
         assert_eq!(long.len(), 256);
+        // The cut is in characters: 200 two-byte ones are 400 bytes and stay whole.
+        let template = KeyTemplate::parse("{topic}").unwrap();
+        let wide = template.render("g", "r", &"é".repeat(200), 256);
+        assert_eq!(wide, "é".repeat(200));
+        let cut = template.render("g", "r", &"é".repeat(300), 256);
+        assert_eq!(cut, "é".repeat(256));
         // Found by fuzzing: a NUL in the topic ended the partition key early.
         let t = KeyTemplate::parse("{route}-{topic}").unwrap();
         assert_eq!(

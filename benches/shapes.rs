@@ -26,10 +26,11 @@
 //! publish (10,000 devices are 10,000 topics over at most 50 connections) and the offered rate
 //! (as fast as the broker takes it, 1,000 msg/s, 20 msg/s; at a fixed rate the connections
 //! publish in turn, spread over time, not in bursts). Every payload is telemetry JSON of
-//! about 200 bytes whose values change with every message. For each protocol and number of
-//! devices the broker's rate to a do-nothing QoS 1 subscriber of that protocol, taking the same
-//! traffic, is measured in the same run, and each saturating shape's end-to-end rate is given
-//! as a share of it (the broker routes 10,000 topics slower than 100). At a fixed rate such a
+//! about 200 bytes whose values change with every message. Just before and just after each
+//! saturating shape the broker's rate to a do-nothing QoS 1 subscriber of its protocol, taking
+//! the same traffic, is measured, and the shape's end-to-end rate is given as a share of the
+//! two's mean (the broker routes 10,000 topics slower than 100, and on a shared machine its
+//! rate drifts over minutes: both are printed). At a fixed rate such a
 //! subscriber takes the same messages beside the agent, on a thread of its own, and the
 //! agent's CPU per message is given beside that subscriber's: at a low rate most of a
 //! message's cost is waking up for it, which the machine sets.
@@ -433,12 +434,14 @@ fn reference_subscriber(
 struct Figures {
     messages: u64,
     msgs_per_s: f64,
-    /// End-to-end rate over the broker's baseline rate of the same protocol and number of
-    /// devices (saturating).
+    /// The broker's rate to a do-nothing subscriber of the same protocol and devices just
+    /// before the shape and just after it (saturating).
+    baseline: Option<(f64, f64)>,
+    /// End-to-end rate over the mean of the two baseline rates (saturating).
     ratio: Option<f64>,
     /// Messages stored in the spool per second, from the first publish to the last stored.
     ingest_per_s: f64,
-    /// The ingest rate over the broker's baseline rate (saturating).
+    /// The ingest rate over the mean of the two baseline rates (saturating).
     ingest_ratio: Option<f64>,
     cpu_us_per_msg: f64,
     /// At a fixed rate, the CPU per message of a do-nothing QoS 1 subscriber of the same
@@ -568,7 +571,6 @@ fn run_shape(
     dir: &std::path::Path,
     broker_port: u16,
     broker_pid: u32,
-    baseline_rate: Option<f64>,
     s3: Option<&S3Server>,
     kafka: Option<&KafkaSide>,
 ) -> Figures {
@@ -913,9 +915,11 @@ fn run_shape(
     Figures {
         messages: total,
         msgs_per_s,
-        ratio: baseline_rate.map(|b| msgs_per_s / b),
+        // Set once the baseline after the shape is measured.
+        baseline: None,
+        ratio: None,
         ingest_per_s,
-        ingest_ratio: baseline_rate.map(|b| ingest_per_s / b),
+        ingest_ratio: None,
         cpu_us_per_msg: agent_cpu_s * 1e6 / total as f64,
         reference_us_per_msg: reference_cpu_s.map(|s| s * 1e6 / total as f64),
         disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
@@ -982,34 +986,28 @@ fn main() {
         KafkaSide { tansu, link }
     });
 
-    // One baseline per protocol and number of devices among the saturating shapes.
-    let mut baselines = std::collections::BTreeMap::new();
-    for shape in shapes.iter().filter(|s| s.rate.is_none()) {
-        if let std::collections::btree_map::Entry::Vacant(slot) =
-            baselines.entry((shape.protocol, shape.devices))
-        {
-            eprintln!(
-                "  baseline: do-nothing MQTT {} subscriber, {} devices ...",
-                shape.protocol, shape.devices
-            );
-            slot.insert(baseline(
-                &rt,
-                mosquitto.port,
-                shape.protocol,
-                shape.devices,
-                args.messages,
-            ));
-        }
-    }
-
+    // Each saturating shape is read against the broker's rate to a do-nothing subscriber of
+    // its protocol and devices taking the same traffic just before it and just after it: on a
+    // shared machine that rate drifts over minutes (28,000-41,000 msg/s within an hour here),
+    // and one baseline taken at the start read a later shape against another minute's broker.
+    let baseline_of = |shape: &Shape, when: &str| {
+        eprintln!(
+            "  baseline {when}: do-nothing MQTT {} subscriber, {} devices ...",
+            shape.protocol, shape.devices
+        );
+        baseline(
+            &rt,
+            mosquitto.port,
+            shape.protocol,
+            shape.devices,
+            args.messages,
+        )
+    };
     let mut results = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
+        let before = shape.rate.is_none().then(|| baseline_of(shape, "before"));
         eprintln!("  {} ...", shape.name());
-        let base = shape
-            .rate
-            .is_none()
-            .then(|| baselines[&(shape.protocol, shape.devices)]);
-        let f = run_shape(
+        let mut f = run_shape(
             &rt,
             i,
             *shape,
@@ -1017,10 +1015,16 @@ fn main() {
             dir.path(),
             mosquitto.port,
             mosquitto.pid().expect("the broker runs"),
-            base,
             s3.as_ref(),
             kafka.as_ref(),
         );
+        if let Some(before) = before {
+            let after = baseline_of(shape, "after");
+            let mean = (before + after) / 2.0;
+            f.baseline = Some((before, after));
+            f.ratio = Some(f.msgs_per_s / mean);
+            f.ingest_ratio = Some(f.ingest_per_s / mean);
+        }
         results.push((*shape, f));
     }
 
@@ -1041,10 +1045,15 @@ fn main() {
             ""
         }
     );
-    for ((protocol, devices), rate) in &baselines {
-        println!(
-            "broker -> do-nothing MQTT {protocol} QoS 1 subscriber, {devices} devices: {rate:.0} msg/s"
-        );
+    for (shape, f) in &results {
+        if let Some((before, after)) = f.baseline {
+            println!(
+                "broker -> do-nothing MQTT {} QoS 1 subscriber, {} devices, before / after {}: {before:.0} / {after:.0} msg/s",
+                shape.protocol,
+                shape.devices,
+                shape.name()
+            );
+        }
     }
     println!(
         "{:<52} {:>9} {:>15} {:>15} {:>7} {:>6} {:>8} {:>9} {:>6} {:>15}",
@@ -1222,11 +1231,6 @@ fn main() {
         "broker_settings": args.broker,
         "quick": args.quick,
         "shards": args.shards,
-        "baselines": baselines.iter().map(|((protocol, devices), rate)| serde_json::json!({
-            "protocol": protocol,
-            "devices": devices,
-            "msgs_per_s": rate,
-        })).collect::<Vec<_>>(),
         "shapes": results.iter().map(|(s, f)| serde_json::json!({
             "name": s.name(),
             "protocol": s.protocol,
@@ -1235,6 +1239,10 @@ fn main() {
             "rate": s.rate,
             "messages": f.messages,
             "msgs_per_s": f.msgs_per_s,
+            "baseline_msgs_per_s": f.baseline.map(|(before, after)| serde_json::json!({
+                "before": before,
+                "after": after,
+            })),
             "ratio_to_baseline": f.ratio,
             "ingest_msgs_per_s": f.ingest_per_s,
             "ingest_ratio_to_baseline": f.ingest_ratio,
