@@ -437,12 +437,8 @@ struct Figures {
     /// The broker's rate to a do-nothing subscriber of the same protocol and devices just
     /// before the shape and just after it (saturating).
     baseline: Option<(f64, f64)>,
-    /// End-to-end rate over the mean of the two baseline rates (saturating).
-    ratio: Option<f64>,
     /// Messages stored in the spool per second, from the first publish to the last stored.
     ingest_per_s: f64,
-    /// The ingest rate over the mean of the two baseline rates (saturating).
-    ingest_ratio: Option<f64>,
     cpu_us_per_msg: f64,
     /// At a fixed rate, the CPU per message of a do-nothing QoS 1 subscriber of the same
     /// protocol taking the same messages beside the agent (see `reference_subscriber`).
@@ -455,6 +451,14 @@ struct Figures {
     s3: Option<S3Figures>,
     firehose: Option<FirehoseFigures>,
     kafka: Option<KafkaFigures>,
+}
+
+impl Figures {
+    /// `rate` over the mean of the two baseline rates (saturating).
+    fn share(&self, rate: f64) -> Option<f64> {
+        self.baseline
+            .map(|(before, after)| rate / ((before + after) / 2.0))
+    }
 }
 
 /// What the stream received, and when.
@@ -917,9 +921,7 @@ fn run_shape(
         msgs_per_s,
         // Set once the baseline after the shape is measured.
         baseline: None,
-        ratio: None,
         ingest_per_s,
-        ingest_ratio: None,
         cpu_us_per_msg: agent_cpu_s * 1e6 / total as f64,
         reference_us_per_msg: reference_cpu_s.map(|s| s * 1e6 / total as f64),
         disk_per_payload: (after.write_bytes - before.write_bytes) as f64 / payload,
@@ -1019,11 +1021,7 @@ fn main() {
             kafka.as_ref(),
         );
         if let Some(before) = before {
-            let after = baseline_of(shape, "after");
-            let mean = (before + after) / 2.0;
-            f.baseline = Some((before, after));
-            f.ratio = Some(f.msgs_per_s / mean);
-            f.ingest_ratio = Some(f.ingest_per_s / mean);
+            f.baseline = Some((before, baseline_of(shape, "after")));
         }
         results.push((*shape, f));
     }
@@ -1091,8 +1089,8 @@ fn main() {
             "{:<52} {:>9} {:>15} {:>15} {:>7.1} {:>6.3} {:>8} {:>9} {:>6.1} {:>15}",
             shape.name(),
             f.messages,
-            share(f.ingest_per_s, f.ingest_ratio),
-            share(f.msgs_per_s, f.ratio),
+            share(f.ingest_per_s, f.share(f.ingest_per_s)),
+            share(f.msgs_per_s, f.share(f.msgs_per_s)),
             f.cpu_us_per_msg,
             f.disk_per_payload,
             kinesis,
@@ -1243,9 +1241,9 @@ fn main() {
                 "before": before,
                 "after": after,
             })),
-            "ratio_to_baseline": f.ratio,
+            "ratio_to_baseline": f.share(f.msgs_per_s),
             "ingest_msgs_per_s": f.ingest_per_s,
-            "ingest_ratio_to_baseline": f.ingest_ratio,
+            "ingest_ratio_to_baseline": f.share(f.ingest_per_s),
             "cpu_us_per_message": f.cpu_us_per_msg,
             "reference_subscriber_cpu_us_per_message": f.reference_us_per_msg,
             "disk_write_bytes_per_payload_byte": f.disk_per_payload,
