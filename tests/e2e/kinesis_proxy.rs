@@ -39,13 +39,6 @@ pub struct Limits {
     pub bytes_per_sec: f64,
 }
 
-impl Limits {
-    pub const KINESIS: Limits = Limits {
-        records_per_sec: 1000.0,
-        bytes_per_sec: 1048576.0,
-    };
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardTally {
     pub forwarded_entries: u64,

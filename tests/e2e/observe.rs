@@ -455,13 +455,17 @@ fn throttled_entries_are_counted_per_shard_and_resent() {
     } = rig("e2e-throttle", 2);
     let mosquitto = Mosquitto::start(dir.path());
     let shards = rt.block_on(shard_ranges(&client, "e2e-throttle"));
-    // A small fraction of a real shard's byte rate, so a short run is throttled for seconds;
-    // frames are kept small (64 KiB before compression) so each fits a shard's second.
+    // Two entries a second per shard (a real shard takes 1,000) and a small fraction of its
+    // byte rate, so a short run is throttled for seconds; frames are kept small (64 KiB
+    // before compression) so each fits a shard's second, about 20 a shard. By bytes alone a
+    // shard's ~34 KB were throttled only if they came within about half a second, which a
+    // busy machine did not always do ("the limits never bit"); by entries, only 20 spread
+    // over more than 9 s go untouched.
     let proxy = KinesisProxy::start(
         kinesis.port,
         &shards,
         Some(Limits {
-            records_per_sec: Limits::KINESIS.records_per_sec,
+            records_per_sec: 2.0,
             bytes_per_sec: 24.0 * 1024.0,
         }),
     );
@@ -488,7 +492,8 @@ fn throttled_entries_are_counted_per_shard_and_resent() {
         "e2e-throttle",
         devices,
         per_device,
-        Duration::from_secs(180),
+        // Under two entries a second the agent's backoff takes about a minute here.
+        Duration::from_secs(300),
     );
     assert_eq!(
         contents.messages.len() as u64,
