@@ -113,11 +113,18 @@ impl FrameEncoder {
         })
     }
 
-    /// Frees what the last frame used (its sections' buffers), keeping the compressor
-    /// context: what an encoder kept for the next job should hold.
+    /// Readies the encoder to be kept for the next job: the compressor context stays, and
+    /// so do the last frame's section buffers when they are no larger than
+    /// [`KEPT_SECTION_BYTES`] (a slow stream's frames then reuse them instead of growing
+    /// fresh ones a frame at a time; a saturated stream's frames of up to 1 MiB compressed,
+    /// several MiB raw, are not held between jobs).
     pub(crate) fn idle(&mut self) {
         if let FrameEncoder::Edgeship(_, columns) = self {
-            **columns = Default::default();
+            if columns.capacity() > KEPT_SECTION_BYTES {
+                **columns = Default::default();
+            } else {
+                columns.clear();
+            }
         }
     }
 
@@ -207,30 +214,47 @@ impl FrameEncoder {
         }
         let records: u64 = bodies.iter().map(|b| u64::from(b.records)).sum();
         let version = bodies.iter().map(|b| b.version).max().unwrap_or(VERSION_1);
-        let mut raw = Vec::with_capacity(bodies.iter().map(|b| b.bytes.len()).sum());
-        for b in bodies {
-            if b.version == version {
-                raw.extend_from_slice(b.bytes);
-            } else {
-                // A version 1 body among version 2 ones: its records are of its block's key.
-                for mut r in decode_records_in(b.bytes, b.records, b.version)? {
-                    r.key = b.key.to_string();
-                    encode_record_in(&mut raw, VERSION_2, &r);
+        let raw_bytes = bodies.iter().map(|b| b.bytes.len()).sum::<usize>() as u64;
+        let data = match self {
+            // Version 2 bodies go into a frame's sections as they are, not copied into one
+            // run first.
+            FrameEncoder::Edgeship(compressor, columns)
+                if bodies.iter().all(|b| b.version == VERSION_2) =>
+            {
+                columns.clear();
+                for b in bodies {
+                    columns.push_body(b.bytes, b.records, b.version, key)?;
                 }
+                encode_frame_v3(gateway, columns, Some(compressor))?
             }
-        }
-        let data = self.encode(gateway, key, records, &raw, version)?;
+            _ => {
+                let mut raw = Vec::with_capacity(raw_bytes as usize);
+                for b in bodies {
+                    if b.version == version {
+                        raw.extend_from_slice(b.bytes);
+                    } else {
+                        // A version 1 body among version 2 ones: its records are of its
+                        // block's key.
+                        for mut r in decode_records_in(b.bytes, b.records, b.version)? {
+                            r.key = b.key.to_string();
+                            encode_record_in(&mut raw, VERSION_2, &r);
+                        }
+                    }
+                }
+                self.encode(gateway, key, records, &raw, version)?
+            }
+        };
         if data.len() + key.len() <= limit {
             out.push(Encoded {
                 data,
                 bodies: offset..offset + bodies.len(),
                 records,
-                raw_bytes: raw.len() as u64,
+                raw_bytes,
             });
             return Ok(());
         }
         if bodies.len() == 1 {
-            let first_seq = decode_records_in(&raw, bodies[0].records, version)
+            let first_seq = decode_records_in(bodies[0].bytes, bodies[0].records, version)
                 .ok()
                 .and_then(|r| r.first().map(|r| r.seq))
                 .unwrap_or(0);
@@ -249,7 +273,7 @@ impl FrameEncoder {
         let needed = (data.len() as u64).div_ceil(room).max(2) as usize;
         // A record too large is of no further use: the runs do not hold it alongside
         // theirs (with uncompressed formats, each level's is as large as the frame).
-        drop((raw, data));
+        drop(data);
         let mut start = 0;
         for end in even_runs(bodies, needed) {
             self.fit(
@@ -265,6 +289,10 @@ impl FrameEncoder {
         Ok(())
     }
 }
+
+/// Section buffers an idle encoder keeps (index and payloads together): a frame of one 25 KiB
+/// PUT unit holds about 200 KB of telemetry before compression.
+const KEPT_SECTION_BYTES: usize = 512 << 10;
 
 /// What share of the record limit a frame is planned to fill by what its records are seen to
 /// encode to (the shipper's plan of a route's frames, and the runs a frame too large is cut
@@ -482,6 +510,42 @@ mod tests {
             .map(|r| r.seq)
             .collect();
         assert_eq!(seqs, (2_000..2_010).collect::<Vec<_>>());
+    }
+
+    /// An idle encoder keeps a slow stream's section buffers for the next frame, and drops
+    /// those of a frame larger than it keeps.
+    #[test]
+    fn an_idle_encoder_keeps_small_sections_only() {
+        let run = |n: u64| {
+            let mut v2 = Vec::new();
+            for i in 0..n {
+                let payload = format!("{{\"t\":{},\"pad\":\"{:0>180}\"}}", 20 + i % 7, i);
+                let key = format!("dev-{}", i % 5);
+                crate::frame::encode_record_v2(&mut v2, i, i, &key, "t", payload.as_bytes());
+            }
+            Body {
+                records: n as u32,
+                bytes: v2.leak(),
+                version: VERSION_2,
+                key: "gw\u{0}0",
+            }
+        };
+        let (small, large) = (run(100), run(4_000));
+        let mut c = FrameEncoder::new(FrameFormat::Edgeship, 1).unwrap();
+        let capacity = |c: &FrameEncoder| match c {
+            FrameEncoder::Edgeship(_, columns) => columns.capacity(),
+            _ => unreachable!(),
+        };
+        c.encode_fitting("gw", "gw\u{0}0", &[small], 1 << 20)
+            .unwrap();
+        c.idle();
+        let kept = capacity(&c);
+        assert!(kept >= 100 * 190, "{kept}");
+        c.encode_fitting("gw", "gw\u{0}0", &[large], 1 << 20)
+            .unwrap();
+        assert!(capacity(&c) > KEPT_SECTION_BYTES);
+        c.idle();
+        assert_eq!(capacity(&c), 0);
     }
 
     /// A frame too large is cut by its bodies' bytes into as many runs as its encoding

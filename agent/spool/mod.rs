@@ -936,7 +936,8 @@ impl Worker {
         let mut backoff = Duration::from_millis(50);
         let mut closing = false;
         while !closing {
-            let mut appends: Vec<Incoming> = Vec::new();
+            // Sized for a commit's usual group, so it does not grow a message at a time.
+            let mut appends: Vec<Incoming> = Vec::with_capacity(256);
             let mut deliveries = std::mem::take(&mut self.retry_deliveries);
             // Blocks reported delivered but not yet deleted (that happens at this turn's
             // commit): never listed or read again, or a shipper started meanwhile (a config
@@ -1739,8 +1740,8 @@ impl Worker {
         // when the route has a placement, else the record's own.
         let placements = self.stats.placements.snapshot();
         let mut groups: Vec<(&str, String, Vec<usize>)> = Vec::new();
-        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut by_block: HashMap<(&str, String), usize> = HashMap::new();
+        let mut index: foldhash::HashMap<(&str, &str), usize> = Default::default();
+        let mut by_block: foldhash::HashMap<(&str, String), usize> = Default::default();
         for (i, incoming) in accepted.iter().enumerate() {
             fx.received += 1;
             if let Some(r) = &incoming.receipt {

@@ -15,7 +15,7 @@
 //! Shippers set the placement of their routes; the spool thread reads it once per commit. No
 //! I/O, no clock.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// The buckets of one route: its destination's open shards.
