@@ -523,25 +523,28 @@ mod tests {
                 let key = format!("dev-{}", i % 5);
                 crate::frame::encode_record_v2(&mut v2, i, i, &key, "t", payload.as_bytes());
             }
-            Body {
-                records: n as u32,
-                bytes: v2.leak(),
+            (n as u32, v2)
+        };
+        fn body((records, bytes): &(u32, Vec<u8>)) -> [Body<'_>; 1] {
+            [Body {
+                records: *records,
+                bytes,
                 version: VERSION_2,
                 key: "gw\u{0}0",
-            }
-        };
+            }]
+        }
         let (small, large) = (run(100), run(4_000));
         let mut c = FrameEncoder::new(FrameFormat::Edgeship, 1).unwrap();
         let capacity = |c: &FrameEncoder| match c {
             FrameEncoder::Edgeship(_, columns) => columns.capacity(),
             _ => unreachable!(),
         };
-        c.encode_fitting("gw", "gw\u{0}0", &[small], 1 << 20)
+        c.encode_fitting("gw", "gw\u{0}0", &body(&small), 1 << 20)
             .unwrap();
         c.idle();
         let kept = capacity(&c);
         assert!(kept >= 100 * 190, "{kept}");
-        c.encode_fitting("gw", "gw\u{0}0", &[large], 1 << 20)
+        c.encode_fitting("gw", "gw\u{0}0", &body(&large), 1 << 20)
             .unwrap();
         assert!(capacity(&c) > KEPT_SECTION_BYTES);
         c.idle();

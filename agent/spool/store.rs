@@ -1485,7 +1485,10 @@ impl Store {
                 s.execute(params![meta.id, route, key, meta.records, meta.raw_bytes, created_ms as i64, data, meta.version])
             })
             .map_err(|e| self.err(e))?;
-        self.recent.remember(meta.id, meta.clone(), body);
+        // The route's blocks not yet delivered, uncompressed (by this block's ratio).
+        let queued = self.pending_by_route.get(route).map_or(0, |p| p.1);
+        let queued = queued.saturating_mul(body.len() as u64) / (data.len() as u64).max(1);
+        self.recent.remember(meta.id, meta.clone(), body, queued);
         self.next_seq += records.len() as u64;
         self.ledger_host = Some((
             meta.id,

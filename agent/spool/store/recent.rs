@@ -7,7 +7,10 @@
 //! stored bytes, time and version):
 //! the store reads the row on every read, so a block that was deleted, split under the same
 //! id or written again after a rollback is read from the file. It holds at most its byte
-//! cap, dropping the oldest block first; a body larger than a quarter of the cap is not kept.
+//! cap, dropping the oldest block first; a body larger than a quarter of the cap is not kept,
+//! nor one queued behind more unsent blocks than the cap holds (a backlog, or a saturated
+//! stream's second of frames: the shipper would come to it after the cap dropped it, so
+//! keeping it would cost a copy and memory for nothing).
 //! It is never the only copy of anything: every body in it is in the spool file (committed,
 //! or in the transaction being built, which a rollback clears from here too), so losing it
 //! loses nothing.
@@ -31,9 +34,10 @@ impl<M: PartialEq> RecentBodies<M> {
         }
     }
 
-    /// Keeps the uncompressed body of block `id`, just appended as `meta`.
-    pub(super) fn remember(&mut self, id: i64, meta: M, body: &[u8]) {
-        if body.len() > self.cap / 4 {
+    /// Keeps the uncompressed body of block `id`, just appended as `meta` behind `queued`
+    /// bytes (uncompressed) of its route's blocks not yet delivered.
+    pub(super) fn remember(&mut self, id: i64, meta: M, body: &[u8], queued: u64) {
+        if body.len() > self.cap / 4 || queued.saturating_add(body.len() as u64) > self.cap as u64 {
             return;
         }
         self.forget(id);
@@ -87,8 +91,8 @@ mod tests {
     #[test]
     fn a_body_answers_only_for_the_row_it_was_kept_with() {
         let mut recent = RecentBodies::<Meta>::new(1_000);
-        recent.remember(1, (2, 100), &[1; 100]);
-        recent.remember(3, (2, 100), &[3; 100]);
+        recent.remember(1, (2, 100), &[1; 100], 0);
+        recent.remember(3, (2, 100), &[3; 100], 100);
         assert_eq!(recent.take(1, &(2, 100)), Some(vec![1; 100]));
         // Handed over once.
         assert!(!recent.holds(1));
@@ -103,18 +107,23 @@ mod tests {
     fn it_holds_its_cap_dropping_the_oldest_first() {
         let mut recent = RecentBodies::<Meta>::new(1_000);
         for id in 0..10 {
-            recent.remember(id, (1, 200), &[id as u8; 200]);
+            recent.remember(id, (1, 200), &[id as u8; 200], 0);
         }
         assert_eq!(recent.bytes(), 1_000);
         assert!((0..5).all(|id| !recent.holds(id)));
         assert!((5..10).all(|id| recent.holds(id)));
         // Over a quarter of the cap: not kept, and nothing dropped for it.
-        recent.remember(10, (1, 251), &[0; 251]);
+        recent.remember(10, (1, 251), &[0; 251], 0);
         assert!(!recent.holds(10) && recent.holds(5));
+        // Behind more than the cap holds: the shipper would not read it before it went.
+        recent.remember(11, (1, 200), &[0; 200], 801);
+        assert!(!recent.holds(11) && recent.holds(5));
+        recent.remember(11, (1, 200), &[0; 200], 800);
+        assert!(recent.holds(11) && !recent.holds(5));
         recent.forget(9);
         assert_eq!(recent.bytes(), 800);
         recent.clear();
         assert_eq!(recent.bytes(), 0);
-        assert!(!recent.holds(5));
+        assert!(!recent.holds(6));
     }
 }
