@@ -465,9 +465,12 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Stream
                 out.raw_records.push(data.to_vec());
                 out.messages.extend(f.records);
             }
-            if page.records().is_empty()
-                || page.millis_behind_latest() == Some(0) && page.records().len() < 1000
-            {
+            // Only an empty page is the end. The emulator counts MillisBehindLatest from the
+            // last record a page returns and cuts a page at 10 MB, so a page cut inside the
+            // records of the newest PutRecords call (one arrival time) reads 0 with more to
+            // come: taking that for the end lost the last 2,260 messages of a 1,000,000-message
+            // run once.
+            if page.records().is_empty() {
                 break;
             }
             iterator = page.next_shard_iterator().map(str::to_string);
