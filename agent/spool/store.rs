@@ -2554,6 +2554,17 @@ mod tests {
             vec![b"b2".to_vec(), b"b3".to_vec()]
         );
         assert_eq!(s.recent.bytes(), 0);
+        // Behind more undelivered blocks of its route than the memory keeps (six blocks of
+        // 200 KB of noise), a block is left to the file: the shipper reaches it later.
+        let payloads: Vec<Vec<u8>> = (0..7).map(|i| noise(i, 200_000)).collect();
+        s.begin().unwrap();
+        let blocks: Vec<BlockMeta> = payloads
+            .iter()
+            .map(|p| s.append_block("r", "k", &[rec("t", p)], &mut body).unwrap())
+            .collect();
+        s.commit().unwrap();
+        let kept: Vec<bool> = blocks.iter().map(|b| s.recent.holds(b.id)).collect();
+        assert_eq!(kept, [true, true, true, true, true, false, false]);
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! write) takes neither the blob from the file nor a zstd decompression.
 //!
 //! A kept body only answers for a block whose row still says what it said when the body was
-//! kept (the same description: the store's block meta, with route, key, records, raw and
-//! stored bytes, time and version):
+//! kept (the store's block meta: route, key, records, raw and stored bytes, time, version):
 //! the store reads the row on every read, so a block that was deleted, split under the same
 //! id or written again after a rollback is read from the file. It holds at most its byte
-//! cap, dropping the oldest block first; a body larger than a quarter of the cap is not kept,
-//! nor one queued behind more unsent blocks than the cap holds (a backlog, or a saturated
-//! stream's second of frames: the shipper would come to it after the cap dropped it, so
-//! keeping it would cost a copy and memory for nothing).
+//! cap, dropping the oldest block first. It does not keep a body larger than a quarter of the
+//! cap, nor one queued behind more undelivered blocks than the cap holds (a backlog, or a
+//! saturated stream's second of frames): the shipper would come to it after the cap dropped
+//! it, so keeping it would cost a copy and memory for nothing.
+//!
 //! It is never the only copy of anything: every body in it is in the spool file (committed,
 //! or in the transaction being built, which a rollback clears from here too), so losing it
 //! loses nothing.
