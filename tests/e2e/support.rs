@@ -18,12 +18,59 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// A loopback port nothing listens on, for a server a test starts (and may restart on it).
+///
+/// Ports come from the ten thousand just below the kernel's ephemeral range, each handed out
+/// once per process. A port the kernel chooses (a `bind` to port 0, or the local end of an
+/// outgoing connection) lies in that range, so while a test keeps a server down nothing else
+/// takes its port. (A kernel-chosen port could be taken: the restarted server then failed to
+/// bind while another test's server answered there, and the agent talked to that server; or
+/// an agent reconnecting to the dead port could draw it as its own local port and connect to
+/// itself.) Each candidate is tried with a bind, so a port another program holds is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    static NEXT: OnceLock<(u16, u16, std::sync::atomic::AtomicU32)> = OnceLock::new();
+    let (low, size, next) = NEXT.get_or_init(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        let low = ephemeral_low.saturating_sub(10_000).max(1024);
+        let start = std::process::id() % 997 * 10;
+        (
+            low,
+            ephemeral_low - low,
+            std::sync::atomic::AtomicU32::new(start),
+        )
+    });
+    for _ in 0..*size {
+        let port = low + (next.fetch_add(1, Ordering::Relaxed) % u32::from(*size)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{}", low + size);
+}
+
+#[cfg(test)]
+#[test]
+fn free_ports_lie_below_the_kernels_range_and_are_handed_out_once() {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .unwrap()
-        .local_addr()
+        .split_whitespace()
+        .next()
         .unwrap()
-        .port()
+        .parse()
+        .unwrap();
+    let chosen: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    let kernels = TcpListener::bind("127.0.0.1:0").unwrap();
+    let kernels = kernels.local_addr().unwrap().port();
+    assert!(kernels >= ephemeral_low, "the kernel chose {kernels}");
+    for p in &chosen {
+        assert!(*p < ephemeral_low, "{p} is in the kernel's range");
+        assert_ne!(*p, kernels);
+    }
+    let distinct: std::collections::BTreeSet<u16> = chosen.iter().copied().collect();
+    assert_eq!(distinct.len(), chosen.len(), "a port was handed out twice");
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` and the last state after `timeout`.
