@@ -150,9 +150,7 @@ impl FrameEncoder {
     ) -> Result<Vec<u8>, EncodeError> {
         match self {
             FrameEncoder::Edgeship(compressor, columns) if version == VERSION_2 => {
-                columns.clear();
-                columns.push_body(raw, records as u32, version, key)?;
-                Ok(encode_frame_v3(gateway, columns, Some(compressor))?)
+                frame_of_v2_bodies(compressor, columns, gateway, key, [(raw, records as u32)])
             }
             FrameEncoder::Edgeship(compressor, _) => Ok(encode_frame_in(
                 version,
@@ -221,11 +219,8 @@ impl FrameEncoder {
             FrameEncoder::Edgeship(compressor, columns)
                 if bodies.iter().all(|b| b.version == VERSION_2) =>
             {
-                columns.clear();
-                for b in bodies {
-                    columns.push_body(b.bytes, b.records, b.version, key)?;
-                }
-                encode_frame_v3(gateway, columns, Some(compressor))?
+                let bodies = bodies.iter().map(|b| (b.bytes, b.records));
+                frame_of_v2_bodies(compressor, columns, gateway, key, bodies)?
             }
             _ => {
                 let mut raw = Vec::with_capacity(raw_bytes as usize);
@@ -288,6 +283,22 @@ impl FrameEncoder {
         }
         Ok(())
     }
+}
+
+/// A frame of version 3 holding version 2 bodies (each its bytes and record count), every
+/// body pushed into the frame's sections as it is.
+fn frame_of_v2_bodies<'a>(
+    compressor: &mut zstd::bulk::Compressor<'static>,
+    columns: &mut ColumnBody,
+    gateway: &str,
+    key: &str,
+    bodies: impl IntoIterator<Item = (&'a [u8], u32)>,
+) -> Result<Vec<u8>, EncodeError> {
+    columns.clear();
+    for (bytes, records) in bodies {
+        columns.push_body(bytes, records, VERSION_2, key)?;
+    }
+    Ok(encode_frame_v3(gateway, columns, Some(compressor))?)
 }
 
 /// Section buffers an idle encoder keeps (index and payloads together): a frame of one 25 KiB
