@@ -2017,3 +2017,86 @@ pub fn partitions_of(
         })
         .collect()
 }
+
+/// The stream reader against a page the emulator cuts inside one PutRecords call's records:
+/// the emulator counts MillisBehindLatest from a page's last record, so that page reads 0
+/// with records still to come, and a reader that took such a page for the end of the shard
+/// missed the rest. 13 frames of about 1 MB in calls of 3, 5 and 5: a page of at most 10 MB
+/// ends inside the third call.
+#[cfg(test)]
+#[test]
+fn the_stream_reader_reads_past_a_page_cut_inside_the_newest_call() {
+    use aws_sdk_kinesis::primitives::Blob;
+    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+    let rt = runtime();
+    let client = rt.block_on(kinesis_client(&kinesis().endpoint()));
+    let name = "e2e-reader-pages";
+    rt.block_on(create_stream(&client, name, 1));
+    let frames: Vec<Vec<u8>> = (0..13u64)
+        .map(|i| {
+            let payload: Vec<u8> = (0..999_000u64).map(|b| (b * 7 + i * 13) as u8).collect();
+            let mut body = Vec::new();
+            frame::encode_record(&mut body, i, 1_700_000_000_000 + i, "pages/one", &payload);
+            frame::encode_frame("gw-pages", 1, &body, None).unwrap()
+        })
+        .collect();
+    rt.block_on(async {
+        for call in [&frames[..3], &frames[3..8], &frames[8..]] {
+            let entries = call.iter().map(|f| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(f.clone()))
+                    .partition_key("k")
+                    .build()
+                    .unwrap()
+            });
+            let answer = client
+                .put_records()
+                .stream_name(name)
+                .set_records(Some(entries.collect()))
+                .send()
+                .await
+                .expect("PutRecords");
+            assert_eq!(answer.failed_record_count(), Some(0));
+        }
+    });
+    // The condition the reader must survive: the first page is cut short with 0 behind.
+    let first = rt.block_on(async {
+        let shard = client.list_shards().stream_name(name).send().await.unwrap();
+        let iterator = client
+            .get_shard_iterator()
+            .stream_name(name)
+            .shard_id(shard.shards()[0].shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap();
+        client
+            .get_records()
+            .shard_iterator(iterator.shard_iterator().unwrap())
+            .limit(1000)
+            .send()
+            .await
+            .unwrap()
+    });
+    assert!(
+        first.records().len() > 8 && first.records().len() < frames.len(),
+        "the emulator's first page holds {} of {} records, not a cut inside the third call",
+        first.records().len(),
+        frames.len()
+    );
+    assert_eq!(first.millis_behind_latest(), Some(0));
+
+    let contents = rt.block_on(read_stream(&client, name));
+    assert_eq!(
+        contents.raw_records.len(),
+        frames.len(),
+        "records read back"
+    );
+    assert!(
+        contents.raw_records == frames,
+        "every record, in order, byte for byte"
+    );
+    assert_eq!(contents.messages.len(), frames.len());
+    let seqs: Vec<u64> = contents.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (0..13).collect::<Vec<u64>>());
+}
