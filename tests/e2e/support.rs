@@ -2085,6 +2085,11 @@ fn the_stream_reader_reads_past_a_page_cut_inside_the_newest_call() {
         frames.len()
     );
     assert_eq!(first.millis_behind_latest(), Some(0));
+    eprintln!(
+        "the emulator's first page: {} of {} records, 0 ms behind",
+        first.records().len(),
+        frames.len()
+    );
 
     let contents = rt.block_on(read_stream(&client, name));
     assert_eq!(
