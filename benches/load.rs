@@ -129,19 +129,10 @@ fn pub_ms(payload: &[u8]) -> Option<u64> {
 
 /// Busy and total CPU ticks of the whole machine since boot (/proc/stat), for its load.
 fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
+    let ticks = machine_cpu_ticks();
+    let total: u64 = ticks.iter().sum();
     // idle and iowait are the fourth and fifth.
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    (total - ticks[3] - ticks[4], total)
 }
 
 /// CPU seconds a set of processes and the machine spent over one phase.

@@ -40,11 +40,17 @@
 //! message found (the program fails if one is missing). Two rates are reported: ingest (every
 //! message stored in the spool, so acked) and end to end (every message accepted by Kinesis);
 //! a shard takes 1 MiB/s, so with one shard a fast machine's end-to-end rate is the shard's.
+//! Where the machine went is printed per shape too: the cores each process kept busy, the
+//! cores idle, waiting on the disk and taken by the host, and how much of the time the spool
+//! spent committing (a slow commit fills the intake's window and the broker waits).
 //! With `--alone` the route feeds only the Kafka topic or the Firehose delivery stream and the
 //! stream's columns are empty: the delivery stream's objects are read back (every message
 //! found once); the topic is checked by its end offsets and the records the agent saw
 //! accepted (tansu reads 200,000 records back slower than the run). It asserts nothing about
 //! speed.
+
+// The JSON report is one `json!` literal, nested deeper than the macro's default limit.
+#![recursion_limit = "256"]
 
 #[path = "../tests/e2e/support.rs"]
 mod support;
@@ -508,6 +514,47 @@ struct Cores {
     /// This program: the publishers and its polling of the spool's accounting (without the
     /// do-nothing subscriber it runs beside the agent at a fixed rate).
     program: f64,
+    /// The whole machine (`/proc/stat`): cores idle, idle waiting on the disk, and taken by
+    /// the host for others (steal).
+    idle: f64,
+    iowait: f64,
+    steal: f64,
+    /// Of the wall time, the share the spool spent committing, and commits that took more
+    /// than 131 ms (2^17 us, an exported bound): while one lasts the intake's window fills
+    /// and the broker waits for acks.
+    committing: f64,
+    slow_commits: u64,
+}
+
+/// The whole machine's idle, iowait and steal time since boot, in seconds.
+fn machine_idle_s() -> [f64; 3] {
+    let ticks = machine_cpu_ticks();
+    [ticks[3], ticks[4], ticks[7]].map(|t| t as f64 / 100.0)
+}
+
+/// The spool's commit time so far (seconds) and how many commits took longer than 2^17 us.
+fn commit_time(scrape: &Scrape) -> (f64, u64) {
+    let name = "edgeship_spool_commit_duration_seconds";
+    let all = scrape.sum(&format!("{name}_count"), &[]);
+    let quick = scrape
+        .samples
+        .iter()
+        .filter(|(n, _, _)| *n == format!("{name}_bucket"))
+        .filter_map(|(_, labels, v)| {
+            let le = labels
+                .iter()
+                .find(|(k, _)| k == "le")?
+                .1
+                .parse::<f64>()
+                .ok()?;
+            (le > 0.131 && le < 0.132).then_some(*v)
+        })
+        .next()
+        .expect("a commit duration bucket at 2^17 us");
+    (
+        scrape.sum(&format!("{name}_sum"), &[]),
+        (all - quick) as u64,
+    )
 }
 
 /// The Kafka destination's figures.
@@ -707,7 +754,10 @@ fn run_shape(
     // The agent's own CPU time (getrusage: microseconds, exited threads included), where
     // /proc's counts whole 10 ms ticks: at 20 msg/s a tick is 16.7 us per message of a
     // 30 s shape.
-    let cpu_before = agent.scrape().sum("process_cpu_seconds_total", &[]);
+    let scrape_before = agent.scrape();
+    let cpu_before = scrape_before.sum("process_cpu_seconds_total", &[]);
+    let commits_before = commit_time(&scrape_before);
+    let machine_before = machine_idle_s();
     let reference = shape
         .rate
         .map(|_| reference_subscriber(broker_port, shape.protocol, total));
@@ -734,7 +784,10 @@ fn run_shape(
     );
     let elapsed = start.elapsed().as_secs_f64();
     let after = proc_stats(pid);
-    let agent_cpu_s = agent.scrape().sum("process_cpu_seconds_total", &[]) - cpu_before;
+    let machine_after = machine_idle_s();
+    let scrape_after = agent.scrape();
+    let agent_cpu_s = scrape_after.sum("process_cpu_seconds_total", &[]) - cpu_before;
+    let commits_after = commit_time(&scrape_after);
     let ingest_per_s = total as f64 / ingested.unwrap_or(elapsed);
     let others_after = others.map(|p| proc_stats(p).cpu_s);
     // It has taken every message by now, or does in a moment (the broker sent it each one
@@ -749,6 +802,11 @@ fn run_shape(
         // The do-nothing subscriber's thread runs in this program: its time is its own
         // table's, not the publishers'.
         program: (program_cpu - reference_cpu_s.unwrap_or(0.0) / elapsed).max(0.0),
+        idle: (machine_after[0] - machine_before[0]) / elapsed,
+        iowait: (machine_after[1] - machine_before[1]) / elapsed,
+        steal: (machine_after[2] - machine_before[2]) / elapsed,
+        committing: (commits_after.0 - commits_before.0) / elapsed,
+        slow_commits: commits_after.1 - commits_before.1,
     };
     let published = rt.block_on(publisher).unwrap();
     let scrape = agent.scrape();
@@ -1114,19 +1172,37 @@ fn main() {
         "Cores kept busy from the first publish to the last message accepted ({machine} on this machine; broker: Mosquitto, emulator: {emulator}, publishers: this program):"
     );
     println!(
-        "{:<52} {:>7} {:>7} {:>9} {:>11} {:>7}",
-        "shape", "agent", "broker", "emulator", "publishers", "total"
+        "(idle, iowait: the machine's cores idle, and idle waiting on the disk; steal: taken by the host; committing: share of the time the spool spent in commits; slow: commits over 131 ms)"
+    );
+    println!(
+        "{:<52} {:>7} {:>7} {:>9} {:>11} {:>7} {:>6} {:>7} {:>6} {:>11} {:>5}",
+        "shape",
+        "agent",
+        "broker",
+        "emulator",
+        "publishers",
+        "total",
+        "idle",
+        "iowait",
+        "steal",
+        "committing",
+        "slow"
     );
     for (shape, f) in &results {
         let c = &f.cores;
         println!(
-            "{:<52} {:>7.2} {:>7.2} {:>9.2} {:>11.2} {:>7.2}",
+            "{:<52} {:>7.2} {:>7.2} {:>9.2} {:>11.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>11.2} {:>5}",
             shape.name(),
             c.agent,
             c.broker,
             c.emulator,
             c.program,
-            c.agent + c.broker + c.emulator + c.program
+            c.agent + c.broker + c.emulator + c.program,
+            c.idle,
+            c.iowait,
+            c.steal,
+            c.committing,
+            c.slow_commits
         );
     }
     if results
@@ -1261,6 +1337,13 @@ fn main() {
                 "emulator": f.cores.emulator,
                 "publishers": f.cores.program,
             },
+            "machine_cores": {
+                "idle": f.cores.idle,
+                "iowait": f.cores.iowait,
+                "steal": f.cores.steal,
+            },
+            "spool_committing_share": f.cores.committing,
+            "commits_over_131ms": f.cores.slow_commits,
             "s3": f.s3.as_ref().map(|s3| serde_json::json!({
                 "objects": s3.objects,
                 "object_bytes_per_payload_byte": s3.bytes_per_payload,

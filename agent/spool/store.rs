@@ -2554,8 +2554,9 @@ mod tests {
             vec![b"b2".to_vec(), b"b3".to_vec()]
         );
         assert_eq!(s.recent.bytes(), 0);
-        // Behind more undelivered blocks of its route than the memory keeps (six blocks of
-        // 200 KB of noise), a block is left to the file: the shipper reaches it later.
+        // Behind more undelivered blocks of its route than the memory keeps (seven blocks of
+        // 200 KB of noise: five fit in 1 MiB), a block is left to the file: the shipper
+        // reaches it later.
         let payloads: Vec<Vec<u8>> = (0..7).map(|i| noise(i, 200_000)).collect();
         s.begin().unwrap();
         let blocks: Vec<BlockMeta> = payloads
