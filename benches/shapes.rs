@@ -505,8 +505,9 @@ fn read_firehose(s3: &S3Server, hose: &str, folder: &std::path::Path) -> Firehos
     read
 }
 
-/// Cores each process kept busy from the first publish until Kinesis accepted the last
-/// message (CPU seconds over wall seconds): where the machine went while the agent ran.
+/// Where the machine went while the agent ran, from the first publish until Kinesis accepted
+/// the last message: the cores each process kept busy (CPU seconds over wall seconds), the
+/// cores left idle, and the time the spool spent committing.
 struct Cores {
     agent: f64,
     broker: f64,
