@@ -533,25 +533,24 @@ fn machine_idle_s() -> [f64; 3] {
     [ticks[3], ticks[4], ticks[7]].map(|t| t as f64 / 100.0)
 }
 
-/// The spool's commit time so far (seconds) and how many commits took longer than 2^17 us.
+/// The spool's commit time so far (seconds) and how many commits took longer than 2^17 us
+/// (131 ms, one of the bounds the agent exports).
 fn commit_time(scrape: &Scrape) -> (f64, u64) {
+    const SLOW_S: f64 = (1u64 << 17) as f64 / 1e6;
     let name = "edgeship_spool_commit_duration_seconds";
-    let all = scrape.sum(&format!("{name}_count"), &[]);
+    let buckets = format!("{name}_bucket");
     let quick = scrape
         .samples
         .iter()
-        .filter(|(n, _, _)| *n == format!("{name}_bucket"))
-        .filter_map(|(_, labels, v)| {
-            let le = labels
-                .iter()
-                .find(|(k, _)| k == "le")?
-                .1
-                .parse::<f64>()
-                .ok()?;
-            (le > 0.131 && le < 0.132).then_some(*v)
+        .find(|(n, labels, _)| {
+            *n == buckets
+                && labels
+                    .iter()
+                    .any(|(k, v)| k == "le" && v.parse::<f64>() == Ok(SLOW_S))
         })
-        .next()
+        .map(|(_, _, v)| *v)
         .expect("a commit duration bucket at 2^17 us");
+    let all = scrape.sum(&format!("{name}_count"), &[]);
     (
         scrape.sum(&format!("{name}_sum"), &[]),
         (all - quick) as u64,
