@@ -9,6 +9,10 @@ use std::time::Duration;
 pub(crate) struct BatchConfig {
     /// How long a partly filled frame may wait for more records before it is sent.
     pub(crate) linger: Duration,
+    /// How long a frame that holds less than one billing unit of its destination (a Kinesis
+    /// PUT payload unit) when its linger is up may wait on for more, in all. `linger`
+    /// unless configured: no frame waits on.
+    pub(crate) max_linger: Duration,
     /// Target uncompressed bytes per frame.
     pub(crate) frame_bytes: u64,
     /// Whether the config chose `frame_bytes` (else the default, which a shipper lowers to
@@ -21,6 +25,9 @@ pub(crate) struct BatchConfig {
     /// (Kinesis: 5 MiB). Smaller calls hold less memory and match a shard's 1 MiB/s.
     pub(crate) max_call_bytes: u64,
 }
+
+/// The longest `max_linger`: longer is more likely a unit mistaken than a wish.
+const MAX_LINGER: Duration = Duration::from_secs(3600);
 
 pub(super) fn batch(raw: RawBatch, src: &Source) -> Result<BatchConfig, ConfigError> {
     let zstd_level = match raw.zstd_level {
@@ -38,8 +45,21 @@ pub(super) fn batch(raw: RawBatch, src: &Source) -> Result<BatchConfig, ConfigEr
         }
         None => 3,
     };
+    let linger = raw.linger.map_or(Duration::from_secs(1), |d| d.0);
+    let max_linger = raw.max_linger.map(|d| d.0);
+    if max_linger.is_some_and(|m| m < linger) {
+        return Err(src.error_at(None, "batch.max_linger", "must be at least linger"));
+    }
+    if max_linger.is_some_and(|m| m > MAX_LINGER) {
+        return Err(src.error_at(
+            None,
+            "batch.max_linger",
+            "must be at most 1h (records wait in the spool this long)",
+        ));
+    }
     let batch = BatchConfig {
-        linger: raw.linger.map_or(Duration::from_secs(1), |d| d.0),
+        linger,
+        max_linger: max_linger.unwrap_or(linger),
         frame_bytes: raw.frame_bytes.unwrap_or(ByteSize(1 << 20)).bytes(),
         frame_bytes_set: raw.frame_bytes.is_some(),
         zstd_level,

@@ -201,7 +201,7 @@ fn validate(raw: RawConfig, src: &Source) -> Result<Config, ConfigError> {
     };
 
     let batch = batch::batch(raw.batch, src)?;
-    let spool = spool::spool(raw.spool, batch.linger, src)?;
+    let spool = spool::spool(raw.spool, batch.max_linger, src)?;
     let destinations = destination::destinations(raw.destination, src)?;
     let routes = route::routes(raw.route, &destinations, &batch, src)?;
     let brokers = broker::brokers(raw.broker, &gateway_id, &batch, src)?;
@@ -485,6 +485,36 @@ stream = "s"
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least commit_interval"), "{e}");
+    }
+
+    /// `max_linger` is the linger unless set; set, it is at least the linger and at most an
+    /// hour. The spool's commit wait follows it as it follows a longer linger.
+    #[test]
+    fn max_linger_is_the_linger_unless_set_and_never_below_it() {
+        let with = |batch: &str| Config::parse(&format!("{MINIMAL}[batch]\n{batch}"), "m.toml");
+        let c = with("linger = \"2s\"\n").unwrap();
+        assert_eq!(c.batch.max_linger, Duration::from_secs(2));
+        let c = with("max_linger = \"60s\"\n").unwrap();
+        assert_eq!(
+            (c.batch.linger, c.batch.max_linger, c.spool.commit_max_wait),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+                Duration::from_secs(10)
+            )
+        );
+        let e = with("linger = \"5s\"\nmax_linger = \"2s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("batch.max_linger") && e.contains("at least linger"),
+            "{e}"
+        );
+        let e = with("max_linger = \"2h\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("batch.max_linger") && e.contains("at most 1h"),
+            "{e}"
+        );
     }
 
     /// Left out, `commit_max_wait` is the frames' linger when that is longer than a second

@@ -153,6 +153,7 @@ pub enum SyncLevel {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBatch {
     pub(crate) linger: Option<HumanDuration>,
+    pub(crate) max_linger: Option<HumanDuration>,
     pub(crate) frame_bytes: Option<ByteSize>,
     pub(crate) zstd_level: Option<Spanned<i32>>,
     pub(crate) max_message_bytes: Option<ByteSize>,

@@ -5,11 +5,18 @@
 //! the group is the shard the blocks go to when the caller knows it (blocks of many keys, and
 //! of buckets, share frames; one open frame per shard keeps each key's order), else the
 //! block's own key. It closes when the next block would pass the raw-size target or when its
-//! oldest record has waited `linger`. A record's age is read from the wall clock once, when
-//! its block is planned; from then on lingering runs on the monotonic clock, so a clock step
-//! (NTP, a gateway that learns the date late) never holds a frame back by more than `linger`.
+//! oldest record has waited `linger`, unless it holds less than its route's fill (15/16 of
+//! the raw bytes that encode to one billing unit of the destination, a Kinesis PUT payload
+//! unit, as far as the route's frames have shown): then it waits on for more, until it fills
+//! or its oldest record has waited `max_linger` (which is `linger` unless configured longer,
+//! so by default no frame waits on); a block that would take such a frame past one unit
+//! starts the next frame instead, so a frame that waited on costs one unit. A record's
+//! age is read from the wall clock once, when its block is planned; from then on lingering
+//! runs on the monotonic clock, so a clock step (NTP, a gateway that learns the date late)
+//! never holds a frame back by more than `max_linger`.
 //! Which frames make a call is the shipper's state's business (`ship::state`).
 
+use crate::frame::encoder::PLANNED_FILL;
 use crate::spool::BlockMeta;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -27,26 +34,54 @@ pub struct FramePlan {
     pub(crate) records: u64,
     /// When the frame's oldest record has waited `linger`.
     pub(crate) due: Instant,
+    /// When it has waited `max_linger`: a frame under its route's fill closes then.
+    deadline: Instant,
+}
+
+/// When a frame's oldest record has waited `linger` and `max_linger`.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    due: Instant,
+    deadline: Instant,
 }
 
 impl FramePlan {
-    fn new(block: BlockMeta, group: String, due: Instant) -> FramePlan {
+    fn new(block: BlockMeta, group: String, at: Times) -> FramePlan {
         FramePlan {
             route: block.route.clone(),
             group,
             key: block.key.clone(),
             raw_bytes: u64::from(block.raw_bytes),
             records: u64::from(block.records),
-            due,
+            due: at.due,
+            deadline: at.deadline,
             blocks: vec![block],
         }
     }
 
-    fn add(&mut self, block: BlockMeta, due: Instant) {
+    fn add(&mut self, block: BlockMeta, at: Times) {
         self.raw_bytes += u64::from(block.raw_bytes);
         self.records += u64::from(block.records);
-        self.due = self.due.min(due);
+        self.due = self.due.min(at.due);
+        self.deadline = self.deadline.min(at.deadline);
         self.blocks.push(block);
+    }
+
+    fn times(&self) -> Times {
+        Times {
+            due: self.due,
+            deadline: self.deadline,
+        }
+    }
+
+    /// When it closes unless it fills its raw-size target first: at `due` once it holds
+    /// `fill` raw bytes, else at `deadline`.
+    fn closes_at(&self, fill: u64) -> Instant {
+        if self.raw_bytes >= fill {
+            self.due
+        } else {
+            self.deadline
+        }
     }
 
     #[cfg(test)]
@@ -56,15 +91,13 @@ impl FramePlan {
 }
 
 /// `blocks` (of one route and group, in order) planned as frames of at most `target` raw
-/// bytes each (a block larger than that on its own is a frame of one), all due at `due`.
-fn plan_runs(blocks: Vec<BlockMeta>, group: &str, due: Instant, target: u64) -> Vec<FramePlan> {
+/// bytes each (a block larger than that on its own is a frame of one), all closing at `at`.
+fn plan_runs(blocks: Vec<BlockMeta>, group: &str, at: Times, target: u64) -> Vec<FramePlan> {
     let mut runs: Vec<FramePlan> = Vec::new();
     for block in blocks {
         match runs.last_mut() {
-            Some(run) if run.raw_bytes + u64::from(block.raw_bytes) <= target => {
-                run.add(block, due)
-            }
-            _ => runs.push(FramePlan::new(block, group.to_string(), due)),
+            Some(run) if run.raw_bytes + u64::from(block.raw_bytes) <= target => run.add(block, at),
+            _ => runs.push(FramePlan::new(block, group.to_string(), at)),
         }
     }
     runs
@@ -76,6 +109,12 @@ pub struct Batcher {
     /// larger than raw (see [`Batcher::set_target`]).
     route_targets: Vec<(String, u64)>,
     linger: Duration,
+    /// How long a frame under its route's fill may wait in all (at least `linger`).
+    max_linger: Duration,
+    /// Raw bytes that encode to one billing unit, for routes without their own (see
+    /// [`Batcher::set_unit`]); 0: no frame waits on.
+    unit_raw_bytes: u64,
+    route_units: Vec<(String, u64)>,
     /// Frames still filling; one per (route, key) seen recently. Few: routes x keys in flight.
     open: Vec<FramePlan>,
     ready: VecDeque<FramePlan>,
@@ -87,8 +126,52 @@ impl Batcher {
             target_raw_bytes,
             route_targets: Vec::new(),
             linger,
+            max_linger: linger,
+            unit_raw_bytes: 0,
+            route_units: Vec::new(),
             open: Vec::new(),
             ready: VecDeque::new(),
+        }
+    }
+
+    /// Lets a frame that holds less than its fill when its linger is up wait on for more,
+    /// until its oldest record has waited `max_linger` (no longer than `linger` is taken as
+    /// `linger`: no frame waits on). `unit_raw_bytes`: the raw bytes that encode to one
+    /// billing unit, until a route's own are set.
+    pub(crate) fn lingering(mut self, max_linger: Duration, unit_raw_bytes: u64) -> Batcher {
+        self.max_linger = max_linger.max(self.linger);
+        self.unit_raw_bytes = unit_raw_bytes;
+        self
+    }
+
+    /// The raw bytes that encode to one billing unit on a route.
+    fn unit(&self, route: &str) -> u64 {
+        self.route_units
+            .iter()
+            .find(|(r, _)| r == route)
+            .map_or(self.unit_raw_bytes, |(_, u)| *u)
+    }
+
+    /// What a route's frame holds at least to go at its linger: [`PLANNED_FILL`] of a unit
+    /// (encodings vary a little with the records they hold).
+    fn fill(&self, route: &str) -> u64 {
+        (self.unit(route) as f64 * PLANNED_FILL) as u64
+    }
+
+    /// A frame waiting on past its linger for more records, at `now` (never without a
+    /// `max_linger` longer than the linger: a frame then takes what is leased with it).
+    fn waits_on(&self, frame: &FramePlan, now: Instant) -> bool {
+        self.max_linger > self.linger
+            && frame.due <= now
+            && frame.raw_bytes < self.fill(&frame.route)
+    }
+
+    /// A route's records encode to one billing unit at `raw_bytes` from now on (by the
+    /// encoded size per raw byte its frames have shown).
+    pub(crate) fn set_unit(&mut self, route: &str, raw_bytes: u64) {
+        match self.route_units.iter_mut().find(|(r, _)| r == route) {
+            Some((_, u)) => *u = raw_bytes,
+            None => self.route_units.push((route.to_string(), raw_bytes)),
         }
     }
 
@@ -124,15 +207,19 @@ impl Batcher {
         }
         // Each group's planned blocks, ready frames' first (they are older), then its open
         // frame's, planned again at the target where the group's first ready frame was.
-        let mut groups: Vec<(String, Vec<BlockMeta>, Instant, bool)> = Vec::new();
+        let mut groups: Vec<(String, Vec<BlockMeta>, Times, bool)> = Vec::new();
         let mut gather =
             |f: FramePlan, open: bool| match groups.iter_mut().find(|(g, ..)| *g == f.group) {
-                Some((_, blocks, due, was_open)) => {
+                Some((_, blocks, at, was_open)) => {
+                    at.due = at.due.min(f.due);
+                    at.deadline = at.deadline.min(f.deadline);
                     blocks.extend(f.blocks);
-                    *due = (*due).min(f.due);
                     *was_open |= open;
                 }
-                None => groups.push((f.group, f.blocks, f.due, open)),
+                None => {
+                    let at = f.times();
+                    groups.push((f.group, f.blocks, at, open))
+                }
             };
         let mut kept = VecDeque::with_capacity(self.ready.len());
         let mut order = Vec::new();
@@ -156,8 +243,8 @@ impl Batcher {
         }
         let mut planned: Vec<_> = groups
             .into_iter()
-            .map(|(group, blocks, due, open)| {
-                let mut runs = plan_runs(blocks, &group, due, target);
+            .map(|(group, blocks, at, open)| {
+                let mut runs = plan_runs(blocks, &group, at, target);
                 // The last run of a group that had an open frame stays open unless full.
                 let last = if open && runs.last().is_some_and(|r| r.raw_bytes < target) {
                     runs.pop()
@@ -201,20 +288,28 @@ impl Batcher {
     pub fn push_in(&mut self, block: BlockMeta, group: String, now: Instant, now_ms: u64) {
         // A record from the future (the clock stepped back) counts as new.
         let age = Duration::from_millis(now_ms.saturating_sub(block.created_ms));
-        let due = now + self.linger.saturating_sub(age);
+        let at = Times {
+            due: now + self.linger.saturating_sub(age),
+            deadline: now + self.max_linger.saturating_sub(age),
+        };
         let target = self.target(&block.route);
         match self
             .open
             .iter()
             .position(|f| f.route == block.route && f.group == group)
         {
-            Some(i) if self.open[i].raw_bytes + u64::from(block.raw_bytes) > target => {
+            Some(i)
+                if self.open[i].raw_bytes + u64::from(block.raw_bytes) > target
+                    || (self.waits_on(&self.open[i], now)
+                        && self.open[i].raw_bytes + u64::from(block.raw_bytes)
+                            > self.unit(&block.route)) =>
+            {
                 let full = self.open.swap_remove(i);
                 self.ready.push_back(full);
-                self.open.push(FramePlan::new(block, group, due));
+                self.open.push(FramePlan::new(block, group, at));
             }
-            Some(i) => self.open[i].add(block, due),
-            None => self.open.push(FramePlan::new(block, group, due)),
+            Some(i) => self.open[i].add(block, at),
+            None => self.open.push(FramePlan::new(block, group, at)),
         }
         if let Some(i) = self
             .open
@@ -226,11 +321,22 @@ impl Batcher {
         }
     }
 
-    /// Closes frames whose oldest record has waited `linger` (all of them when `flush`).
+    /// Closes frames whose oldest record has waited `linger`, those under their route's fill
+    /// once it has waited `max_linger` (all of them when `flush`).
     pub fn close_due(&mut self, now: Instant, flush: bool) {
+        self.close_where(|b, f| flush || f.closes_at(b.fill(&f.route)) <= now);
+    }
+
+    /// Closes frames whose oldest record has waited `linger`, filled or not: nothing more is
+    /// coming soon to fill them.
+    pub(crate) fn close_lingered(&mut self, now: Instant) {
+        self.close_where(|_, f| f.due <= now);
+    }
+
+    fn close_where(&mut self, close: impl Fn(&Batcher, &FramePlan) -> bool) {
         let mut i = 0;
         while i < self.open.len() {
-            if flush || self.open[i].due <= now {
+            if close(self, &self.open[i]) {
                 let f = self.open.swap_remove(i);
                 self.ready.push_back(f);
             } else {
@@ -239,8 +345,16 @@ impl Batcher {
         }
     }
 
-    /// When the next open frame becomes due, if any.
+    /// When the next open frame closes, if any (see [`Batcher::close_due`]).
     pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.open
+            .iter()
+            .map(|f| f.closes_at(self.fill(&f.route)))
+            .min()
+    }
+
+    /// When the next open frame's oldest record has waited `linger`, filled or not.
+    pub(crate) fn next_linger(&self) -> Option<Instant> {
         self.open.iter().map(|f| f.due).min()
     }
 
@@ -251,15 +365,7 @@ impl Batcher {
 
     /// Closes the open frames that hold at least `raw_bytes`, before their linger.
     pub(crate) fn close_open_of(&mut self, raw_bytes: u64) {
-        let mut i = 0;
-        while i < self.open.len() {
-            if self.open[i].raw_bytes >= raw_bytes {
-                let f = self.open.swap_remove(i);
-                self.ready.push_back(f);
-            } else {
-                i += 1;
-            }
-        }
+        self.close_where(|_, f| f.raw_bytes >= raw_bytes);
     }
 
     pub fn take_ready(&mut self) -> Option<FramePlan> {
@@ -405,6 +511,99 @@ mod tests {
         b.close_due(t0 + ms(300), true);
         assert_eq!(b.take_ready().unwrap().block_ids(), vec![2]);
         assert_eq!(b.planned_raw_bytes(), 0);
+    }
+
+    /// With a `max_linger`, a frame under its route's fill when its linger is up waits on:
+    /// it closes once a block fills it (at once, its linger being up), or when its oldest
+    /// record has waited `max_linger`, or, when the intake is quiet, as soon as its linger is
+    /// up. A frame that filled within its linger goes at its linger as before.
+    #[test]
+    fn a_frame_under_its_fill_waits_on_until_it_fills_or_its_max_linger() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // A unit of 1,000 raw bytes: frames fill at 937.
+        let mut b = Batcher::new(1_000_000, s(1)).lingering(s(60), 1_000);
+        b.push(block(1, "a", 400, 1_000), t0, 1_000);
+        assert_eq!(b.next_linger(), Some(t0 + s(1)));
+        assert_eq!(b.next_due(), Some(t0 + s(60)), "under its fill");
+        b.close_due(t0 + s(5), false);
+        assert!(!b.has_ready());
+        // Filled 10 s in: due since its linger, so it closes at once.
+        b.push(block(2, "a", 550, 11_000), t0 + s(10), 11_000);
+        assert_eq!(b.next_due(), Some(t0 + s(1)));
+        b.close_due(t0 + s(10), false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![1, 2]);
+        // Never filled: it goes when its oldest record has waited a minute.
+        b.push(block(3, "a", 100, 20_000), t0 + s(20), 20_000);
+        b.push(block(4, "a", 100, 50_000), t0 + s(50), 50_000);
+        b.close_due(t0 + s(79), false);
+        assert!(!b.has_ready());
+        b.close_due(t0 + s(80), false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![3, 4]);
+        // Filled within its linger: it goes at its linger, not sooner.
+        b.push(block(5, "a", 1_500, 90_000), t0 + s(90), 90_000);
+        assert_eq!(b.next_due(), Some(t0 + s(91)));
+        // A route of its own unit (what encodes to one by its records' ratio).
+        let mut other = block(6, "a", 1_500, 90_000);
+        other.route = "s".into();
+        b.set_unit("s", 2_000);
+        b.push(other, t0 + s(90), 90_000);
+        b.close_due(t0 + s(91), false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![5]);
+        assert!(b.take_ready().is_none(), "route s waits on");
+        // Quiet: frames past their linger go, filled or not; younger ones stay.
+        b.push(block(7, "a", 100, 95_000), t0 + s(95), 95_000);
+        b.close_lingered(t0 + s(92));
+        let f = b.take_ready().unwrap();
+        assert_eq!((f.route.as_str(), f.block_ids()), ("s", vec![6]));
+        assert!(b.take_ready().is_none());
+        assert_eq!(b.next_linger(), Some(t0 + s(96)));
+        b.close_due(t0 + s(96), true);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![7]);
+    }
+
+    /// A block that would take a frame waiting on past one unit starts the next frame: the
+    /// frame that waited goes at once, at most a unit. Within its linger a frame takes what
+    /// comes, up to its size target, as without a `max_linger`.
+    #[test]
+    fn a_frame_waiting_on_never_takes_a_block_past_one_unit() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut b = Batcher::new(1_000_000, s(1)).lingering(s(60), 1_000);
+        b.push(block(1, "a", 800, 0), t0, 0);
+        b.push(block(2, "a", 300, 2_000), t0 + s(2), 2_000);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![1]);
+        assert!(b.take_ready().is_none(), "block 2 starts the next frame");
+        let half = Duration::from_millis(2_500);
+        b.push(block(3, "a", 900, 2_500), t0 + half, 2_500);
+        b.push(block(4, "a", 900, 2_500), t0 + half, 2_500);
+        assert!(
+            b.take_ready().is_none(),
+            "within its linger it takes what comes"
+        );
+        b.close_due(t0 + s(3), false);
+        assert_eq!(b.take_ready().unwrap().block_ids(), vec![2, 3, 4]);
+    }
+
+    /// Without a `max_linger` (or one no longer than `linger`), frames close at their linger
+    /// however little they hold.
+    #[test]
+    fn without_a_max_linger_no_frame_waits_on() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        for mut b in [
+            Batcher::new(1_000_000, s(1)),
+            Batcher::new(1_000_000, s(1)).lingering(s(1), 1_000),
+            Batcher::new(1_000_000, s(2)).lingering(s(1), 1_000),
+        ] {
+            b.push(block(1, "a", 100, 0), t0, 0);
+            let linger = b.next_linger();
+            assert_eq!(b.next_due(), linger);
+            // A block leased with a due frame joins it, even past a unit.
+            b.push(block(2, "a", 2_000, 0), linger.unwrap(), 5_000);
+            b.close_due(linger.unwrap(), false);
+            assert_eq!(b.take_ready().unwrap().block_ids(), vec![1, 2]);
+        }
     }
 
     #[test]

@@ -150,6 +150,8 @@ impl Shipper {
             name: name.to_string(),
             frame_bytes,
             linger: spec.batch.linger,
+            max_linger: spec.batch.max_linger,
+            billing_unit: sink.billing_unit_bytes(),
             call,
             max_queued_bytes: spec.max_queued_bytes,
             shard_limits: sink.shard_limits(),
@@ -446,6 +448,7 @@ mod tests {
             route_formats: Vec::new(),
             batch: BatchConfig {
                 linger: Duration::from_secs(1),
+                max_linger: Duration::from_secs(1),
                 frame_bytes: 1 << 20,
                 frame_bytes_set: true,
                 zstd_level: 3,

@@ -27,6 +27,11 @@
 //!   [`QUIET_FRAME_BYTES`], once the spool has committed nothing for a while (the longer of
 //!   [`QUIET`] and [`QUIET_GAPS`] times the stream's cadence between commits, see
 //!   [`cadence`]) and everything committed is planned.
+//! - With `max_linger` and a destination billed in units (Kinesis: a PUT payload unit), a
+//!   frame that holds less than a unit when its linger is up waits on ([`Batcher`]): its
+//!   commits are leased as they come, the lease that fills it commits first as below, and it
+//!   goes by `max_linger`, or once the intake is quiet. A route's unit in raw bytes follows
+//!   what its frames encode to, as its frames' size target does.
 //! - While a slow stream's frames linger, its commits wait to be leased until the first
 //!   frame is due or the intake would count as quiet ([`ShipState::leases_wait_until`]),
 //!   and the driver does not wake for them; commits count at the times the spool made them.
@@ -98,6 +103,10 @@ pub(crate) struct Settings {
     /// Target uncompressed bytes per frame, and how long a frame may wait for more.
     pub(crate) frame_bytes: u64,
     pub(crate) linger: Duration,
+    /// How long a frame under one billing unit may wait on past `linger` in all.
+    pub(crate) max_linger: Duration,
+    /// The destination's billing unit (see `Destination::billing_unit_bytes`).
+    pub(crate) billing_unit: Option<u64>,
     /// The destination's call limits, its byte limit lowered to the configured call size.
     pub(crate) call: CallLimits,
     /// Encoded frames held in memory stop growing past this; such frames' blocks are safe
@@ -234,7 +243,11 @@ pub(crate) struct ShipState {
 impl ShipState {
     pub(crate) fn new(settings: Settings, stats: Arc<ShipperStats>) -> ShipState {
         ShipState {
-            batcher: Batcher::new(settings.frame_bytes, settings.linger),
+            batcher: Batcher::new(settings.frame_bytes, settings.linger).lingering(
+                settings.max_linger,
+                // Before a route's first frame its records count as large as raw.
+                settings.billing_unit.unwrap_or(0),
+            ),
             pacer: Pacer::new(settings.shard_limits),
             settings,
             queue: VecDeque::new(),
@@ -340,6 +353,7 @@ impl ShipState {
         self.batcher.close_due(now, false);
         if self.quiet_at().is_some_and(|at| now >= at) {
             self.batcher.close_open_of(QUIET_FRAME_BYTES);
+            self.batcher.close_lingered(now);
         }
         if queued < hard_cap {
             if let Some(plan) = self.batcher.take_ready_where(has_room) {
@@ -362,7 +376,15 @@ impl ShipState {
         let quiet = self
             .quiet_at()
             .filter(|_| self.batcher.has_open_of(QUIET_FRAME_BYTES));
-        let due = [self.batcher.next_due(), quiet].into_iter().flatten().min();
+        // A frame waiting on past its linger for more records goes once the intake is quiet.
+        let lingered = self
+            .quiet_at()
+            .zip(self.batcher.next_linger())
+            .map(|(quiet, linger)| quiet.max(linger));
+        let due = [self.batcher.next_due(), quiet, lingered]
+            .into_iter()
+            .flatten()
+            .min();
         let hold = match self.hold {
             Hold::None => None,
             Hold::Backoff(t) | Hold::Paced(t) => Some(t),
@@ -423,7 +445,8 @@ impl ShipState {
         if !self.slow {
             return None;
         }
-        let due = self.batcher.next_due()?;
+        // A frame waiting on past its linger learns it filled from the next lease.
+        let due = self.batcher.next_linger()?;
         Some(due.min(self.quiet_after_last_commit()?)).filter(|t| *t > now)
     }
 
@@ -510,6 +533,13 @@ impl ShipState {
             };
             let target = job.limit as f64 * PLANNED_FILL / ratio;
             self.batcher.set_target(route, target as u64);
+            // A unit's raw bytes by this frame's ratio, not the cautious one above (which
+            // falls by a quarter of the difference a frame: at 20 msg/s, frames of a minute,
+            // it took several minutes to come down). A frame that waited on is at least as
+            // large as the last and compresses as well; one that does not costs a unit more.
+            if let Some(unit) = self.settings.billing_unit {
+                self.batcher.set_unit(route, (unit as f64 / seen) as u64);
+            }
         }
         if job.front {
             for p in frames.into_iter().rev() {
@@ -910,6 +940,8 @@ mod tests {
             name: "d".into(),
             frame_bytes: 10_000,
             linger: Duration::from_millis(100),
+            max_linger: Duration::from_millis(100),
+            billing_unit: None,
             call: CallLimits {
                 max_entries: 500,
                 max_bytes: 5 << 20,
@@ -1519,6 +1551,110 @@ mod tests {
             panic!("the large frame goes when the intake is quiet");
         };
         assert_eq!(call.entries[0].block_ids(), vec![5, 6, 7]);
+    }
+
+    /// With a `max_linger` and a destination billed in units, a slow stream's frame that
+    /// holds less than one unit when its linger is up waits on: its commits are leased as
+    /// they come, and the lease that fills it commits what the spool gathers first, then it
+    /// goes. Its encoding teaches the route's fill (records encoding to a tenth of their raw
+    /// size fill a unit at ten times its bytes), and once the intake is quiet a frame past
+    /// its linger goes however little it holds.
+    #[test]
+    fn a_slow_streams_frame_under_a_billing_unit_waits_on_until_it_fills() {
+        let ms = Duration::from_millis;
+        let mut settings = settings(None);
+        settings.frame_bytes = 1 << 20;
+        settings.linger = Duration::from_secs(1);
+        settings.max_linger = Duration::from_secs(60);
+        settings.billing_unit = Some(25_000);
+        let (mut s, t0) = (ShipState::new(settings, Arc::default()), Instant::now());
+        let created = |id, at_ms, raw| BlockMeta {
+            created_ms: at_ms,
+            ..block(id, "a", raw)
+        };
+        s.set_slow(true);
+        s.new_records(1, t0);
+        // Before any frame of the route is encoded its records count as large as raw: it
+        // fills at 15/16 of 25,000 bytes.
+        let mut blocks = Some(vec![created(1, 1_000, 10_000)]);
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut blocks, 1_000, t0, 1_000)),
+            Some(t0 + ms(60_000))
+        );
+        // A commit within the linger waits for it to be leased.
+        s.new_records(1, t0 + ms(300));
+        assert_eq!(
+            waits_until(s.next(t0 + ms(300), &VIEW)),
+            Some(t0 + ms(1_000))
+        );
+        // Its linger is up, the frame under a unit: leased, and it waits on, until the intake
+        // would be quiet (four commit gaps after the last commit) at the latest.
+        let mut blocks = Some(vec![created(2, 1_300, 10_000)]);
+        assert_eq!(
+            waits_until(until_send(
+                &mut s,
+                &mut blocks,
+                1_000,
+                t0 + ms(1_000),
+                2_000
+            )),
+            Some(t0 + ms(300 + 4 * 300))
+        );
+        // The next commit fills it (24,000 of the 25,000 bytes of a unit): that lease commits
+        // what the spool gathers, and it goes.
+        s.new_records(1, t0 + ms(1_200));
+        let Action::Lease { commit_before, .. } = s.next(t0 + ms(1_200), &VIEW) else {
+            panic!("a commit after the linger is leased at once");
+        };
+        assert_eq!(commit_before, None);
+        s.leased(
+            vec![created(3, 2_200, 4_000)],
+            LEASE_BLOCKS,
+            &VIEW,
+            t0 + ms(1_200),
+            2_200,
+        );
+        let Action::Lease { commit_before, .. } = s.next(t0 + ms(1_200), &VIEW) else {
+            panic!("the filled frame first takes what the spool gathers");
+        };
+        assert_eq!(commit_before, Some(t0 + ms(1_000)));
+        s.leased(
+            vec![created(4, 2_250, 1_000)],
+            LEASE_BLOCKS,
+            &VIEW,
+            t0 + ms(1_250),
+            2_250,
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 1_000, t0 + ms(1_250), 2_250) else {
+            panic!("the filled frame goes");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![1, 2, 3, 4]);
+        s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_250), 2_250);
+        // Encoded at about a tenth of raw: the route now fills at about ten times the bytes,
+        // so 40,000 raw bytes wait on past their linger.
+        s.set_slow(false);
+        for (i, at) in [1_500u64, 1_800, 2_100, 2_400].into_iter().enumerate() {
+            s.new_records(1, t0 + ms(at));
+            let mut blocks = Some(vec![created(5 + i as i64, 1_000 + at, 10_000)]);
+            assert!(matches!(
+                until_send(&mut s, &mut blocks, 1_000, t0 + ms(at), 1_000 + at),
+                Action::Wait { .. }
+            ));
+        }
+        assert!(matches!(
+            until_send(&mut s, &mut None, 1_000, t0 + ms(2_600), 3_600),
+            Action::Wait { .. }
+        ));
+        // No commit for four gaps after the last: quiet, and the lingering frame goes.
+        let quiet = t0 + ms(2_400 + 4 * 300);
+        assert_eq!(
+            waits_until(until_send(&mut s, &mut None, 1_000, t0 + ms(2_600), 3_600)),
+            Some(quiet)
+        );
+        let Action::Send(call) = until_send(&mut s, &mut None, 1_000, quiet, 4_600) else {
+            panic!("a frame past its linger goes once the intake is quiet");
+        };
+        assert_eq!(call.entries[0].block_ids(), vec![5, 6, 7, 8]);
     }
 
     /// Blocks of different keys bound for one shard share a frame; a frame planned by key

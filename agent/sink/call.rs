@@ -138,6 +138,13 @@ pub(crate) trait Destination: Send + Sync {
         None
     }
 
+    /// The bytes (data and key) a record is billed in, when each record costs at least that
+    /// much however small (Kinesis: a PUT payload unit): a frame under it that waits longer,
+    /// up to `[batch] max_linger`, costs no more. `None`: records cost by size alone.
+    fn billing_unit_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// The shard a spooled key goes to, when the destination has shards and knows them.
     fn shard_for(&self, _key: &str) -> Option<Arc<str>> {
         None

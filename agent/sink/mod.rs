@@ -130,6 +130,16 @@ impl Destination for Sink {
         }
     }
 
+    fn billing_unit_bytes(&self) -> Option<u64> {
+        match self {
+            Sink::Kinesis(k) => k.billing_unit_bytes(),
+            Sink::Directory(d) => d.billing_unit_bytes(),
+            Sink::S3(s) => s.billing_unit_bytes(),
+            Sink::Firehose(f) => f.billing_unit_bytes(),
+            Sink::Kafka(k) => k.billing_unit_bytes(),
+        }
+    }
+
     fn shard_for(&self, key: &str) -> Option<Arc<str>> {
         match self {
             Sink::Kinesis(k) => k.shard_for(key),

@@ -16,6 +16,7 @@ mod fleet;
 mod intake;
 mod kafka;
 mod keys;
+mod lingering;
 mod memory;
 mod observe;
 mod package;

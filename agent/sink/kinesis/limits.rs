@@ -22,5 +22,9 @@ pub(crate) const SHARD: ShardLimits = ShardLimits {
     bytes_per_sec: 1_048_576.0,
 };
 
+/// A PUT payload unit, what a record is billed in: 25 KB chunks of its data and key, so a
+/// record of 200 bytes costs as much as one of 25,000.
+pub(crate) const PUT_UNIT_BYTES: u64 = 25_000;
+
 /// A partition key is 1 to 256 Unicode characters.
 pub(crate) const MAX_PARTITION_KEY_CHARS: usize = 256;

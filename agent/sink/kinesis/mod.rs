@@ -427,6 +427,10 @@ impl Destination for KinesisSink {
         Some(self.shard_limits)
     }
 
+    fn billing_unit_bytes(&self) -> Option<u64> {
+        Some(limits::PUT_UNIT_BYTES)
+    }
+
     fn shard_for(&self, key: &str) -> Option<Arc<str>> {
         self.shard_map()?.shard_id_for_spooled(key)
     }
