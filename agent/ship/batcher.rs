@@ -103,6 +103,11 @@ fn plan_runs(blocks: Vec<BlockMeta>, group: &str, at: Times, target: u64) -> Vec
     runs
 }
 
+/// A route's own value in a list of a few routes' (`None`: the default applies).
+pub(super) fn of_route<T: Copy>(values: &[(String, T)], route: &str) -> Option<T> {
+    values.iter().find(|(r, _)| r == route).map(|(_, v)| *v)
+}
+
 pub struct Batcher {
     target_raw_bytes: u64,
     /// Routes whose frames are planned smaller than `target_raw_bytes`: their records encode
@@ -146,10 +151,7 @@ impl Batcher {
 
     /// The raw bytes that encode to one billing unit on a route.
     fn unit(&self, route: &str) -> u64 {
-        self.route_units
-            .iter()
-            .find(|(r, _)| r == route)
-            .map_or(self.unit_raw_bytes, |(_, u)| *u)
+        of_route(&self.route_units, route).unwrap_or(self.unit_raw_bytes)
     }
 
     /// What a route's frame holds at least to go at its linger: [`PLANNED_FILL`] of a unit
@@ -177,10 +179,7 @@ impl Batcher {
 
     /// The raw-size target of a route's frames.
     fn target(&self, route: &str) -> u64 {
-        self.route_targets
-            .iter()
-            .find(|(r, _)| r == route)
-            .map_or(self.target_raw_bytes, |(_, t)| *t)
+        of_route(&self.route_targets, route).unwrap_or(self.target_raw_bytes)
     }
 
     /// Plans `route`'s frames at `target` raw bytes, or at the batcher's own target if that

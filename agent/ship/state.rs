@@ -31,7 +31,7 @@
 //!   frame that holds less than a unit when its linger is up waits on ([`Batcher`]): its
 //!   commits are leased as they come, the lease that fills it commits first as below, and it
 //!   goes by `max_linger`, or once the intake is quiet. A route's unit in raw bytes follows
-//!   what its frames encode to, as its frames' size target does.
+//!   what its last frame encoded to.
 //! - While a slow stream's frames linger, its commits wait to be leased until the first
 //!   frame is due or the intake would count as quiet ([`ShipState::leases_wait_until`]),
 //!   and the driver does not wake for them; commits count at the times the spool made them.
@@ -44,7 +44,7 @@
 //! It must never report a block delivered that its destination did not accept, and never
 //! resend an entry that was accepted.
 
-use super::batcher::{Batcher, FramePlan};
+use super::batcher::{of_route, Batcher, FramePlan};
 use super::pacing::Pacer;
 use super::stats::{ShardCounters, ShipperStats};
 use super::uplink::Uplink;
@@ -103,7 +103,7 @@ pub(crate) struct Settings {
     /// Target uncompressed bytes per frame, and how long a frame may wait for more.
     pub(crate) frame_bytes: u64,
     pub(crate) linger: Duration,
-    /// How long a frame under one billing unit may wait on past `linger` in all.
+    /// How long in all a frame under one billing unit may wait (at least `linger`).
     pub(crate) max_linger: Duration,
     /// The destination's billing unit (see `Destination::billing_unit_bytes`).
     pub(crate) billing_unit: Option<u64>,
@@ -878,10 +878,7 @@ pub(crate) fn frames(
 
 /// A route's encoded bytes per raw byte so far; 1 before its first frame.
 fn expansion_of(expansion: &[(String, f64)], route: &str) -> f64 {
-    expansion
-        .iter()
-        .find(|(r, _)| r == route)
-        .map_or(1.0, |(_, e)| *e)
+    of_route(expansion, route).unwrap_or(1.0)
 }
 
 /// A route's encoded bytes per raw byte after one more frame's `seen`: a larger ratio counts
