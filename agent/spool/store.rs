@@ -28,7 +28,8 @@
 //!   writes one page, not two; the newer of the two copies counts (see [`ledger`]).
 //!
 //! This module is synchronous and single-threaded; the spool thread in `spool/mod.rs` owns the
-//! only writing connection. It never acks or ships anything.
+//! only connection while the agent runs (it holds the file exclusively, see
+//! [`EXCLUSIVE_LOCKING`]). It never acks or ships anything.
 
 use crate::config::SyncLevel;
 use crate::frame;
@@ -156,6 +157,8 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("spool {path}: a running agent holds the spool file (it keeps it to itself while it runs); ask that agent through its admin endpoint ([admin] listen), or stop it first")]
+    Held { path: PathBuf },
     #[error("spool block {id} is corrupt: {reason}")]
     CorruptBlock { id: i64, reason: String },
     #[error("the spool thread has stopped")]
@@ -175,6 +178,20 @@ impl SpoolError {
     /// True when SQLite finds the file damaged (or not a database at all).
     pub(crate) fn is_corrupt(&self) -> bool {
         matches!(self, SpoolError::Sqlite { source, .. } if matches!(source.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)))
+    }
+
+    /// Another connection holds the file (a running agent, see [`EXCLUSIVE_LOCKING`]): `e`
+    /// as [`SpoolError::Held`] when SQLite found it busy.
+    fn held_or(path: &Path, e: rusqlite::Error) -> SpoolError {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => SpoolError::Held {
+                path: path.to_path_buf(),
+            },
+            _ => SpoolError::Sqlite {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        }
     }
 
     pub(crate) fn is_disk_full(&self) -> bool {
@@ -630,6 +647,16 @@ const ROW_FIXED_BYTES: usize = 40;
 /// one transaction's pages on top what the disk reserve must cover for the spool to shrink on
 /// a full disk.
 pub(crate) const WAL_CHECKPOINT_PAGES: u32 = (4 << 20) / PAGE_SIZE;
+/// The spool's connection holds the file exclusively (`PRAGMA locking_mode = EXCLUSIVE`, set
+/// before WAL mode): SQLite then keeps the write-ahead log's index in the agent's memory
+/// instead of a -shm file every process maps. Each commit wrote that file's header and hash
+/// pages, and the kernel counts a page written again after its writeback as written again:
+/// at 20 msg/s with a minute's `max_linger` the -shm file took 10 of the 34 pages the spool
+/// dirtied in 70 s (benches/MEASURED.md, 2026-12-07 afternoon). The cost: no other process
+/// opens the file while the agent runs, so `edgeship status` asks the agent's admin
+/// endpoint, and [`read_accounting_at`] says the agent holds the file.
+const EXCLUSIVE_LOCKING: &str = "PRAGMA locking_mode = EXCLUSIVE;";
+
 /// Prepared statements kept: room for every one the spool prepares (about 30; rusqlite's
 /// default keeps 16), so none is parsed again.
 const STATEMENT_CACHE: usize = 64;
@@ -898,8 +925,12 @@ impl Store {
             SyncLevel::Normal => "NORMAL",
             SyncLevel::Full => "FULL",
         };
+        // The write-ahead log's index in this process's memory, not in a shared -shm file:
+        // see [`EXCLUSIVE_LOCKING`]. Set before the first access in WAL mode, or SQLite maps
+        // the file.
         conn.execute_batch(&format!(
-            "PRAGMA page_size = {PAGE_SIZE};
+            "{EXCLUSIVE_LOCKING}
+             PRAGMA page_size = {PAGE_SIZE};
              PRAGMA journal_mode = WAL;
              PRAGMA synchronous = {sync_pragma};
              PRAGMA busy_timeout = 5000;
@@ -940,7 +971,7 @@ impl Store {
             FANOUT_SCHEMA,
             UPLOADS_SCHEMA
         ))
-        .map_err(err)?;
+        .map_err(|e| SpoolError::held_or(path, e))?;
         let version: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
@@ -2211,8 +2242,9 @@ const PAIR_PENDING: &str = "SELECT b.route, f.destination, SUM(b.records), SUM(L
      WHERE NOT EXISTS (SELECT 1 FROM taken t WHERE t.block = b.id AND t.destination = f.destination)
      GROUP BY b.route, f.destination";
 
-/// Reads the accounting of a spool file without taking part in its writes: works while the
-/// agent runs (WAL readers do not block the writer) and after it stopped.
+/// Reads the accounting of a spool file without taking part in its writes, once no agent
+/// holds it: a running agent keeps the file to itself ([`EXCLUSIVE_LOCKING`]), and the
+/// error then says so (ask the agent's admin endpoint instead).
 pub fn read_accounting_at(path: &Path) -> Result<Accounting, SpoolError> {
     let err = |source| SpoolError::Sqlite {
         path: path.to_path_buf(),
@@ -2230,14 +2262,15 @@ pub fn read_accounting_at(path: &Path) -> Result<Accounting, SpoolError> {
     )
     .or_else(|_| Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY))
     .map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
+    // An agent starting or stopping lets go within this; a running one does not.
+    conn.busy_timeout(std::time::Duration::from_secs(1))
         .map_err(err)?;
     // One read transaction, so the counters and the blocks are of the same commit: read
     // apart, a delivery committed between them unbalances the figures.
     conn.execute_batch("BEGIN").map_err(err)?;
     let acc = read_accounting(&conn);
     let _ = conn.execute_batch("COMMIT");
-    acc.map_err(err)
+    acc.map_err(|e| SpoolError::held_or(path, e))
 }
 
 #[cfg(test)]
@@ -2362,7 +2395,34 @@ mod tests {
             .unwrap();
         s.commit().unwrap();
         assert_eq!(c.id, 4);
+        drop(s);
         assert!(read_accounting_at(&path).unwrap().balances());
+    }
+
+    /// The open store keeps the file to itself: no -shm file, and a reader of the file is
+    /// told that the agent holds it, then reads it once the store is closed.
+    #[test]
+    fn an_open_spool_keeps_its_file_and_its_logs_index_to_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut s, _) = Store::open(&path, SyncLevel::Normal).unwrap();
+        let mut body = Vec::new();
+        s.begin().unwrap();
+        s.append_block("r", "k", &[rec("t", b"x")], &mut body)
+            .unwrap();
+        s.commit().unwrap();
+        let side = |name: &str| dir.path().join(format!("s.db-{name}")).exists();
+        assert!(side("wal") && !side("shm"), "the log's index is a file");
+        let e = read_accounting_at(&path).unwrap_err().to_string();
+        assert!(e.contains("a running agent holds the spool file"), "{e}");
+        // A second agent on the same spool is refused, and the file stays as it was.
+        let e = Store::open(&path, SyncLevel::Normal)
+            .err()
+            .expect("refused");
+        assert!(matches!(e, SpoolError::Held { .. }), "{e}");
+        drop(s);
+        let acc = read_accounting_at(&path).unwrap();
+        assert_eq!((acc.received, acc.pending), (1, 1), "{acc:?}");
     }
 
     /// What the `counters` table says `route` received, and whether block `id` holds a copy.

@@ -209,18 +209,30 @@ fn oversize_binary_and_unrouted_messages_get_counted_outcomes() {
     );
     assert!(!log.contains("xxxxxxxx"), "a payload reached the log");
 
-    let status = Command::new(env!("CARGO_BIN_EXE_edgeship"))
-        .args(["status", "--spool"])
-        .arg(&agent.spool_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{text}");
+    let spool = agent.spool_path.clone();
+    let status = || {
+        Command::new(env!("CARGO_BIN_EXE_edgeship"))
+            .args(["status", "--spool"])
+            .arg(&spool)
+            .output()
+            .unwrap()
+    };
+    // The running agent keeps its spool file to itself, and the reader is told why.
+    let held = status();
+    let told = String::from_utf8_lossy(&held.stderr);
+    assert!(!held.status.success(), "{told}");
+    assert!(
+        told.contains("a running agent holds the spool file"),
+        "{told}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+    let read = status();
+    let text = String::from_utf8_lossy(&read.stdout);
+    assert!(read.status.success(), "{text}");
     assert!(
         text.contains("oversize") && text.contains("no_route") && text.contains("holds"),
         "{text}"
     );
-    assert_eq!(agent.stop().code(), Some(0));
 }
 
 /// A spool file corrupted while the agent is down: it is moved aside, the new spool's record

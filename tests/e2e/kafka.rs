@@ -673,15 +673,12 @@ fn many_devices_share_spool_blocks_on_a_kafka_route() {
         Duration::from_secs(60),
         || agent.accounting().filter(|a| a.received == total),
     );
-    let (blocks, records): (u64, u64) = rusqlite::Connection::open_with_flags(
-        &agent.spool_path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap()
-    .query_row("SELECT COUNT(*), SUM(records) FROM blocks", [], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .unwrap();
+    let (_copy, spool) = agent.spool_copy().expect("a copy of the spool");
+    let (blocks, records): (u64, u64) = spool
+        .query_row("SELECT COUNT(*), SUM(records) FROM blocks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
     eprintln!("{records} messages of {devices} devices waiting in {blocks} blocks");
     assert_eq!(records, total, "every message waits in the spool");
     assert!(

@@ -306,7 +306,7 @@ fn a_multipart_upload_cut_by_kill_9_resumes_and_s3_down_does_not_hold_back_kines
         "a multipart upload with a part uploaded",
         Duration::from_secs(120),
         || {
-            let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
+            let (key, upload_id, parts) = recorded_upload(&agent)?;
             (upload_id.is_some() && parts >= 1).then_some((key, parts))
         },
     );
@@ -401,10 +401,8 @@ fn a_multipart_upload_cut_by_kill_9_resumes_and_s3_down_does_not_hold_back_kines
 
 /// The S3 upload the agent recorded in its spool: its key, its upload id (once S3 gave one)
 /// and how many parts it recorded.
-fn recorded_upload(spool: &Path) -> Option<(String, Option<String>, usize)> {
-    let conn =
-        rusqlite::Connection::open_with_flags(spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ok()?;
+fn recorded_upload(agent: &Agent) -> Option<(String, Option<String>, usize)> {
+    let (_copy, conn) = agent.spool_copy()?;
     conn.query_row(
         "SELECT key, upload_id, parts FROM uploads WHERE destination = 'lake'",
         [],
@@ -461,7 +459,7 @@ fn cut_upload(dir: &Path, rt: &tokio::runtime::Runtime) -> CutUpload {
         "a multipart upload with a part uploaded",
         Duration::from_secs(120),
         || {
-            let (key, upload_id, parts) = recorded_upload(&agent.spool_path)?;
+            let (key, upload_id, parts) = recorded_upload(&agent)?;
             (parts >= 1).then_some((key, upload_id?))
         },
     );

@@ -75,7 +75,17 @@ fn free_ports_lie_below_the_kernels_range_and_are_handed_out_once() {
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` and the last state after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_every(what, timeout, Duration::from_millis(50), check)
+}
+
+/// [`wait_for`], checking every `every`.
+pub fn wait_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -84,7 +94,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
 
@@ -1043,8 +1053,51 @@ impl Agent {
         Scrape::parse(&body)
     }
 
+    /// The spool's accounting: asked of the running agent (`/status`), which keeps its spool
+    /// file to itself while it runs; read from the file once it is not running (or not yet
+    /// answering).
     pub fn accounting(&self) -> Option<edgeship::spool::Accounting> {
+        if self.child.is_some() {
+            let asked = self.get("/status").and_then(|(_, body)| {
+                let mut doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+                serde_json::from_value(doc["spool"]["accounting"].take()).ok()
+            });
+            if asked.is_some() {
+                return asked;
+            }
+        }
         edgeship::spool::store::read_accounting_at(&self.spool_path).ok()
+    }
+
+    /// A copy of the spool's file and its write-ahead log (`spool.db` in the folder
+    /// returned), for reading it while the agent runs (it keeps the file itself to itself):
+    /// what its commits had written when the copy was taken.
+    fn copy_spool(&self) -> Option<tempfile::TempDir> {
+        let dir = tempdir();
+        let copy = dir.path().join("spool.db");
+        std::fs::copy(&self.spool_path, &copy).ok()?;
+        let wal = |p: &Path| PathBuf::from(format!("{}-wal", p.display()));
+        match std::fs::copy(wal(&self.spool_path), wal(&copy)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => None,
+            _ => Some(dir),
+        }
+    }
+
+    /// A copy of the spool (see `copy_spool`) open for reading its tables; the copy lives as
+    /// long as the folder returned.
+    pub fn spool_copy(&self) -> Option<(tempfile::TempDir, rusqlite::Connection)> {
+        let dir = self.copy_spool()?;
+        let conn = rusqlite::Connection::open(dir.path().join("spool.db")).ok()?;
+        Some((dir, conn))
+    }
+
+    /// The accounting of a copy of the spool (see `copy_spool`): costs the agent nothing,
+    /// where each `/status` request takes it about 0.3 ms of CPU, which at 20 msg/s polled
+    /// every 50 ms is 15 times what its messages take. For the load programs, which measure
+    /// the agent's CPU; the reader pays for the copy, so for spools of a few MiB.
+    pub fn accounting_from_copy(&self) -> Option<edgeship::spool::Accounting> {
+        let dir = self.copy_spool()?;
+        edgeship::spool::store::read_accounting_at(&dir.path().join("spool.db")).ok()
     }
 
     pub fn log(&self) -> String {
