@@ -90,6 +90,19 @@ const GAP_WINDOW_APPENDS: u32 = 256;
 /// fits in one frame.
 pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
 
+/// Whether `bytes` of appends sent over `span` came slower than a busy stream's, which fills
+/// [`COMMIT_TARGET_BYTES`] within a commit `interval`. A slow stream's group can reach the
+/// target without gathering past the interval: while the spool's thread waits on a turn of
+/// deliveries alone (for a steady stream's appends to share their commit), the appends,
+/// sent quietly, queue unseen; taken at the wait's end, a whole pace's worth of them make
+/// one group. At 20 msg/s with `max_linger = "60s"` (a read pace of 1.25 s, a wait of up to
+/// 5 s) that was 100 messages, 17.7 KB, after each frame's delivery: counted busy, the
+/// stream lost its pace and its reads went one message per wakeup for the 3-4 s until a
+/// group gathered again (a third of the agent's CPU over the run).
+fn slower_than_busy(bytes: usize, span: Duration, interval: Duration) -> bool {
+    (bytes as u128) * interval.as_nanos() < (COMMIT_TARGET_BYTES as u128) * span.as_nanos()
+}
+
 /// What the source needs back to ack one MQTT message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AckToken {
@@ -1153,8 +1166,13 @@ impl Worker {
                 // fills the target within the interval; one that fills it only by gathering
                 // is still slow, and calling it otherwise would stop the pacing and quick
                 // acks its gathering relies on every other commit.
+                let sent_over = first_append.map_or(Duration::ZERO, |first| {
+                    self.last_append.duration_since(first)
+                });
                 let slow = self.commit_max_wait > self.commit_interval
-                    && (group_bytes < COMMIT_TARGET_BYTES || gathered);
+                    && (group_bytes < COMMIT_TARGET_BYTES
+                        || gathered
+                        || slower_than_busy(group_bytes, sent_over, self.commit_interval));
                 // At least 1 us while slow: 0 says "not slow".
                 let pace_us = if slow {
                     (self.read_pace().as_micros() as u64).max(1)
@@ -2369,6 +2387,38 @@ mod tests {
                 .expect("every append is acked")
                 .unwrap();
         }
+    }
+
+    /// A group's rate, not its size, says whether its stream is busy: a pace's worth of a
+    /// 20 msg/s stream taken at once (100 messages, 17.7 KB, sent over 5 s) is slow, as is
+    /// anything under 16 KiB per commit interval; a burst of 40 KB sent within a
+    /// millisecond, or a busy stream's backlog taken after a stall (2 MiB over 200 ms), is
+    /// busy.
+    #[test]
+    fn a_group_is_busy_by_the_rate_its_appends_were_sent_at() {
+        let interval = Duration::from_millis(10);
+        assert!(slower_than_busy(17_678, Duration::from_secs(5), interval));
+        assert!(slower_than_busy(
+            16_000,
+            Duration::from_millis(10),
+            interval
+        ));
+        assert!(!slower_than_busy(
+            COMMIT_TARGET_BYTES,
+            Duration::from_millis(10),
+            interval
+        ));
+        assert!(!slower_than_busy(
+            40_000,
+            Duration::from_millis(1),
+            interval
+        ));
+        assert!(!slower_than_busy(
+            2 << 20,
+            Duration::from_millis(200),
+            interval
+        ));
+        assert!(!slower_than_busy(17_678, Duration::ZERO, interval));
     }
 
     #[tokio::test]

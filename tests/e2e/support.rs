@@ -1054,15 +1054,16 @@ impl Agent {
     }
 
     /// The spool's accounting: asked of the running agent (`/status`), which keeps its spool
-    /// file to itself while it runs; read from the file once it is not running (or not yet
-    /// answering).
+    /// file to itself while it runs; read from the file once its process has exited. `None`
+    /// while a live agent does not answer (starting or stopping): its file is held, and
+    /// reading it would only wait out SQLite's busy timeout (1 s) to be refused.
     pub fn accounting(&self) -> Option<edgeship::spool::Accounting> {
-        if self.child.is_some() {
+        if let Some(child) = &self.child {
             let asked = self.get("/status").and_then(|(_, body)| {
                 let mut doc: serde_json::Value = serde_json::from_str(&body).ok()?;
                 serde_json::from_value(doc["spool"]["accounting"].take()).ok()
             });
-            if asked.is_some() {
+            if asked.is_some() || process_lives(child.id()) {
                 return asked;
             }
         }
@@ -1661,6 +1662,16 @@ pub fn machine_cpu_ticks() -> [u64; 8] {
         *t = v.parse().unwrap_or(0);
     }
     ticks
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (exited, not yet waited for).
+fn process_lives(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows "pid (comm) ".
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z" | "X") | None),
+        None => false,
+    }
 }
 
 pub fn proc_stats(pid: u32) -> ProcStats {
