@@ -91,14 +91,15 @@ const GAP_WINDOW_APPENDS: u32 = 256;
 pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
 
 /// Whether `bytes` of appends sent over `span` came slower than a busy stream's, which fills
-/// [`COMMIT_TARGET_BYTES`] within a commit `interval`. A slow stream's group can reach the
-/// target without gathering past the interval: while the spool's thread waits on a turn of
-/// deliveries alone (for a steady stream's appends to share their commit), the appends,
-/// sent quietly, queue unseen; taken at the wait's end, a whole pace's worth of them make
-/// one group. At 20 msg/s with `max_linger = "60s"` (a read pace of 1.25 s, a wait of up to
-/// 5 s) that was 100 messages, 17.7 KB, after each frame's delivery: counted busy, the
-/// stream lost its pace and its reads went one message per wakeup for the 3-4 s until a
-/// group gathered again (a third of the agent's CPU over the run).
+/// [`COMMIT_TARGET_BYTES`] within a commit `interval`. Judged by the appends' send times, not
+/// by how long the spool's thread gathered them: while it waits on a turn of deliveries
+/// alone (for a steady stream's appends to share their commit), the appends, sent quietly,
+/// queue unseen, and taken at the wait's end a whole pace's worth of them make one group. At
+/// 20 msg/s with `max_linger = "60s"` (a read pace of 1.25 s, a wait of up to 5 s) that was
+/// 100 messages, 17.7 KB, after each frame's delivery; judged by the gathering (before
+/// 2026-12-07 evening), the stream counted busy, lost its pace and its reads went one message
+/// per wakeup for the 3-4 s until a group gathered again: 22.5-26.1 us of CPU per message
+/// over 180 s instead of 18.2-18.7 (benches/MEASURED.md).
 fn slower_than_busy(bytes: usize, span: Duration, interval: Duration) -> bool {
     (bytes as u128) * interval.as_nanos() < (COMMIT_TARGET_BYTES as u128) * span.as_nanos()
 }
@@ -1002,8 +1003,6 @@ impl Worker {
             let mut taken = 0;
             let mut flush = false;
             let mut group_bytes = 0usize;
-            // The group waited for messages past the commit interval.
-            let mut gathered = false;
             // When this turn's first append was sent.
             let mut first_append = None;
             #[cfg(test)]
@@ -1146,8 +1145,6 @@ impl Worker {
                         else {
                             break;
                         };
-                        gathered |=
-                            !appends.is_empty() && turn_started.elapsed() >= self.commit_interval;
                         // Appends come in quietly: taken at the deadline, not one wakeup each.
                         match self.rx.wait_until(until) {
                             Ok(c) => next = Some(c),
@@ -1161,17 +1158,15 @@ impl Worker {
             }
             self.look_for_room();
             if !appends.is_empty() {
-                // Slow: the group gathered and stayed short of the target, or reached it
-                // only by waiting for messages past the commit interval. A busy stream
-                // fills the target within the interval; one that fills it only by gathering
-                // is still slow, and calling it otherwise would stop the pacing and quick
-                // acks its gathering relies on every other commit.
+                // Slow: the group stayed short of the target, or its messages came slower
+                // than a busy stream's, which fills the target within the interval (one that
+                // fills it only by gathering is still slow, and calling it otherwise would
+                // stop the pacing and quick acks its gathering relies on every other commit).
                 let sent_over = first_append.map_or(Duration::ZERO, |first| {
                     self.last_append.duration_since(first)
                 });
                 let slow = self.commit_max_wait > self.commit_interval
                     && (group_bytes < COMMIT_TARGET_BYTES
-                        || gathered
                         || slower_than_busy(group_bytes, sent_over, self.commit_interval));
                 // At least 1 us while slow: 0 says "not slow".
                 let pace_us = if slow {
