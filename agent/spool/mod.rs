@@ -99,7 +99,7 @@ pub(crate) const BLOCK_RAW_MAX: usize = 256 << 10;
 /// 100 messages, 17.7 KB, after each frame's delivery; judged by the gathering (before
 /// 2026-12-07 evening), the stream counted busy, lost its pace and its reads went one message
 /// per wakeup for the 3-4 s until a group gathered again: 22.5-26.1 us of CPU per message
-/// over 180 s instead of 18.2-18.7 (benches/MEASURED.md).
+/// over 180 s instead of 18.2-18.9 (benches/MEASURED.md).
 fn slower_than_busy(bytes: usize, span: Duration, interval: Duration) -> bool {
     (bytes as u128) * interval.as_nanos() < (COMMIT_TARGET_BYTES as u128) * span.as_nanos()
 }

@@ -1666,12 +1666,18 @@ pub fn machine_cpu_ticks() -> [u64; 8] {
 
 /// Whether process `pid` runs: it exists and is not a zombie (exited, not yet waited for).
 fn process_lives(pid: u32) -> bool {
+    // The state is the first field after "pid (comm)".
+    !matches!(
+        stat_fields(pid).first().map(String::as_str),
+        Some("Z" | "X") | None
+    )
+}
+
+/// The fields of `/proc/PID/stat` after "pid (comm)" (none if the process is gone).
+fn stat_fields(pid: u32) -> Vec<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows "pid (comm) ".
-    match stat.rsplit_once(')') {
-        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z" | "X") | None),
-        None => false,
-    }
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_comm.split_whitespace().map(str::to_string).collect()
 }
 
 pub fn proc_stats(pid: u32) -> ProcStats {
@@ -1684,9 +1690,7 @@ pub fn proc_stats(pid: u32) -> ProcStats {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let fields = stat_fields(pid);
     // utime and stime are fields 14 and 15 of stat; after "pid (comm)" they are at 11 and 12.
     let ticks: u64 = fields
         .get(11)
