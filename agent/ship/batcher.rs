@@ -150,7 +150,7 @@ impl Batcher {
     }
 
     /// The raw bytes that encode to one billing unit on a route.
-    fn unit(&self, route: &str) -> u64 {
+    pub(super) fn unit(&self, route: &str) -> u64 {
         of_route(&self.route_units, route).unwrap_or(self.unit_raw_bytes)
     }
 

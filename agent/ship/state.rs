@@ -95,6 +95,16 @@ impl<D: Destination> View for D {
     }
 }
 
+/// What a route's billing unit's raw bytes are estimated by (see
+/// [`ShipState::estimate_unit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnitBy {
+    /// The spool's blocks planned so far: their raw and stored bytes.
+    Spool { raw: u64, stored: u64 },
+    /// The route's last frame of at least half a unit (see [`ShipState::encoded`]).
+    Frames,
+}
+
 /// A shipper's fixed settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -236,6 +246,9 @@ pub(crate) struct ShipState {
     /// Per route, encoded bytes (with the key) per raw byte of its frames (see
     /// [`expansion`]): what its frames are planned by and estimated at.
     expansion: Vec<(String, f64)>,
+    /// Per route of the compressed format, what its billing unit's raw bytes are estimated
+    /// by (see [`ShipState::estimate_unit`]).
+    unit_by: Vec<(String, UnitBy)>,
     failing: Repeated,
     stats: Arc<ShipperStats>,
 }
@@ -263,6 +276,7 @@ impl ShipState {
             slow: false,
             committed_for: None,
             expansion: Vec::new(),
+            unit_by: Vec::new(),
             failing: Repeated::new(Duration::from_secs(60)),
             stats,
         }
@@ -396,12 +410,7 @@ impl ShipState {
     }
 
     fn job(&self, plan: FramePlan, limit: usize) -> Job {
-        let format = self
-            .settings
-            .route_formats
-            .iter()
-            .find(|(route, _)| *route == plan.route)
-            .map_or(FrameFormat::Edgeship, |(_, format)| *format);
+        let format = self.format_of(&plan.route);
         Job {
             blocks: plan.blocks,
             key: plan.key,
@@ -502,7 +511,51 @@ impl ShipState {
                 block.key.clone()
             }
         };
+        self.estimate_unit(&block);
         self.batcher.push_in(block, group, now, now_ms);
+    }
+
+    /// Until a route's frames show their own ratio, the raw bytes of one billing unit by the
+    /// spool's ratio of stored to raw bytes, for routes in edgeship's compressed format: its
+    /// frames compress the same records with more of them in one context, at least as well
+    /// (at 20 msg/s the spool's blocks of about 100 telemetry messages stored 0.115 of
+    /// their raw bytes, frames of about 1,000 encoded to 0.107). Counted as large as raw
+    /// before, a `max_linger` stream's first frame went at a unit's raw bytes, about 120
+    /// messages that encoded to a sixth of a unit, and the next at that small frame's ratio.
+    /// The other formats are not compressed: their unit is a unit of raw bytes until a frame
+    /// shows their ratio.
+    fn estimate_unit(&mut self, block: &BlockMeta) {
+        let Some(unit) = self.settings.billing_unit else {
+            return;
+        };
+        if block.stored_bytes == 0 || self.format_of(&block.route) != FrameFormat::Edgeship {
+            return;
+        }
+        let by = match self.unit_by.iter_mut().find(|(r, _)| *r == block.route) {
+            Some((_, by)) => by,
+            None => {
+                let by = UnitBy::Spool { raw: 0, stored: 0 };
+                self.unit_by.push((block.route.clone(), by));
+                &mut self.unit_by.last_mut().expect("just pushed").1
+            }
+        };
+        let UnitBy::Spool { raw, stored } = by else {
+            return;
+        };
+        *raw += u64::from(block.raw_bytes);
+        *stored += u64::from(block.stored_bytes);
+        // Never below a unit: records stored larger than raw encode no larger than raw.
+        let unit_raw = (unit as f64 * *raw as f64 / *stored as f64).max(unit as f64);
+        self.batcher.set_unit(&block.route, unit_raw as u64);
+    }
+
+    /// The format a route's frames are encoded in.
+    fn format_of(&self, route: &str) -> FrameFormat {
+        self.settings
+            .route_formats
+            .iter()
+            .find(|(r, _)| r == route)
+            .map_or(FrameFormat::Edgeship, |(_, format)| *format)
     }
 
     /// A job's frames, encoded (blocks gone from the spool meanwhile are left out). More than
@@ -537,8 +590,19 @@ impl ShipState {
             // falls by a quarter of the difference a frame: at 20 msg/s, frames of a minute,
             // it took several minutes to come down). A frame that waited on is at least as
             // large as the last and compresses as well; one that does not costs a unit more.
+            //
+            // A frame of less than half the raw bytes the spool's ratio puts in a unit (one
+            // that went early, the intake quiet at its start: 3 messages) compresses worse
+            // than a full one: while only such frames were seen, the spool's ratio stands.
             if let Some(unit) = self.settings.billing_unit {
-                self.batcher.set_unit(route, (unit as f64 / seen) as u64);
+                let by = self.unit_by.iter_mut().find(|(r, _)| r == route);
+                let estimated = matches!(by, Some((_, UnitBy::Spool { .. })));
+                if !estimated || raw * 2 >= self.batcher.unit(route) {
+                    self.batcher.set_unit(route, (unit as f64 / seen) as u64);
+                    if let Some((_, by)) = by {
+                        *by = UnitBy::Frames;
+                    }
+                }
             }
         }
         if job.front {
@@ -977,7 +1041,7 @@ mod tests {
             blocks: job.blocks.clone(),
             shard: view.shard_for(&job.key),
             records: 10 * job.blocks.len() as u64,
-            raw_bytes: 10_000,
+            raw_bytes: job.blocks.iter().map(|b| u64::from(b.raw_bytes)).sum(),
             attempts: job.attempts,
             format: job.format,
         }]
@@ -1550,6 +1614,16 @@ mod tests {
         assert_eq!(call.entries[0].block_ids(), vec![5, 6, 7]);
     }
 
+    /// A linger of 1 s, a `max_linger` of 60 s, units of 25,000 bytes.
+    fn waiting_on() -> Settings {
+        let mut settings = settings(None);
+        settings.frame_bytes = 1 << 20;
+        settings.linger = Duration::from_secs(1);
+        settings.max_linger = Duration::from_secs(60);
+        settings.billing_unit = Some(25_000);
+        settings
+    }
+
     /// With a `max_linger` and a destination billed in units, a slow stream's frame that
     /// holds less than one unit when its linger is up waits on: its commits are leased as
     /// they come, and the lease that fills it commits what the spool gathers first, then it
@@ -1559,20 +1633,18 @@ mod tests {
     #[test]
     fn a_slow_streams_frame_under_a_billing_unit_waits_on_until_it_fills() {
         let ms = Duration::from_millis;
-        let mut settings = settings(None);
-        settings.frame_bytes = 1 << 20;
-        settings.linger = Duration::from_secs(1);
-        settings.max_linger = Duration::from_secs(60);
-        settings.billing_unit = Some(25_000);
+        let settings = waiting_on();
         let (mut s, t0) = (ShipState::new(settings, Arc::default()), Instant::now());
+        // Stored as large as raw (see the next test for the spool's ratio).
         let created = |id, at_ms, raw| BlockMeta {
             created_ms: at_ms,
+            stored_bytes: raw,
             ..block(id, "a", raw)
         };
         s.set_slow(true);
         s.new_records(1, t0);
-        // Before any frame of the route is encoded its records count as large as raw: it
-        // fills at 15/16 of 25,000 bytes.
+        // Before any frame of the route is encoded its records count by what the spool
+        // stored them in, as large as raw here: it fills at 15/16 of 25,000 bytes.
         let mut blocks = Some(vec![created(1, 1_000, 10_000)]);
         assert_eq!(
             waits_until(until_send(&mut s, &mut blocks, 1_000, t0, 1_000)),
@@ -1652,6 +1724,81 @@ mod tests {
             panic!("a frame past its linger goes once the intake is quiet");
         };
         assert_eq!(call.entries[0].block_ids(), vec![5, 6, 7, 8]);
+    }
+
+    /// Before a route's first frame, a billing unit's raw bytes are estimated by the spool's
+    /// ratio of stored to raw bytes (a quarter here, as `block` stores them), for the
+    /// compressed format: a frame of 30,000 raw bytes is under the fill (15/16 of 100,000)
+    /// and waits on past its linger; in the KPL format, not compressed, it is over it (15/16
+    /// of 25,000) and goes at its linger. The first frame's own ratio then replaces the
+    /// estimate.
+    #[test]
+    fn a_routes_first_frame_is_planned_by_the_spools_ratio() {
+        let ms = Duration::from_millis;
+        for (format, waits) in [(FrameFormat::Edgeship, 60_000), (FrameFormat::Kpl, 1_000)] {
+            let mut settings = waiting_on();
+            settings.route_formats = Arc::from(vec![("r".to_string(), format)]);
+            let (mut s, t0) = (ShipState::new(settings, Arc::default()), Instant::now());
+            s.set_slow(true);
+            s.new_records(1, t0);
+            let mut blocks = Some(vec![block(1, "a", 30_000)]);
+            assert_eq!(
+                waits_until(until_send(&mut s, &mut blocks, 1_000, t0, 1_000)),
+                Some(t0 + ms(waits)),
+                "{format:?}"
+            );
+        }
+        // A frame of less than half a unit by the spool's ratio (here closed at a small
+        // target) leaves the estimate: 2,000 raw bytes that encoded to 1,000 do not make a
+        // unit 50,000 raw bytes.
+        let mut small = settings(None);
+        small.frame_bytes = 2_000;
+        small.billing_unit = Some(25_000);
+        let mut s = ShipState::new(small, Arc::default());
+        let mut blocks = Some(vec![block(1, "a", 2_000)]);
+        let Action::Send(_) = until_send(&mut s, &mut blocks, 1_000, Instant::now(), 1_000) else {
+            panic!("a frame at its target goes at once");
+        };
+        assert_eq!(s.batcher.unit("r"), 100_000);
+        assert_eq!(
+            s.unit_by,
+            vec![(
+                "r".to_string(),
+                UnitBy::Spool {
+                    raw: 2_000,
+                    stored: 500
+                }
+            )]
+        );
+        // Encoded, a frame of at least half a unit shows its own ratio, which counts from then
+        // on, not the spool's: 100,000 raw bytes encoded to 250, so a unit is about
+        // 10,000,000 raw.
+        let settings = waiting_on();
+        let (mut s, t0) = (ShipState::new(settings, Arc::default()), Instant::now());
+        // Over the fill by the spool's ratio (93,750): it goes at its linger.
+        let mut blocks = Some(vec![block(1, "a", 100_000)]);
+        let Action::Send(call) = until_send(&mut s, &mut blocks, 250, t0 + ms(1_000), 2_000) else {
+            panic!("a frame over the fill goes at its linger");
+        };
+        s.answered(call, Ok(accepted(1)), ms(5), t0 + ms(1_000), 2_000);
+        assert_eq!(s.unit_by, vec![("r".to_string(), UnitBy::Frames)]);
+        s.set_slow(true);
+        s.new_records(1, t0 + ms(1_000));
+        let mut blocks = Some(vec![BlockMeta {
+            created_ms: 2_000,
+            ..block(2, "a", 400_000)
+        }]);
+        assert!(matches!(
+            until_send(&mut s, &mut blocks, 250, t0 + ms(1_000), 2_000),
+            Action::Wait { .. }
+        ));
+        // Its linger up, the intake not quiet: 400,000 raw bytes are under the route's fill
+        // and wait on (by the spool's ratio they were over it: 15/16 of 100,000).
+        s.new_records(1, t0 + ms(1_900));
+        assert!(matches!(
+            until_send(&mut s, &mut None, 250, t0 + ms(2_000), 3_000),
+            Action::Wait { .. }
+        ));
     }
 
     /// Blocks of different keys bound for one shard share a frame; a frame planned by key
