@@ -1731,8 +1731,8 @@ mod tests {
     /// ratio of stored to raw bytes (a quarter here, as `block` stores them), for the
     /// compressed format: a frame of 30,000 raw bytes is under the fill (15/16 of 100,000)
     /// and waits on past its linger; in the KPL format, not compressed, it is over it (15/16
-    /// of 25,000) and goes at its linger. The first frame's own ratio then replaces the
-    /// estimate.
+    /// of 25,000) and goes at its linger. A frame of at least half a unit then shows the
+    /// route's own ratio, which replaces the estimate; a smaller one does not.
     #[test]
     fn a_routes_first_frame_is_planned_by_the_spools_ratio() {
         let ms = Duration::from_millis;

@@ -1169,13 +1169,7 @@ impl Worker {
                 let slow = self.commit_max_wait > self.commit_interval
                     && (group_bytes < COMMIT_TARGET_BYTES
                         || slower_than_busy(group_bytes, sent_over, self.commit_interval));
-                // At least 1 us while slow: 0 says "not slow".
-                let pace_us = if slow {
-                    (self.read_pace().as_micros() as u64).max(1)
-                } else {
-                    0
-                };
-                self.stats.read_pace_us.store(pace_us, Ordering::Relaxed);
+                self.publish_pace(slow);
             }
             let delivered_blocks = deliveries.len();
             // Still full and nothing that could make room: no transaction at all.
@@ -1297,9 +1291,20 @@ impl Worker {
             && span >= self.commit_interval
             && slower_than_busy(bytes, span, self.commit_interval)
         {
-            let pace_us = (self.read_pace().as_micros() as u64).max(1);
-            self.stats.read_pace_us.store(pace_us, Ordering::Relaxed);
+            self.publish_pace(true);
         }
+    }
+
+    /// Tells the intake whether the stream is slow, and so the pace it may read it at (see
+    /// `SpoolStats::read_pace_us`).
+    fn publish_pace(&self, slow: bool) {
+        // At least 1 us while slow: 0 says "not slow".
+        let pace_us = if slow {
+            (self.read_pace().as_micros() as u64).max(1)
+        } else {
+            0
+        };
+        self.stats.read_pace_us.store(pace_us, Ordering::Relaxed);
     }
 
     /// An append was sent at `at`: updates the stream's usual pace, measured over windows of
